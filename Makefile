@@ -1,0 +1,46 @@
+# The two README commands: `make run` (install + run on the bundled sample)
+# and `make test`. Everything runs inside .venv, created on first use.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+export KEDRO_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install run test lint lock clean
+
+install: $(VENV)/.installed
+
+# constraints.txt pins every package (an unpinned resolve takes ~14 minutes);
+# torch==2.13.0 resolves to the local CPU wheel where one is on pip's find-links.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[dev]" 2>&1 \
+		| grep -v "is ignored: it is neither a file nor a directory" || true
+	$(BIN)/python -c "import muco_flow, torch, transformers, deepspeed, kedro, mlflow, dvc, boto3"
+	touch $@
+
+run: install
+	$(BIN)/kedro run
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Regenerates constraints.txt from pyproject.toml (seconds, with uv).
+lock:
+	$(PYTHON) -m pip install -q uv
+	$(PYTHON) -m uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --find-links /opt/wheels -c constraints.in --no-header --no-annotate -o constraints.txt
+	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' constraints.txt
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,462 @@
+"""M3T-mini: a procedural, seeded stand-in for the M3T dataset.
+
+Each image is a few coloured shapes on a plain background. Every answer is a
+function of what is drawn, so a model can only score well by looking at the
+image. The output follows the published layouts (M3T, MMEB evaluation,
+M-BEIR), so the rest of muco-flow runs the same code on it as on real data.
+
+The generator returns files as ``{relative path: bytes}``; writing them is
+the caller's business (a Kedro dataset, or a test's temporary directory).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, replace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from muco_flow.data import schema
+
+SHAPE_COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
+}
+BACKGROUNDS = {
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+    "brown": (110, 75, 45),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+REGIONS = ("top left", "top right", "bottom left", "bottom right")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+SIDE_CHOICES = (112, 140, 168, 196, 224)  # multiples of 28, Qwen2-VL's patch grid
+
+# Query phrasings per M3T turn, in turn order. `{region}` is filled in.
+QUERY_PHRASINGS: tuple[tuple[str, ...], ...] = (
+    (
+        "What is the main object in the image?",
+        "Classify the largest object in this picture.",
+        "Name the most prominent object shown.",
+    ),
+    (
+        "How many shapes are in the image?",
+        "Count the objects in this picture.",
+        "What is the number of shapes shown?",
+    ),
+    (
+        "What color is the background?",
+        "Describe the background color of the image.",
+        "Which color fills the background?",
+    ),
+    (
+        "What color is the shape in the {region}?",
+        "In the {region} of the image, what color is the object?",
+        "Tell me the color of the object located in the {region}.",
+    ),
+    (
+        "What shape is in the {region}?",
+        "Which kind of shape appears in the {region}?",
+        "Identify the shape located in the {region}.",
+    ),
+    (
+        "Write a short title for this picture.",
+        "Give this image a creative caption.",
+        "Compose a brief poetic title for the scene.",
+    ),
+    (
+        "Find a caption that describes this image.",
+        "Retrieve a description matching this picture.",
+        "Which sentence describes this image?",
+    ),
+)
+
+# MMEB-format datasets the sample writes, and the meta-task of each.
+MMEB_DATASETS = {
+    "MiniShapes-Cls": "classification",
+    "MiniShapes-Count": "vqa",
+    "MiniShapes-Color": "vqa",
+    "MiniShapes-I2T": "retrieval",
+    "MiniShapes-T2I": "retrieval",
+    "MiniShapes-Grounding": "visual_grounding",
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    colour: str
+    region: str
+    box: tuple[int, int, int, int]  # left, top, right, bottom
+
+    @property
+    def label(self) -> str:
+        return f"{self.colour} {self.kind}"
+
+    @property
+    def a_label(self) -> str:
+        return f"{'an' if self.colour[0] in 'aeiou' else 'a'} {self.label}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows; the first shape is the large, main one."""
+
+    width: int
+    height: int
+    background: str
+    shapes: tuple[Shape, ...]
+
+    @property
+    def main(self) -> Shape:
+        return self.shapes[0]
+
+    def describe(self) -> str:
+        others = [s.label for s in self.shapes[1:]]
+        text = f"A large {self.main.label} in the {self.main.region}"
+        if others:
+            text += " with a small " + " and a small ".join(others)
+        return text + f" on a {self.background} background."
+
+
+@dataclass(frozen=True)
+class MiniSampleConfig:
+    """Sizes and seed of the sample; see conf/base/parameters_sample.yml."""
+
+    seed: int = 0
+    train_images: int = 512
+    heldout_images: int = 64
+    eval_queries_per_dataset: int = 64
+    eval_candidates: int = 10
+    image_url_base: str = "https://m3t-mini.invalid"
+
+    def __post_init__(self) -> None:
+        for name in ("train_images", "heldout_images", "eval_queries_per_dataset"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"M3T-mini config: {name} must be at least 1, got {getattr(self, name)}")
+        if not 2 <= self.eval_candidates <= self.eval_queries_per_dataset:
+            raise ValueError(
+                "M3T-mini config: eval_candidates must be between 2 and eval_queries_per_dataset "
+                f"({self.eval_queries_per_dataset}), got {self.eval_candidates}"
+            )
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    """Draws a scene at random: 1-4 shapes, each in its own quadrant."""
+    width, height = rng.choice(SIDE_CHOICES), rng.choice(SIDE_CHOICES)
+    n_shapes = rng.randint(1, 4)
+    regions = rng.sample(REGIONS, n_shapes)
+    # Distinct colours: the main object is then also the largest area of its
+    # colour, and "the red one" always names a single shape.
+    colours = rng.sample(list(SHAPE_COLOURS), n_shapes)
+    shapes = []
+    for i, (region, colour) in enumerate(zip(regions, colours, strict=True)):
+        # The main shape fills most of its quadrant, the others about half, so
+        # "main object" is visually unambiguous.
+        fill = 0.9 if i == 0 else 0.5
+        qw, qh = width // 2, height // 2
+        side = int(min(qw, qh) * fill)
+        x0 = (qw if "right" in region else 0) + (qw - side) // 2
+        y0 = (qh if "bottom" in region else 0) + (qh - side) // 2
+        shapes.append(
+            Shape(
+                kind=rng.choice(SHAPES),
+                colour=colour,
+                region=region,
+                box=(x0, y0, x0 + side, y0 + side),
+            )
+        )
+    return Scene(width, height, rng.choice(list(BACKGROUNDS)), tuple(shapes))
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    image = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for shape in scene.shapes:
+        colour = SHAPE_COLOURS[shape.colour]
+        left, top, right, bottom = shape.box
+        cx, cy = (left + right) // 2, (top + bottom) // 2
+        if shape.kind == "circle":
+            draw.ellipse(shape.box, fill=colour)
+        elif shape.kind == "square":
+            draw.rectangle(shape.box, fill=colour)
+        elif shape.kind == "triangle":
+            draw.polygon([(cx, top), (right, bottom), (left, bottom)], fill=colour)
+        else:
+            draw.polygon([(cx, top), (right, cy), (cx, bottom), (left, cy)], fill=colour)
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def _other(rng: random.Random, options: tuple[str, ...] | list[str], exclude: str) -> str:
+    return rng.choice([o for o in options if o != exclude])
+
+
+def _title(rng: random.Random, scene: Scene) -> str:
+    n = len(scene.shapes)
+    templates = (
+        "{main} alone on {bg}" if n == 1 else "{main} leading {rest} on {bg}",
+        "a {bg} stage for {main}" if n == 1 else "{main} and {rest} gathered on {bg}",
+    )
+    return rng.choice(templates).format(
+        main=scene.main.a_label, rest=f"{NUMBER_WORDS[n - 1]} companions", bg=scene.background
+    )
+
+
+def m3t_turns(rng: random.Random, scene: Scene) -> dict[str, list]:
+    """The seven M3T turns of a scene: phrasings, answers, sentences, negatives."""
+    colour_shape = scene.shapes[rng.randrange(len(scene.shapes))]
+    kind_shape = scene.shapes[rng.randrange(len(scene.shapes))]
+    n = len(scene.shapes)
+    title = _title(rng, scene)
+    wrong_scene = Scene(
+        scene.width,
+        scene.height,
+        _other(rng, list(BACKGROUNDS), scene.background),
+        (replace(scene.main, colour=_other(rng, list(SHAPE_COLOURS), scene.main.colour)), *scene.shapes[1:]),
+    )
+    answers = [
+        (
+            scene.main.label,
+            f"The main object is {scene.main.a_label}.",
+            f"{_other(rng, list(SHAPE_COLOURS), scene.main.colour)} {scene.main.kind}",
+        ),
+        (
+            NUMBER_WORDS[n],
+            f"There are {NUMBER_WORDS[n]} shapes in the image.",
+            _other(rng, NUMBER_WORDS[1:], NUMBER_WORDS[n]),
+        ),
+        (scene.background, f"The background is {scene.background}.", _other(rng, list(BACKGROUNDS), scene.background)),
+        (
+            colour_shape.colour,
+            f"The shape in the {colour_shape.region} is {colour_shape.colour}.",
+            _other(rng, list(SHAPE_COLOURS), colour_shape.colour),
+        ),
+        (
+            kind_shape.kind,
+            f"The shape in the {kind_shape.region} is a {kind_shape.kind}.",
+            _other(rng, SHAPES, kind_shape.kind),
+        ),
+        (title, f"A fitting title is: {title}.", _title(rng, wrong_scene)),
+        (scene.describe(), scene.describe(), wrong_scene.describe()),
+    ]
+    regions = [None, None, None, colour_shape.region, kind_shape.region, None, None]
+    qry = [
+        [p.format(region=region) if region else p for p in phrasings]
+        for phrasings, region in zip(QUERY_PHRASINGS, regions, strict=True)
+    ]
+    return {
+        schema.QRY: qry,
+        schema.POS_TEXT: [a[0] for a in answers],
+        schema.POS_SENTENCE: [a[1] for a in answers],
+        schema.NEG_TEXT: [a[2] for a in answers],
+    }
+
+
+Seeded = tuple[random.Random, Scene]
+
+
+def _scenes(seed: int, split: str, count: int, exclude: frozenset[Scene] = frozenset()) -> list[Seeded]:
+    """``count`` seeded scenes of one split, none equal to a scene in ``exclude``."""
+    scenes: list[Seeded] = []
+    attempt = 0
+    with tqdm(total=count, desc=f"M3T-mini {split}", unit="image", disable=count < 1000) as progress:
+        while len(scenes) < count:
+            # A string seed is hashed with SHA-512: stable across runs and
+            # PYTHONHASHSEED, and scene i does not depend on how many follow.
+            rng = random.Random(f"m3t-mini:{seed}:{split}:{attempt}")
+            attempt += 1
+            scene = sample_scene(rng)
+            if scene not in exclude:
+                scenes.append((rng, scene))
+                progress.update()
+    return scenes
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _m3t_files(config: MiniSampleConfig, split: str, scenes: list[Seeded], meta_file: str) -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    rows: dict[str, list] = {f.name: [] for f in schema.M3T_ARROW_SCHEMA}
+    for index, (rng, scene) in enumerate(scenes):
+        image_path = f"images/{split}/{index:06d}.png"
+        files[image_path] = png_bytes(render_scene(scene))
+        rows[schema.SAMPLE_ID].append(f"{split}-{index:06d}")
+        for column, value in m3t_turns(rng, scene).items():
+            rows[column].append(value)
+        rows[schema.QRY_SENTENCE].append(scene.describe())
+        rows[schema.QRY_IMAGE_PATH].append(image_path)
+        rows[schema.POS_IMAGE_PATH].append([""] * schema.TURNS_PER_SAMPLE)
+        rows[schema.IMAGE_URL].append(f"{config.image_url_base.rstrip('/')}/{image_path}")
+    files[meta_file] = _parquet_bytes(pa.table(rows, schema=schema.M3T_ARROW_SCHEMA))
+    return files
+
+
+def _crop_bytes(scene: Scene, shape: Shape) -> bytes:
+    left, top, right, bottom = shape.box
+    pad = 4
+    box = (max(left - pad, 0), max(top - pad, 0), min(right + pad, scene.width), min(bottom + pad, scene.height))
+    crop = render_scene(scene).crop(box)
+    # MuCo's loader upscales anything under 28 px; the crops never need it.
+    return png_bytes(crop)
+
+
+def _mmeb_files(config: MiniSampleConfig, scenes: list[Seeded]) -> dict[str, bytes]:
+    n = len(scenes)
+    files: dict[str, bytes] = {}
+    image_paths = [f"images/eval/{i:06d}.png" for i in range(n)]
+    for path, (_, scene) in zip(image_paths, scenes, strict=True):
+        files[path] = png_bytes(render_scene(scene))
+    crop_paths = [f"images/eval_crops/{i:06d}.png" for i in range(n)]
+    for path, (_, scene) in zip(crop_paths, scenes, strict=True):
+        files[path] = _crop_bytes(scene, scene.main)
+
+    labels = [f"{c} {s}" for c in SHAPE_COLOURS for s in SHAPES]
+    rng = random.Random(f"m3t-mini:{config.seed}:mmeb")
+    k = config.eval_candidates
+
+    def distractors(correct: str, pool: list[str]) -> list[str]:
+        return rng.sample([p for p in pool if p != correct], min(k - 1, len(pool) - 1))
+
+    records: dict[str, list[dict]] = {name: [] for name in MMEB_DATASETS}
+    descriptions = [scene.describe() for _, scene in scenes]
+    for i, (_, scene) in enumerate(scenes):
+        image = image_paths[i]
+        text_row = {"qry_img_path": image}
+
+        def text_candidates(correct: str, pool: list[str]) -> dict:
+            candidates = [correct, *distractors(correct, pool)]
+            return {"tgt_text": candidates, "tgt_img_path": [""] * len(candidates)}
+
+        records["MiniShapes-Cls"].append(
+            {
+                **text_row,
+                "qry_inst": "Classify the main object in the image.",
+                "qry_text": "",
+                **text_candidates(scene.main.label, labels),
+            }
+        )
+        records["MiniShapes-Count"].append(
+            {
+                **text_row,
+                "qry_inst": "Answer the question about the image.",
+                "qry_text": "How many shapes are in the image?",
+                **text_candidates(NUMBER_WORDS[len(scene.shapes)], list(NUMBER_WORDS[1:])),
+            }
+        )
+        records["MiniShapes-Color"].append(
+            {
+                **text_row,
+                "qry_inst": "Answer the question about the image.",
+                "qry_text": f"What color is the shape in the {scene.main.region}?",
+                **text_candidates(scene.main.colour, list(SHAPE_COLOURS)),
+            }
+        )
+        records["MiniShapes-I2T"].append(
+            {
+                **text_row,
+                "qry_inst": "Find a caption that describes this image.",
+                "qry_text": "",
+                **text_candidates(descriptions[i], descriptions),
+            }
+        )
+        others = [p for p in image_paths if p != image]
+        t2i_candidates = [image, *rng.sample(others, k - 1)]
+        records["MiniShapes-T2I"].append(
+            {
+                "qry_inst": "Find the image that matches this caption.",
+                "qry_text": descriptions[i],
+                "qry_img_path": "",
+                "tgt_text": [""] * k,
+                "tgt_img_path": t2i_candidates,
+            }
+        )
+        other_crops = [p for j, p in enumerate(crop_paths) if j != i]
+        grounding_candidates = [crop_paths[i], *rng.sample(other_crops, k - 1)]
+        records["MiniShapes-Grounding"].append(
+            {
+                **text_row,
+                "qry_inst": f"Select the portion of the image that isolates the {scene.main.label}.",
+                "qry_text": "",
+                "tgt_text": [""] * k,
+                "tgt_img_path": grounding_candidates,
+            }
+        )
+    for name, rows in records.items():
+        table = pa.Table.from_pylist(rows, schema=schema.MMEB_ARROW_SCHEMA)
+        files[f"{schema.MMEB_DIR}/{name}/test.parquet"] = _parquet_bytes(table)
+    files[f"{schema.MMEB_DIR}/meta_tasks.json"] = json.dumps(MMEB_DATASETS, indent=2).encode()
+    return files
+
+
+def _mbeir_files(scenes: list[Seeded]) -> dict[str, bytes]:
+    """Text-to-image and image-to-text queries against one global pool."""
+    pool, queries = [], []
+    for i, (_, scene) in enumerate(scenes):
+        image = f"images/eval/{i:06d}.png"
+        image_did, text_did = f"9:{2 * i}", f"9:{2 * i + 1}"
+        pool.append({"did": image_did, "txt": "", "img_path": image, "modality": "image"})
+        pool.append({"did": text_did, "txt": scene.describe(), "img_path": None, "modality": "text"})
+        queries.append(
+            {
+                "qid": f"9:t2i-{i}",
+                "query_txt": scene.describe(),
+                "query_img_path": None,
+                "query_modality": "text",
+                "pos_cand_list": [image_did],
+            }
+        )
+        queries.append(
+            {
+                "qid": f"9:i2t-{i}",
+                "query_txt": "",
+                "query_img_path": image,
+                "query_modality": "image",
+                "pos_cand_list": [text_did],
+            }
+        )
+
+    def jsonl(records: list[dict]) -> bytes:
+        return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+
+    return {
+        f"{schema.MBEIR_DIR}/{schema.MBEIR_QUERIES_FILE}": jsonl(queries),
+        f"{schema.MBEIR_DIR}/{schema.MBEIR_POOL_FILE}": jsonl(pool),
+    }
+
+
+def generate_m3t_mini(config: MiniSampleConfig) -> dict[str, bytes]:
+    """Every file of the sample, keyed by its path relative to the snapshot root.
+
+    Train, held-out and evaluation images come from separate seeded streams,
+    and a held-out or evaluation scene equal to a training scene is skipped,
+    so no evaluation image is ever seen in training.
+    """
+    train = _scenes(config.seed, "train", config.train_images)
+    seen = frozenset(scene for _, scene in train)
+    heldout = _scenes(config.seed, "heldout", config.heldout_images, exclude=seen)
+    evaluation = _scenes(config.seed, "eval", config.eval_queries_per_dataset, exclude=seen)
+    files = _m3t_files(config, "train", train, schema.TRAIN_META_FILE)
+    files |= _m3t_files(config, "heldout", heldout, schema.HELDOUT_META_FILE)
+    files |= _mmeb_files(config, evaluation)
+    files |= _mbeir_files(evaluation)
+    return files

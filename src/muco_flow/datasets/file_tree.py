@@ -1,0 +1,63 @@
+"""A Kedro dataset for a directory of files: an M3T snapshot, a model directory.
+
+Nodes return ``{relative path: bytes}`` and stay free of I/O; this dataset
+writes the tree. Loading returns the directory's path, because what reads it
+(pyarrow, ``from_pretrained``) wants a path, not bytes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kedro.io import AbstractDataset, DatasetError
+
+
+def _safe_relative(name: str) -> PurePosixPath:
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise DatasetError(f"FileTreeDataset: refusing to write '{name}': paths must be relative, inside the root")
+    return path
+
+
+class FileTreeDataset(AbstractDataset[dict[str, bytes], str]):
+    """Saves ``{relative path: bytes}`` under ``path``, replacing what was there.
+
+    The new tree is written beside the old one and swapped in by renames, so
+    a crash mid-write leaves the previous complete tree, never a mix.
+    """
+
+    def __init__(self, path: str, metadata: dict[str, Any] | None = None) -> None:
+        self._root = Path(path)
+        self.metadata = metadata
+
+    def load(self) -> str:
+        if not self._root.is_dir():
+            raise DatasetError(f"FileTreeDataset: '{self._root}' does not exist; run the pipeline that writes it first")
+        return str(self._root)
+
+    def save(self, data: dict[str, bytes]) -> None:
+        if not data:
+            raise DatasetError(f"FileTreeDataset: refusing to replace '{self._root}' with an empty tree")
+        self._root.parent.mkdir(parents=True, exist_ok=True)
+        staging = self._root.with_name(f".{self._root.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            for name, content in data.items():
+                target = staging / _safe_relative(name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+            retired = self._root.with_name(f".{self._root.name}.old-{uuid.uuid4().hex[:8]}")
+            if self._root.exists():
+                self._root.rename(retired)
+            staging.rename(self._root)
+            shutil.rmtree(retired, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _exists(self) -> bool:
+        return self._root.is_dir()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": str(self._root)}

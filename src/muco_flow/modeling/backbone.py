@@ -1,0 +1,207 @@
+"""The Qwen2-VL backbone: the tiny preset, and one loader for every checkpoint.
+
+The tiny preset is an ordinary Hugging Face model directory (random weights,
+a byte-level BPE tokenizer trained on the sample's text), so the code that
+loads it is the code that loads ``Qwen/Qwen2-VL-2B-Instruct`` on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from muco_flow.modeling import tokens
+
+logger = logging.getLogger(__name__)
+
+# ChatML, as Qwen2-VL writes it; kept with the tokenizer so that the preset is
+# usable with `apply_chat_template` like any Qwen2-VL checkpoint.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class Backbone:
+    model: Qwen2VLForConditionalGeneration
+    tokenizer: PreTrainedTokenizerFast
+    image_processor: Qwen2VLImageProcessorPil
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen2-VL's and MuCo's special tokens.
+
+    Byte-level means any string encodes (no unknown token), as with Qwen's.
+    """
+    special = [*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=tokens.IM_END,
+        pad_token=tokens.PAD_TOKEN,
+        additional_special_tokens=special,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast, preset: dict[str, Any]) -> Qwen2VLConfig:
+    """A small Qwen2-VL configuration whose token ids match ``tokenizer``."""
+    text, vision = preset["text"], preset["vision"]
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    # M-RoPE splits each head's rotary half into (temporal, height, width).
+    if sum(text["mrope_section"]) != head_dim // 2:
+        raise ValueError(
+            f"tiny preset: text.mrope_section {text['mrope_section']} must sum to head_dim/2 = {head_dim // 2}"
+        )
+    return Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": text["hidden_size"],
+            "intermediate_size": text["intermediate_size"],
+            "num_hidden_layers": text["num_hidden_layers"],
+            "num_attention_heads": text["num_attention_heads"],
+            "num_key_value_heads": text["num_key_value_heads"],
+            "max_position_embeddings": text.get("max_position_embeddings", 4096),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": text["mrope_section"]},
+            "bos_token_id": ids(tokens.PAD_TOKEN),
+            "eos_token_id": ids(tokens.IM_END),
+            "pad_token_id": ids(tokens.PAD_TOKEN),
+        },
+        vision_config={
+            "depth": vision["depth"],
+            "embed_dim": vision["embed_dim"],
+            "hidden_size": text["hidden_size"],
+            "num_heads": vision["num_heads"],
+            "mlp_ratio": vision["mlp_ratio"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids(tokens.IMAGE_PAD),
+        video_token_id=ids(tokens.VIDEO_PAD),
+        vision_start_token_id=ids(tokens.VISION_START),
+        vision_end_token_id=ids(tokens.VISION_END),
+    )
+
+
+def build_tiny_backbone(texts: Iterable[str], preset: dict[str, Any]) -> dict[str, bytes]:
+    """Builds the tiny preset and returns its model directory as ``{file name: bytes}``."""
+    tokenizer = train_bpe_tokenizer(texts, preset["vocab_size"])
+    config = tiny_qwen2_vl_config(tokenizer, preset)
+    torch.manual_seed(preset["seed"])
+    model = Qwen2VLForConditionalGeneration(config)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=preset["image"]["min_pixels"], max_pixels=preset["image"]["max_pixels"]
+    )
+    logger.info("tiny Qwen2-VL preset: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_backbone(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> Backbone:
+    """Loads model, tokenizer and image processor from a directory or a hub id.
+
+    A local directory is read with ``local_files_only``; only a name of the
+    form ``org/model`` that is not a local path may reach the hub.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        source, local_only = str(path), True
+    elif _is_hub_id(name_or_path):
+        source, local_only = name_or_path, False
+    else:
+        raise FileNotFoundError(
+            f"backbone '{name_or_path}' is neither a local model directory nor a hub id (org/name); "
+            "run `kedro run --pipeline=backbone` to build the tiny preset"
+        )
+    common = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        source, dtype=dtype, attn_implementation=attn_implementation, **common
+    )
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **common)
+    # The PIL backend, whatever class the checkpoint names: the torchvision
+    # backend cannot run on every machine, and both give the same pixels.
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, **common)
+    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor)
+
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The `backbone` parameters (conf/*/parameters_backbone.yml), checked on creation."""
+
+    name_or_path: str
+    precision: str = "fp32"
+    attn_implementation: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"backbone.precision must be one of {PRECISIONS}, got '{self.precision}'")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"backbone.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got '{self.attn_implementation}'"
+            )
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> BackboneConfig:
+        known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """flash_attention_2 when asked for (or 'auto') and usable here, else sdpa."""
+    import importlib.util
+
+    flash_usable = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if flash_usable else "sdpa"
+    if requested == "flash_attention_2" and not flash_usable:
+        raise RuntimeError(
+            "backbone.attn_implementation is flash_attention_2, but it needs CUDA and the flash-attn package "
+            "(pip install -e '.[gpu]'); use 'auto' to fall back to sdpa"
+        )
+    return requested

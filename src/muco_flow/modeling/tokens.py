@@ -1,0 +1,36 @@
+"""Special tokens: Qwen2-VL's own, and the two MuCo adds."""
+
+from __future__ import annotations
+
+# MuCo's embedding token: the final hidden state at each of these is one
+# turn's embedding. <|mask|> is reserved by MuCo for masked-token objectives.
+EMB_TOKEN = "<|emb|>"
+MASK_TOKEN = "<|mask|>"
+MUCO_TOKENS = (EMB_TOKEN, MASK_TOKEN)
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+
+# In Qwen2-VL's vocabulary order, so the tiny preset's ids line up with the
+# real tokenizer's relative order.
+QWEN2_VL_SPECIAL_TOKENS = (
+    PAD_TOKEN,
+    IM_START,
+    IM_END,
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    VISION_START,
+    VISION_END,
+    "<|vision_pad|>",
+    IMAGE_PAD,
+    VIDEO_PAD,
+)

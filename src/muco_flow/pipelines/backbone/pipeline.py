@@ -1,0 +1,17 @@
+from kedro.pipeline import Pipeline, node, pipeline
+
+from muco_flow.pipelines.backbone.nodes import build_tiny_backbone_preset, collect_tokenizer_corpus
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return pipeline(
+        [
+            node(collect_tokenizer_corpus, "m3t_mini_snapshot", "tokenizer_corpus", name="collect_tokenizer_corpus"),
+            node(
+                build_tiny_backbone_preset,
+                ["tokenizer_corpus", "params:backbone.tiny_preset"],
+                "tiny_backbone",
+                name="build_tiny_backbone",
+            ),
+        ]
+    )

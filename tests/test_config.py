@@ -1,0 +1,95 @@
+"""conf/: every environment loads, and resolves to configurations DeepSpeed accepts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from muco_flow.modeling.backbone import BackboneConfig
+from muco_flow.training.deepspeed_config import (
+    load_deepspeed_template,
+    resolve_deepspeed_config,
+    validate_deepspeed_config,
+)
+from tests.conftest import PROJECT_ROOT, load_params
+
+
+def resolved_deepspeed(training: dict, on_cpu: bool) -> dict:
+    return resolve_deepspeed_config(
+        load_deepspeed_template(PROJECT_ROOT / training["deepspeed"]["config"]),
+        precision=training["precision"],
+        learning_rate=training["learning_rate"],
+        offload_optimizer=training["deepspeed"]["offload_optimizer"],
+        micro_batch_size=training["micro_batch_size"],
+        gradient_accumulation_steps=training["gradient_accumulation_steps"],
+        gradient_clipping=training["gradient_clipping"],
+        on_cpu=on_cpu,
+    )
+
+
+def test_cluster_environment_is_a_bf16_flash_attention_zero2_offload_run():
+    params = load_params("cluster")
+    backbone = BackboneConfig.from_params(params["backbone"])
+    assert backbone.name_or_path == "Qwen/Qwen2-VL-2B-Instruct"
+    assert backbone.precision == "bf16" and backbone.attn_implementation == "flash_attention_2"
+
+    config = resolved_deepspeed(params["training"], on_cpu=False)
+    validate_deepspeed_config(config)
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert config["bf16"] == {"enabled": True}
+    assert "torch_adam" not in config["optimizer"]["params"]  # GPUs use DeepSpeed's fused optimizers
+
+
+def test_base_environment_is_the_cpu_tiny_run():
+    params = load_params("base")
+    backbone = BackboneConfig.from_params(params["backbone"])
+    assert backbone.name_or_path == "data/06_models/tiny-qwen2-vl"
+    config = resolved_deepspeed(params["training"], on_cpu=True)
+    validate_deepspeed_config(config)
+    assert config["optimizer"]["params"]["torch_adam"] is True
+    assert config["bf16"] == {"enabled": False} and "offload_optimizer" not in config["zero_optimization"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_zero_template_validates(stage):
+    template = load_deepspeed_template(PROJECT_ROOT / f"conf/base/deepspeed/zero{stage}.json")
+    config = resolve_deepspeed_config(
+        template,
+        precision="bf16",
+        learning_rate=1e-4,
+        offload_optimizer=True,
+        micro_batch_size=4,
+        gradient_accumulation_steps=2,
+        gradient_clipping=1.0,
+        on_cpu=True,
+    )
+    validate_deepspeed_config(config)
+    assert config["zero_optimization"]["stage"] == stage
+
+
+def test_resolving_names_what_is_wrong(tmp_path):
+    base = {"zero_optimization": {"stage": 0}}
+    kwargs = dict(
+        learning_rate=1e-4, micro_batch_size=1, gradient_accumulation_steps=1, gradient_clipping=1.0, on_cpu=True
+    )
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_deepspeed_config(base, precision="fp16", offload_optimizer=False, **kwargs)
+    with pytest.raises(ValueError, match="offload needs ZeRO stage 1, 2 or 3"):
+        resolve_deepspeed_config(base, precision="fp32", offload_optimizer=True, **kwargs)
+    with pytest.raises(ValueError, match=r"no zero_optimization\.stage"):
+        resolve_deepspeed_config({}, precision="fp32", offload_optimizer=False, **kwargs)
+    broken = tmp_path / "zero.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match=r"zero\.json' is not valid JSON"):
+        load_deepspeed_template(broken)
+    with pytest.raises(ValueError, match="invalid DeepSpeed config"):
+        validate_deepspeed_config({"zero_optimization": {"stage": 7}, "train_micro_batch_size_per_gpu": 1})
+
+
+def test_credentials_template_is_not_loaded_as_configuration():
+    # Kedro reads only .yml/.yaml/.json files; the template must stay inert.
+    template = PROJECT_ROOT / "conf/local/credentials.yml.template"
+    assert template.is_file() and "YOUR_SECRET" in template.read_text()
+    assert json.dumps(load_params("base")).find("YOUR_SECRET") == -1

@@ -1,0 +1,43 @@
+"""FileTreeDataset: writes trees whole, never escapes its root."""
+
+from __future__ import annotations
+
+import pytest
+from kedro.io import DatasetError
+
+from muco_flow.datasets import FileTreeDataset
+
+
+def files_under(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_save_replaces_the_whole_tree_and_load_returns_its_path(tmp_path):
+    root = tmp_path / "snapshot"
+    dataset = FileTreeDataset(str(root))
+    assert not dataset.exists()
+    dataset.save({"a.txt": b"1", "sub/b.bin": b"\x00\x01"})
+    assert files_under(root) == {"a.txt": b"1", "sub/b.bin": b"\x00\x01"}
+    dataset.save({"c.txt": b"3"})
+    assert files_under(root) == {"c.txt": b"3"}  # nothing stale survives
+    assert dataset.load() == str(root)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot"]  # no staging leftovers
+
+
+@pytest.mark.parametrize("bad", ["../escape.txt", "/etc/passwd", "a/../../b"])
+def test_paths_outside_the_root_are_refused_and_the_old_tree_kept(tmp_path, bad):
+    root = tmp_path / "snapshot"
+    dataset = FileTreeDataset(str(root))
+    dataset.save({"keep.txt": b"old"})
+    with pytest.raises(DatasetError, match="refusing to write"):
+        dataset.save({"fine.txt": b"x", bad: b"evil"})
+    assert files_under(root) == {"keep.txt": b"old"}
+    assert not (tmp_path / "escape.txt").exists()
+
+
+def test_empty_trees_and_missing_roots_are_errors(tmp_path):
+    dataset = FileTreeDataset(str(tmp_path / "none"))
+    with pytest.raises(DatasetError, match="empty tree"):
+        dataset.save({})
+    with pytest.raises(DatasetError, match="does not exist; run the pipeline"):
+        dataset.load()

@@ -1,0 +1,153 @@
+"""The M3T-mini generator: determinism, file schemas, and answers that follow the pixels."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from muco_flow.data.m3t_mini import BACKGROUNDS, SHAPE_COLOURS, MiniSampleConfig, generate_m3t_mini
+from tests.conftest import SMALL_SAMPLE
+
+# The published M3T columns (plus our id and URL), written out independently
+# of muco_flow.data.schema.
+M3T_COLUMNS = {
+    "sample_id": pa.string(),
+    "qry": pa.list_(pa.list_(pa.string())),
+    "pos_text": pa.list_(pa.string()),
+    "pos_sentence": pa.list_(pa.string()),
+    "neg_text": pa.list_(pa.string()),
+    "qry_sentence": pa.string(),
+    "qry_image_path": pa.string(),
+    "pos_image_path": pa.list_(pa.string()),
+    "image_url": pa.string(),
+}
+MMEB_COLUMNS = {
+    "qry_inst": pa.string(),
+    "qry_text": pa.string(),
+    "qry_img_path": pa.string(),
+    "tgt_text": pa.list_(pa.string()),
+    "tgt_img_path": pa.list_(pa.string()),
+}
+
+
+def read_table(files: dict[str, bytes], name: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(files[name]))
+
+
+def image(files: dict[str, bytes], name: str) -> Image.Image:
+    return Image.open(io.BytesIO(files[name])).convert("RGB")
+
+
+def background_name(img: Image.Image) -> str:
+    # Shapes sit inside their quadrant with a margin, so a corner is background.
+    return {rgb: name for name, rgb in BACKGROUNDS.items()}[img.getpixel((0, 0))]
+
+
+def dominant_shape_colour(img: Image.Image) -> str:
+    by_rgb = {rgb: name for name, rgb in SHAPE_COLOURS.items()}
+    counts = Counter(by_rgb[p] for p in img.get_flattened_data() if p in by_rgb)
+    return counts.most_common(1)[0][0]
+
+
+def test_same_seed_gives_byte_identical_files(small_sample_files):
+    again = generate_m3t_mini(SMALL_SAMPLE)
+    assert again.keys() == small_sample_files.keys()
+    assert all(again[name] == small_sample_files[name] for name in again)
+
+
+def test_another_seed_gives_different_images_and_text(small_sample_files):
+    other = generate_m3t_mini(MiniSampleConfig(**{**SMALL_SAMPLE.__dict__, "seed": SMALL_SAMPLE.seed + 1}))
+    assert other["M3T_train/M3T.parquet"] != small_sample_files["M3T_train/M3T.parquet"]
+    differing = [n for n in other if n.endswith(".png") and other[n] != small_sample_files.get(n)]
+    assert len(differing) > 0.8 * sum(n.endswith(".png") for n in other)
+
+
+@pytest.mark.parametrize("meta_file, rows", [("M3T_train/M3T.parquet", 24), ("M3T_heldout/M3T.parquet", 6)])
+def test_m3t_meta_file_follows_the_published_layout(small_sample_files, meta_file, rows):
+    table = read_table(small_sample_files, meta_file)
+    assert {f.name: f.type for f in table.schema} == M3T_COLUMNS
+    assert table.num_rows == rows
+    for row in table.to_pylist():
+        assert len(row["qry"]) == 7 and all(len(phrasings) >= 2 for phrasings in row["qry"])
+        for column in ("pos_text", "pos_sentence", "neg_text", "pos_image_path"):
+            assert len(row[column]) == 7
+        assert all(text.strip() for text in row["pos_text"] + row["pos_sentence"] + row["neg_text"])
+        assert all(pos != neg for pos, neg in zip(row["pos_text"], row["neg_text"], strict=True))
+        assert row["image_url"].endswith("/" + row["qry_image_path"])
+        img = image(small_sample_files, row["qry_image_path"])
+        assert all(112 <= side <= 224 for side in img.size)
+
+
+def test_answers_follow_what_is_drawn(small_sample_files):
+    table = read_table(small_sample_files, "M3T_train/M3T.parquet")
+    for row in table.to_pylist():
+        img = image(small_sample_files, row["qry_image_path"])
+        # turn 2 asks for the background, turn 0 for the main (largest) object
+        assert row["pos_text"][2] == background_name(img)
+        assert row["pos_text"][0].split()[0] == dominant_shape_colour(img)
+        assert f"on a {background_name(img)} background" in row["qry_sentence"]
+
+
+def test_mmeb_sets_cover_four_meta_tasks_with_the_answer_first(small_sample_files):
+    meta_tasks = json.loads(small_sample_files["eval/mmeb/meta_tasks.json"])
+    assert set(meta_tasks.values()) == {"classification", "vqa", "retrieval", "visual_grounding"}
+    for dataset in meta_tasks:
+        table = read_table(small_sample_files, f"eval/mmeb/{dataset}/test.parquet")
+        assert {f.name: f.type for f in table.schema} == MMEB_COLUMNS
+        assert table.num_rows == SMALL_SAMPLE.eval_queries_per_dataset
+        for row in table.to_pylist():
+            # Small answer spaces (four counts) give fewer candidates than asked for.
+            assert len(row["tgt_text"]) == len(row["tgt_img_path"])
+            assert 2 <= len(row["tgt_text"]) <= SMALL_SAMPLE.eval_candidates
+            assert len(set(zip(row["tgt_text"], row["tgt_img_path"], strict=True))) == len(row["tgt_text"])
+            for path in [row["qry_img_path"], *row["tgt_img_path"]]:
+                assert not path or path in small_sample_files
+    # The first candidate is correct, checked against the pixels.
+    for row in read_table(small_sample_files, "eval/mmeb/MiniShapes-Cls/test.parquet").to_pylist():
+        assert row["tgt_text"][0].split()[0] == dominant_shape_colour(image(small_sample_files, row["qry_img_path"]))
+    for row in read_table(small_sample_files, "eval/mmeb/MiniShapes-T2I/test.parquet").to_pylist():
+        bg = background_name(image(small_sample_files, row["tgt_img_path"][0]))
+        assert f"on a {bg} background" in row["qry_text"]
+    for row in read_table(small_sample_files, "eval/mmeb/MiniShapes-Grounding/test.parquet").to_pylist():
+        colour = dominant_shape_colour(image(small_sample_files, row["tgt_img_path"][0]))
+        assert f"isolates the {colour} " in row["qry_inst"]
+
+
+def test_mbeir_queries_point_into_the_pool(small_sample_files):
+    def jsonl(name):
+        return [json.loads(line) for line in small_sample_files[name].decode().splitlines()]
+
+    queries, pool = jsonl("eval/mbeir/queries.jsonl"), jsonl("eval/mbeir/cand_pool.jsonl")
+    assert all(set(q) == {"qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"} for q in queries)
+    assert all(set(c) == {"did", "txt", "img_path", "modality"} for c in pool)
+    by_did = {c["did"]: c for c in pool}
+    assert len(by_did) == len(pool) and len({q["qid"] for q in queries}) == len(queries)
+    for q in queries:
+        assert q["pos_cand_list"] and all(did in by_did for did in q["pos_cand_list"])
+        if q["query_modality"] == "image":
+            assert q["query_img_path"] in small_sample_files
+        else:
+            assert q["query_txt"]
+    for c in pool:
+        assert (c["img_path"] in small_sample_files) if c["modality"] == "image" else bool(c["txt"])
+
+
+def test_evaluation_images_are_never_training_images(small_sample_files):
+    train = read_table(small_sample_files, "M3T_train/M3T.parquet").column("qry_image_path").to_pylist()
+    train_pixels = {image(small_sample_files, p).tobytes() for p in train}
+    held = [n for n in small_sample_files if n.startswith(("images/eval/", "images/heldout/"))]
+    assert held and not any(image(small_sample_files, n).tobytes() in train_pixels for n in held)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("train_images", 0), ("heldout_images", -1), ("eval_candidates", 1), ("eval_candidates", 100)]
+)
+def test_bad_sizes_are_rejected_with_the_field_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        MiniSampleConfig(**{field: value})
