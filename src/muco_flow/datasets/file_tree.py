@@ -1,14 +1,17 @@
-"""A Kedro dataset for a directory of files: an M3T snapshot, a model directory.
+"""A Kedro dataset for a directory of files: an M3T snapshot, shards, a model.
 
-Nodes return ``{relative path: bytes}`` and stay free of I/O; this dataset
-writes the tree. Loading returns the directory's path, because what reads it
-(pyarrow, ``from_pretrained``) wants a path, not bytes.
+Nodes return either ``{relative path: bytes}`` (small trees, built in memory)
+or a writer, a callable that fills a given directory (large trees streamed
+to disk, such as ingestion's shards). This dataset owns where and how the
+tree lands. Loading returns the directory's path, because what reads it
+(pyarrow, ``from_pretrained``) wants a path.
 """
 
 from __future__ import annotations
 
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,8 +25,11 @@ def _safe_relative(name: str) -> PurePosixPath:
     return path
 
 
-class FileTreeDataset(AbstractDataset[dict[str, bytes], str]):
-    """Saves ``{relative path: bytes}`` under ``path``, replacing what was there.
+TreeWriter = Callable[[Path], object]
+
+
+class FileTreeDataset(AbstractDataset[dict[str, bytes] | TreeWriter, str]):
+    """Saves a tree under ``path``, replacing what was there.
 
     The new tree is written beside the old one and swapped in by renames, so
     a crash mid-write leaves the previous complete tree, never a mix.
@@ -38,16 +44,20 @@ class FileTreeDataset(AbstractDataset[dict[str, bytes], str]):
             raise DatasetError(f"FileTreeDataset: '{self._root}' does not exist; run the pipeline that writes it first")
         return str(self._root)
 
-    def save(self, data: dict[str, bytes]) -> None:
+    def save(self, data: dict[str, bytes] | TreeWriter) -> None:
         if not data:
             raise DatasetError(f"FileTreeDataset: refusing to replace '{self._root}' with an empty tree")
         self._root.parent.mkdir(parents=True, exist_ok=True)
         staging = self._root.with_name(f".{self._root.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            for name, content in data.items():
-                target = staging / _safe_relative(name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(content)
+            if callable(data):
+                staging.mkdir()
+                data(staging)
+            else:
+                for name, content in data.items():
+                    target = staging / _safe_relative(name)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(content)
             retired = self._root.with_name(f".{self._root.name}.old-{uuid.uuid4().hex[:8]}")
             if self._root.exists():
                 self._root.rename(retired)

@@ -140,25 +140,51 @@ def load_backbone(
     A local directory is read with ``local_files_only``; only a name of the
     form ``org/model`` that is not a local path may reach the hub.
     """
+    source, local_only = _resolve_source(name_or_path)
+    tokenizer, image_processor = load_processors(name_or_path, trust_remote_code=trust_remote_code)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        source,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        local_files_only=local_only,
+        trust_remote_code=trust_remote_code,
+    )
+    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor)
+
+
+def _resolve_source(name_or_path: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it must stay local)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        source, local_only = str(path), True
-    elif _is_hub_id(name_or_path):
-        source, local_only = name_or_path, False
-    else:
-        raise FileNotFoundError(
-            f"backbone '{name_or_path}' is neither a local model directory nor a hub id (org/name); "
-            "run `kedro run --pipeline=backbone` to build the tiny preset"
-        )
-    common = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        source, dtype=dtype, attn_implementation=attn_implementation, **common
+        return str(path), True
+    if _is_hub_id(name_or_path):
+        return name_or_path, False
+    raise FileNotFoundError(
+        f"backbone '{name_or_path}' is neither a local model directory nor a hub id (org/name); "
+        "run `kedro run --pipeline=backbone` to build the tiny preset"
     )
+
+
+def add_muco_tokens(tokenizer: PreTrainedTokenizerFast) -> int:
+    """Adds <|emb|> and <|mask|> where missing (a stock Qwen2-VL tokenizer); returns how many."""
+    missing = [t for t in tokens.MUCO_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return len(missing)
+
+
+def load_processors(
+    name_or_path: str, *, trust_remote_code: bool = False
+) -> tuple[PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
+    """Tokenizer (with MuCo's tokens) and image processor, without the model weights."""
+    source, local_only = _resolve_source(name_or_path)
+    common = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **common)
+    add_muco_tokens(tokenizer)
     # The PIL backend, whatever class the checkpoint names: the torchvision
     # backend cannot run on every machine, and both give the same pixels.
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, **common)
-    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor)
+    return tokenizer, image_processor
 
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")

@@ -1,0 +1,147 @@
+"""Multi-turn conversations: MuCo's query and target sides, as text and as tokens.
+
+A sample with K turns becomes a query conversation (system prompt, then the
+image with query 1, then queries 2..K, each answered by one ``<|emb|>``) and a
+target conversation with the K targets in the same order. Turn order and the
+phrasing of each query are drawn from a generator seeded by the sample id, so
+a sample always formats the same way for a given seed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from muco_flow.data.schema import M3T_TURN_TYPES
+
+MODES = ("multi_turn", "single_turn")
+UNKNOWN_TURN_TYPE = -1
+
+
+@dataclass(frozen=True)
+class ChatTemplates:
+    """The `format.templates` parameters: every string a conversation is made of."""
+
+    system: str
+    message: str  # "{role}" and "{content}"
+    image: str
+    query_first: str  # "{image}" and "{query}"
+    query: str  # "{query}"
+    target: str  # "{target}"
+    assistant: str  # the whole assistant answer: "<|emb|>"
+
+    def __post_init__(self) -> None:
+        required = {
+            "message": ("{role}", "{content}"),
+            "query_first": ("{image}", "{query}"),
+            "query": ("{query}",),
+            "target": ("{target}",),
+        }
+        for name, fields in required.items():
+            for f in fields:
+                if f not in getattr(self, name):
+                    raise ValueError(f"format.templates.{name} must contain {f}: '{getattr(self, name)}'")
+
+
+@dataclass(frozen=True)
+class FormatConfig:
+    """The `format` parameters (conf/base/parameters_format.yml)."""
+
+    templates: ChatTemplates
+    mode: str = "multi_turn"
+    turns_per_conversation: int | None = None  # None: all K turns in one conversation
+    target_field: str = "pos_text"
+    shuffle_turns: bool = True
+    max_length: int = 2048
+    seed: int = 0
+    rows_per_shard: int = 20000
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"format.mode must be one of {MODES}, got '{self.mode}'")
+        if self.turns_per_conversation is not None and self.turns_per_conversation < 1:
+            raise ValueError(f"format.turns_per_conversation must be at least 1, got {self.turns_per_conversation}")
+        if self.target_field not in ("pos_text", "pos_sentence"):
+            raise ValueError(f"format.target_field must be pos_text or pos_sentence, got '{self.target_field}'")
+        if self.max_length < 8:
+            raise ValueError(f"format.max_length must be at least 8, got {self.max_length}")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> FormatConfig:
+        return cls(**{**params, "templates": ChatTemplates(**params["templates"])})
+
+    @property
+    def chunk_size(self) -> int | None:
+        return 1 if self.mode == "single_turn" else self.turns_per_conversation
+
+
+@dataclass(frozen=True)
+class ConversationPlan:
+    """Which turns, in which order and phrasing, one conversation holds."""
+
+    sample_id: str
+    part: int
+    turn_index: tuple[int, ...]  # the M3T turn each position holds
+    turn_type: tuple[int, ...]
+    queries: tuple[str, ...]
+    targets: tuple[str, ...]
+    phrasing: tuple[int, ...] = field(default=())
+
+
+def plan_conversations(
+    sample_id: str, qry: Sequence[Sequence[str]], targets: Sequence[str], config: FormatConfig
+) -> list[ConversationPlan]:
+    """The sample's conversations: turns shuffled, one phrasing each, split into chunks."""
+    rng = random.Random(f"muco-format:{config.seed}:{sample_id}")
+    order = list(range(len(qry)))
+    if config.shuffle_turns:
+        rng.shuffle(order)
+    phrasing = [rng.randrange(len(qry[k])) for k in order]
+    types = M3T_TURN_TYPES if len(qry) == len(M3T_TURN_TYPES) else None
+    size = config.chunk_size or len(order)
+    plans = []
+    for part, start in enumerate(range(0, len(order), size)):
+        turns = order[start : start + size]
+        chosen = phrasing[start : start + size]
+        plans.append(
+            ConversationPlan(
+                sample_id=sample_id,
+                part=part,
+                turn_index=tuple(turns),
+                turn_type=tuple(int(types[k]) if types else UNKNOWN_TURN_TYPE for k in turns),
+                queries=tuple(qry[k][p] for k, p in zip(turns, chosen, strict=True)),
+                targets=tuple(targets[k] for k in turns),
+                phrasing=tuple(chosen),
+            )
+        )
+    return plans
+
+
+def _segments(user_contents: Sequence[str], t: ChatTemplates) -> list[str]:
+    """One text segment per turn: the user message and its ``<|emb|>`` answer.
+
+    The system prompt opens the first segment. Segments end at special
+    tokens, so tokenizing them one by one equals tokenizing the whole text.
+    """
+    segments = []
+    for i, content in enumerate(user_contents):
+        head = t.message.format(role="system", content=t.system) if i == 0 and t.system else ""
+        user = t.message.format(role="user", content=content)
+        segments.append(head + user + t.message.format(role="assistant", content=t.assistant))
+    return segments
+
+
+def query_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
+    """The query side; the image goes with the first query."""
+    contents = [
+        t.query_first.format(image=t.image, query=q) if i == 0 else t.query.format(query=q)
+        for i, q in enumerate(plan.queries)
+    ]
+    return _segments(contents, t)
+
+
+def target_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
+    """The target side: text only, in the query side's turn order."""
+    return _segments([t.target.format(target=x) for x in plan.targets], t)

@@ -1,0 +1,92 @@
+"""Image checks shared by ingestion and training: confined paths, safe decoding."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+
+# Qwen2-VL's smallest grid is 28 px (two 14 px patches); MuCo's loader
+# upscales anything smaller rather than dropping it.
+MIN_IMAGE_SIDE = 28
+
+
+class UnsafePathError(ValueError):
+    """An image path from the data would leave the snapshot root."""
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a complete, decodable image of acceptable size."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def confined_path(root: Path, relative: str) -> Path:
+    """``root / relative``, refusing absolute paths, ``..`` and symlinks out of ``root``."""
+    if not relative or not relative.strip():
+        raise UnsafePathError("image path is empty")
+    pure = PurePosixPath(relative.replace("\\", "/"))
+    if pure.is_absolute() or relative.startswith("~") or (len(relative) > 1 and relative[1] == ":"):
+        raise UnsafePathError(f"image path '{relative}' is absolute")
+    if ".." in pure.parts:
+        raise UnsafePathError(f"image path '{relative}' contains '..'")
+    candidate = root / Path(*pure.parts)
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(candidate), real_root]) != real_root:
+        raise UnsafePathError(f"image path '{relative}' resolves outside the snapshot root (symlink)")
+    return candidate
+
+
+def confined_key(relative: str) -> str:
+    """The same rules for an object-store key below a prefix (no symlinks there)."""
+    confined_path(Path("/__root__"), relative)
+    return str(PurePosixPath(relative.replace("\\", "/")))
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    data: bytes  # the bytes to store: the original, or a PNG if upscaled
+    width: int
+    height: int
+    upscaled: bool
+
+
+def check_image(data: bytes, max_pixels: int) -> CheckedImage:
+    """Decodes ``data`` fully, guards against decompression bombs, upscales tiny images.
+
+    Raises ImageDecodeError with a reason code: EMPTY_IMAGE, IMAGE_TOO_LARGE
+    or IMAGE_UNDECODABLE.
+    """
+    if not data:
+        raise ImageDecodeError("EMPTY_IMAGE", "image file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice that; make it an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size  # from the header, before any pixel is decoded
+                if width * height > max_pixels:
+                    raise Image.DecompressionBombError(f"{width}x{height} pixels")
+                image.load()  # decodes every byte: truncated files fail here
+                small = min(width, height) < MIN_IMAGE_SIDE
+                if small:
+                    scale = MIN_IMAGE_SIDE / min(width, height)
+                    width = max(round(width * scale), MIN_IMAGE_SIDE)
+                    height = max(round(height * scale), MIN_IMAGE_SIDE)
+                    out = io.BytesIO()
+                    image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(out, "PNG")
+                    data = out.getvalue()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageDecodeError(
+            "IMAGE_TOO_LARGE", f"image exceeds the decompression-bomb limit of {max_pixels} pixels ({err})"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as err:
+        # PIL reports unknown formats, truncation and corrupt streams as these
+        raise ImageDecodeError("IMAGE_UNDECODABLE", f"image cannot be decoded: {err}") from None
+    return CheckedImage(data=data, width=width, height=height, upscaled=small)

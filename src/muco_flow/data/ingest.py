@@ -1,0 +1,376 @@
+"""Ingestion: an M3T snapshot in, validated parquet shards with embedded images out.
+
+The meta file is streamed in batches of rows, so memory stays flat however
+many rows there are (only the set of seen sample ids grows, a few bytes per
+row). Every row read ends either in a shard or in ``rejects.parquet`` with a
+reason code; the manifest checks read = accepted + rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+from tqdm.auto import tqdm
+
+from muco_flow.data import schema
+from muco_flow.data.fetch import FetchConfig, FetchError, fetch_url
+from muco_flow.data.images import CheckedImage, ImageDecodeError, UnsafePathError, check_image, confined_key
+from muco_flow.data.shards import ShardWriter
+from muco_flow.data.sources import ImageMissingError, SnapshotSource, file_sha256
+from muco_flow.modeling import tokens
+
+logger = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+REJECTS_FILE = "rejects.parquet"
+MANIFEST_FILE = "manifest.json"
+
+REJECT_REASONS = {
+    "MISSING_FIELD": "a required field is null or NaN",
+    "WRONG_TYPE": "a field has the wrong type (for example a number where text belongs)",
+    "TURN_COUNT_MISMATCH": "qry, pos_text, pos_sentence (and neg_text) have different numbers of turns",
+    "EMPTY_TEXT": "a query phrasing or target is empty",
+    "TEXT_TOO_LONG": "a text is longer than ingest.max_text_chars",
+    "SPECIAL_TOKEN_IN_TEXT": "a text contains a chat or MuCo control token such as <|emb|> or <|im_start|>",
+    "DUPLICATE_ID": "the sample id was already accepted earlier in the file",
+    "UNSAFE_PATH": "the image path is absolute, contains '..' or leaves the root through a symlink",
+    "IMAGE_MISSING": "no image at the path and no image URL to fetch it from",
+    "DOWNLOAD_FAILED": "the image was not on disk and its URL did not give an image",
+    "EMPTY_IMAGE": "the image file has 0 bytes",
+    "IMAGE_UNDECODABLE": "the image is truncated or not an image",
+    "IMAGE_TOO_LARGE": "the image exceeds the decompression-bomb pixel limit",
+    "TARGET_IMAGE_UNSUPPORTED": "a target has an image (pos_image_path); only text targets are ingested",
+}
+
+REQUIRED = (schema.QRY, schema.POS_TEXT, schema.POS_SENTENCE, schema.QRY_IMAGE_PATH)
+OPTIONAL = (schema.NEG_TEXT, schema.QRY_SENTENCE, schema.POS_IMAGE_PATH, schema.IMAGE_URL)
+
+INGESTED_SCHEMA = pa.schema(
+    [
+        pa.field(schema.SAMPLE_ID, pa.string(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+        pa.field(schema.QRY, pa.list_(pa.list_(pa.string())), nullable=False),
+        pa.field(schema.POS_TEXT, pa.list_(pa.string()), nullable=False),
+        pa.field(schema.POS_SENTENCE, pa.list_(pa.string()), nullable=False),
+        pa.field(schema.NEG_TEXT, pa.list_(pa.string())),
+        pa.field(schema.QRY_SENTENCE, pa.string()),
+        pa.field("image_path", pa.string(), nullable=False),
+        pa.field("image_bytes", pa.binary(), nullable=False),
+        pa.field("image_sha256", pa.string(), nullable=False),
+        pa.field("image_width", pa.int32(), nullable=False),
+        pa.field("image_height", pa.int32(), nullable=False),
+        pa.field("image_upscaled", pa.bool_(), nullable=False),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("source_row", pa.int64(), nullable=False),
+        pa.field(schema.SAMPLE_ID, pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """The `ingest` parameters (conf/base/parameters_ingest.yml)."""
+
+    # our column name -> the source's; columns not listed keep their names
+    column_mapping: dict[str, str] = field(default_factory=dict)
+    # None: the id is the row's index in the source file
+    id_column: str | None = schema.SAMPLE_ID
+    rows_per_shard: int = 5000
+    batch_rows: int = 256
+    max_text_chars: int = 2000
+    max_image_pixels: int = 40_000_000
+    max_reject_fraction: float = 0.05
+    image_workers: int = 8
+    download: FetchConfig = field(default_factory=FetchConfig)
+
+    def __post_init__(self) -> None:
+        if self.rows_per_shard < 1 or self.batch_rows < 1 or self.image_workers < 1:
+            raise ValueError("ingest: rows_per_shard, batch_rows and image_workers must be at least 1")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError(f"ingest.max_reject_fraction must be within [0, 1], got {self.max_reject_fraction}")
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> IngestConfig:
+        params = dict(params)
+        download = dict(params.pop("download", {}))
+        if "allowed_content_types" in download:
+            download["allowed_content_types"] = tuple(download["allowed_content_types"])
+        return cls(download=FetchConfig(**download), **params)
+
+    def source_column(self, ours: str) -> str:
+        """The source's name for our column ``ours``."""
+        if ours == schema.SAMPLE_ID and self.id_column:
+            return self.id_column
+        return self.column_mapping.get(ours, ours)
+
+
+class Reject(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class IngestQualityError(RuntimeError):
+    """More rows were rejected than ingest.max_reject_fraction allows."""
+
+
+# --- row checks ---------------------------------------------------------------
+
+
+def _strings(value: Any, name: str) -> list[str]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise Reject("WRONG_TYPE", f"{name} must be a list of strings, got {type(value).__name__}")
+    return list(value)
+
+
+def _phrasings(value: Any) -> list[list[str]]:
+    if not isinstance(value, list | tuple):
+        raise Reject("WRONG_TYPE", f"qry must be a list of turns, got {type(value).__name__}")
+    # a turn is a list of phrasings; a bare string is one phrasing
+    return [[turn] if isinstance(turn, str) else _strings(turn, "qry turn") for turn in value]
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+CONTROL_TOKENS = (*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS)
+
+
+def _check_text(text: str, name: str, limit: int) -> None:
+    if not text.strip():
+        raise Reject("EMPTY_TEXT", f"{name} is empty")
+    if len(text) > limit:
+        raise Reject("TEXT_TOO_LONG", f"{name} has {len(text)} characters, the limit is {limit}")
+    # A control token in the data would add turns or image slots the
+    # conversation does not have.
+    found = next((tok for tok in CONTROL_TOKENS if tok in text), None)
+    if found:
+        raise Reject("SPECIAL_TOKEN_IN_TEXT", f"{name} contains the control token {found}")
+
+
+def validate_text_fields(row: dict[str, Any], config: IngestConfig) -> dict[str, Any]:
+    """The row's fields in our schema, or Reject with the first problem found."""
+    for name in REQUIRED:
+        if _is_missing(row.get(name)):
+            raise Reject("MISSING_FIELD", f"{name} is missing")
+    qry = _phrasings(row[schema.QRY])
+    pos_text = _strings(row[schema.POS_TEXT], schema.POS_TEXT)
+    pos_sentence = _strings(row[schema.POS_SENTENCE], schema.POS_SENTENCE)
+    neg_text = None if _is_missing(row.get(schema.NEG_TEXT)) else _strings(row[schema.NEG_TEXT], schema.NEG_TEXT)
+    counts = {"qry": len(qry), "pos_text": len(pos_text), "pos_sentence": len(pos_sentence)}
+    if neg_text is not None:
+        counts["neg_text"] = len(neg_text)
+    if len(set(counts.values())) != 1 or not qry:
+        raise Reject("TURN_COUNT_MISMATCH", "turn counts differ: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    for k, phrasings in enumerate(qry):
+        if not phrasings:
+            raise Reject("EMPTY_TEXT", f"qry turn {k} has no phrasing")
+        for p in phrasings:
+            _check_text(p, f"qry turn {k}", config.max_text_chars)
+    for name, texts in (("pos_text", pos_text), ("pos_sentence", pos_sentence), ("neg_text", neg_text or [])):
+        for k, text in enumerate(texts):
+            _check_text(text, f"{name} turn {k}", config.max_text_chars)
+    image_path = row[schema.QRY_IMAGE_PATH]
+    if not isinstance(image_path, str):
+        raise Reject("WRONG_TYPE", f"qry_image_path must be a string, got {type(image_path).__name__}")
+    targets = row.get(schema.POS_IMAGE_PATH)
+    if not _is_missing(targets) and any(_strings(targets, schema.POS_IMAGE_PATH)):
+        raise Reject("TARGET_IMAGE_UNSUPPORTED", "pos_image_path names target images")
+    sentence = row.get(schema.QRY_SENTENCE)
+    if not _is_missing(sentence) and not isinstance(sentence, str):
+        raise Reject("WRONG_TYPE", f"qry_sentence must be a string, got {type(sentence).__name__}")
+    url = row.get(schema.IMAGE_URL)
+    return {
+        schema.QRY: qry,
+        schema.POS_TEXT: pos_text,
+        schema.POS_SENTENCE: pos_sentence,
+        schema.NEG_TEXT: neg_text,
+        schema.QRY_SENTENCE: None if _is_missing(sentence) else sentence,
+        "image_path": image_path,
+        "image_url": url if isinstance(url, str) and url else None,
+    }
+
+
+def sample_id_of(row: dict[str, Any], index: int, config: IngestConfig) -> str:
+    if config.id_column is None:
+        return f"row-{index}"
+    value = row.get(schema.SAMPLE_ID)
+    if _is_missing(value):
+        raise Reject("MISSING_FIELD", f"sample id column '{config.id_column}' is missing")
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        raise Reject("WRONG_TYPE", f"sample id must be a string or integer, got {type(value).__name__}")
+    return str(value)
+
+
+def load_checked_image(
+    source: SnapshotSource, fields: dict[str, Any], session: requests.Session, config: IngestConfig
+) -> CheckedImage:
+    """The row's image from the snapshot, else from its URL, checked and decoded."""
+    try:
+        confined_key(fields["image_path"])
+        try:
+            data = source.read_image(fields["image_path"])
+        except ImageMissingError as missing:
+            if not fields["image_url"]:
+                raise Reject("IMAGE_MISSING", f"{missing}, and the row has no image URL") from None
+            try:
+                data = fetch_url(session, fields["image_url"], config.download)
+            except FetchError as err:
+                raise Reject("DOWNLOAD_FAILED", f"{missing}; fetching {fields['image_url']} failed: {err}") from None
+        return check_image(data, config.max_image_pixels)
+    except UnsafePathError as err:
+        raise Reject("UNSAFE_PATH", str(err)) from None
+    except ImageDecodeError as err:
+        raise Reject(err.code, str(err)) from None
+
+
+def _reject_record(index: int, sample_id: str | None, reject: Reject) -> dict[str, Any]:
+    return {"source_row": index, "sample_id": sample_id, "reason": reject.code, "message": reject.message}
+
+
+def _map_columns(batch: pa.RecordBatch, config: IngestConfig, wanted: list[str]) -> list[dict[str, Any]]:
+    rows = batch.to_pylist()
+    renames = {config.source_column(ours): ours for ours in wanted}
+    return [{renames[k]: v for k, v in row.items() if k in renames} for row in rows]
+
+
+def _columns_to_read(meta: pq.ParquetFile, config: IngestConfig) -> list[str]:
+    """Our names of the columns to read; a missing required column is a setup error, not row rejects."""
+    available = set(meta.schema_arrow.names)
+    required = list(REQUIRED) + ([schema.SAMPLE_ID] if config.id_column else [])
+    missing = [f"'{config.source_column(c)}' (for {c})" for c in required if config.source_column(c) not in available]
+    if missing:
+        raise ValueError(
+            f"the meta file has no column {', '.join(missing)}; it has {sorted(available)}. "
+            "Map the source's names to ours with ingest.column_mapping (or ingest.id_column)."
+        )
+    return required + [c for c in OPTIONAL if config.source_column(c) in available]
+
+
+def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: IngestConfig) -> dict[str, Any]:
+    """Validates every row of ``source`` and writes shards, rejects and a manifest into ``output_dir``."""
+    output_dir = Path(output_dir)
+    meta = pq.ParquetFile(source.meta_path())
+    wanted = _columns_to_read(meta, config)
+    total = meta.metadata.num_rows
+    shards = ShardWriter(output_dir / SHARDS_DIR, INGESTED_SCHEMA, config.rows_per_shard)
+    rejects_writer = pq.ParquetWriter(output_dir / REJECTS_FILE, REJECTS_SCHEMA, compression="zstd")
+    reasons: Counter[str] = Counter()
+    seen_ids: set[bytes] = set()  # 16-byte digests: memory per row stays small
+    read = accepted = 0
+    columns = [config.source_column(c) for c in wanted]
+
+    def image_of(candidate: tuple[int, str, dict[str, Any]]) -> CheckedImage | Reject:
+        try:
+            return load_checked_image(source, candidate[2], session, config)
+        except Reject as reject:
+            return reject
+
+    with (
+        requests.Session() as session,
+        ThreadPoolExecutor(config.image_workers) as pool,
+        tqdm(total=total, desc="ingest", unit="row", disable=total < 2000) as progress,
+    ):
+        for batch in meta.iter_batches(batch_size=config.batch_rows, columns=columns):
+            rows = _map_columns(batch, config, wanted)
+            rejects: list[dict[str, Any]] = []
+            candidates: list[tuple[int, str, dict[str, Any]]] = []
+            for offset, row in enumerate(rows):
+                index = read + offset
+                sample_id = None
+                try:
+                    sample_id = sample_id_of(row, index, config)
+                    fields = validate_text_fields(row, config)
+                    digest = hashlib.blake2b(sample_id.encode(), digest_size=16).digest()
+                    if digest in seen_ids:
+                        raise Reject("DUPLICATE_ID", f"sample id '{sample_id}' appeared earlier in the file")
+                    seen_ids.add(digest)
+                    candidates.append((index, sample_id, fields))
+                except Reject as reject:
+                    rejects.append(_reject_record(index, sample_id, reject))
+
+            good: list[dict[str, Any]] = []
+            for (index, sample_id, fields), image in zip(candidates, pool.map(image_of, candidates), strict=True):
+                if isinstance(image, Reject):
+                    rejects.append(_reject_record(index, sample_id, image))
+                    continue
+                fields = {k: v for k, v in fields.items() if k != "image_url"}
+                good.append(
+                    {
+                        schema.SAMPLE_ID: sample_id,
+                        "source_row": index,
+                        **fields,
+                        "image_bytes": image.data,
+                        "image_sha256": hashlib.sha256(image.data).hexdigest(),
+                        "image_width": image.width,
+                        "image_height": image.height,
+                        "image_upscaled": image.upscaled,
+                    }
+                )
+            shards.write(good)
+            rejects.sort(key=lambda r: r["source_row"])
+            if rejects:
+                rejects_writer.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
+            reasons.update(r["reason"] for r in rejects)
+            read += len(rows)
+            accepted += len(good)
+            progress.update(len(rows))
+    shards.close()
+    rejects_writer.close()
+
+    rejected = sum(reasons.values())
+    if read != accepted + rejected or read != total:
+        raise AssertionError(f"ingest lost rows: read {read} of {total}, accepted {accepted}, rejected {rejected}")
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "source": {"uri": source.uri, "meta_file": source.meta_file, "sha256": file_sha256(source.meta_path())},
+        "counts": {"read": read, "accepted": accepted, "rejected": rejected},
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "invariant_read_equals_accepted_plus_rejected": True,
+        "shards": shards.shards,
+        "rejects_file": REJECTS_FILE,
+        "settings": {
+            "column_mapping": config.column_mapping,
+            "id_column": config.id_column,
+            "rows_per_shard": config.rows_per_shard,
+            "max_text_chars": config.max_text_chars,
+            "max_image_pixels": config.max_image_pixels,
+        },
+    }
+    (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("ingest: read %d rows, accepted %d, rejected %d %s", read, accepted, rejected, dict(reasons))
+    return manifest
+
+
+def check_reject_budget(manifest: dict[str, Any], max_reject_fraction: float, where: str) -> None:
+    """Raises IngestQualityError with a per-reason summary if too many rows were rejected."""
+    counts = manifest["counts"]
+    fraction = counts["rejected"] / counts["read"] if counts["read"] else 1.0
+    if counts["read"] == 0 or fraction > max_reject_fraction:
+        by_reason = "\n".join(
+            f"  {code:<26} {n:>8}  {REJECT_REASONS.get(code, '')}"
+            for code, n in sorted(manifest["rejects_by_reason"].items(), key=lambda kv: -kv[1])
+        )
+        raise IngestQualityError(
+            f"ingest rejected {counts['rejected']} of {counts['read']} rows ({fraction:.1%}), "
+            f"above ingest.max_reject_fraction = {max_reject_fraction:.1%}.\n"
+            f"Rejects by reason:\n{by_reason or '  (the source has no rows)'}\n"
+            f"Every rejected row, with its reason, is in {where}/{REJECTS_FILE}."
+        )

@@ -1,0 +1,31 @@
+"""Nodes of the `ingest` pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from muco_flow.data.ingest import MANIFEST_FILE, IngestConfig, check_reject_budget, ingest_m3t_snapshot
+from muco_flow.data.sources import SnapshotSource
+from muco_flow.datasets.file_tree import TreeWriter
+
+
+def plan_ingest(source: SnapshotSource, params: dict[str, Any]) -> TreeWriter:
+    """A writer that streams ``source`` into shards when the catalog saves it."""
+    config = IngestConfig.from_params(params)
+
+    def write(directory: Path) -> None:
+        try:
+            ingest_m3t_snapshot(source, directory, config)
+        finally:
+            source.close()
+
+    return write
+
+
+def check_ingest_quality(shards_dir: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as a report; fails the run if too many rows were rejected."""
+    manifest = json.loads((Path(shards_dir) / MANIFEST_FILE).read_text())
+    check_reject_budget(manifest, IngestConfig.from_params(params).max_reject_fraction, where=shards_dir)
+    return manifest
