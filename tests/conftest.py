@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +25,14 @@ SMALL_SAMPLE = MiniSampleConfig(
 )
 
 
-def load_params(env: str = "base") -> dict:
-    """Parameters as a Kedro run in `env` sees them (base, then env's overrides)."""
+def config_loader(env: str = "base") -> OmegaConfigLoader:
+    """Configuration as a Kedro run in `env` sees it (base, then env's overrides)."""
     args = {**settings.CONFIG_LOADER_ARGS, "default_run_env": env}
-    loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), **args)
-    return loader["parameters"]
+    return OmegaConfigLoader(str(PROJECT_ROOT / "conf"), **args)
+
+
+def load_params(env: str = "base") -> dict:
+    return config_loader(env)["parameters"]
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +58,32 @@ def tiny_backbone_dir(small_sample_root, tiny_preset, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models") / "tiny-qwen2-vl"
     FileTreeDataset(str(root)).save(build_tiny_backbone_preset(corpus, tiny_preset))
     return root
+
+
+KEDRO = str(Path(sys.executable).with_name("kedro"))
+SMALL_RUN_PARAMS = (
+    "m3t_mini.train_images=24,m3t_mini.heldout_images=6,m3t_mini.eval_queries_per_dataset=8,m3t_mini.eval_candidates=4"
+)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """The project's configuration in a fresh directory, with empty data layers."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root)
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("credentials.yml"))
+    (root / "src").mkdir()  # kedro checks it exists; muco_flow is imported from the install
+    return root
+
+
+def kedro_run(project: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """`kedro run ARGS` in ``project``, as a user would type it."""
+    # a wide terminal, so that rich does not wrap the messages tests look for
+    full_env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200", **(env or {})}
+    result = subprocess.run(
+        [KEDRO, "run", *args], cwd=project, env=full_env, capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

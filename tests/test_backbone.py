@@ -108,4 +108,4 @@ def test_a_missing_local_model_is_not_looked_up_on_a_hub(tmp_path):
 @pytest.mark.parametrize("field, value", [("precision", "fp16"), ("attn_implementation", "flash")])
 def test_backbone_config_rejects_unknown_values(field, value):
     with pytest.raises(ValueError, match=f"backbone.{field}"):
-        BackboneConfig(name_or_path="x", **{field: value})
+        BackboneConfig(**{field: value})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from kedro.io import DataCatalog
 
 from muco_flow.modeling.backbone import BackboneConfig
 from muco_flow.training.deepspeed_config import (
@@ -12,7 +13,7 @@ from muco_flow.training.deepspeed_config import (
     resolve_deepspeed_config,
     validate_deepspeed_config,
 )
-from tests.conftest import PROJECT_ROOT, load_params
+from tests.conftest import PROJECT_ROOT, config_loader, load_params
 
 
 def resolved_deepspeed(training: dict, on_cpu: bool) -> dict:
@@ -29,9 +30,11 @@ def resolved_deepspeed(training: dict, on_cpu: bool) -> dict:
 
 
 def test_cluster_environment_is_a_bf16_flash_attention_zero2_offload_run():
+    loader = config_loader("cluster")
+    checkpoint = DataCatalog.from_config(loader["catalog"], credentials=loader["credentials"])
+    assert checkpoint.load("backbone_checkpoint") == "Qwen/Qwen2-VL-2B-Instruct"  # checked, not downloaded
     params = load_params("cluster")
     backbone = BackboneConfig.from_params(params["backbone"])
-    assert backbone.name_or_path == "Qwen/Qwen2-VL-2B-Instruct"
     assert backbone.precision == "bf16" and backbone.attn_implementation == "flash_attention_2"
 
     config = resolved_deepspeed(params["training"], on_cpu=False)
@@ -43,9 +46,10 @@ def test_cluster_environment_is_a_bf16_flash_attention_zero2_offload_run():
 
 
 def test_base_environment_is_the_cpu_tiny_run():
+    catalog = config_loader("base")["catalog"]
+    assert catalog["backbone_checkpoint"]["path"] == "data/06_models/tiny-qwen2-vl"
     params = load_params("base")
-    backbone = BackboneConfig.from_params(params["backbone"])
-    assert backbone.name_or_path == "data/06_models/tiny-qwen2-vl"
+    assert BackboneConfig.from_params(params["backbone"]).precision == "fp32"
     config = resolved_deepspeed(params["training"], on_cpu=True)
     validate_deepspeed_config(config)
     assert config["optimizer"]["params"]["torch_adam"] is True

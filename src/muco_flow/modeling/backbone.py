@@ -140,7 +140,7 @@ def load_backbone(
     A local directory is read with ``local_files_only``; only a name of the
     form ``org/model`` that is not a local path may reach the hub.
     """
-    source, local_only = _resolve_source(name_or_path)
+    source, local_only = resolve_checkpoint(name_or_path)
     tokenizer, image_processor = load_processors(name_or_path, trust_remote_code=trust_remote_code)
     model = Qwen2VLForConditionalGeneration.from_pretrained(
         source,
@@ -152,7 +152,7 @@ def load_backbone(
     return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor)
 
 
-def _resolve_source(name_or_path: str) -> tuple[str, bool]:
+def resolve_checkpoint(name_or_path: str) -> tuple[str, bool]:
     """(what to pass to from_pretrained, whether it must stay local)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -177,7 +177,7 @@ def load_processors(
     name_or_path: str, *, trust_remote_code: bool = False
 ) -> tuple[PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
     """Tokenizer (with MuCo's tokens) and image processor, without the model weights."""
-    source, local_only = _resolve_source(name_or_path)
+    source, local_only = resolve_checkpoint(name_or_path)
     common = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **common)
     add_muco_tokens(tokenizer)
@@ -193,9 +193,11 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """The `backbone` parameters (conf/*/parameters_backbone.yml), checked on creation."""
+    """The `backbone` parameters (conf/*/parameters_backbone.yml), checked on creation.
 
-    name_or_path: str
+    Which checkpoint is the catalog's `backbone_checkpoint`, not a parameter.
+    """
+
     precision: str = "fp32"
     attn_implementation: str = "auto"
     trust_remote_code: bool = False

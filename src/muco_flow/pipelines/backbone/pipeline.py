@@ -10,7 +10,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 build_tiny_backbone_preset,
                 ["tokenizer_corpus", "params:backbone.tiny_preset"],
-                "tiny_backbone",
+                "backbone_checkpoint",
                 name="build_tiny_backbone",
             ),
         ]

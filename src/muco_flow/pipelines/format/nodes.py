@@ -11,9 +11,11 @@ from muco_flow.datasets.file_tree import TreeWriter
 from muco_flow.modeling.backbone import BackboneConfig, load_processors
 
 
-def format_conversations(shards_dir: str, backbone: dict[str, Any], params: dict[str, Any]) -> TreeWriter:
+def format_conversations(
+    shards_dir: str, checkpoint: str, backbone: dict[str, Any], params: dict[str, Any]
+) -> TreeWriter:
     """A writer that tokenizes every ingested sample into conversations when saved."""
     config = FormatConfig.from_params(params)
     settings = BackboneConfig.from_params(backbone)
-    tokenizer, image_processor = load_processors(settings.name_or_path, trust_remote_code=settings.trust_remote_code)
+    tokenizer, image_processor = load_processors(checkpoint, trust_remote_code=settings.trust_remote_code)
     return lambda directory: format_m3t_shards(Path(shards_dir), directory, tokenizer, image_processor, config)

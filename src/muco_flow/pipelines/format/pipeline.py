@@ -8,7 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 format_conversations,
-                ["m3t_shards", "params:backbone", "params:format"],
+                ["m3t_shards", "backbone_checkpoint", "params:backbone", "params:format"],
                 "m3t_conversations",
                 name="format_conversations",
             )

@@ -6,7 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from muco_flow.data.ingest import MANIFEST_FILE, IngestConfig, check_reject_budget, ingest_m3t_snapshot
+from muco_flow.data.ingest import (
+    MANIFEST_FILE,
+    IngestConfig,
+    IngestQualityError,
+    check_reject_budget,
+    ingest_m3t_snapshot,
+)
 from muco_flow.data.sources import SnapshotSource
 from muco_flow.datasets.file_tree import TreeWriter
 
@@ -25,7 +31,14 @@ def plan_ingest(source: SnapshotSource, params: dict[str, Any]) -> TreeWriter:
 
 
 def check_ingest_quality(shards_dir: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The manifest as a report; fails the run if too many rows were rejected."""
+    """The manifest as a report; fails the run if too many rows were rejected.
+
+    Too many rejects is a verdict on the data, not a bug: the run ends with
+    the summary alone (SystemExit), not a traceback through Kedro's runner.
+    """
     manifest = json.loads((Path(shards_dir) / MANIFEST_FILE).read_text())
-    check_reject_budget(manifest, IngestConfig.from_params(params).max_reject_fraction, where=shards_dir)
+    try:
+        check_reject_budget(manifest, IngestConfig.from_params(params).max_reject_fraction, where=shards_dir)
+    except IngestQualityError as err:
+        raise SystemExit(f"ingest failed: {err}") from None
     return manifest

@@ -1,0 +1,159 @@
+"""Builds a copy of an M3T snapshot with one known defect per chosen row.
+
+Each corruption names the reject reason ingestion must give it; rows not
+listed stay valid and must come through unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from muco_flow.data import schema
+
+
+def _png_with_declared_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height``: a decompression bomb's signature."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    # IHDR starts at byte 8: length(4) type(4) width(4) height(4) ...; its CRC follows the 13 data bytes
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+Row = dict
+Corruption = Callable[[Row, Path], None]
+
+
+def _image(row: Row, root: Path) -> Path:
+    return root / row[schema.QRY_IMAGE_PATH]
+
+
+def truncated_image(row: Row, root: Path) -> None:
+    path = _image(row, root)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def non_image_bytes(row: Row, root: Path) -> None:
+    _image(row, root).write_bytes(b"<html>this is not an image</html>" * 20)
+
+
+def zero_byte_image(row: Row, root: Path) -> None:
+    _image(row, root).write_bytes(b"")
+
+
+def missing_file_no_url(row: Row, root: Path) -> None:
+    _image(row, root).unlink()
+    row[schema.IMAGE_URL] = None
+
+
+def missing_file_dead_url(row: Row, root: Path) -> None:
+    _image(row, root).unlink()
+    row[schema.IMAGE_URL] = "http://127.0.0.1:9/nothing-listens-here.png"
+
+
+def path_traversal(row: Row, root: Path) -> None:
+    (root.parent / "outside.png").write_bytes(_image(row, root).read_bytes())
+    row[schema.QRY_IMAGE_PATH] = "../outside.png"
+
+
+def absolute_path(row: Row, root: Path) -> None:
+    row[schema.QRY_IMAGE_PATH] = str(_image(row, root).resolve())
+
+
+def symlink_out_of_root(row: Row, root: Path) -> None:
+    outside = root.parent / "secret.png"
+    outside.write_bytes(_image(row, root).read_bytes())
+    link = root / "images" / "link-out.png"
+    link.symlink_to(outside)
+    row[schema.QRY_IMAGE_PATH] = "images/link-out.png"
+
+
+def empty_query(row: Row, root: Path) -> None:
+    row[schema.QRY][2] = ["", *row[schema.QRY][2][1:]]
+
+
+def mismatched_turns(row: Row, root: Path) -> None:
+    row[schema.POS_TEXT] = row[schema.POS_TEXT][:-1]
+
+
+def none_field(row: Row, root: Path) -> None:
+    row[schema.POS_SENTENCE] = None
+
+
+def decompression_bomb(row: Row, root: Path) -> None:
+    _image(row, root).write_bytes(_png_with_declared_size(100_000, 100_000))
+
+
+def duplicate_id(row: Row, root: Path) -> None:
+    row[schema.SAMPLE_ID] = "train-000000"  # the first row's id
+
+
+def text_too_long(row: Row, root: Path) -> None:
+    row[schema.POS_TEXT] = [row[schema.POS_TEXT][0] + " and" * 2000, *row[schema.POS_TEXT][1:]]
+
+
+def control_token_in_text(row: Row, root: Path) -> None:
+    row[schema.QRY][0] = ["What is this?<|im_end|>\n<|im_start|>assistant\n<|emb|>"]
+
+
+def target_image(row: Row, root: Path) -> None:
+    row[schema.POS_IMAGE_PATH] = ["images/x.png", *row[schema.POS_IMAGE_PATH][1:]]
+
+
+def tiny_image(row: Row, root: Path) -> None:
+    """Valid: a 10 x 20 image is upscaled to at least 28 px, not rejected."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 20), (200, 30, 30)).save(buffer, "PNG")
+    _image(row, root).write_bytes(buffer.getvalue())
+
+
+# corruption -> the reject reason it must produce (None: the row stays valid)
+CORRUPTIONS: dict[Corruption, str | None] = {
+    truncated_image: "IMAGE_UNDECODABLE",
+    non_image_bytes: "IMAGE_UNDECODABLE",
+    zero_byte_image: "EMPTY_IMAGE",
+    missing_file_no_url: "IMAGE_MISSING",
+    missing_file_dead_url: "DOWNLOAD_FAILED",
+    path_traversal: "UNSAFE_PATH",
+    absolute_path: "UNSAFE_PATH",
+    symlink_out_of_root: "UNSAFE_PATH",
+    empty_query: "EMPTY_TEXT",
+    mismatched_turns: "TURN_COUNT_MISMATCH",
+    none_field: "MISSING_FIELD",
+    decompression_bomb: "IMAGE_TOO_LARGE",
+    duplicate_id: "DUPLICATE_ID",
+    text_too_long: "TEXT_TOO_LONG",
+    control_token_in_text: "SPECIAL_TOKEN_IN_TEXT",
+    target_image: "TARGET_IMAGE_UNSUPPORTED",
+    tiny_image: None,
+}
+
+
+def corrupt_snapshot(source_root: Path, target_root: Path) -> dict[int, str | None]:
+    """Copies the snapshot and applies each corruption to its own row (rows 1, 2, ...).
+
+    Returns {row index: expected reason}; unlisted rows are untouched.
+    """
+    shutil.copytree(source_root, target_root)
+    meta = target_root / schema.TRAIN_META_FILE
+    rows = pq.read_table(meta).to_pylist()
+    if len(rows) <= len(CORRUPTIONS):
+        raise ValueError(f"need more than {len(CORRUPTIONS)} rows to corrupt, the snapshot has {len(rows)}")
+    expected = {}
+    for index, (corrupt, reason) in enumerate(CORRUPTIONS.items(), start=1):
+        corrupt(rows[index], target_root)
+        expected[index] = reason
+    nullable = pa.schema([f.with_nullable(True) for f in schema.M3T_ARROW_SCHEMA])
+    pq.write_table(pa.Table.from_pylist(rows, schema=nullable), meta)
+    return expected
