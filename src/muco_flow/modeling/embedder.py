@@ -1,0 +1,201 @@
+"""MuCoEmbedder: a Qwen2-VL backbone that returns one embedding per ``<|emb|>`` token.
+
+The final-layer hidden state at each ``<|emb|>`` position, L2-normalised, is
+that turn's embedding; a conversation with K turns gives K embeddings from
+one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.masking_utils import create_bidirectional_mask
+
+from muco_flow.modeling import tokens
+from muco_flow.modeling.backbone import Backbone, add_muco_tokens
+from muco_flow.modeling.inputs import IMAGE_PLACEHOLDER, build_model_inputs
+
+# The language model's linear layers; the vision tower's are named differently.
+LANGUAGE_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The `training.lora` parameters; MuCo's reference values are the defaults."""
+
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 64
+    dropout: float = 0.1
+    use_dora: bool = True
+    target_modules: str = LANGUAGE_LINEAR_LAYERS
+
+
+@dataclass(frozen=True)
+class EmbedderSettings:
+    bidirectional: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> EmbedderSettings:
+        return cls(
+            bidirectional=params.get("bidirectional", False),
+            gradient_checkpointing=params.get("gradient_checkpointing", False),
+            lora=LoraSettings(**params.get("lora", {})),
+        )
+
+
+class MuCoEmbedder(nn.Module):
+    def __init__(self, backbone: Backbone, settings: EmbedderSettings | None = None) -> None:
+        super().__init__()
+        settings = settings or EmbedderSettings()
+        self.settings = settings
+        self.tokenizer, self.image_processor = backbone.tokenizer, backbone.image_processor
+        model = backbone.model
+        add_muco_tokens(self.tokenizer)
+        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(self.tokenizer))
+        self.emb_token_id = self.tokenizer.convert_tokens_to_ids(tokens.EMB_TOKEN)
+        self.special_token_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens.MUCO_TOKENS]
+
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if settings.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=settings.lora.r,
+                    lora_alpha=settings.lora.alpha,
+                    lora_dropout=settings.lora.dropout,
+                    use_dora=settings.lora.use_dora,
+                    target_modules=settings.lora.target_modules,
+                    # Only the rows of the added tokens train, not the whole vocabulary.
+                    trainable_token_indices={"embed_tokens": self.special_token_ids},
+                ),
+            )
+        else:
+            language = _vlm(model).language_model
+            for parameter in language.parameters():
+                parameter.requires_grad_(True)
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        self.model = model
+        self.vlm = _vlm(model)  # the Qwen2VLModel inside any PEFT wrapping: no LM head
+        if settings.bidirectional:
+            # flash-attention decides causality from this flag alone; SDPA and
+            # eager read it too, with the mask built in _bidirectional_inputs
+            for module in self.vlm.language_model.modules():
+                if hasattr(module, "is_causal"):
+                    module.is_causal = False
+
+    @property
+    def hidden_size(self) -> int:
+        return self.vlm.config.text_config.hidden_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mm_token_type_ids: torch.Tensor,
+        emb_index: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """L2-normalised hidden states at ``emb_index`` ([n, 2]: batch row, position), in that order."""
+        inputs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": mm_token_type_ids,
+            "pixel_values": pixel_values,
+            "image_grid_thw": image_grid_thw,
+        }
+        if self.settings.bidirectional:
+            inputs = self._bidirectional_inputs(inputs)
+        hidden = self.vlm(**inputs).last_hidden_state
+        return F.normalize(hidden[emb_index[:, 0], emb_index[:, 1]].float(), dim=-1)
+
+    def _bidirectional_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Inputs that let every text token attend to every other (padding excluded).
+
+        Qwen2-VL would build a causal mask; a prepared mask per layer type
+        replaces it. Positions are computed here because the model computes
+        them from the 2D mask, which this replaces.
+        """
+        input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        shape_only = torch.empty(*input_ids.shape, 1, dtype=self.vlm.dtype, device=input_ids.device)
+        position_ids = self.vlm.compute_3d_position_ids(
+            input_ids=input_ids,
+            inputs_embeds=shape_only,
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=mask,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
+        text_config = self.vlm.config.text_config
+        full = create_bidirectional_mask(config=text_config, inputs_embeds=shape_only, attention_mask=mask)
+        masks = {layer_type: full for layer_type in set(text_config.layer_types)}
+        return {**inputs, "attention_mask": masks, "position_ids": position_ids}
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        items: Sequence[tuple[str, Image.Image | None]],
+        *,
+        template: str,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """One normalised vector per (text, optional image), as single-turn conversations.
+
+        ``template`` is a whole conversation with ``{image}`` and ``{text}`` and
+        one ``<|emb|>``, e.g. the format templates rendered for one turn.
+        """
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        vectors = []
+        try:
+            for start in tqdm(range(0, len(items), batch_size), desc="encode", unit="batch", disable=not progress):
+                chunk = items[start : start + batch_size]
+                texts = [
+                    template.format(image=IMAGE_PLACEHOLDER if img is not None else "", text=t) for t, img in chunk
+                ]
+                batch = build_model_inputs(self.tokenizer, self.image_processor, texts, [img for _, img in chunk])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                emb_index = (batch["input_ids"] == self.emb_token_id).nonzero()
+                if emb_index.shape[0] != len(chunk):
+                    raise ValueError(f"the encode template must hold exactly one {tokens.EMB_TOKEN}")
+                vectors.append(self(**batch, emb_index=emb_index).cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(vectors) if vectors else torch.empty(0, self.hidden_size)
+
+    def save_merged(self, directory: str | Path) -> None:
+        """A plain Hugging Face model directory: LoRA merged in, tokenizer and image processor beside it."""
+        model = self.model
+        if hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+
+def _vlm(model: nn.Module) -> nn.Module:
+    """The Qwen2VLModel under a Qwen2VLForConditionalGeneration, PEFT-wrapped or not."""
+    for module in model.modules():
+        if type(module).__name__ == "Qwen2VLModel":
+            return module
+    raise TypeError(f"{type(model).__name__} holds no Qwen2VLModel")

@@ -1,0 +1,99 @@
+"""MuCo's multi-turn contrastive loss.
+
+Rows are sample-major: row ``b*K + k`` is sample b, turn k. On a rank with
+index ``rank``, the local queries are ``[B*K, d]`` and the targets are gathered
+from all ranks, ``[world*B*K, d]``, rank blocks in rank order. The positive of
+local query (b, k) is target (b, k) in this rank's block. The other K-1
+targets of the same sample are true statements about the same image, so they
+are masked out instead of being used as negatives; every other sample's target
+is a negative. K = 1 is the single-turn (VLM2Vec-style) loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TEMPERATURE = 0.02
+
+
+def _same_sample_mask(rows: int, columns: int, turns: int, offset: int, device: torch.device) -> torch.Tensor:
+    """True where column ``j`` is another turn of row ``i``'s sample (rows start at column ``offset``)."""
+    row_sample = (torch.arange(rows, device=device) + offset) // turns
+    column_sample = torch.arange(columns, device=device) // turns
+    same = row_sample[:, None] == column_sample[None, :]
+    same[torch.arange(rows, device=device), torch.arange(rows, device=device) + offset] = False  # keep the positive
+    return same
+
+
+def _info_nce(
+    anchors: torch.Tensor,
+    candidates: torch.Tensor,
+    turns: int,
+    offset: int,
+    temperature: float,
+    extra: torch.Tensor | None = None,
+    extra_offset: int = 0,
+) -> torch.Tensor:
+    """Cross-entropy of each anchor against all candidates; the positive is column ``offset + i``."""
+    rows = anchors.shape[0]
+    logits = anchors @ candidates.T / temperature
+    logits = logits.masked_fill(
+        _same_sample_mask(rows, candidates.shape[0], turns, offset, anchors.device), float("-inf")
+    )
+    if extra is not None:
+        # Hard negatives: the anchor's own turn's negative, and any of other samples.
+        extra_logits = anchors @ extra.T / temperature
+        extra_same = _same_sample_mask(rows, extra.shape[0], turns, extra_offset, anchors.device)
+        logits = torch.cat([logits, extra_logits.masked_fill(extra_same, float("-inf"))], dim=1)
+    labels = torch.arange(rows, device=anchors.device) + offset
+    return F.cross_entropy(logits, labels)
+
+
+def multi_turn_contrastive_loss(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    turns: int,
+    temperature: float = DEFAULT_TEMPERATURE,
+    rank: int = 0,
+    *,
+    gathered_query: torch.Tensor | None = None,
+    hard_negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE of local queries against gathered targets, same-sample turns masked.
+
+    Args:
+        query: this rank's query embeddings, [B*K, d], L2-normalised.
+        target: all ranks' target embeddings, [world*B*K, d].
+        turns: K, the turns per sample.
+        temperature: the softmax temperature (MuCo uses 0.02).
+        rank: this rank's index, which places its block inside ``target``.
+        gathered_query: all ranks' queries [world*B*K, d]; when given, the
+            symmetric target->query term is added and the two are averaged.
+        hard_negatives: embeddings of wrong answers (M3T's ``neg_text``),
+            sample-major like ``target``, appended as extra columns.
+    """
+    local = query.shape[0]
+    if local % turns or target.shape[0] % local:
+        raise ValueError(
+            f"shapes do not fit K={turns}: query has {local} rows, target {target.shape[0]} "
+            "(expected B*K and world*B*K)"
+        )
+    if target.shape[0] < (rank + 1) * local:
+        raise ValueError(f"rank {rank} has no block in a target of {target.shape[0]} rows ({local} per rank)")
+    offset = rank * local
+    # hard negatives may be this rank's [B*K] or gathered like the targets
+    negative_offset = offset
+    if hard_negatives is not None:
+        if hard_negatives.shape[0] not in (local, target.shape[0]):
+            raise ValueError(
+                f"hard_negatives must have {local} or {target.shape[0]} rows, got {hard_negatives.shape[0]}"
+            )
+        negative_offset = 0 if hard_negatives.shape[0] == local else offset
+    loss = _info_nce(query, target, turns, offset, temperature, hard_negatives, negative_offset)
+    if gathered_query is None:
+        return loss
+    if gathered_query.shape != target.shape:
+        raise ValueError(f"gathered_query must have the target's shape {tuple(target.shape)}")
+    own_targets = target[offset : offset + local]
+    return (loss + _info_nce(own_targets, gathered_query, turns, offset, temperature)) / 2

@@ -1,0 +1,70 @@
+"""MLflow helpers shared by training, evaluation and registration."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MAX_PARAM_LENGTH = 500  # MLflow rejects longer parameter values
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """MLFLOW_TRACKING_URI wins, then configuration, then the embedded SQLite store."""
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured or DEFAULT_TRACKING_URI
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fails fast, naming the URI, if an HTTP tracking server does not answer."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    import requests
+
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+        response.raise_for_status()
+    except requests.RequestException as err:
+        raise ConnectionError(
+            f"the MLflow tracking server at {uri} is unreachable ({type(err).__name__}); "
+            "start it, or set MLFLOW_TRACKING_URI / mlflow.tracking_uri"
+        ) from None
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested parameters as MLflow params: dotted keys, values cut to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = str(value)[:MAX_PARAM_LENGTH]
+    return flat
+
+
+class MetricBuffer:
+    """Per-step metrics sent to MLflow in batches (one request per ``every`` steps)."""
+
+    def __init__(self, client: Any, run_id: str, every: int = 10) -> None:
+        self.client, self.run_id, self.every = client, run_id, every
+        self._pending: list[Any] = []
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if step % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending:
+            chunk, self._pending = self._pending[:1000], self._pending[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)

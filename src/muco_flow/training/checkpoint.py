@@ -1,0 +1,125 @@
+"""Atomic, verifiable DeepSpeed checkpoints.
+
+Each checkpoint is an ordinary DeepSpeed checkpoint directory
+(``<root>/step-00000040/``, with DeepSpeed's ``latest`` file beside it), written
+under a staging name and renamed only once every rank has finished. Its
+``complete.json`` lists every file with its size, so a truncated or partial
+checkpoint is recognised and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_FILE = "complete.json"
+STAGING_PREFIX = ".staging-"
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    engine: Any,
+    root: Path,
+    step: int,
+    *,
+    rank: int,
+    world_size: int,
+    fingerprint: str,
+    keep_last: int,
+    client_state: dict[str, Any],
+) -> Path:
+    """Saves on every rank; returns the final directory."""
+    root = Path(root)
+    tag = checkpoint_tag(step)
+    staging = STAGING_PREFIX + tag
+    if rank == 0:
+        shutil.rmtree(root / staging, ignore_errors=True)  # a leftover of a crash
+    _barrier()
+    engine.save_checkpoint(
+        str(root), tag=staging, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+    )
+    torch.save(rng_state(), root / staging / f"rng_state_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        files = {
+            p.relative_to(root / staging).as_posix(): p.stat().st_size
+            for p in sorted((root / staging).rglob("*"))
+            if p.is_file()
+        }
+        complete = {"step": step, "world_size": world_size, "fingerprint": fingerprint, "files": files}
+        (root / staging / COMPLETE_FILE).write_text(json.dumps(complete, indent=1))
+        shutil.rmtree(root / tag, ignore_errors=True)
+        os.replace(root / staging, root / tag)
+        latest = root / ".latest.tmp"
+        latest.write_text(tag)
+        os.replace(latest, root / "latest")  # DeepSpeed's own pointer, for its tools
+        for old in sorted(root.glob("step-*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return root / tag
+
+
+def verify_checkpoint(directory: Path, fingerprint: str, world_size: int) -> str | None:
+    """Why ``directory`` cannot be resumed from, or None if it can."""
+    try:
+        complete = json.loads((directory / COMPLETE_FILE).read_text())
+    except FileNotFoundError:
+        return "it has no complete.json (the save did not finish)"
+    except json.JSONDecodeError:
+        return "its complete.json is corrupt"
+    for name, size in complete["files"].items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated)"
+    if complete["world_size"] != world_size:
+        return f"it was written by {complete['world_size']} processes, this run has {world_size}"
+    if complete["fingerprint"] != fingerprint:
+        return "it was made with different training settings"
+    return None
+
+
+def find_resumable(root: Path, fingerprint: str, world_size: int) -> tuple[str, int] | None:
+    """The newest checkpoint that verifies, as (tag, step); warns about each one skipped."""
+    for directory in sorted(Path(root).glob("step-*"), reverse=True):
+        problem = verify_checkpoint(directory, fingerprint, world_size)
+        if problem is None:
+            return directory.name, int(directory.name.split("-")[1])
+        logger.warning("skipping checkpoint %s: %s", directory, problem)
+    return None
+
+
+def load_checkpoint(engine: Any, root: Path, tag: str, rank: int) -> dict[str, Any]:
+    """Restores model, optimizer, scheduler and this rank's RNG; returns the client state."""
+    _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+    restore_rng_state(torch.load(Path(root) / tag / f"rng_state_rank{rank}.pt", weights_only=True))
+    return client_state or {}

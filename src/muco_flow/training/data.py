@@ -1,0 +1,185 @@
+"""Training batches from formatted conversations.
+
+A global step maps to one batch through a seeded per-epoch shuffle, so the
+data position of a resumed run is just its step. Each batch holds
+conversations with the same number of turns K (the loss's B*K layout needs
+it) and the same number B on every rank (all_gather needs it).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from muco_flow.data.ingest import MANIFEST_FILE
+from muco_flow.modeling.inputs import collate, image_inputs
+
+logger = logging.getLogger(__name__)
+
+RECORD_COLUMNS = [
+    "conversation_id",
+    "image_shard",
+    "image_row",
+    "image_tokens",
+    "turn_type",
+    "query_input_ids",
+    "query_emb_positions",
+    "target_input_ids",
+    "target_emb_positions",
+]
+
+
+class ImageStore:
+    """Image bytes by (ingest shard, row), reading whole row groups through a small LRU cache."""
+
+    def __init__(self, shards_dir: Path, cached_row_groups: int = 8) -> None:
+        self.shards_dir = Path(shards_dir)
+        self._files: dict[str, tuple[pq.ParquetFile, list[int]]] = {}
+        self._cache: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
+        self._capacity = cached_row_groups
+
+    def _file(self, shard: str) -> tuple[pq.ParquetFile, list[int]]:
+        if shard not in self._files:
+            parquet = pq.ParquetFile(self.shards_dir / shard)
+            starts, total = [], 0
+            for i in range(parquet.num_row_groups):
+                starts.append(total)
+                total += parquet.metadata.row_group(i).num_rows
+            self._files[shard] = (parquet, starts)
+        return self._files[shard]
+
+    def get(self, shard: str, row: int) -> bytes:
+        parquet, starts = self._file(shard)
+        group = max(i for i, start in enumerate(starts) if start <= row)
+        key = (shard, group)
+        if key not in self._cache:
+            self._cache[key] = parquet.read_row_group(group, columns=["image_bytes"]).column(0).to_pylist()
+            if len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return self._cache[key][row - starts[group]]
+
+
+@dataclass
+class Batch:
+    """One rank's share of a global batch: B conversations of K turns each."""
+
+    query: dict[str, torch.Tensor]
+    target: dict[str, torch.Tensor]
+    turns: int
+    conversation_ids: list[str]
+
+    @property
+    def pairs(self) -> int:
+        return len(self.conversation_ids) * self.turns
+
+    @property
+    def tokens(self) -> int:
+        return int(self.query["attention_mask"].sum() + self.target["attention_mask"].sum())
+
+
+class ConversationBatches:
+    """Deterministic, rank-sharded batches over formatted conversation shards."""
+
+    def __init__(
+        self,
+        conversations_dir: Path,
+        shards_dir: Path,
+        image_processor: Qwen2VLImageProcessorPil,
+        *,
+        pad_id: int,
+        image_pad_id: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
+        manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
+        self.records: list[dict[str, Any]] = []
+        for shard in manifest["shards"]:
+            self.records.extend(
+                pq.read_table(Path(conversations_dir) / shard["file"], columns=RECORD_COLUMNS).to_pylist()
+            )
+        if not self.records:
+            raise ValueError(f"no conversations in {conversations_dir}; run the format pipeline first")
+        self.images = ImageStore(shards_dir)
+        self.image_processor = image_processor
+        self.pad_id, self.image_pad_id = pad_id, image_pad_id
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self._by_turns: dict[int, list[int]] = defaultdict(list)
+        for index, record in enumerate(self.records):
+            self._by_turns[len(record["turn_type"])].append(index)
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.records)} conversations give no full batch of {batch_size} per rank x {world_size} "
+                "ranks; lower training.micro_batch_size or use more data"
+            )
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(len(ids) // self.global_batch for ids in self._by_turns.values())
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (record indices), same on every rank."""
+        if self._epoch_cache and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        rng = random.Random(f"muco-train:{self.seed}:{epoch}")
+        batches, left_out = [], 0
+        for turns in sorted(self._by_turns):
+            ids = list(self._by_turns[turns])
+            rng.shuffle(ids)
+            full = len(ids) // self.global_batch * self.global_batch
+            left_out += len(ids) - full
+            batches.extend(ids[i : i + self.global_batch] for i in range(0, full, self.global_batch))
+        rng.shuffle(batches)
+        if left_out and epoch == 0 and self.rank == 0:
+            # different conversations are left out each epoch, since the shuffle differs
+            logger.info("each epoch leaves out %d conversations that do not fill a batch", left_out)
+        self._epoch_cache = (epoch, batches)
+        return batches
+
+    def batch(self, step: int) -> Batch:
+        """This rank's part of global batch ``step`` (epochs continue one after another)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        members = self.epoch_batches(epoch)[index]
+        mine = [self.records[i] for i in members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]]
+        return self._collate(mine)
+
+    def _collate(self, records: list[dict[str, Any]]) -> Batch:
+        images = [
+            Image.open(io.BytesIO(self.images.get(r["image_shard"], r["image_row"]))).convert("RGB") for r in records
+        ]
+        pixel_values, grid, counts = image_inputs(self.image_processor, images)
+        for record, count in zip(records, counts, strict=True):
+            if count != record["image_tokens"]:
+                raise ValueError(
+                    f"conversation {record['conversation_id']}: the image gives {count} tokens but it was formatted "
+                    f"with {record['image_tokens']}; re-run the format pipeline with this backbone's image processor"
+                )
+        query = collate([r["query_input_ids"] for r in records], self.pad_id, self.image_pad_id)
+        target = collate([r["target_input_ids"] for r in records], self.pad_id, self.image_pad_id)
+        query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
+        query["emb_index"] = _emb_index(records, "query_emb_positions")
+        target["emb_index"] = _emb_index(records, "target_emb_positions")
+        return Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records])
+
+
+def _emb_index(records: list[dict[str, Any]], column: str) -> torch.Tensor:
+    """[B*K, 2] (row, position), sample-major: row b*K + k is conversation b, turn k."""
+    return torch.tensor([(row, pos) for row, r in enumerate(records) for pos in r[column]], dtype=torch.long)

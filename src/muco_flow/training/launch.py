@@ -1,0 +1,128 @@
+"""Starts distributed training: resolves one run configuration and runs torchrun on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from muco_flow.training.deepspeed_config import (
+    load_deepspeed_template,
+    resolve_deepspeed_config,
+    validate_deepspeed_config,
+)
+
+
+class TrainingFailedError(RuntimeError):
+    """A training process exited with an error; the message holds its traceback."""
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def resolve_run_config(
+    *,
+    training: dict[str, Any],
+    backbone: dict[str, Any],
+    tracking_uri: str,
+    experiment: str,
+    checkpoint: str,
+    conversations_dir: str,
+    shards_dir: str,
+) -> dict[str, Any]:
+    """Everything one rank needs, in one JSON-serialisable dict, plus its fingerprint."""
+    cpu = on_cpu()
+    ds = training["deepspeed"]
+    deepspeed = resolve_deepspeed_config(
+        load_deepspeed_template(ds["config"]),
+        precision=training["precision"],
+        learning_rate=training["learning_rate"],
+        offload_optimizer=ds["offload_optimizer"],
+        micro_batch_size=training["micro_batch_size"],
+        gradient_accumulation_steps=training["gradient_accumulation_steps"],
+        gradient_clipping=training["gradient_clipping"],
+        on_cpu=cpu,
+    )
+    validate_deepspeed_config(deepspeed)
+    config = {
+        "output_dir": training["output_dir"],
+        "checkpoint": checkpoint,
+        "conversations_dir": conversations_dir,
+        "shards_dir": shards_dir,
+        "backbone": backbone,
+        "training": training,
+        "deepspeed": deepspeed,
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_name": training.get("run_name")},
+    }
+    # What decides the weights: a checkpoint made under another fingerprint is not resumed.
+    decisive = {k: config[k] for k in ("checkpoint", "backbone", "deepspeed")} | {
+        "training": {
+            k: v for k, v in training.items() if k not in ("save_every", "keep_last", "log_every", "launcher")
+        },
+        "data": _data_fingerprint(conversations_dir),
+    }
+    config["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
+    return config
+
+
+def _data_fingerprint(conversations_dir: str) -> str:
+    manifest = Path(conversations_dir) / "manifest.json"
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else "missing"
+
+
+def torchrun_command(config_path: Path, launcher: dict[str, Any]) -> list[str]:
+    """torchrun with static rendezvous: one process per GPU (or per `processes` on CPU)."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={launcher['processes_per_node']}",
+        f"--nnodes={launcher.get('nodes', 1)}",
+        f"--node_rank={launcher.get('node_rank', 0)}",
+        f"--master_addr={launcher.get('master_addr', '127.0.0.1')}",
+        f"--master_port={launcher.get('master_port', 29511)}",
+        "-m", "muco_flow.training.train", str(config_path),
+    ]  # fmt: skip
+
+
+def launch_training(config: dict[str, Any], stream=None) -> None:
+    """Runs torchrun on ``config``; streams rank 0's output; raises with the failing rank's traceback."""
+    output_dir = Path(config["output_dir"])
+    logs = output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for stale in logs.glob("rank*.error"):
+        stale.unlink()
+    config_path = output_dir / "run_config.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    launcher = config["training"]["launcher"]
+    env = dict(os.environ)
+    if on_cpu():
+        cores = os.cpu_count() or 1
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        # one thread per process: two processes on two cores do not fight over them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // launcher["processes_per_node"])))
+    env["PYTHONUNBUFFERED"] = "1"
+    stream = stream or sys.stdout
+    process = subprocess.Popen(
+        torchrun_command(config_path, launcher),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
+    tail: list[str] = []
+    for line in process.stdout:
+        stream.write(line)
+        tail = [*tail[-199:], line]
+    if process.wait() != 0:
+        errors = sorted(logs.glob("rank*.error"))
+        if errors:
+            reports = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
+            raise TrainingFailedError(f"training failed (exit {process.returncode}); see {logs}\n{reports}")
+        raise TrainingFailedError(f"training failed (exit {process.returncode}); last output:\n{''.join(tail[-40:])}")

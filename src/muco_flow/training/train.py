@@ -1,0 +1,305 @@
+"""One rank of MuCo training. Launched by torchrun (see launch.py), never imported by Kedro.
+
+    torchrun --nproc_per_node 2 -m muco_flow.training.train <run_config.json>
+
+Read it top to bottom: set up the process group, build the model and data,
+resume from the newest complete checkpoint, then loop: two forward passes
+(query and target conversations), gather targets from every rank, the
+multi-turn contrastive loss, one DeepSpeed step; log, checkpoint, repeat. Rank
+0 finally writes the merged model and the MLflow artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("muco_flow.train")
+
+
+def setup_logging(output_dir: Path, rank: int) -> None:
+    """Rank 0 prints; every rank writes logs/rank<r>.log. Other ranks keep stdout quiet."""
+    log_dir = output_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(log_dir / f"rank{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    else:
+        sys.stdout = open(log_dir / f"rank{rank}.stdout", "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(message)s", handlers=handlers, force=True
+    )
+
+
+def lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def mean_over_ranks(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+def train(config: dict[str, Any]) -> None:
+    import warnings
+
+    # DeepSpeed's ZeRO calls collectives that torch 2.13 marks deprecated, once per step
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.*deprecated")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from muco_flow.modeling import tokens
+    from muco_flow.modeling.backbone import BackboneConfig, load_backbone, resolve_attn_implementation
+    from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder
+    from muco_flow.modeling.loss import multi_turn_contrastive_loss
+    from muco_flow.training.checkpoint import find_resumable, load_checkpoint, save_checkpoint
+    from muco_flow.training.data import ConversationBatches
+    from muco_flow.training.distributed import all_gather_with_grad
+
+    output_dir = Path(config["output_dir"])
+    settings = config["training"]
+
+    # --- processes ----------------------------------------------------------
+    on_cpu = get_accelerator().device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    setup_logging(output_dir, rank)
+    device = (
+        torch.device("cpu") if on_cpu else torch.device(get_accelerator().device_name(), int(os.environ["LOCAL_RANK"]))
+    )
+    if not on_cpu:
+        get_accelerator().set_device(device.index)
+    random.seed(settings["seed"] + rank)
+    torch.manual_seed(settings["seed"] + rank)
+    logger.info("rank %d of %d on %s", rank, world, device)
+
+    # --- model ---------------------------------------------------------------
+    backbone_settings = BackboneConfig.from_params(config["backbone"])
+    backbone = load_backbone(
+        config["checkpoint"],
+        dtype=backbone_settings.dtype,
+        attn_implementation=resolve_attn_implementation(backbone_settings.attn_implementation),
+        trust_remote_code=backbone_settings.trust_remote_code,
+    )
+    torch.manual_seed(settings["seed"])  # LoRA init identical on every rank
+    embedder = MuCoEmbedder(backbone, EmbedderSettings.from_params(settings["embedder"])).to(device)
+    trainable = [p for p in embedder.parameters() if p.requires_grad]
+    logger.info(
+        "trainable parameters: %d of %d",
+        sum(p.numel() for p in trainable),
+        sum(p.numel() for p in embedder.parameters()),
+    )
+
+    # --- data ----------------------------------------------------------------
+    batches = ConversationBatches(
+        Path(config["conversations_dir"]),
+        Path(config["shards_dir"]),
+        embedder.image_processor,
+        pad_id=embedder.tokenizer.pad_token_id,
+        image_pad_id=embedder.tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD),
+        batch_size=settings["micro_batch_size"],
+        rank=rank,
+        world_size=world,
+        seed=settings["seed"],
+    )
+    total_steps = settings.get("max_steps") or settings["epochs"] * batches.steps_per_epoch
+    logger.info(
+        "%d steps (%d per epoch), %d conversations per step", total_steps, batches.steps_per_epoch, batches.global_batch
+    )
+
+    # --- DeepSpeed engine ------------------------------------------------------
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings["warmup_steps"], total_steps))
+
+    engine, _, _, lr_scheduler = deepspeed.initialize(
+        model=embedder, model_parameters=trainable, config=config["deepspeed"], lr_scheduler=scheduler
+    )
+
+    # --- resume ---------------------------------------------------------------
+    checkpoints = output_dir / "checkpoints"
+    found = [find_resumable(checkpoints, config["fingerprint"], world) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    start = 0
+    if found[0]:
+        tag, start = found[0]
+        load_checkpoint(engine, checkpoints, tag, rank)
+        logger.info("resumed from checkpoint %s (step %d)", tag, start)
+    elif rank == 0 and any(checkpoints.glob("step-*")):
+        logger.warning("no usable checkpoint in %s; training from step 0", checkpoints)
+    dist.barrier()
+
+    tracker = metrics_file = None
+    if rank == 0:
+        tracker = _start_tracking(config, output_dir)
+        metrics_file = _open_metrics(output_dir / "metrics.jsonl", start)
+
+    # --- loop ------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    engine.train()
+    progress = tqdm(
+        total=total_steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=rank != 0,
+        file=sys.__stdout__,
+        mininterval=2.0,
+    )
+    step = start
+    for step in range(start, total_steps):
+        began = time.perf_counter()
+        batch = batches.batch(step)
+        query = engine(**{k: v.to(device) for k, v in batch.query.items()})
+        target = engine(**{k: v.to(device) for k, v in batch.target.items()})
+        all_targets = all_gather_with_grad(target)
+        all_queries = all_gather_with_grad(query) if settings["symmetric_loss"] else None
+        loss = multi_turn_contrastive_loss(
+            query, all_targets, batch.turns, settings["temperature"], rank, gathered_query=all_queries
+        )
+        engine.backward(loss)
+        engine.step()
+        seconds = time.perf_counter() - began
+
+        metrics = {
+            "loss": mean_over_ranks(loss.item()),
+            "learning_rate": lr_scheduler.get_last_lr()[0],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "pairs_per_second": batch.pairs * world / seconds,
+            "tokens_per_second": mean_over_ranks(batch.tokens) * world / seconds,
+        }
+        if rank == 0:
+            metrics_file.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+            metrics_file.flush()
+            tracker.log(step + 1, metrics)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            progress.update()
+        if (step + 1) % settings["save_every"] == 0 or step + 1 == total_steps:
+            save_checkpoint(
+                engine,
+                checkpoints,
+                step + 1,
+                rank=rank,
+                world_size=world,
+                fingerprint=config["fingerprint"],
+                keep_last=settings["keep_last"],
+                client_state={"step": step + 1},
+            )
+    progress.close()
+
+    # --- final model and artifacts (rank 0) --------------------------------------------
+    if rank == 0:
+        tracker.flush()
+        metrics_file.close()
+        _write_final_model(engine.module, output_dir / "model")
+        _finish_tracking(config, output_dir, tracker)
+    dist.barrier()
+
+
+def _open_metrics(path: Path, start: int):
+    """The per-step metrics file, cut back to the resumed step so that the curve has no repeats."""
+    kept = []
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
+def _write_final_model(embedder: Any, target: Path) -> None:
+    staging = target.with_name(target.name + ".staging")
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    embedder.save_merged(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    logger.info("final model written to %s", target)
+
+
+def _start_tracking(config: dict[str, Any], output_dir: Path):
+    """Starts (or, after a restart, resumes) the MLflow run; returns a metric buffer."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.tracking import MetricBuffer, flatten
+
+    settings = config["mlflow"]
+    mlflow.set_tracking_uri(settings["tracking_uri"])
+    client = MlflowClient(settings["tracking_uri"])
+    run_file = output_dir / "run.json"
+    run_id = None
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if previous.get("fingerprint") == config["fingerprint"]:
+            run_id = previous["mlflow_run_id"]
+    if run_id is None:
+        experiment = mlflow.set_experiment(settings["experiment"])
+        run = client.create_run(
+            experiment.experiment_id, run_name=settings.get("run_name"), tags={"muco_flow.stage": "train"}
+        )
+        run_id = run.info.run_id
+        params = flatten({k: config[k] for k in ("training", "backbone")}) | {"checkpoint": config["checkpoint"]}
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            from mlflow.entities import Param
+
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+        client.log_dict(run_id, config["deepspeed"], "config/deepspeed.json")
+        client.log_dict(run_id, config, "config/run_config.json")
+    run_file.write_text(
+        json.dumps(
+            {"mlflow_run_id": run_id, "fingerprint": config["fingerprint"], "tracking_uri": settings["tracking_uri"]},
+            indent=2,
+        )
+    )
+    return MetricBuffer(client, run_id, every=config["training"]["log_every"])
+
+
+def _finish_tracking(config: dict[str, Any], output_dir: Path, tracker: Any) -> None:
+    from muco_flow.training.report import loss_curve_figure, read_metrics
+
+    history = read_metrics(output_dir / "metrics.jsonl")
+    figure = loss_curve_figure(history)
+    tracker.client.log_figure(tracker.run_id, figure, "plots/loss_curve.png")
+    tracker.client.log_artifact(tracker.run_id, str(output_dir / "metrics.jsonl"), "metrics")
+    tracker.client.set_terminated(tracker.run_id)
+
+
+def main() -> None:
+    config = json.loads(Path(sys.argv[1]).read_text())
+    try:
+        train(config)
+    except BaseException:
+        # The launcher reads this file to report which rank failed and why.
+        rank = os.environ.get("RANK", "0")
+        errors = Path(config["output_dir"]) / "logs"
+        errors.mkdir(parents=True, exist_ok=True)
+        (errors / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

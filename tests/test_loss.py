@@ -1,0 +1,123 @@
+"""multi_turn_contrastive_loss against a slow reference, hand-computed cases, and 2 gloo processes."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from muco_flow.modeling.loss import multi_turn_contrastive_loss
+from muco_flow.training.distributed import all_gather_with_grad
+from tests.s3_server import free_port
+
+
+def reference_loss(query, target, turns, temperature, rank, negatives=None):
+    """InfoNCE written pair by pair: for each query, a positive over every allowed column."""
+    local = query.shape[0]
+    total = 0.0
+    for i in range(local):
+        me = rank * local + i  # this query's positive column, and its global row
+        logits = []
+        positive = None
+        for j in range(target.shape[0]):
+            if j // turns == me // turns and j != me:
+                continue  # another turn of the same sample: neither positive nor negative
+            value = float(query[i] @ target[j]) / temperature
+            logits.append(value)
+            if j == me:
+                positive = value
+        if negatives is not None:
+            base = rank * local if negatives.shape[0] == target.shape[0] else 0
+            for j in range(negatives.shape[0]):
+                if j // turns == (base + i) // turns and j != base + i:
+                    continue
+                logits.append(float(query[i] @ negatives[j]) / temperature)
+        top = max(logits)
+        total += -(positive - top - math.log(sum(math.exp(v - top) for v in logits)))
+    return total / local
+
+
+def unit(*shape, seed):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
+
+
+@pytest.mark.parametrize("batch, turns, world, rank", [(3, 7, 1, 0), (2, 3, 3, 1), (4, 1, 2, 1), (1, 7, 2, 0)])
+@pytest.mark.parametrize("temperature", [0.02, 0.5])
+def test_matches_the_pairwise_reference(batch, turns, world, rank, temperature):
+    query = unit(batch * turns, 16, seed=1)
+    target = unit(world * batch * turns, 16, seed=2)
+    got = multi_turn_contrastive_loss(query, target, turns, temperature, rank)
+    assert got.item() == pytest.approx(reference_loss(query, target, turns, temperature, rank), rel=1e-9)
+
+
+def test_hard_negatives_match_the_reference():
+    query, target = unit(6, 8, seed=3), unit(12, 8, seed=4)
+    for negatives in (unit(6, 8, seed=5), unit(12, 8, seed=6)):
+        got = multi_turn_contrastive_loss(query, target, 3, 0.1, 1, hard_negatives=negatives)
+        assert got.item() == pytest.approx(reference_loss(query, target, 3, 0.1, 1, negatives), rel=1e-9)
+
+
+def test_hand_computed_cases():
+    eye = torch.eye(2, dtype=torch.float64)
+    # two samples, one turn each, orthogonal: -log(e / (e + 1)) = log(1 + 1/e)
+    assert multi_turn_contrastive_loss(eye, eye, 1, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    # one sample, two turns: the only other column is the same sample's, masked, so the loss is 0
+    assert multi_turn_contrastive_loss(eye, eye, 2, 1.0).item() == pytest.approx(0.0, abs=1e-12)
+    # unmasked, that column would be a negative: log(1 + 1/e) for each query
+    assert multi_turn_contrastive_loss(eye, eye, 1, 1.0).item() > 0.3
+
+
+def test_symmetric_term_averages_both_directions():
+    query, target = unit(4, 8, seed=7), unit(8, 8, seed=8)
+    all_queries = torch.cat([unit(4, 8, seed=9), query])  # rank 1's block is ours
+    got = multi_turn_contrastive_loss(query, target, 2, 0.05, rank=1, gathered_query=all_queries)
+    forward = reference_loss(query, target, 2, 0.05, 1)
+    backward = reference_loss(target[4:], all_queries, 2, 0.05, 1)
+    assert got.item() == pytest.approx((forward + backward) / 2, rel=1e-9)
+
+
+def test_shapes_that_do_not_fit_are_named():
+    with pytest.raises(ValueError, match="do not fit K=3"):
+        multi_turn_contrastive_loss(unit(4, 8, seed=1), unit(8, 8, seed=2), 3)
+    with pytest.raises(ValueError, match="rank 2 has no block"):
+        multi_turn_contrastive_loss(unit(4, 8, seed=1), unit(8, 8, seed=2), 2, rank=2)
+
+
+def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    query = unit(2 * 3, 8, seed=10 + rank).requires_grad_()
+    target = unit(2 * 3, 8, seed=20 + rank).requires_grad_()
+    gathered = all_gather_with_grad(target)
+    loss = multi_turn_contrastive_loss(query, gathered, turns=3, temperature=0.05, rank=rank)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "query": query.grad, "target": target.grad}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process_with_gradients(tmp_path):
+    world = 2
+    mp.spawn(_rank_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    results = {}
+    for r in range(world):
+        saved = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        results[r] = (saved["loss"].item(), saved["query"], saved["target"])
+
+    queries = [unit(6, 8, seed=10 + r).requires_grad_() for r in range(world)]
+    targets = [unit(6, 8, seed=20 + r).requires_grad_() for r in range(world)]
+    all_targets = torch.cat(targets)
+    losses = [multi_turn_contrastive_loss(queries[r], all_targets, 3, 0.05, rank=r) for r in range(world)]
+    # Each rank backpropagates its own loss; all_gather's backward sums the
+    # target gradients over ranks, as the sum of the losses does here.
+    sum(losses).backward()
+    for r in range(world):
+        loss, grad_query, grad_target = results[r]
+        assert loss == pytest.approx(losses[r].item(), rel=1e-12)
+        assert loss == pytest.approx(reference_loss(queries[r].detach(), all_targets.detach(), 3, 0.05, r), rel=1e-9)
+        torch.testing.assert_close(grad_query, queries[r].grad)
+        torch.testing.assert_close(grad_target, targets[r].grad)
