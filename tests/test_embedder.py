@@ -1,0 +1,90 @@
+"""MuCoEmbedder: pooling at <|emb|>, attention direction, what trains, encode, merged save."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from muco_flow.modeling.backbone import load_backbone
+from muco_flow.modeling.embedder import EmbedderSettings, LoraSettings, MuCoEmbedder
+from muco_flow.modeling.inputs import IMAGE_PLACEHOLDER, build_model_inputs
+
+TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>\n"
+ENCODE_TEMPLATE = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>\n"
+
+
+def embedder(directory, **settings) -> MuCoEmbedder:
+    torch.manual_seed(0)
+    model = MuCoEmbedder(load_backbone(str(directory)), EmbedderSettings(**settings))
+    return model.eval()
+
+
+def two_conversations(model):
+    picture = Image.new("RGB", (112, 140), (200, 30, 30))
+    first = TURN.format(IMAGE_PLACEHOLDER + "What color?") + TURN.format("How many?")
+    second = TURN.format(IMAGE_PLACEHOLDER + "What color?") + TURN.format("How many shapes are there?")
+    batch = build_model_inputs(model.tokenizer, model.image_processor, [first, second], [picture, picture])
+    return batch, (batch["input_ids"] == model.emb_token_id).nonzero()
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_attention_direction(tiny_backbone_dir, bidirectional):
+    model = embedder(tiny_backbone_dir, bidirectional=bidirectional)
+    batch, emb_index = two_conversations(model)
+    with torch.no_grad():
+        vectors = model(**batch, emb_index=emb_index)
+    assert vectors.shape == (4, model.hidden_size)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(4))
+    # Turn 1 is identical in both conversations; only turn 2's text differs.
+    first_turn_change = (vectors[0] - vectors[2]).abs().max().item()
+    if bidirectional:
+        assert first_turn_change > 1e-4  # turn 1 sees the later text
+    else:
+        assert first_turn_change < 1e-6  # causal: the future cannot reach turn 1
+    assert (vectors[1] - vectors[3]).abs().max().item() > 1e-4
+
+
+def test_pooling_matches_hidden_states_at_emb_positions(tiny_backbone_dir):
+    model = embedder(tiny_backbone_dir, lora=LoraSettings(enabled=False))
+    batch, emb_index = two_conversations(model)
+    with torch.no_grad():
+        pooled = model(**batch, emb_index=emb_index)
+        hidden = model.model(**batch, output_hidden_states=True).hidden_states[-1]
+    expected = torch.nn.functional.normalize(hidden[emb_index[:, 0], emb_index[:, 1]], dim=-1)
+    torch.testing.assert_close(pooled, expected)
+
+
+def test_only_lora_and_the_added_token_rows_train(tiny_backbone_dir):
+    model = embedder(tiny_backbone_dir)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any("visual" in name for name in trainable)
+    assert all("lora_" in name or "trainable_tokens" in name for name in trainable)
+    assert any("lora_magnitude" in name for name in trainable)  # DoRA
+    # The trainable token rows are exactly <|emb|> and <|mask|>.
+    adapter = next(m for n, m in model.named_modules() if n.endswith("embed_tokens.token_adapter"))
+    assert sorted(adapter.token_indices["default"]) == sorted(model.special_token_ids)
+
+
+def test_encode_and_the_merged_model_agree(tiny_backbone_dir, tmp_path):
+    model = embedder(tiny_backbone_dir)
+    # make the adapters matter: LoRA B starts at zero
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    picture = Image.new("RGB", (168, 112), (30, 30, 200))
+    items = [("a blue square", None), ("", picture), ("what is shown?", picture)]
+    vectors = model.encode(items, template=ENCODE_TEMPLATE, batch_size=2, progress=False)
+    assert vectors.shape == (3, model.hidden_size)
+    torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3))
+    model.save_merged(tmp_path / "merged")
+    plain = embedder(tmp_path / "merged", lora=LoraSettings(enabled=False))
+    again = plain.encode(items, template=ENCODE_TEMPLATE, batch_size=3, progress=False)
+    torch.testing.assert_close(again, vectors, atol=1e-4, rtol=1e-4)
+
+
+def test_encode_needs_one_emb_token_per_item(tiny_backbone_dir):
+    model = embedder(tiny_backbone_dir)
+    with pytest.raises(ValueError, match="exactly one <\\|emb\\|>"):
+        model.encode([("x", None)], template="{image}{text}", progress=False)

@@ -1,0 +1,168 @@
+"""`kedro run --pipeline=train`: real torchrun, 2 DeepSpeed ZeRO-2 processes, MLflow, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from muco_flow.modeling.backbone import load_backbone
+from tests.conftest import KEDRO, SMALL_RUN_PARAMS, kedro_run
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+
+
+def train_params(output_dir: str, **extra) -> str:
+    params = {
+        "training.output_dir": output_dir,
+        "training.max_steps": STEPS,
+        "training.save_every": 4,
+        "training.micro_batch_size": 4,
+        "training.warmup_steps": 2,
+        **extra,
+    }
+    return "--params=" + ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def losses(project, output_dir: str) -> list[float]:
+    return [json.loads(line)["loss"] for line in (project / output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A project with the small sample ingested and formatted, and one finished 12-step run."""
+    import shutil
+
+    from tests.conftest import PROJECT_ROOT
+
+    root = tmp_path_factory.mktemp("train") / "project"
+    root.mkdir()
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root)
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("credentials.yml"))
+    (root / "src").mkdir()
+    kedro_run(root, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
+    kedro_run(root, "--pipeline=backbone")
+    kedro_run(root, "--pipeline=data")
+    result = kedro_run(root, "--pipeline=train", train_params("data/06_models/run-a"))
+    return root, result
+
+
+def test_a_run_is_tracked_in_mlflow_with_params_metrics_and_artifacts(prepared):
+    project, result = prepared
+    record = json.loads((project / "data/06_models/train_run.json").read_text())
+    assert record["steps"] == STEPS
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.temperature"] == "0.02"
+    assert run.data.params["training.embedder.lora.r"] == "16"
+    assert run.data.params["training.deepspeed.config"] == "conf/base/deepspeed/zero2.json"
+    for metric in ("loss", "learning_rate", "grad_norm", "pairs_per_second", "tokens_per_second"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == list(range(1, STEPS + 1)), metric
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for d in ("config", "plots", "metrics") for a in client.list_artifacts(run.info.run_id, d)
+    }
+    assert {"config/deepspeed.json", "plots/loss_curve.png", "metrics/metrics.jsonl"} <= artifacts
+    csv = pd.read_csv(project / "data/08_reporting/train_loss.csv")
+    assert csv["loss"].tolist() == pytest.approx(losses(project, "data/06_models/run-a"))
+    assert (project / "data/08_reporting/train_loss.png").stat().st_size > 10_000
+    # rank 0's progress is streamed; the other rank stays in its log file
+    assert "rank 0 of 2" in result.stdout and "rank 1 of 2" not in result.stdout
+    assert "rank 1 of 2" in (project / "data/06_models/run-a/logs/rank1.log").read_text()
+
+
+def test_the_final_model_is_a_plain_hugging_face_directory(prepared):
+    project, _ = prepared
+    model_dir = project / "data/06_models/run-a/model"
+    backbone = load_backbone(str(model_dir))
+    assert not any("lora" in name for name, _ in backbone.model.named_parameters())
+    assert backbone.tokenizer.convert_tokens_to_ids("<|emb|>") is not None
+
+
+def test_checkpoints_are_readable_by_deepspeeds_own_tools(prepared):
+    project, _ = prepared
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoints = project / "data/06_models/run-a/checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000012"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000008", "step-00000012"]  # keep_last 2
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints))
+    assert any("lora_A" in k for k in state) and all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_the_same_seed_gives_the_same_loss_curve(prepared):
+    project, _ = prepared
+    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-b"))
+    assert losses(project, "data/06_models/run-b") == pytest.approx(losses(project, "data/06_models/run-a"), abs=1e-6)
+    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-c", **{"training.seed": 1}))
+    assert losses(project, "data/06_models/run-c") != pytest.approx(losses(project, "data/06_models/run-a"), abs=1e-6)
+
+
+def _training_process(parent: psutil.Process, rank: str) -> psutil.Process | None:
+    for child in parent.children(recursive=True):
+        try:
+            if "muco_flow.training.train" in " ".join(child.cmdline()) and child.environ().get("RANK") == rank:
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
+    project, _ = prepared
+    out = "data/06_models/run-killed"
+    metrics = project / out / "metrics.jsonl"
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    run = subprocess.Popen(
+        [KEDRO, "run", "--pipeline=train", train_params(out)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 9):
+        assert run.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    victim = _training_process(psutil.Process(run.pid), rank="1")
+    assert victim is not None
+    victim.send_signal(signal.SIGKILL)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode != 0 and "training failed" in output
+    steps_done = len(metrics.read_text().splitlines())
+    assert 9 <= steps_done < STEPS
+    run_before = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+
+    # The newest checkpoint (step 8) is damaged on purpose: resume must skip it, with a warning.
+    newest = project / out / "checkpoints/step-00000008"
+    victim_file = next(newest.glob("zero_pp_rank_1_*optim_states.pt"))
+    victim_file.write_bytes(victim_file.read_bytes()[:100])
+
+    resumed = kedro_run(project, "--pipeline=train", train_params(out))
+    log = resumed.stdout + resumed.stderr
+    assert "skipping checkpoint" in log and "truncated" in log
+    assert "resumed from checkpoint step-00000004 (step 4)" in log
+    # The curve after resuming is the uninterrupted run's, step for step.
+    assert losses(project, out) == pytest.approx(losses(project, "data/06_models/run-a"), abs=1e-5)
+    # ...and it continues the same MLflow run, so the UI shows one curve
+    assert json.loads((project / out / "run.json").read_text())["mlflow_run_id"] == run_before
+
+
+def test_the_default_run_on_the_bundled_sample_learns(project):
+    """`kedro run` with every default: 512 images, 2 processes, ZeRO-2 (what `make run` does)."""
+    kedro_run(project)
+    record = json.loads((project / "data/06_models/train_run.json").read_text())
+    assert record["loss_last_10pct"] < 0.5 * record["loss_first_10pct"]
+    assert record["steps"] == 4 * 512 // (2 * 8)  # epochs x samples / (processes x micro batch)
