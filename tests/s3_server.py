@@ -57,6 +57,18 @@ def s3_env(endpoint: str) -> dict[str, str]:
     }
 
 
+def s3_client_for(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name="us-east-1",
+    )
+
+
 def upload_tree(client, root: Path, bucket: str, prefix: str) -> int:
     client.create_bucket(Bucket=bucket)
     count = 0

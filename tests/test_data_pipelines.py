@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import SMALL_RUN_PARAMS, kedro_run
-from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_env, upload_tree
+from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for, s3_env, upload_tree
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +34,7 @@ def test_data_pipeline_local_then_s3_gives_identical_shards(project, s3_endpoint
     assert report["counts"] == {"read": 24, "accepted": 24, "rejected": 0}
 
     env = s3_env(s3_endpoint)
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name="us-east-1",
-    )
+    client = s3_client_for(s3_endpoint)
     upload_tree(client, project / "data/01_raw/m3t_mini", "m3t", "snapshots/v1")
     result = kedro_run(project, "--pipeline=data", "--params=m3t_source_uri=s3://m3t/snapshots/v1", env=env)
 
@@ -54,13 +47,7 @@ def test_data_pipeline_local_then_s3_gives_identical_shards(project, s3_endpoint
 
 def test_s3_credentials_from_conf_local_and_errors_that_name_the_object(project, s3_endpoint):
     kedro_run(project, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        region_name="us-east-1",
-    )
+    client = s3_client_for(s3_endpoint)
     upload_tree(client, project / "data/01_raw/m3t_mini", "m3t-conf", "v2")
     (project / "conf/local/credentials.yml").write_text(
         "m3t_s3:\n"

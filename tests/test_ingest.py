@@ -39,6 +39,16 @@ def shard_rows(out, manifest):
     return [row for shard in manifest["shards"] for row in read_rows(out / shard["file"])]
 
 
+def snapshot_with_meta(sample_root, table, tmp_path):
+    """A copy of the sample's images with ``table`` as its meta file; returns (root, empty output dir)."""
+    root, out = tmp_path / "snapshot", tmp_path / "out"
+    (root / "M3T_train").mkdir(parents=True)
+    shutil.copytree(sample_root / "images", root / "images")
+    pq.write_table(table, root / schema.TRAIN_META_FILE)
+    out.mkdir()
+    return root, out
+
+
 @pytest.fixture(scope="module")
 def corrupted(small_sample_root, tmp_path_factory):
     base = tmp_path_factory.mktemp("corrupt")
@@ -101,12 +111,7 @@ def test_shards_are_bounded_and_identical_for_the_same_input(small_sample_root, 
 def test_column_mapping_reads_differently_named_sources(small_sample_root, tmp_path):
     table = pq.read_table(small_sample_root / schema.TRAIN_META_FILE)
     renamed = table.rename_columns(["id", "queries", *table.column_names[2:]])
-    root = tmp_path / "renamed"
-    (root / "M3T_train").mkdir(parents=True)
-    shutil.copytree(small_sample_root / "images", root / "images")
-    pq.write_table(renamed, root / schema.TRAIN_META_FILE)
-    out = tmp_path / "out"
-    out.mkdir()
+    root, out = snapshot_with_meta(small_sample_root, renamed, tmp_path)
     with pytest.raises(ValueError, match=r"no column 'qry' \(for qry\), 'sample_id' \(for sample_id\).*column_mapping"):
         ingest(root, out)
     config = IngestConfig(column_mapping={"qry": "queries"}, id_column="id")
@@ -118,12 +123,7 @@ def test_a_column_of_the_wrong_type_rejects_every_row_and_fails_the_budget(small
     table = pq.read_table(small_sample_root / schema.TRAIN_META_FILE)
     index = table.column_names.index("pos_sentence")
     wrong = table.set_column(index, "pos_sentence", pa.array(list(range(table.num_rows))))
-    root = tmp_path / "wrong"
-    (root / "M3T_train").mkdir(parents=True)
-    shutil.copytree(small_sample_root / "images", root / "images")
-    pq.write_table(wrong, root / schema.TRAIN_META_FILE)
-    out = tmp_path / "out"
-    out.mkdir()
+    root, out = snapshot_with_meta(small_sample_root, wrong, tmp_path)
     manifest = ingest(root, out)
     assert manifest["rejects_by_reason"] == {"WRONG_TYPE": 24}
     with pytest.raises(IngestQualityError) as failure:
