@@ -97,3 +97,19 @@ def test_credentials_template_is_not_loaded_as_configuration():
     template = PROJECT_ROOT / "conf/local/credentials.yml.template"
     assert template.is_file() and "YOUR_SECRET" in template.read_text()
     assert json.dumps(load_params("base")).find("YOUR_SECRET") == -1
+
+
+def test_one_node_takes_a_free_port_and_several_nodes_must_agree_on_one():
+    from pathlib import Path
+
+    from muco_flow.training.launch import torchrun_command
+
+    single = {"processes_per_node": 2, "nodes": 1, "master_port": None}
+    ports = {
+        next(a for a in torchrun_command(Path("c.json"), single) if a.startswith("--master_port=")) for _ in range(3)
+    }
+    assert len(ports) >= 2  # fresh each time, so concurrent runs do not collide
+    fixed = torchrun_command(Path("c.json"), {**single, "nodes": 4, "node_rank": 1, "master_port": 29511})
+    assert "--master_port=29511" in fixed and "--nnodes=4" in fixed and "--node_rank=1" in fixed
+    with pytest.raises(ValueError, match="master_port must be set when training on several nodes"):
+        torchrun_command(Path("c.json"), {**single, "nodes": 2})

@@ -78,7 +78,7 @@ def test_encode_and_the_merged_model_agree(tiny_backbone_dir, tmp_path):
     vectors = model.encode(items, template=ENCODE_TEMPLATE, batch_size=2, progress=False)
     assert vectors.shape == (3, model.hidden_size)
     torch.testing.assert_close(vectors.norm(dim=-1), torch.ones(3))
-    model.save_merged(tmp_path / "merged")
+    model.save_merged(tmp_path / "merged", ENCODE_TEMPLATE)
     plain = embedder(tmp_path / "merged", lora=LoraSettings(enabled=False))
     again = plain.encode(items, template=ENCODE_TEMPLATE, batch_size=3, progress=False)
     torch.testing.assert_close(again, vectors, atol=1e-4, rtol=1e-4)

@@ -136,6 +136,10 @@ def test_mbeir_queries_point_into_the_pool(small_sample_files):
             assert q["query_txt"]
     for c in pool:
         assert (c["img_path"] in small_sample_files) if c["modality"] == "image" else bool(c["txt"])
+    # No query is itself a pool item: it would be its own best match and outrank the positive.
+    pool_items = {(c["txt"], c["img_path"]) for c in pool}
+    assert not any((q["query_txt"], q["query_img_path"]) in pool_items for q in queries)
+    assert {q["query_modality"] for q in queries} == {"text", "image"}
 
 
 def test_evaluation_images_are_never_training_images(small_sample_files):

@@ -145,3 +145,18 @@ def query_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
 def target_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
     """The target side: text only, in the query side's turn order."""
     return _segments([t.target.format(target=x) for x in plan.targets], t)
+
+
+def single_turn_template(t: ChatTemplates) -> str:
+    """A one-turn conversation with ``{image}`` and ``{text}`` slots, for encoding single items.
+
+    This is how MuCo evaluates: each query and each candidate is its own
+    conversation ending in one ``<|emb|>``.
+    """
+
+    def literal(text: str) -> str:
+        return text.replace("{", "{{").replace("}", "}}")
+
+    head = literal(t.message.format(role="system", content=t.system)) if t.system else ""
+    user = literal(t.message.format(role="user", content="\x00")).replace("\x00", "{image}{text}")
+    return head + user + literal(t.message.format(role="assistant", content=t.assistant))

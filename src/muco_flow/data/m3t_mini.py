@@ -409,31 +409,40 @@ def _mmeb_files(config: MiniSampleConfig, scenes: list[Seeded]) -> dict[str, byt
 
 
 def _mbeir_files(scenes: list[Seeded]) -> dict[str, bytes]:
-    """Text-to-image and image-to-text queries against one global pool."""
+    """One global pool (images and captions) with text-to-image and image-to-text queries.
+
+    As in M-BEIR, no query is itself in the pool: t2i queries are paraphrases
+    of captions and ask for the first half's images; i2t queries are the second
+    half's images and ask for their captions.
+    """
     pool, queries = [], []
+    half = len(scenes) // 2
     for i, (_, scene) in enumerate(scenes):
         image = f"images/eval/{i:06d}.png"
-        image_did, text_did = f"9:{2 * i}", f"9:{2 * i + 1}"
-        pool.append({"did": image_did, "txt": "", "img_path": image, "modality": "image"})
-        pool.append({"did": text_did, "txt": scene.describe(), "img_path": None, "modality": "text"})
-        queries.append(
-            {
-                "qid": f"9:t2i-{i}",
-                "query_txt": scene.describe(),
-                "query_img_path": None,
-                "query_modality": "text",
-                "pos_cand_list": [image_did],
-            }
-        )
-        queries.append(
-            {
-                "qid": f"9:i2t-{i}",
-                "query_txt": "",
-                "query_img_path": image,
-                "query_modality": "image",
-                "pos_cand_list": [text_did],
-            }
-        )
+        if i < half:
+            did = f"9:img-{i}"
+            pool.append({"did": did, "txt": "", "img_path": image, "modality": "image"})
+            queries.append(
+                {
+                    "qid": f"9:t2i-{i}",
+                    "query_txt": _paraphrase(scene),
+                    "query_img_path": None,
+                    "query_modality": "text",
+                    "pos_cand_list": [did],
+                }
+            )
+        else:
+            did = f"9:txt-{i}"
+            pool.append({"did": did, "txt": scene.describe(), "img_path": None, "modality": "text"})
+            queries.append(
+                {
+                    "qid": f"9:i2t-{i}",
+                    "query_txt": "",
+                    "query_img_path": image,
+                    "query_modality": "image",
+                    "pos_cand_list": [did],
+                }
+            )
 
     def jsonl(records: list[dict]) -> bytes:
         return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
@@ -442,6 +451,12 @@ def _mbeir_files(scenes: list[Seeded]) -> dict[str, bytes]:
         f"{schema.MBEIR_DIR}/{schema.MBEIR_QUERIES_FILE}": jsonl(queries),
         f"{schema.MBEIR_DIR}/{schema.MBEIR_POOL_FILE}": jsonl(pool),
     }
+
+
+def _paraphrase(scene: Scene) -> str:
+    others = len(scene.shapes) - 1
+    company = f" and {NUMBER_WORDS[others]} smaller shape{'s' if others > 1 else ''}" if others else " alone"
+    return f"A picture showing {scene.main.a_label}{company}, background {scene.background}."
 
 
 def generate_m3t_mini(config: MiniSampleConfig) -> dict[str, bytes]:

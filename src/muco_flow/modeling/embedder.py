@@ -7,6 +7,7 @@ one forward pass.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from transformers.masking_utils import create_bidirectional_mask
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import Backbone, add_muco_tokens
 from muco_flow.modeling.inputs import IMAGE_PLACEHOLDER, build_model_inputs
+
+EMBEDDER_FILE = "muco_embedder.json"
 
 # The language model's linear layers; the vision tower's are named differently.
 LANGUAGE_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -181,8 +184,11 @@ class MuCoEmbedder(nn.Module):
             self.train(was_training)
         return torch.cat(vectors) if vectors else torch.empty(0, self.hidden_size)
 
-    def save_merged(self, directory: str | Path) -> None:
-        """A plain Hugging Face model directory: LoRA merged in, tokenizer and image processor beside it."""
+    def save_merged(self, directory: str | Path, encode_template: str) -> None:
+        """A plain Hugging Face model directory: LoRA merged in, tokenizer and image processor beside it.
+
+        ``muco_embedder.json`` records how to encode with it (attention direction, template).
+        """
         model = self.model
         if hasattr(model, "merge_and_unload"):
             import copy
@@ -191,6 +197,8 @@ class MuCoEmbedder(nn.Module):
         model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+        metadata = {"bidirectional": self.settings.bidirectional, "encode_template": encode_template}
+        (Path(directory) / EMBEDDER_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
 def _vlm(model: nn.Module) -> nn.Module:
@@ -199,3 +207,25 @@ def _vlm(model: nn.Module) -> nn.Module:
         if type(module).__name__ == "Qwen2VLModel":
             return module
     raise TypeError(f"{type(model).__name__} holds no Qwen2VLModel")
+
+
+def load_embedder(
+    directory: str,
+    *,
+    default_template: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+) -> tuple[MuCoEmbedder, str]:
+    """An embedder for inference from a saved model directory, and its encode template.
+
+    A directory written by training says how it encodes (muco_embedder.json);
+    a plain backbone (the untrained baseline) uses ``default_template``, causal.
+    """
+    from muco_flow.modeling.backbone import load_backbone
+
+    metadata_file = Path(directory) / EMBEDDER_FILE
+    metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+    settings = EmbedderSettings(bidirectional=metadata.get("bidirectional", False), lora=LoraSettings(enabled=False))
+    backbone = load_backbone(directory, dtype=dtype, attn_implementation=attn_implementation)
+    embedder = MuCoEmbedder(backbone, settings).eval()
+    return embedder, metadata.get("encode_template", default_template)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ def resolve_run_config(
     *,
     training: dict[str, Any],
     backbone: dict[str, Any],
+    encode_template: str,
     tracking_uri: str,
     experiment: str,
     checkpoint: str,
@@ -60,9 +62,10 @@ def resolve_run_config(
         "training": training,
         "deepspeed": deepspeed,
         "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_name": training.get("run_name")},
+        "encode_template": encode_template,
     }
     # What decides the weights: a checkpoint made under another fingerprint is not resumed.
-    decisive = {k: config[k] for k in ("checkpoint", "backbone", "deepspeed")} | {
+    decisive = {k: config[k] for k in ("checkpoint", "backbone", "deepspeed", "encode_template")} | {
         "training": {
             k: v for k, v in training.items() if k not in ("save_every", "keep_last", "log_every", "launcher")
         },
@@ -77,15 +80,30 @@ def _data_fingerprint(conversations_dir: str) -> str:
     return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else "missing"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun_command(config_path: Path, launcher: dict[str, Any]) -> list[str]:
-    """torchrun with static rendezvous: one process per GPU (or per `processes` on CPU)."""
+    """torchrun with static rendezvous: one process per GPU (or per `processes_per_node` on CPU).
+
+    A single node with no master_port takes a free one, so that two runs on
+    one machine never collide; several nodes must agree on a port.
+    """
+    port = launcher.get("master_port")
+    if port is None:
+        if launcher.get("nodes", 1) > 1:
+            raise ValueError("training.launcher.master_port must be set when training on several nodes")
+        port = free_port()
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={launcher['processes_per_node']}",
         f"--nnodes={launcher.get('nodes', 1)}",
         f"--node_rank={launcher.get('node_rank', 0)}",
         f"--master_addr={launcher.get('master_addr', '127.0.0.1')}",
-        f"--master_port={launcher.get('master_port', 29511)}",
+        f"--master_port={port}",
         "-m", "muco_flow.training.train", str(config_path),
     ]  # fmt: skip
 

@@ -211,7 +211,7 @@ def train(config: dict[str, Any]) -> None:
     if rank == 0:
         tracker.flush()
         metrics_file.close()
-        _write_final_model(engine.module, output_dir / "model")
+        _write_final_model(engine.module, output_dir / "model", config["encode_template"])
         _finish_tracking(config, output_dir, tracker)
     dist.barrier()
 
@@ -225,12 +225,12 @@ def _open_metrics(path: Path, start: int):
     return path.open("a")
 
 
-def _write_final_model(embedder: Any, target: Path) -> None:
+def _write_final_model(embedder: Any, target: Path, encode_template: str) -> None:
     staging = target.with_name(target.name + ".staging")
     import shutil
 
     shutil.rmtree(staging, ignore_errors=True)
-    embedder.save_merged(staging)
+    embedder.save_merged(staging, encode_template)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     logger.info("final model written to %s", target)

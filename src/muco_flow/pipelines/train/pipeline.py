@@ -14,6 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "backbone_checkpoint",
                     "params:training",
                     "params:backbone",
+                    "params:format",
                     "params:mlflow",
                 ],
                 ["train_run", "train_loss_history", "train_loss_plot"],

@@ -1,0 +1,1 @@
+"""Evaluation: MMEB, M-BEIR and held-out M3T retrieval."""

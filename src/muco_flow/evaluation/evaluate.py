@@ -1,0 +1,103 @@
+"""Scores one embedder on retrieval sets: encode each distinct item once, rank, aggregate."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from statistics import mean
+from typing import Any
+
+import torch
+from PIL import Image
+
+from muco_flow.data.images import confined_path
+from muco_flow.evaluation.datasets import Item, RetrievalSet
+from muco_flow.evaluation.metrics import candidate_rank, hit_at_1, mrr, recall_at_k
+from muco_flow.evaluation.retrieval import chunked_positive_ranks
+from muco_flow.modeling.embedder import MuCoEmbedder
+
+logger = logging.getLogger(__name__)
+
+RECALL_KS = (1, 5, 10)
+CURVE_KS = tuple(range(1, 11))
+
+
+class EncodingCache:
+    """Vectors by (root, item): an image shared by several sets is encoded once."""
+
+    def __init__(self, embedder: MuCoEmbedder, template: str, batch_size: int) -> None:
+        self.embedder, self.template, self.batch_size = embedder, template, batch_size
+        self._vectors: dict[tuple[str, Item], torch.Tensor] = {}
+
+    def vectors(self, items: Sequence[Item], root) -> torch.Tensor:
+        keys = [(str(root), item) for item in items]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._vectors))
+        # images are opened a slice at a time, so memory does not grow with the set
+        step = self.batch_size * 8
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            inputs = [
+                (item.text, Image.open(confined_path(root, item.image)).convert("RGB") if item.image else None)
+                for _, item in chunk
+            ]
+            encoded = self.embedder.encode(
+                inputs, template=self.template, batch_size=self.batch_size, progress=len(missing) > step
+            )
+            self._vectors.update(zip(chunk, encoded, strict=True))
+        return torch.stack([self._vectors[k] for k in keys]) if keys else torch.empty(0)
+
+
+def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache) -> list[list[int]]:
+    """Rank of each query's positives, among its own candidates (MMEB) or the whole pool."""
+    queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
+    candidates = cache.vectors(retrieval_set.candidates, retrieval_set.root)
+    if all(c is None for c in retrieval_set.candidate_lists):
+        return chunked_positive_ranks(queries, candidates, retrieval_set.positives)
+    ranks = []
+    for query, own, positives in zip(queries, retrieval_set.candidate_lists, retrieval_set.positives, strict=True):
+        scores = candidates[own] @ query
+        ranks.append([candidate_rank(scores, own.index(p)) for p in positives])
+    return ranks
+
+
+def score_sets(
+    mmeb: list[RetrievalSet], pools: list[RetrievalSet], m3t: list[RetrievalSet], cache: EncodingCache
+) -> dict[str, Any]:
+    """Every metric for one model, as a JSON-ready dict."""
+    datasets = {}
+    for s in mmeb:
+        datasets[s.name] = {
+            "meta_task": s.group,
+            "queries": len(s.queries),
+            "hit@1": hit_at_1([r[0] for r in positive_ranks(s, cache)]),
+        }
+    by_task: dict[str, list[float]] = {}
+    for d in datasets.values():
+        by_task.setdefault(d["meta_task"], []).append(d["hit@1"])
+    results: dict[str, Any] = {
+        "mmeb": {
+            "datasets": datasets,
+            "meta_tasks": {task: mean(values) for task, values in sorted(by_task.items())},
+            "average": mean(d["hit@1"] for d in datasets.values()) if datasets else None,
+        }
+    }
+    curves: dict[str, dict[str, float]] = {}
+    for key, sets in (("mbeir", pools), ("m3t_heldout", m3t)):
+        section = {}
+        for s in sets:
+            ranks = positive_ranks(s, cache)
+            section[s.group if key == "m3t_heldout" else s.name] = {
+                **{f"recall@{k}": recall_at_k(ranks, k) for k in RECALL_KS},
+                "mrr@10": mrr(ranks, cutoff=10),
+                "queries": len(ranks),
+                "candidates": len(s.candidates),
+            }
+            curves[s.name] = {str(k): recall_at_k(ranks, k) for k in CURVE_KS}
+        results[key] = section
+    results["recall_curves"] = curves
+    return results
+
+
+def chance_mmeb_average(mmeb: list[RetrievalSet]) -> float:
+    """hit@1 of a random ranking: the mean of 1/|candidates| over queries, averaged over datasets."""
+    return mean(mean(1 / len(own) for own in s.candidate_lists) for s in mmeb)

@@ -1,0 +1,44 @@
+"""Retrieval metrics from ranks. A rank is 1-based; ties count against the correct item.
+
+Scores within TIE_TOLERANCE are ties: the same two vectors can score a few
+ulps apart depending on which kernel computed the product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+TIE_TOLERANCE = 1e-6
+
+
+def candidate_rank(scores: torch.Tensor, correct: int = 0) -> int:
+    """Rank of candidate ``correct`` among ``scores``: 1 + the others scoring at least as high."""
+    others = torch.cat([scores[:correct], scores[correct + 1 :]])
+    return 1 + int((others >= scores[correct] - TIE_TOLERANCE).sum())
+
+
+def hit_at_1(ranks: Sequence[int]) -> float:
+    """MMEB's metric: the share of queries whose correct candidate ranks first."""
+    if not ranks:
+        raise ValueError("hit@1 of no queries")
+    return sum(r == 1 for r in ranks) / len(ranks)
+
+
+def recall_at_k(positive_ranks: Sequence[Sequence[int]], k: int) -> float:
+    """Mean over queries of |positives in the top k| / min(k, |positives|)."""
+    if not positive_ranks:
+        raise ValueError("recall of no queries")
+    return sum(sum(r <= k for r in ranks) / min(k, len(ranks)) for ranks in positive_ranks) / len(positive_ranks)
+
+
+def mrr(positive_ranks: Sequence[Sequence[int]], cutoff: int | None = None) -> float:
+    """Mean reciprocal rank of each query's best-ranked positive (0 beyond ``cutoff``)."""
+    if not positive_ranks:
+        raise ValueError("MRR of no queries")
+    total = 0.0
+    for ranks in positive_ranks:
+        best = min(ranks)
+        total += 0.0 if cutoff is not None and best > cutoff else 1.0 / best
+    return total / len(positive_ranks)

@@ -1,0 +1,136 @@
+"""Comparison with the baseline: metrics with deltas, plots, and a Markdown report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """The flat numbers worth comparing across runs (and logging to MLflow)."""
+    flat: dict[str, float] = {}
+    if results["mmeb"]["average"] is not None:
+        flat["mmeb/average"] = results["mmeb"]["average"]
+        flat |= {f"mmeb/{task}": v for task, v in results["mmeb"]["meta_tasks"].items()}
+        flat |= {f"mmeb/{name}": d["hit@1"] for name, d in results["mmeb"]["datasets"].items()}
+    for section in ("mbeir", "m3t_heldout"):
+        for name, values in results[section].items():
+            flat |= {f"{section}/{name}/{k}": v for k, v in values.items() if "@" in k}
+    return flat
+
+
+def compare(model: dict[str, Any], baseline: dict[str, Any], chance: float) -> dict[str, Any]:
+    """metrics.json: both results, the model's headline numbers, and their deltas."""
+    ours, theirs = headline(model), headline(baseline)
+    return {
+        "headline": ours,
+        "delta_vs_baseline": {k: ours[k] - theirs[k] for k in ours if k in theirs},
+        "mmeb_chance_average": chance,
+        "model": model,
+        "baseline": baseline,
+    }
+
+
+def recall_curve_table(model: dict[str, Any], baseline: dict[str, Any]) -> pd.DataFrame:
+    """Long format (set, k, model, recall) for DVC plots and the recall@k figure."""
+    rows = [
+        {"set": name, "k": int(k), "model": label, "recall": value}
+        for label, results in (("trained", model), ("baseline", baseline))
+        for name, curve in results["recall_curves"].items()
+        for k, value in curve.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mmeb_bar_figure(model: dict[str, Any], baseline: dict[str, Any], chance: float):
+    plt = _pyplot()
+    names = list(model["mmeb"]["datasets"])
+    ours = [model["mmeb"]["datasets"][n]["hit@1"] for n in names]
+    theirs = [baseline["mmeb"]["datasets"][n]["hit@1"] for n in names]
+    figure, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], theirs, width=0.4, label="baseline", color="0.65")
+    ax.bar([i + 0.2 for i in x], ours, width=0.4, label="trained", color="C0")
+    ax.axhline(chance, color="C3", linestyle="--", linewidth=1, label=f"chance (avg {chance:.2f})")
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set(
+        ylabel="hit@1",
+        ylim=(0, 1),
+        title=f"MMEB-format hit@1: average {model['mmeb']['average']:.3f} (baseline {baseline['mmeb']['average']:.3f})",
+    )
+    ax.legend()
+    figure.tight_layout()
+    return figure
+
+
+def recall_figure(curves: pd.DataFrame):
+    plt = _pyplot()
+    sets = sorted(curves["set"].unique())
+    figure, ax = plt.subplots(figsize=(7, 4.2))
+    for i, name in enumerate(sets):
+        for label, style in (("trained", "-"), ("baseline", ":")):
+            part = curves[(curves["set"] == name) & (curves["model"] == label)].sort_values("k")
+            ax.plot(part["k"], part["recall"], style, color=f"C{i}", label=f"{name} ({label})")
+    ax.set(xlabel="k", ylabel="recall@k", ylim=(0, 1.02), title="Retrieval recall@k (solid: trained, dotted: baseline)")
+    ax.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def markdown_report(metrics: dict[str, Any], model_name: str, baseline_name: str) -> str:
+    model, baseline = metrics["model"], metrics["baseline"]
+    lines = [
+        "# muco-flow evaluation",
+        "",
+        f"Model: `{model_name}`  ",
+        f"Baseline: `{baseline_name}`",
+        "",
+        "![MMEB-format hit@1](mmeb_hit_at_1.png)",
+        "",
+        "## MMEB format (hit@1)",
+        "",
+        "| dataset | meta-task | queries | trained | baseline | delta |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, d in model["mmeb"]["datasets"].items():
+        b = baseline["mmeb"]["datasets"][name]["hit@1"]
+        lines.append(
+            f"| {name} | {d['meta_task']} | {d['queries']} | {d['hit@1']:.3f} | {b:.3f} | {d['hit@1'] - b:+.3f} |"
+        )
+    for task, value in model["mmeb"]["meta_tasks"].items():
+        b = baseline["mmeb"]["meta_tasks"][task]
+        lines.append(f"| **{task}** (mean) | | | {value:.3f} | {b:.3f} | {value - b:+.3f} |")
+    avg, base_avg = model["mmeb"]["average"], baseline["mmeb"]["average"]
+    lines += [
+        f"| **MMEB average** | | | **{avg:.3f}** | {base_avg:.3f} | {avg - base_avg:+.3f} |",
+        "",
+        f"Chance (random ranking): {metrics['mmeb_chance_average']:.3f}. Ties count against the correct candidate.",
+        "",
+        "![recall@k](recall_at_k.png)",
+        "",
+    ]
+    for section, title in (("mbeir", "M-BEIR format"), ("m3t_heldout", "Held-out M3T, per turn type")):
+        lines += [
+            f"## {title}",
+            "",
+            "| set | recall@1 | recall@5 | recall@10 | MRR@10 | baseline R@1 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, v in model[section].items():
+            b = baseline[section][name]["recall@1"]
+            lines.append(
+                f"| {name} | {v['recall@1']:.3f} | {v['recall@5']:.3f} | {v['recall@10']:.3f} | "
+                f"{v['mrr@10']:.3f} | {b:.3f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

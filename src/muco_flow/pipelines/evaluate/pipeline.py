@@ -1,0 +1,34 @@
+from kedro.pipeline import Pipeline, node, pipeline
+
+from muco_flow.pipelines.evaluate.nodes import (
+    build_evaluation_report,
+    evaluate_baseline,
+    evaluate_trained_model,
+    load_evaluation_sets,
+    log_evaluation_to_mlflow,
+)
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return pipeline(
+        [
+            node(load_evaluation_sets, ["m3t_mini_snapshot", "params:evaluate"], "evaluation_sets",
+                 name="load_evaluation_sets"),
+            node(evaluate_trained_model, ["evaluation_sets", "train_run", "params:evaluate", "params:format"],
+                 "trained_model_results", name="evaluate_trained_model"),
+            node(evaluate_baseline, ["evaluation_sets", "backbone_checkpoint", "params:evaluate", "params:format"],
+                 "baseline_results", name="evaluate_baseline"),
+            node(
+                build_evaluation_report,
+                ["trained_model_results", "baseline_results", "evaluation_sets", "train_run", "params:evaluate"],
+                ["evaluation_metrics", "recall_at_k", "mmeb_hit_at_1_plot", "recall_at_k_plot", "evaluation_report"],
+                name="build_evaluation_report",
+            ),
+            node(
+                log_evaluation_to_mlflow,
+                ["evaluation_metrics", "recall_at_k", "evaluation_report", "train_run"],
+                None,
+                name="log_evaluation_to_mlflow",
+            ),
+        ]
+    )  # fmt: skip
