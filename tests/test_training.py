@@ -166,3 +166,36 @@ def test_the_default_run_on_the_bundled_sample_learns(project):
     record = json.loads((project / "data/06_models/train_run.json").read_text())
     assert record["loss_last_10pct"] < 0.5 * record["loss_first_10pct"]
     assert record["steps"] == 4 * 512 // (2 * 8)  # epochs x samples / (processes x micro batch)
+
+
+def test_evaluate_scores_the_trained_model_and_the_baseline_into_the_training_run(prepared):
+    project, _ = prepared
+    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-a"))  # train_run.json -> run-a again
+    kedro_run(project, "--pipeline=evaluate")
+    metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
+    assert set(metrics["model"]["mmeb"]["datasets"]) == {
+        "MiniShapes-Cls", "MiniShapes-Count", "MiniShapes-Color", "MiniShapes-I2T", "MiniShapes-T2I",
+        "MiniShapes-Grounding",
+    }  # fmt: skip
+    assert set(metrics["model"]["m3t_heldout"]) == {
+        "classification",
+        "global_vqa",
+        "local_vqa",
+        "creative_vqa",
+        "retrieval",
+    }
+    average = metrics["model"]["mmeb"]["average"]
+    assert metrics["delta_vs_baseline"]["mmeb/average"] == pytest.approx(
+        average - metrics["baseline"]["mmeb"]["average"]
+    )
+    for name in ("evaluation_report.md", "mmeb_hit_at_1.png", "recall_at_k.png", "recall_at_k.csv"):
+        assert (project / "data/08_reporting" / name).stat().st_size > 0
+    record = json.loads((project / "data/06_models/train_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(record["mlflow_run_id"])
+    assert run.data.metrics["eval/mmeb/average"] == pytest.approx(average)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
+        "evaluation/metrics.json",
+        "evaluation/report.md",
+        "evaluation/mmeb_hit_at_1.png",
+    }
