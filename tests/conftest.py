@@ -66,15 +66,18 @@ SMALL_RUN_PARAMS = (
 )
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """The project's configuration in a fresh directory, with empty data layers."""
-    root = tmp_path / "project"
+def new_project(root: Path) -> Path:
+    """The project's configuration in a fresh directory ``root``, with empty data layers."""
     root.mkdir()
     shutil.copy(PROJECT_ROOT / "pyproject.toml", root)
     shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("credentials.yml"))
     (root / "src").mkdir()  # kedro checks it exists; muco_flow is imported from the install
     return root
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    return new_project(tmp_path / "project")
 
 
 def kedro_run(project: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

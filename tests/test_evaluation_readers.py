@@ -84,6 +84,8 @@ def test_missing_columns_and_unknown_datasets_are_named(sample):
         EvaluationDataError, match=r"MiniShapes-Count: test.parquet has no column\(s\) \['tgt_img_path'\]"
     ):
         read_mmeb(sample / "eval/mmeb", sample, MMEB_DATASETS)
+    with pytest.raises(EvaluationDataError, match=r"unknown meta-task\(s\) \['grounding'\]"):
+        read_mmeb(sample / "eval/mmeb", sample, {**MMEB_DATASETS, "MiniShapes-Grounding": "grounding"})
     (sample / "eval/mmeb/Mystery").mkdir()
     with pytest.raises(EvaluationDataError, match=r"no meta-task for dataset\(s\) \['Mystery'\]"):
         read_mmeb(sample / "eval/mmeb", sample, MMEB_DATASETS)

@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from muco_flow.modeling.backbone import load_backbone
-from tests.conftest import KEDRO, SMALL_RUN_PARAMS, kedro_run
+from tests.conftest import KEDRO, SMALL_RUN_PARAMS, kedro_run, new_project
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +41,8 @@ def losses(project, output_dir: str) -> list[float]:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A project with the small sample ingested and formatted, and one finished 12-step run."""
-    import shutil
 
-    from tests.conftest import PROJECT_ROOT
-
-    root = tmp_path_factory.mktemp("train") / "project"
-    root.mkdir()
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", root)
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", ignore=shutil.ignore_patterns("credentials.yml"))
-    (root / "src").mkdir()
+    root = new_project(tmp_path_factory.mktemp("train") / "project")
     kedro_run(root, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
     kedro_run(root, "--pipeline=backbone")
     kedro_run(root, "--pipeline=data")

@@ -115,6 +115,9 @@ def read_mmeb(directory: Path, root: Path, meta_tasks: dict[str, str]) -> list[R
     folders = sorted(p for p in Path(directory).iterdir() if p.is_dir())
     if not folders:
         raise EvaluationDataError(f"MMEB: no dataset folders in {directory}")
+    invalid = sorted({task for task in meta_tasks.values() if task not in schema.MMEB_META_TASKS})
+    if invalid:
+        raise EvaluationDataError(f"MMEB: unknown meta-task(s) {invalid}; use {list(schema.MMEB_META_TASKS)}")
     unknown = [f.name for f in folders if f.name not in meta_tasks]
     if unknown:
         raise EvaluationDataError(f"MMEB: no meta-task for dataset(s) {unknown}; add them to evaluate.mmeb.meta_tasks")
