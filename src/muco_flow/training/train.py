@@ -89,8 +89,6 @@ def train(config: dict[str, Any]) -> None:
     )
     if not on_cpu:
         get_accelerator().set_device(device.index)
-    random.seed(settings["seed"] + rank)
-    torch.manual_seed(settings["seed"] + rank)
     logger.info("rank %d of %d on %s", rank, world, device)
 
     # --- model ---------------------------------------------------------------
@@ -101,8 +99,10 @@ def train(config: dict[str, Any]) -> None:
         attn_implementation=resolve_attn_implementation(backbone_settings.attn_implementation),
         trust_remote_code=backbone_settings.trust_remote_code,
     )
-    torch.manual_seed(settings["seed"])  # LoRA init identical on every rank
+    torch.manual_seed(settings["seed"])  # LoRA init identical on every rank...
     embedder = MuCoEmbedder(backbone, EmbedderSettings.from_params(settings["embedder"])).to(device)
+    random.seed(settings["seed"] + rank)  # ...and each rank its own dropout masks from here on
+    torch.manual_seed(settings["seed"] + rank)
     trainable = [p for p in embedder.parameters() if p.requires_grad]
     logger.info(
         "trainable parameters: %d of %d",
