@@ -97,6 +97,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     loss = multi_turn_contrastive_loss(query, gathered, turns=3, temperature=0.05, rank=rank)
     loss.backward()
     torch.save({"loss": loss.detach(), "query": query.grad, "target": target.grad}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # a rank that tears down while its peer still talks makes gloo abort
     dist.destroy_process_group()
 
 
