@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from kedro.io import DataCatalog
 
@@ -92,11 +90,17 @@ def test_resolving_names_what_is_wrong(tmp_path):
         validate_deepspeed_config({"zero_optimization": {"stage": 7}, "train_micro_batch_size_per_gpu": 1})
 
 
-def test_credentials_template_is_not_loaded_as_configuration():
-    # Kedro reads only .yml/.yaml/.json files; the template must stay inert.
-    template = PROJECT_ROOT / "conf/local/credentials.yml.template"
+def test_credentials_template_is_not_loaded_as_configuration(project):
+    # Kedro reads only .yml/.yaml/.json files; the template in conf/local must stay
+    # inert, so the `local` environment sees the tracked "use the environment" entry.
+    from kedro.config import OmegaConfigLoader
+
+    from muco_flow import settings
+
+    template = project / "conf/local/credentials.yml.template"
     assert template.is_file() and "YOUR_SECRET" in template.read_text()
-    assert json.dumps(load_params("base")).find("YOUR_SECRET") == -1
+    loader = OmegaConfigLoader(str(project / "conf"), **{**settings.CONFIG_LOADER_ARGS, "default_run_env": "local"})
+    assert loader["credentials"]["m3t_s3"] == {}
 
 
 def test_one_node_takes_a_free_port_and_several_nodes_must_agree_on_one():
