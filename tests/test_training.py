@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from muco_flow.modeling.backbone import load_backbone
-from tests.conftest import KEDRO, SMALL_RUN_PARAMS, kedro_run, new_project
+from tests.conftest import KEDRO, PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, new_project
 
 pytestmark = pytest.mark.slow
 
@@ -153,12 +153,17 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     assert json.loads((project / out / "run.json").read_text())["mlflow_run_id"] == run_before
 
 
-def test_the_default_run_on_the_bundled_sample_learns(project):
+def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):
     """`kedro run` with every default: 512 images, 2 processes, ZeRO-2 (what `make run` does)."""
     kedro_run(project)
     record = json.loads((project / "data/06_models/train_run.json").read_text())
     assert record["loss_last_10pct"] < 0.5 * record["loss_first_10pct"]
     assert record["steps"] == 4 * 512 // (2 * 8)  # epochs x samples / (processes x micro batch)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("muco-embedder", "challenger")
+    assert version.run_id == record["mlflow_run_id"]
+    metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
+    assert float(version.tags["metric.mmeb/average"]) == pytest.approx(metrics["model"]["mmeb"]["average"])
 
 
 def test_evaluate_scores_the_trained_model_and_the_baseline_into_the_training_run(prepared):
@@ -192,3 +197,66 @@ def test_evaluate_scores_the_trained_model_and_the_baseline_into_the_training_ru
         "evaluation/report.md",
         "evaluation/mmeb_hit_at_1.png",
     }
+
+
+def test_the_notebook_shows_top_k_retrievals_of_the_latest_model(prepared, tmp_path):
+    """notebooks/explore_latest_model.ipynb, executed as a user would, from the project's notebooks/."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    project, _ = prepared
+    (project / "notebooks").mkdir(exist_ok=True)
+    notebook = nbformat.read(PROJECT_ROOT / "notebooks/explore_latest_model.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(project / "notebooks")}}).execute()
+    nbformat.write(notebook, tmp_path / "executed.ipynb")  # kept with pytest's tmp files for a look
+
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    text = "".join(output.get("text", "") for output in outputs)
+    record = json.loads((project / "data/06_models/train_run.json").read_text())
+    assert f"model: {project / record['model_dir']}" in text
+    assert f"MLflow run {record['mlflow_run_id']}" in text
+    figures = [output for output in outputs if "image/png" in output.get("data", {})]
+    assert len(figures) == 4  # answers for two turn types, caption -> image, recall@1 bars
+
+
+def test_register_and_promote_pipelines(prepared):
+    """A tagged `challenger` version, no duplicate on a re-run, and promotion only when configured."""
+    import hashlib
+
+    project, _ = prepared
+    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-a"))  # train_run.json -> run-a
+    kedro_run(project, "--pipeline=evaluate")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["git", "add", "conf"], cwd=project, check=True)
+    identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", *identity, "commit", "-qm", "conf"], cwd=project, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, text=True, capture_output=True).stdout.strip()
+    kedro_run(project, "--pipeline=register")
+    kedro_run(project, "--pipeline=register")  # idempotent
+
+    record = json.loads((project / "data/06_models/train_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'muco-embedder'")
+    assert len(versions) == 1
+    version = client.get_model_version_by_alias("muco-embedder", "challenger")
+    run = client.get_run(record["mlflow_run_id"])
+    manifest = json.loads((project / "data/02_intermediate/m3t_shards/manifest.json").read_text())
+    expected_data = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    expected_params = hashlib.sha256(json.dumps(run.data.params, sort_keys=True).encode()).hexdigest()
+    metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
+    assert version.run_id == record["mlflow_run_id"]
+    assert version.tags["run_id"] == record["mlflow_run_id"]
+    assert version.tags["data_fingerprint"] == expected_data
+    assert version.tags["params_hash"] == expected_params
+    # training ran outside git; registration falls back to the checkout's commit
+    assert run.data.tags["mlflow.source.git.commit"] == "unknown"
+    assert version.tags["git_commit"] == commit
+    assert float(version.tags["metric.mmeb/average"]) == pytest.approx(metrics["model"]["mmeb"]["average"])
+    registration = json.loads((project / "data/08_reporting/registration.json").read_text())
+    assert registration["version"] == int(version.version)
+
+    kedro_run(project, "--pipeline=promote")
+    decision = json.loads((project / "data/08_reporting/promotion.json").read_text())
+    assert decision["promoted"] is False and "promote_first is not set" in decision["reason"]
+    kedro_run(project, "--pipeline=promote", "--params=registry.promotion.promote_first=true")
+    assert client.get_model_version_by_alias("muco-embedder", "champion").version == version.version
