@@ -26,7 +26,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: install
 	$(BIN)/kedro run
 
-test: install
+# The MLflow UI test drives Debian's Chromium (Playwright's own browser download
+# cannot work offline).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium
+
+test: install $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -2,50 +2,26 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import requests
+from tests.servers import background_server, free_port
 
 # Recognisable fake credentials: tests assert they never appear in outputs.
 ACCESS_KEY = "AKIAMUCOFLOWTESTKEY1"
 SECRET_KEY = "muco-flow-test-SECRET-do-not-log-4f9a2c"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def moto_server() -> Iterator[str]:
     """Starts moto_server on a free loopback port; yields its endpoint URL."""
     port = free_port()
-    executable = Path(sys.executable).with_name("moto_server")
-    process = subprocess.Popen(
-        [str(executable), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(endpoint, timeout=1)
-                break
-            except requests.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
+    command = [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)]
+    with background_server(command, endpoint, timeout_s=30):
         yield endpoint
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def s3_env(endpoint: str) -> dict[str, str]:

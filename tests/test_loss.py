@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from muco_flow.modeling.loss import multi_turn_contrastive_loss
 from muco_flow.training.distributed import all_gather_with_grad
-from tests.s3_server import free_port
+from tests.servers import free_port
 
 
 def reference_loss(query, target, turns, temperature, rank, negatives=None):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+UNKNOWN_COMMIT = "unknown"
 MAX_PARAM_LENGTH = 500  # MLflow rejects longer parameter values
 
 
@@ -35,6 +38,22 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
             f"the MLflow tracking server at {uri} is unreachable ({type(err).__name__}); "
             "start it, or set MLFLOW_TRACKING_URI / mlflow.tracking_uri"
         ) from None
+
+
+def source_commit(directory: str | Path = ".") -> str:
+    """The git commit of ``directory``, with ``-dirty`` if tracked files changed; "unknown" outside git."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return UNKNOWN_COMMIT
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return UNKNOWN_COMMIT
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -241,7 +241,7 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from muco_flow.tracking import MetricBuffer, flatten
+    from muco_flow.tracking import UNKNOWN_COMMIT, MetricBuffer, flatten
 
     settings = config["mlflow"]
     mlflow.set_tracking_uri(settings["tracking_uri"])
@@ -255,7 +255,9 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
     if run_id is None:
         experiment = mlflow.set_experiment(settings["experiment"])
         run = client.create_run(
-            experiment.experiment_id, run_name=settings.get("run_name"), tags={"muco_flow.stage": "train"}
+            experiment.experiment_id,
+            run_name=settings.get("run_name"),
+            tags={"muco_flow.stage": "train", "mlflow.source.git.commit": config.get("git_commit", UNKNOWN_COMMIT)},
         )
         run_id = run.info.run_id
         params = flatten({k: config[k] for k in ("training", "backbone")}) | {"checkpoint": config["checkpoint"]}

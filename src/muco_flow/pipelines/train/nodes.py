@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from muco_flow.data.conversations import FormatConfig, single_turn_template
-from muco_flow.tracking import check_tracking_server, resolve_tracking_uri
+from muco_flow.tracking import check_tracking_server, resolve_tracking_uri, source_commit
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.report import loss_curve_figure, read_metrics
 
@@ -39,6 +39,7 @@ def train_muco_model(
         conversations_dir=conversations_dir,
         shards_dir=shards_dir,
     )
+    config["git_commit"] = source_commit()  # lineage only: not part of the resume fingerprint
     launch_training(config)
     output_dir = Path(training["output_dir"])
     history = read_metrics(output_dir / "metrics.jsonl")

@@ -1,0 +1,16 @@
+from kedro.pipeline import Pipeline, node, pipeline
+
+from muco_flow.pipelines.promote.nodes import promote_challenger_if_better
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return pipeline(
+        [
+            node(
+                promote_challenger_if_better,
+                ["params:registry", "params:mlflow"],
+                "promotion",
+                name="promote_challenger_if_better",
+            )
+        ]
+    )

@@ -1,0 +1,39 @@
+"""Nodes of the `register` pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from muco_flow.registry import RegistryError, lineage_tags, register_model_version
+from muco_flow.tracking import UNKNOWN_COMMIT, check_tracking_server, source_commit
+
+
+def register_trained_model(
+    train_run: dict[str, Any], evaluation_metrics: dict[str, Any], shards_dir: str, registry: dict[str, Any]
+) -> dict[str, Any]:
+    """Registers the trained model as a new version (alias `challenger`), tagged with its lineage."""
+    from mlflow.tracking import MlflowClient
+
+    run_id, tracking_uri = train_run["mlflow_run_id"], train_run["tracking_uri"]
+    if evaluation_metrics.get("mlflow_run_id") != run_id:
+        raise RegistryError(
+            f"metrics.json is from run {evaluation_metrics.get('mlflow_run_id')}, but the trained model is run "
+            f"{run_id}: run `kedro run --pipeline=evaluate` before registering"
+        )
+    check_tracking_server(tracking_uri)
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    trained_at = run.data.tags.get("mlflow.source.git.commit", UNKNOWN_COMMIT)
+    manifest = json.loads((Path(shards_dir) / "manifest.json").read_text())
+    tags = lineage_tags(
+        run_id=run_id,
+        run_params=run.data.params,
+        git_commit=trained_at if trained_at != UNKNOWN_COMMIT else source_commit(),
+        data_manifest=manifest,
+        training_fingerprint=train_run["fingerprint"],
+        headline_metrics=evaluation_metrics["headline"],
+    )
+    return register_model_version(
+        tracking_uri, name=registry["model_name"], run_id=run_id, model_dir=train_run["model_dir"], tags=tags
+    )

@@ -1,0 +1,16 @@
+from kedro.pipeline import Pipeline, node, pipeline
+
+from muco_flow.pipelines.register.nodes import register_trained_model
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return pipeline(
+        [
+            node(
+                register_trained_model,
+                ["train_run", "evaluation_metrics", "m3t_shards", "params:registry"],
+                "registration",
+                name="register_trained_model",
+            )
+        ]
+    )

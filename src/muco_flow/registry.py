@@ -1,0 +1,348 @@
+"""The MLflow Model Registry side: a servable pyfunc embedder, versions with lineage, promotion by alias.
+
+A registered version is the training run's merged Hugging Face directory wrapped
+in `MuCoEmbeddingModel`. Its tags lead back to what made it (run, commit, data,
+parameters, evaluation), and the `challenger` / `champion` aliases say what it
+is for. People move `champion` in the MLflow UI; `promote_challenger` is the
+automatic gate for pipelines.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+MODEL_DIR_ARTIFACT = "model_dir"
+METRIC_TAG_PREFIX = "metric."
+IMAGE_FORMATS = ("PNG", "JPEG")
+MAX_IMAGE_PIXELS = 40_000_000  # far above any real photo; a decompression bomb is refused
+# What the pyfunc needs at load time, pinned to the versions that trained it.
+RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "peft", "pillow", "numpy",
+                    "pandas", "requests", "tqdm")  # fmt: skip
+
+
+class ModelInputError(ValueError):
+    """A record the embedding model cannot encode; the message names the record and the problem."""
+
+
+class RegistryError(RuntimeError):
+    """The registry is not in the state an operation needs (no challenger, a tag missing)."""
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def decode_image(value: Any, record: int, *, timeout_s: float = 10.0) -> Image.Image | None:
+    """The image of one record: base64 PNG/JPEG (optionally a data: URI), a file:// or http(s):// URI, or none."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ModelInputError(f"record {record}: 'image' must be a string, got {type(value).__name__}")
+    scheme = urlparse(value).scheme.lower()
+    if scheme in ("file", "http", "https"):
+        data = _read_uri(value, scheme, record, timeout_s)
+    else:
+        encoded = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ModelInputError(
+                f"record {record}: 'image' is neither base64 nor a file://, http:// or https:// URI"
+            ) from None
+    return _open_image(data, record)
+
+
+def _read_uri(uri: str, scheme: str, record: int, timeout_s: float) -> bytes:
+    if scheme == "file":
+        path = Path(unquote(urlparse(uri).path))
+        if not path.is_file():
+            raise ModelInputError(f"record {record}: image file {path} does not exist")
+        return path.read_bytes()
+    import requests
+
+    from muco_flow.data.fetch import FetchConfig, FetchError, fetch_url
+
+    try:
+        with requests.Session() as session:
+            return fetch_url(session, uri, FetchConfig(timeout_s=timeout_s, retries=1))
+    except FetchError as err:
+        raise ModelInputError(f"record {record}: image {uri} could not be fetched: {err}") from None
+
+
+def _open_image(data: bytes, record: int) -> Image.Image:
+    from muco_flow.data.images import ImageDecodeError, check_image
+
+    try:
+        checked = check_image(data, MAX_IMAGE_PIXELS)
+    except ImageDecodeError as err:
+        raise ModelInputError(f"record {record}: {err}") from None
+    image = Image.open(io.BytesIO(checked.data))
+    if image.format not in IMAGE_FORMATS:
+        raise ModelInputError(f"record {record}: image is {image.format}, expected one of {', '.join(IMAGE_FORMATS)}")
+    return image.convert("RGB")
+
+
+def parse_records(frame: pd.DataFrame) -> list[tuple[str, Image.Image | None]]:
+    """(text, image) per row of a frame with `text` and/or `image` columns."""
+    unknown = set(frame.columns) - {"text", "image"}
+    if unknown or frame.empty or not ({"text", "image"} & set(frame.columns)):
+        raise ModelInputError(
+            f"expected records with 'text' and an optional 'image'; got columns {sorted(frame.columns)}"
+            f" and {len(frame)} rows"
+        )
+    items = []
+    for record, row in enumerate(frame.to_dict("records")):
+        text = row.get("text")
+        text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else text
+        if not isinstance(text, str):
+            raise ModelInputError(f"record {record}: 'text' must be a string, got {type(text).__name__}")
+        image = decode_image(row.get("image"), record)
+        if not text and image is None:
+            raise ModelInputError(f"record {record}: neither 'text' nor 'image' is given")
+        items.append((text, image))
+    return items
+
+
+# ---------------------------------------------------------------- the pyfunc model
+
+
+class MuCoEmbeddingModel(mlflow.pyfunc.PythonModel):
+    """One L2-normalised embedding per record of `text` and optional `image`."""
+
+    def load_context(self, context) -> None:
+        from muco_flow.modeling.embedder import EMBEDDER_FILE, load_embedder
+
+        model_dir = context.artifacts[MODEL_DIR_ARTIFACT]
+        if not (Path(model_dir) / EMBEDDER_FILE).is_file():
+            raise RegistryError(f"{model_dir} holds no {EMBEDDER_FILE}: not a model written by muco-flow training")
+        self.embedder, self.template = load_embedder(model_dir, default_template="")
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        items = parse_records(model_input)
+        batch_size = int((params or {}).get("batch_size", 16))
+        vectors = self.embedder.encode(items, template=self.template, batch_size=batch_size, progress=False)
+        return vectors.float().numpy()
+
+
+def model_signature(hidden_size: int):
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    inputs = Schema([ColSpec("string", "text", required=False), ColSpec("string", "image", required=False)])
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, hidden_size))])
+    params = ParamSchema([ParamSpec("batch_size", "long", 16)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def input_example() -> pd.DataFrame:
+    """A text-only and an image+text record (a small PNG), as a client would send them."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 56), (220, 40, 40)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    return pd.DataFrame(
+        [
+            {"text": "A large red square on a white background.", "image": None},
+            {"text": "What is the main object in the image?", "image": image},
+        ]
+    )
+
+
+def pinned_requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in RUNTIME_PACKAGES]
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def canonical_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def metric_tags(headline: Mapping[str, float]) -> dict[str, str]:
+    """Evaluation metrics as version tags (MLflow keys may not hold '@')."""
+    return {f"{METRIC_TAG_PREFIX}{k.replace('@', '_at_')}": repr(float(v)) for k, v in headline.items()}
+
+
+def lineage_tags(
+    *, run_id: str, run_params: Mapping[str, str], git_commit: str, data_manifest: Mapping[str, Any],
+    training_fingerprint: str, headline_metrics: Mapping[str, float],
+) -> dict[str, str]:  # fmt: skip
+    """Everything a version is tagged with to lead back to what made it."""
+    return {
+        "run_id": run_id,
+        "git_commit": git_commit,
+        "data_fingerprint": canonical_hash(data_manifest),
+        "params_hash": canonical_hash(dict(run_params)),
+        "training_fingerprint": training_fingerprint,
+        **metric_tags(headline_metrics),
+    }
+
+
+# ---------------------------------------------------------------- registration
+
+
+def find_version_for_run(client, name: str, run_id: str):
+    """The version of ``name`` made from ``run_id``, or None; more than one is an error."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if len(versions) > 1:
+        numbers = ", ".join(sorted(v.version for v in versions))
+        raise RegistryError(f"model '{name}' has several versions ({numbers}) from run {run_id}")
+    return versions[0] if versions else None
+
+
+def register_model_version(
+    tracking_uri: str, *, name: str, run_id: str, model_dir: str, tags: Mapping[str, str], code_path: str | None = None
+) -> dict[str, Any]:
+    """Logs the pyfunc to ``run_id`` and registers it under ``name`` with ``tags`` and alias `challenger`.
+
+    Idempotent: a version already made from the run is reused, so a retry after a
+    failure (or a second `kedro run`) never creates a duplicate.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.modeling.embedder import EMBEDDER_FILE
+
+    if not (Path(model_dir) / EMBEDDER_FILE).is_file():
+        raise RegistryError(f"{model_dir} holds no {EMBEDDER_FILE}: not a model written by muco-flow training")
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    version = find_version_for_run(client, name, run_id)
+    if version is None:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        hidden_size = (config.get("text_config") or config)["hidden_size"]
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="embedding_model",
+                python_model=MuCoEmbeddingModel(),
+                artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+                signature=model_signature(hidden_size),
+                input_example=input_example(),
+                pip_requirements=pinned_requirements(),
+                code_paths=[code_path or str(Path(__file__).parent)],
+            )
+        version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
+        logger.info("registered %s version %s from run %s", name, version.version, run_id)
+    else:
+        logger.info("%s version %s already holds run %s; not registering again", name, version.version, run_id)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return {
+        "name": name,
+        "version": int(version.version),
+        "run_id": run_id,
+        "model_uri": f"models:/{name}/{version.version}",
+        "alias": CHALLENGER,
+        "tags": dict(tags),
+    }
+
+
+# ---------------------------------------------------------------- promotion
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """When the challenger takes `champion`: higher primary metric by at least ``margin``."""
+
+    primary_metric: str
+    margin: float = 0.0
+    promote_first: bool = False
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> PromotionPolicy:
+        promotion = params.get("promotion", {})
+        return cls(
+            primary_metric=params["primary_metric"],
+            margin=float(promotion.get("margin", 0.0)),
+            promote_first=bool(promotion.get("promote_first", False)),
+        )
+
+
+def decide_promotion(challenger: float, champion: float | None, policy: PromotionPolicy) -> tuple[bool, str]:
+    """(promote?, why), given the two versions' primary metric (None: there is no champion)."""
+    metric = policy.primary_metric
+    if champion is None:
+        if policy.promote_first:
+            return True, f"no champion yet and promote_first is set ({metric} = {challenger:.4f})"
+        return False, "no champion yet and promote_first is not set: promote in the MLflow UI"
+    gain = challenger - champion
+    comparison = f"{metric} {challenger:.4f} vs champion's {champion:.4f} (gain {gain:+.4f}, margin {policy.margin})"
+    if gain >= policy.margin:
+        return True, f"challenger beats the champion: {comparison}"
+    return False, f"challenger does not beat the champion by the margin: {comparison}"
+
+
+def _version_by_alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _metric_of(version, metric: str) -> float:
+    key = next(iter(metric_tags({metric: 0.0})))
+    if key not in version.tags:
+        raise RegistryError(f"version {version.version} of '{version.name}' has no tag {key}: it was not evaluated")
+    return float(version.tags[key])
+
+
+def promote_challenger(tracking_uri: str, name: str, policy: PromotionPolicy) -> dict[str, Any]:
+    """Moves `champion` to the `challenger` version if the policy says so; records why on the version."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    challenger = _version_by_alias(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"model '{name}' has no '{CHALLENGER}' version: run `kedro run --pipeline=register` first")
+    champion = _version_by_alias(client, name, CHAMPION)
+    if champion is not None and champion.version == challenger.version:
+        promote, reason = False, f"version {challenger.version} is already the champion"
+    else:
+        champion_score = _metric_of(champion, policy.primary_metric) if champion is not None else None
+        promote, reason = decide_promotion(_metric_of(challenger, policy.primary_metric), champion_score, policy)
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, challenger.version)
+    decision = {
+        "promotion.decision": "promoted" if promote else "not_promoted",
+        "promotion.reason": reason,
+        "promotion.compared_with": f"version {champion.version}" if champion is not None else "none",
+        "promotion.decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    for key, value in decision.items():
+        client.set_model_version_tag(name, challenger.version, key, value)
+    logger.info("%s version %s: %s", name, challenger.version, reason)
+    champion_now = challenger.version if promote else (champion.version if champion is not None else None)
+    return {
+        "name": name,
+        "challenger": int(challenger.version),
+        "champion": int(champion_now) if champion_now is not None else None,
+        "promoted": promote,
+        "reason": reason,
+    }

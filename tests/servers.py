@@ -1,0 +1,63 @@
+"""Real servers for integration tests, started on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def background_server(
+    command: Sequence[str], ready_url: str, *, timeout_s: float = 60, env: dict | None = None, log: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """Runs ``command`` until the block ends; yields once ``ready_url`` answers (any status below 500)."""
+    output = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in finally
+    environment = {**os.environ, **(env or {})}
+    process = subprocess.Popen(
+        list(command), stdout=output, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if requests.get(ready_url, timeout=5).status_code < 500:
+                    break
+            except requests.RequestException:  # not listening yet, or still starting up
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-3000:] if log else ""
+                raise RuntimeError(f"{command[0]} did not become ready at {ready_url}\n{tail}")
+            time.sleep(0.3)
+        yield process
+    finally:
+        _stop_group(process)
+        if log:
+            output.close()
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stops the server and every worker it started (its process group)."""
+    for signal_number, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, signal_number)
+        except ProcessLookupError:
+            break  # the group is gone already
+        try:
+            process.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,302 @@
+"""Model registry: pyfunc inputs, registration and promotion against a real `mlflow server`, serving, the UI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from muco_flow.data.conversations import FormatConfig, single_turn_template
+from muco_flow.modeling.backbone import load_backbone
+from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder, load_embedder
+from muco_flow.registry import (
+    CHALLENGER,
+    CHAMPION,
+    ModelInputError,
+    PromotionPolicy,
+    decide_promotion,
+    parse_records,
+    promote_challenger,
+    register_model_version,
+)
+from tests.conftest import PROJECT_ROOT, load_params
+from tests.servers import background_server, free_port
+
+ARTIFACTS = PROJECT_ROOT / "test-artifacts"  # screenshots: kept for people to look at, git-ignored
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def encoded(image: Image.Image, fmt: str) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+RED = Image.new("RGB", (56, 84), (220, 40, 40))
+
+
+# ---------------------------------------------------------------- inputs (no server)
+
+
+def test_records_accept_base64_png_and_jpeg_data_uris_and_file_uris(tmp_path):
+    path = tmp_path / "red.png"
+    RED.save(path)
+    frame = pd.DataFrame(
+        [
+            {"text": "a caption", "image": None},
+            {"text": "", "image": encoded(RED, "PNG")},
+            {"text": "q", "image": "data:image/jpeg;base64," + encoded(RED, "JPEG")},
+            {"text": "q", "image": path.as_uri()},
+        ]
+    )
+    items = parse_records(frame)
+    assert [text for text, _ in items] == ["a caption", "", "q", "q"]
+    assert items[0][1] is None
+    for _, image in items[1:]:
+        assert image.size == (56, 84)
+        assert image.getpixel((10, 10))[0] > 200  # red survived the round trip, JPEG included
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"text": "x", "image": "not base64 !!"}, "record 1: 'image' is neither base64"),
+        ({"text": "x", "image": encoded(RED, "GIF")}, "record 1: image is GIF"),
+        ({"text": "x", "image": base64.b64encode(b"plain text").decode()}, "record 1: image cannot be decoded"),
+        ({"text": "x", "image": "file:///nonexistent/cat.png"}, "record 1: image file /nonexistent/cat.png"),
+        ({"text": "", "image": None}, "record 1: neither 'text' nor 'image'"),
+        ({"text": 3, "image": None}, "record 1: 'text' must be a string"),
+    ],
+)
+def test_bad_records_are_named_with_the_problem(record, message):
+    with pytest.raises(ModelInputError, match=message.replace("(", r"\(")):
+        parse_records(pd.DataFrame([{"text": "fine", "image": None}, record]))
+
+
+def test_unknown_columns_are_refused():
+    with pytest.raises(ModelInputError, match=r"got columns \['caption'\]"):
+        parse_records(pd.DataFrame([{"caption": "x"}]))
+
+
+# ---------------------------------------------------------------- promotion rule (no server)
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "promote_first", "expected", "why"),
+    [
+        (0.30, None, False, False, "no champion yet and promote_first is not set"),
+        (0.30, None, True, True, "no champion yet and promote_first is set"),
+        (0.50, 0.40, False, True, "gain +0.1000"),
+        (0.402, 0.40, False, False, "does not beat the champion by the margin"),  # better, but by less than 0.005
+        (0.40, 0.40 + 0.005, False, False, "gain -0.0050"),
+        (0.405, 0.40, False, True, "beats the champion"),  # exactly the margin
+    ],
+)
+def test_promotion_rule(challenger, champion, promote_first, expected, why):
+    policy = PromotionPolicy(primary_metric="mmeb/average", margin=0.005, promote_first=promote_first)
+    promote, reason = decide_promotion(challenger, champion, policy)
+    assert promote is expected
+    assert why in reason
+
+
+# ---------------------------------------------------------------- against a real `mlflow server`
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--workers", "1",
+    ]  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    with background_server(command, f"{uri}/health", timeout_s=120, log=root / "server.log"):
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_backbone_dir, tmp_path_factory) -> Path:
+    """A model directory as training writes it: LoRA merged, muco_embedder.json with the encode template."""
+    torch.manual_seed(0)
+    model = MuCoEmbedder(load_backbone(str(tiny_backbone_dir)), EmbedderSettings())
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters change the vectors
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    directory = tmp_path_factory.mktemp("trained") / "model"
+    model.save_merged(directory, single_turn_template(FormatConfig.from_params(load_params()["format"]).templates))
+    return directory
+
+
+def new_run(uri: str) -> str:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("registry-tests") or client.get_experiment(
+        client.create_experiment("registry-tests")
+    )
+    run = client.create_run(experiment.experiment_id)
+    client.log_param(run.info.run_id, "training.learning_rate", "0.001")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def tags_with_score(run_id: str, score: float) -> dict[str, str]:
+    return {"run_id": run_id, "git_commit": "abc123", "metric.mmeb/average": repr(score)}
+
+
+def versions_of(uri: str, name: str) -> list:
+    return MlflowClient(uri).search_model_versions(f"name = '{name}'")
+
+
+def test_registration_is_idempotent_and_a_retry_after_a_failure_makes_one_version(
+    tracking_server, model_dir, monkeypatch
+):
+    name, run_id = "idempotent", new_run(tracking_server)
+    tags = tags_with_score(run_id, 0.3)
+    # the first attempt dies after the version exists, before the alias is set
+    original = MlflowClient.set_registered_model_alias
+    calls = []
+
+    def failing_once(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionError("tracking server went away")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", failing_once)
+    with pytest.raises(ConnectionError):
+        register_model_version(tracking_server, name=name, run_id=run_id, model_dir=str(model_dir), tags=tags)
+    first = register_model_version(tracking_server, name=name, run_id=run_id, model_dir=str(model_dir), tags=tags)
+    again = register_model_version(tracking_server, name=name, run_id=run_id, model_dir=str(model_dir), tags=tags)
+
+    assert len(versions_of(tracking_server, name)) == 1
+    assert first["version"] == again["version"] == 1
+    version = MlflowClient(tracking_server).get_model_version_by_alias(name, CHALLENGER)
+    assert version.version == "1" and version.run_id == run_id
+    assert version.tags["metric.mmeb/average"] == "0.3" and version.tags["git_commit"] == "abc123"
+
+
+def test_promotion_with_no_champion_a_better_and_a_worse_challenger(tracking_server, model_dir):
+    name = "promotion"
+    client = MlflowClient(tracking_server)
+    cautious = PromotionPolicy(primary_metric="mmeb/average", margin=0.005, promote_first=False)
+
+    def register(score: float) -> int:
+        run_id = new_run(tracking_server)
+        return register_model_version(
+            tracking_server, name=name, run_id=run_id, model_dir=str(model_dir), tags=tags_with_score(run_id, score)
+        )["version"]
+
+    first = register(0.30)
+    decision = promote_challenger(tracking_server, name, cautious)
+    assert decision == {**decision, "promoted": False, "champion": None}
+    assert client.get_model_version(name, str(first)).tags["promotion.decision"] == "not_promoted"
+    assert CHAMPION not in client.get_registered_model(name).aliases
+
+    decision = promote_challenger(tracking_server, name, PromotionPolicy("mmeb/average", 0.005, promote_first=True))
+    assert decision["promoted"] and client.get_model_version_by_alias(name, CHAMPION).version == str(first)
+
+    better = register(0.40)
+    assert promote_challenger(tracking_server, name, cautious)["promoted"]
+    assert client.get_model_version_by_alias(name, CHAMPION).version == str(better)
+    tags = client.get_model_version(name, str(better)).tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.compared_with"] == f"version {first}"
+
+    worse = register(0.402)  # higher, but not by the margin
+    decision = promote_challenger(tracking_server, name, cautious)
+    assert not decision["promoted"] and decision["champion"] == better
+    assert client.get_model_version_by_alias(name, CHAMPION).version == str(better)
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == str(worse)
+    assert (
+        "does not beat the champion by the margin"
+        in client.get_model_version(name, str(worse)).tags["promotion.reason"]
+    )
+
+
+def probe_records() -> list[dict[str, str]]:
+    """Text only, image and question, image only: what a client sends."""
+    return [
+        {"text": "A large red square on a white background."},
+        {"text": "What is the main object in the image?", "image": encoded(RED, "PNG")},
+        {"image": encoded(Image.new("RGB", (112, 112), (40, 80, 220)), "JPEG")},
+    ]
+
+
+@pytest.fixture(scope="module")
+def champion(tracking_server, model_dir) -> str:
+    name, run_id = "served", new_run(tracking_server)
+    register_model_version(
+        tracking_server, name=name, run_id=run_id, model_dir=str(model_dir), tags=tags_with_score(run_id, 0.5)
+    )
+    promote_challenger(tracking_server, name, PromotionPolicy("mmeb/average", 0.0, promote_first=True))
+    return name
+
+
+def test_loading_by_alias_gives_the_in_process_embedders_vectors(tracking_server, champion, model_dir):
+    mlflow.set_tracking_uri(tracking_server)
+    loaded = mlflow.pyfunc.load_model(f"models:/{champion}@{CHAMPION}")
+    vectors = loaded.predict(pd.DataFrame(probe_records()))
+
+    embedder, template = load_embedder(str(model_dir), default_template="")
+    expected = embedder.encode(parse_records(pd.DataFrame(probe_records())), template=template, progress=False).numpy()
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    signature = loaded.metadata.get_input_schema()
+    assert signature.input_names() == ["text", "image"]
+
+
+def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion, model_dir, tmp_path):
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{champion}@{CHALLENGER}",
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    # as in an activated virtual environment: the server execs `uvicorn` from PATH
+    env = {"MLFLOW_TRACKING_URI": tracking_server, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    with background_server(command, f"{url}/ping", timeout_s=240, env=env, log=tmp_path / "serve.log"):
+        body = {"dataframe_records": probe_records()}
+        response = requests.post(f"{url}/invocations", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        vectors = np.array(response.json()["predictions"])
+        hidden = load_backbone(str(model_dir)).model.config.text_config.hidden_size
+        assert vectors.shape == (3, hidden)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+        bad = {"dataframe_records": [{"text": "x", "image": "not base64 !!"}]}
+        response = requests.post(f"{url}/invocations", json=bad, timeout=60)
+        assert response.status_code >= 400
+        assert "record 0: 'image' is neither base64" in response.text
+
+
+def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tracking_server, champion):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "Chromium is missing: `make test` installs Debian's chromium package"
+    ARTIFACTS.mkdir(exist_ok=True)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{tracking_server}/#/models/{champion}", wait_until="networkidle")
+            page.get_by_text("Version 1").first.wait_for(timeout=60_000)
+            page.get_by_text(f"@ {CHAMPION}").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_registered_model.png"), full_page=True)
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert champion in text and CHAMPION in text and CHALLENGER in text
