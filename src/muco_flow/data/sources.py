@@ -6,6 +6,7 @@ can be streamed by row groups) and the bytes of an image by its relative path.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
 import tempfile
@@ -56,9 +57,14 @@ class LocalSnapshot:
 
     def read_image(self, relative: str) -> bytes:
         path = confined_path(self.root, relative)
-        if not path.is_file():
-            raise ImageMissingError(f"no image file at '{relative}'")
-        return path.read_bytes()
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ImageMissingError(f"no image file at '{relative}'") from None
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                raise ImageMissingError(f"no image file can exist at '{relative}': {err.strerror}") from None
+            raise SourceError(f"cannot read image file '{path}': {err.strerror}") from None
 
     def close(self) -> None:
         pass
