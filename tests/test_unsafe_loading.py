@@ -113,25 +113,27 @@ def process_group():
 
 
 def zero2_engine(seed: int):
-    """A small model under the project's ZeRO-2 config, as training builds it.
+    """A small model under the DeepSpeed config of conf/base (ZeRO-2), as training builds it.
 
     Its first layer is frozen (like the backbone: the same in every run, and
     not in checkpoints); ``seed`` initialises the trainable one.
     """
     import deepspeed
 
-    from muco_flow.training.deepspeed_config import load_deepspeed_template, resolve_deepspeed_config
+    from muco_flow.training.launch import resolve_run_config
 
-    config = resolve_deepspeed_config(
-        load_deepspeed_template(PROJECT_ROOT / "conf/base/deepspeed/zero2.json"),
-        precision="fp32",
-        learning_rate=1e-2,
-        offload_optimizer=False,
-        micro_batch_size=2,
-        gradient_accumulation_steps=1,
-        gradient_clipping=1.0,
-        on_cpu=True,
-    )
+    training = load_params()["training"]
+    training["deepspeed"]["config"] = str(PROJECT_ROOT / training["deepspeed"]["config"])
+    config = resolve_run_config(
+        training=training,
+        backbone={},
+        encode_template="",
+        tracking_uri="",
+        experiment="",
+        checkpoint="",
+        conversations_dir=str(PROJECT_ROOT / "no-such-dir"),
+        shards_dir="",
+    )["deepspeed"]  # the configuration training runs with
     torch.manual_seed(0)
     frozen = torch.nn.Linear(6, 6).requires_grad_(False)
     torch.manual_seed(seed)
