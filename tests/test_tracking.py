@@ -1,0 +1,99 @@
+"""Tracking outages: a run that logs to an MLflow server that does not answer fails at its start."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from muco_flow.tracking import check_tracking_server
+from tests.conftest import kedro_run
+from tests.s3_server import free_port
+
+
+def dead_uri() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # a loopback port nothing listens on
+
+
+def assert_failed_before_loading_anything(result, uri: str, project) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"the MLflow tracking server at {uri} is unreachable" in output
+    # only where to log was read: the parameters and the training run's record
+    assert set(re.findall(r"Loading data from (\S+)", output)) <= {"params:mlflow", "train_run"}
+    assert "Running node" not in output
+    assert not (project / "data/06_models/muco").exists()  # no torchrun, no output directory
+    assert not (project / "data/08_reporting").exists() or not any((project / "data/08_reporting").iterdir())
+
+
+@pytest.mark.slow
+def test_train_fails_fast_naming_an_unreachable_tracking_server(project):
+    # The project has no data at all: failing on the tracking server first shows nothing was loaded before.
+    uri = dead_uri()
+    began = time.monotonic()
+    result = kedro_run(project, "--pipeline=train", env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    assert time.monotonic() - began < 120  # Kedro's start-up; the check itself takes milliseconds
+    assert_failed_before_loading_anything(result, uri, project)
+
+
+@pytest.mark.slow
+def test_evaluate_fails_fast_when_the_training_runs_server_is_unreachable(project):
+    uri = dead_uri()
+    (project / "data/06_models").mkdir(parents=True, exist_ok=True)
+    (project / "data/06_models/train_run.json").write_text(
+        json.dumps({"mlflow_run_id": "0" * 32, "tracking_uri": uri, "model_dir": "data/06_models/muco/model"})
+    )
+    result = kedro_run(project, "--pipeline=evaluate", check=False)  # mlflow.tracking_uri is the local SQLite store
+    assert_failed_before_loading_anything(result, uri, project)
+
+
+class Health(BaseHTTPRequestHandler):
+    status = 200
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = b"OK" if self.path == "/health" else b"?"
+        self.send_response(Health.status if self.path == "/health" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def health_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    Health.status = 200
+
+
+def test_a_healthy_server_and_local_stores_pass(health_server):
+    check_tracking_server(health_server)
+    check_tracking_server(health_server + "/")
+    check_tracking_server("sqlite:///mlflow.db")  # no server to ask
+    check_tracking_server("file:///tmp/mlruns")
+
+
+def test_a_server_that_answers_with_an_error_is_unreachable(health_server):
+    Health.status = 503
+    with pytest.raises(ConnectionError, match=f"server at {health_server} is unreachable \\(HTTPError\\)"):
+        check_tracking_server(health_server)
+
+
+def test_a_server_that_never_answers_fails_within_the_timeout():
+    with socket.socket() as listener:  # accepts connections into its backlog, never replies
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        began = time.monotonic()
+        with pytest.raises(ConnectionError, match=f"server at {uri} is unreachable \\(ReadTimeout\\)"):
+            check_tracking_server(uri, timeout_s=0.5)
+        assert time.monotonic() - began < 5
