@@ -97,3 +97,41 @@ def test_a_server_that_never_answers_fails_within_the_timeout():
         with pytest.raises(ConnectionError, match=f"server at {uri} is unreachable \\(ReadTimeout\\)"):
             check_tracking_server(uri, timeout_s=0.5)
         assert time.monotonic() - began < 5
+
+
+class FlakyClient:
+    """A real MLflow client whose first ``failures`` log_batch calls fail, as during a server restart."""
+
+    def __init__(self, client, failures: int) -> None:
+        self.client, self.failures, self.calls = client, failures, 0
+
+    def log_batch(self, run_id, metrics):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("tracking server restarting")
+        self.client.log_batch(run_id, metrics=metrics)
+
+
+def test_a_tracking_hiccup_during_training_loses_no_metric(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.tracking import MetricBuffer
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("hiccup", str(tmp_path / "artifacts"))).info.run_id
+    flaky = FlakyClient(client, failures=2)
+    buffer = MetricBuffer(flaky, run_id, every=5)
+    for step in range(1, 18):
+        buffer.log(step, {"loss": 1.0 / step})  # steps 5 and 10 fail to send; 15 sends all of 1-15
+    assert buffer.pending == 2 and flaky.calls == 3
+    assert sum("MLflow did not take the metrics of step" in r.message for r in caplog.records) == 2
+    buffer.flush()
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 18)]
+
+    # the final flush does not swallow a server that is still down
+    flaky.failures, flaky.calls = 10, 0
+    buffer.log(18, {"loss": 0.1})
+    with pytest.raises(ConnectionError):
+        buffer.flush()
+    assert buffer.pending == 1

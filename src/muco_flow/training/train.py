@@ -209,9 +209,9 @@ def train(config: dict[str, Any]) -> None:
 
     # --- final model and artifacts (rank 0) --------------------------------------------
     if rank == 0:
-        tracker.flush()
         metrics_file.close()
         _write_final_model(engine.module, output_dir / "model", config["encode_template"])
+        tracker.flush()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
         _finish_tracking(config, output_dir, tracker)
     dist.barrier()
 
