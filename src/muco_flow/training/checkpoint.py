@@ -99,7 +99,9 @@ def verify_checkpoint(directory: Path, fingerprint: str, world_size: int) -> str
         complete = json.loads((directory / COMPLETE_FILE).read_text())
     except FileNotFoundError:
         return "it has no complete.json (the save did not finish)"
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "its complete.json is corrupt"
+    if not isinstance(complete, dict) or not {"files", "world_size", "fingerprint"} <= complete.keys():
         return "its complete.json is corrupt"
     for name, size in complete["files"].items():
         path = directory / name
