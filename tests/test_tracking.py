@@ -135,3 +135,20 @@ def test_a_tracking_hiccup_during_training_loses_no_metric(tmp_path, caplog):
     with pytest.raises(ConnectionError):
         buffer.flush()
     assert buffer.pending == 1
+
+
+def test_a_resumed_run_sends_the_earlier_steps_mlflow_never_got(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.tracking import MetricBuffer
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("resume", str(tmp_path / "artifacts"))).info.run_id
+    buffer = MetricBuffer(client, run_id, every=3)
+    for step in range(1, 6):
+        buffer.log(step, {"loss": 1.0 / step, "grad_norm": 2.0})  # 1-3 sent; 4 and 5 die with the process
+    records = [{"step": step, "loss": 1.0 / step, "grad_norm": 2.0} for step in range(1, 6)]  # metrics.jsonl
+    assert MetricBuffer(client, run_id).log_missing(records) == 2
+    for key, value in (("loss", lambda s: 1.0 / s), ("grad_norm", lambda s: 2.0)):
+        history = client.get_metric_history(run_id, key)
+        assert sorted((m.step, m.value) for m in history) == [(s, value(s)) for s in range(1, 6)]  # no repeats

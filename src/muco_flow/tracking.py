@@ -83,6 +83,23 @@ class MetricBuffer:
                     len(self._pending),
                 )
 
+    def log_missing(self, records: list[Mapping[str, float]], key: str = "loss") -> int:
+        """Sends the records (metrics.jsonl lines: a step and its values) whose step MLflow lacks; returns how many.
+
+        A resumed run calls it with the steps before its checkpoint: a rank 0
+        killed between two batches took its unsent steps with it.
+        """
+        from mlflow.entities import Metric
+
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        missing = [r for r in records if r["step"] not in logged]
+        now = int(time.time() * 1000)
+        for record in missing:
+            step = int(record["step"])
+            self._pending.extend(Metric(k, float(v), now, step) for k, v in record.items() if k != "step")
+        self.flush()
+        return len(missing)
+
     def flush(self) -> None:
         """Sends every buffered value; raises (keeping what was not sent) if the server refuses."""
         while self._pending:
