@@ -224,3 +224,17 @@ def test_the_backoff_doubles_up_to_its_cap_and_bad_policies_are_named():
         RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError, match="backoff_s <= max_backoff_s"):
         RetryPolicy(backoff_s=5, max_backoff_s=1)
+
+
+def test_an_image_key_s3_cannot_hold_is_a_missing_image_not_a_failed_run(proxy):
+    from muco_flow.data.sources import ImageMissingError
+
+    source = open_source(proxy.endpoint, [])
+    try:
+        with pytest.raises(ImageMissingError, match="longer than 1024 bytes"):
+            source.read_image("images/" + "x" * 1100 + ".png")  # S3 would answer KeyTooLongError (HTTP 400)
+        with pytest.raises(ImageMissingError, match=re.escape(f"no object at {URI}/images/train/nope.png")):
+            source.read_image("images/train/nope.png")
+    finally:
+        source.close()
+    assert proxy.gets("x" * 1100) == 0 and proxy.gets("nope.png") == 1
