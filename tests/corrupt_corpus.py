@@ -111,6 +111,22 @@ def target_image(row: Row, root: Path) -> None:
     row[schema.POS_IMAGE_PATH] = ["images/x.png", *row[schema.POS_IMAGE_PATH][1:]]
 
 
+def nul_byte_path(row: Row, root: Path) -> None:
+    row[schema.QRY_IMAGE_PATH] = row[schema.QRY_IMAGE_PATH] + "\x00.txt"
+
+
+def overlong_path(row: Row, root: Path) -> None:
+    row[schema.QRY_IMAGE_PATH] = "images/" + "x" * 300 + ".png"  # longer than any file name may be
+    row[schema.IMAGE_URL] = None
+
+
+def extreme_aspect_ratio(row: Row, root: Path) -> None:
+    """3 x 900 pixels: small, but Qwen2-VL's processor refuses a side 300 times the other."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 900), (0, 90, 200)).save(buffer, "PNG")
+    _image(row, root).write_bytes(buffer.getvalue())
+
+
 def tiny_image(row: Row, root: Path) -> None:
     """Valid: a 10 x 20 image is upscaled to at least 28 px, not rejected."""
     buffer = io.BytesIO()
@@ -132,12 +148,36 @@ CORRUPTIONS: dict[Corruption, str | None] = {
     mismatched_turns: "TURN_COUNT_MISMATCH",
     none_field: "MISSING_FIELD",
     decompression_bomb: "IMAGE_TOO_LARGE",
+    extreme_aspect_ratio: "IMAGE_ASPECT_RATIO",
+    nul_byte_path: "UNSAFE_PATH",
+    overlong_path: "IMAGE_MISSING",
     duplicate_id: "DUPLICATE_ID",
     text_too_long: "TEXT_TOO_LONG",
     control_token_in_text: "SPECIAL_TOKEN_IN_TEXT",
     target_image: "TARGET_IMAGE_UNSUPPORTED",
     tiny_image: None,
 }
+
+
+# Whole columns of the wrong type, as a file written by other tools may have
+# them: column -> (its values for n rows, the reason every row must get).
+COLUMN_CORRUPTIONS: dict[str, tuple[str, Callable[[int], pa.Array], str]] = {
+    "pos_sentence as integers": (schema.POS_SENTENCE, lambda n: pa.array(range(n)), "WRONG_TYPE"),
+    "qry as plain strings": (schema.QRY, lambda n: pa.array(["what is this?"] * n), "WRONG_TYPE"),
+    "qry_image_path as integers": (schema.QRY_IMAGE_PATH, lambda n: pa.array(range(n)), "WRONG_TYPE"),
+    "neg_text as lists of numbers": (schema.NEG_TEXT, lambda n: pa.array([[1.5] * 7] * n), "WRONG_TYPE"),
+    "sample_id as floats": (schema.SAMPLE_ID, lambda n: pa.array([i + 0.5 for i in range(n)]), "WRONG_TYPE"),
+    "pos_text all NaN": (schema.POS_TEXT, lambda n: pa.array([float("nan")] * n), "MISSING_FIELD"),
+}
+
+
+def retype_column(meta: Path, corruption: str) -> int:
+    """Rewrites the meta file with one column replaced as ``COLUMN_CORRUPTIONS[corruption]`` says; returns rows."""
+    column, values, _ = COLUMN_CORRUPTIONS[corruption]
+    table = pq.read_table(meta)
+    table = table.set_column(table.column_names.index(column), column, values(table.num_rows))
+    pq.write_table(table, meta)
+    return table.num_rows
 
 
 def corrupt_snapshot(source_root: Path, target_root: Path) -> dict[int, str | None]:

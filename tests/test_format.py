@@ -11,11 +11,13 @@ from PIL import Image
 
 from muco_flow.data import schema
 from muco_flow.data.conversations import FormatConfig
+from muco_flow.data.fetch import FetchConfig
 from muco_flow.data.formatting import format_m3t_shards
 from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
 from tests.conftest import load_params
+from tests.corrupt_corpus import corrupt_snapshot
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
@@ -163,3 +165,18 @@ def test_templates_missing_a_field_are_named():
     params = load_params()["format"]
     with pytest.raises(ValueError, match=r"templates\.query must contain \{query\}"):
         FormatConfig.from_params({**params, "templates": {**params["templates"], "query": "no field"}})
+
+
+def test_every_row_ingest_accepts_from_a_corrupt_snapshot_formats(small_sample_root, processors, tmp_path):
+    """A row that passes ingestion never stops the format pipeline (e.g. an image Qwen2-VL cannot resize)."""
+    expected = corrupt_snapshot(small_sample_root, tmp_path / "snapshot")
+    ingested = tmp_path / "ingested"
+    ingested.mkdir()
+    config = IngestConfig(rows_per_shard=10, download=FetchConfig(retries=0, timeout_s=2))
+    manifest = ingest_m3t_snapshot(LocalSnapshot(tmp_path / "snapshot", schema.TRAIN_META_FILE), ingested, config)
+    assert manifest["counts"]["rejected"] == sum(1 for reason in expected.values() if reason)
+    _, records = run_format(ingested, processors, tmp_path)
+    accepted = {
+        (f"shards/{p.name}", i) for p in (ingested / "shards").glob("*.parquet") for i in range(len(pq.read_table(p)))
+    }
+    assert {(r["image_shard"], r["image_row"]) for r in records} == accepted

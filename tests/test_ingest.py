@@ -6,7 +6,6 @@ import hashlib
 import json
 import shutil
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -22,7 +21,7 @@ from muco_flow.data.ingest import (
     validate_text_fields,
 )
 from muco_flow.data.sources import LocalSnapshot
-from tests.corrupt_corpus import CORRUPTIONS, corrupt_snapshot
+from tests.corrupt_corpus import COLUMN_CORRUPTIONS, CORRUPTIONS, corrupt_snapshot, retype_column
 
 FAST = IngestConfig.from_params({"rows_per_shard": 10, "batch_rows": 7, "download": {"retries": 0, "timeout_s": 2}})
 
@@ -60,7 +59,8 @@ def corrupted(small_sample_root, tmp_path_factory):
 
 def test_every_reason_code_has_a_corrupt_input():
     produced = {reason for reason in CORRUPTIONS.values() if reason}
-    assert produced == set(REJECT_REASONS) - {"WRONG_TYPE"}  # WRONG_TYPE: see the column-type test
+    assert produced == set(REJECT_REASONS) - {"WRONG_TYPE"}  # a parquet column has one type: see below
+    assert {reason for _, _, reason in COLUMN_CORRUPTIONS.values()} == {"WRONG_TYPE", "MISSING_FIELD"}
 
 
 def test_each_corrupt_row_is_rejected_with_its_reason(corrupted):
@@ -119,17 +119,22 @@ def test_column_mapping_reads_differently_named_sources(small_sample_root, tmp_p
     assert manifest["counts"] == {"read": 24, "accepted": 24, "rejected": 0}
 
 
-def test_a_column_of_the_wrong_type_rejects_every_row_and_fails_the_budget(small_sample_root, tmp_path):
-    table = pq.read_table(small_sample_root / schema.TRAIN_META_FILE)
-    index = table.column_names.index("pos_sentence")
-    wrong = table.set_column(index, "pos_sentence", pa.array(list(range(table.num_rows))))
-    root, out = snapshot_with_meta(small_sample_root, wrong, tmp_path)
+@pytest.mark.parametrize("corruption", COLUMN_CORRUPTIONS)
+def test_a_column_of_the_wrong_type_rejects_every_row_and_fails_the_budget(small_sample_root, tmp_path, corruption):
+    root, out = snapshot_with_meta(
+        small_sample_root, pq.read_table(small_sample_root / schema.TRAIN_META_FILE), tmp_path
+    )
+    rows = retype_column(root / schema.TRAIN_META_FILE, corruption)
+    reason = COLUMN_CORRUPTIONS[corruption][2]
     manifest = ingest(root, out)
-    assert manifest["rejects_by_reason"] == {"WRONG_TYPE": 24}
+    assert manifest["counts"] == {"read": rows, "accepted": 0, "rejected": rows}
+    rejects = read_rows(out / "rejects.parquet")
+    assert [r["source_row"] for r in rejects] == list(range(rows))
+    assert {r["reason"] for r in rejects} == {reason} and all(r["message"] for r in rejects)
     with pytest.raises(IngestQualityError) as failure:
         check_reject_budget(manifest, 0.05, where=str(out))
     message = str(failure.value)
-    assert "rejected 24 of 24 rows (100.0%)" in message and "WRONG_TYPE" in message and "rejects.parquet" in message
+    assert f"rejected {rows} of {rows} rows (100.0%)" in message and reason in message and "rejects.parquet" in message
 
 
 @pytest.mark.parametrize(
@@ -166,3 +171,35 @@ def test_manifest_is_written_beside_the_shards(corrupted):
     _, _, manifest, out = corrupted
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["schema_version"] == schema.SCHEMA_VERSION
+
+
+def test_mutated_image_bytes_end_as_a_reason_never_as_a_crash():
+    """Random damage to images of every common format: each is accepted or gets an image reason code."""
+    import io
+    import random
+    import warnings
+
+    from muco_flow.data.images import ImageDecodeError, check_image
+
+    rng = random.Random(9)
+    originals = []
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), (10, 120, 30)).save(buffer, fmt)
+        originals.append(buffer.getvalue())
+    reasons = set()
+    for _ in range(600):
+        data = bytearray(rng.choice(originals))
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(len(data))
+            if rng.random() < 0.7:
+                data[at] = rng.randrange(256)
+            else:
+                del data[at : at + rng.randint(1, 64)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns about some damaged TIFF tags
+            try:
+                check_image(bytes(data), 40_000_000)
+            except ImageDecodeError as err:
+                reasons.add(err.code)
+    assert reasons <= set(REJECT_REASONS) and "IMAGE_UNDECODABLE" in reasons

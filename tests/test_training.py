@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -112,13 +113,25 @@ def _training_process(parent: psutil.Process, rank: str) -> psutil.Process | Non
     return None
 
 
+def final_weights(project, output_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(project / output_dir / "model/model.safetensors")
+
+
 def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
+    """SIGKILL a rank at a random step, damage the newest checkpoint, re-run: the uninterrupted run's result."""
     project, _ = prepared
     out = "data/06_models/run-killed"
+    seed = int(os.environ.get("MUCO_KILL_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    kill_after, rank = rng.randint(7, STEPS - 1), rng.choice(["0", "1"])
+    scenario = f"kill rank {rank} after step {kill_after} (MUCO_KILL_SEED={seed} repeats this)"
     metrics = project / out / "metrics.jsonl"
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    # checkpoints every 3 steps here, every 4 in run-a: how often it saves must not change the result
     run = subprocess.Popen(
-        [KEDRO, "run", "--pipeline=train", train_params(out)],
+        [KEDRO, "run", "--pipeline=train", train_params(out, **{"training.save_every": 3})],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -126,31 +139,49 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
         text=True,
     )
     deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 9):
-        assert run.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after):
+        assert run.poll() is None and time.monotonic() < deadline, (
+            f"training ended before it could be killed: {scenario}"
+        )
         time.sleep(0.05)
-    victim = _training_process(psutil.Process(run.pid), rank="1")
-    assert victim is not None
+    time.sleep(rng.uniform(0, 0.3))  # anywhere in the next step, a checkpoint save included
+    victim = _training_process(psutil.Process(run.pid), rank=rank)
+    assert victim is not None, scenario
     victim.send_signal(signal.SIGKILL)
     output, _ = run.communicate(timeout=120)
-    assert run.returncode != 0 and "training failed" in output
+    assert run.returncode != 0 and "training failed" in output, scenario
     steps_done = len(metrics.read_text().splitlines())
-    assert 9 <= steps_done < STEPS
+    assert kill_after <= steps_done < STEPS, scenario
     run_before = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
 
-    # The newest checkpoint (step 8) is damaged on purpose: resume must skip it, with a warning.
-    newest = project / out / "checkpoints/step-00000008"
-    victim_file = next(newest.glob("zero_pp_rank_1_*optim_states.pt"))
+    # The newest complete checkpoint (renamed into place only once whole) is damaged on purpose:
+    # resume must skip it with a warning and take the one before.
+    complete = sorted(int(p.name.split("-")[1]) for p in (project / out / "checkpoints").glob("step-*"))
+    newest = complete[-1]
+    assert newest in {steps_done // 3 * 3, steps_done // 3 * 3 - 3} and complete == [newest - 3, newest], scenario
+    victim_file = next((project / out / f"checkpoints/step-{newest:08d}").glob("zero_pp_rank_*_optim_states.pt"))
     victim_file.write_bytes(victim_file.read_bytes()[:100])
 
-    resumed = kedro_run(project, "--pipeline=train", train_params(out))
+    resumed = kedro_run(project, "--pipeline=train", train_params(out, **{"training.save_every": 3}))
     log = resumed.stdout + resumed.stderr
-    assert "skipping checkpoint" in log and "truncated" in log
-    assert "resumed from checkpoint step-00000004 (step 4)" in log
-    # The curve after resuming is the uninterrupted run's, step for step.
-    assert losses(project, out) == pytest.approx(losses(project, "data/06_models/run-a"), abs=1e-5)
-    # ...and it continues the same MLflow run, so the UI shows one curve
+    assert f"skipping checkpoint {out}/checkpoints/step-{newest:08d}" in log and "truncated" in log, scenario
+    assert f"resumed from checkpoint step-{newest - 3:08d} (step {newest - 3})" in log, scenario
+
+    # The curve and the final weights are the uninterrupted run's.
+    reference = losses(project, "data/06_models/run-a")
+    assert losses(project, out) == pytest.approx(reference, abs=1e-5), scenario
+    expected, got = final_weights(project, "data/06_models/run-a"), final_weights(project, out)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m} ({scenario})")
+    # ...and it continues the same MLflow run, whose curve is the same (steps logged twice hold equal values)
     assert json.loads((project / out / "run.json").read_text())["mlflow_run_id"] == run_before
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert client.get_run(run_before).info.status == "FINISHED"
+    history = client.get_metric_history(run_before, "loss")
+    assert {m.step for m in history} == set(range(1, STEPS + 1))
+    for metric in history:
+        assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
 
 
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):

@@ -2,6 +2,11 @@
 
 from kedro.config import OmegaConfigLoader
 
+from muco_flow.hooks import TrackingServerCheck
+
+# Before any node runs: the MLflow server a run will log to must answer.
+HOOKS = (TrackingServerCheck(),)
+
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

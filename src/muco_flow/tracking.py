@@ -69,11 +69,21 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class MetricBuffer:
-    """Per-step metrics sent to MLflow in batches (one request per ``every`` steps)."""
+    """Per-step metrics sent to MLflow in batches (one request per ``every`` steps).
+
+    A tracking-server hiccup in the middle of training costs a warning, not
+    the run: what could not be sent stays buffered and goes with the next
+    batch (metrics.jsonl keeps every step regardless). Only the final flush,
+    once the model is saved, raises if the server still does not take them.
+    """
 
     def __init__(self, client: Any, run_id: str, every: int = 10) -> None:
         self.client, self.run_id, self.every = client, run_id, every
         self._pending: list[Any] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
@@ -81,9 +91,37 @@ class MetricBuffer:
         now = int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         if step % self.every == 0:
-            self.flush()
+            try:
+                self.flush()
+            except Exception as err:  # MLflow, requests and socket errors alike
+                logger.warning(
+                    "MLflow did not take the metrics of step %d (%s: %s); %d values kept for the next try",
+                    step,
+                    type(err).__name__,
+                    str(err).splitlines()[0][:200] if str(err) else "",
+                    len(self._pending),
+                )
+
+    def log_missing(self, records: list[Mapping[str, float]], key: str = "loss") -> int:
+        """Sends the records (metrics.jsonl lines: a step and its values) whose step MLflow lacks; returns how many.
+
+        A resumed run calls it with the steps before its checkpoint: a rank 0
+        killed between two batches took its unsent steps with it.
+        """
+        from mlflow.entities import Metric
+
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        missing = [r for r in records if r["step"] not in logged]
+        now = int(time.time() * 1000)
+        for record in missing:
+            step = int(record["step"])
+            self._pending.extend(Metric(k, float(v), now, step) for k, v in record.items() if k != "step")
+        self.flush()
+        return len(missing)
 
     def flush(self) -> None:
+        """Sends every buffered value; raises (keeping what was not sent) if the server refuses."""
         while self._pending:
-            chunk, self._pending = self._pending[:1000], self._pending[1000:]
+            chunk = self._pending[:1000]
             self.client.log_batch(self.run_id, metrics=chunk)
+            del self._pending[: len(chunk)]

@@ -13,6 +13,8 @@ from PIL import Image
 # Qwen2-VL's smallest grid is 28 px (two 14 px patches); MuCo's loader
 # upscales anything smaller rather than dropping it.
 MIN_IMAGE_SIDE = 28
+# Qwen2-VL's image processor refuses a long side more than 200 times the short one.
+MAX_ASPECT_RATIO = 200.0
 
 
 class UnsafePathError(ValueError):
@@ -31,6 +33,9 @@ def confined_path(root: Path, relative: str) -> Path:
     """``root / relative``, refusing absolute paths, ``..`` and symlinks out of ``root``."""
     if not relative or not relative.strip():
         raise UnsafePathError("image path is empty")
+    if "\x00" in relative:
+        # the OS would cut the name at the NUL, or refuse it: either way not the file named
+        raise UnsafePathError(f"image path {relative!r} contains a NUL byte")
     pure = PurePosixPath(relative.replace("\\", "/"))
     if pure.is_absolute() or relative.startswith("~") or (len(relative) > 1 and relative[1] == ":"):
         raise UnsafePathError(f"image path '{relative}' is absolute")
@@ -57,11 +62,21 @@ class CheckedImage:
     upscaled: bool
 
 
-def check_image(data: bytes, max_pixels: int) -> CheckedImage:
+def _check_aspect_ratio(width: int, height: int, limit: float) -> None:
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > limit:
+        raise ImageDecodeError(
+            "IMAGE_ASPECT_RATIO",
+            f"image is {width}x{height} pixels: its long side is {ratio:.0f} times its short side, "
+            f"the limit is {limit:g}",
+        )
+
+
+def check_image(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> CheckedImage:
     """Decodes ``data`` fully, guards against decompression bombs, upscales tiny images.
 
-    Raises ImageDecodeError with a reason code: EMPTY_IMAGE, IMAGE_TOO_LARGE
-    or IMAGE_UNDECODABLE.
+    Raises ImageDecodeError with a reason code: EMPTY_IMAGE, IMAGE_TOO_LARGE,
+    IMAGE_ASPECT_RATIO or IMAGE_UNDECODABLE.
     """
     if not data:
         raise ImageDecodeError("EMPTY_IMAGE", "image file is empty (0 bytes)")
@@ -73,6 +88,7 @@ def check_image(data: bytes, max_pixels: int) -> CheckedImage:
                 width, height = image.size  # from the header, before any pixel is decoded
                 if width * height > max_pixels:
                     raise Image.DecompressionBombError(f"{width}x{height} pixels")
+                _check_aspect_ratio(width, height, max_aspect_ratio)  # before an upscale makes it huge
                 image.load()  # decodes every byte: truncated files fail here
                 small = min(width, height) < MIN_IMAGE_SIDE
                 if small:
@@ -82,6 +98,8 @@ def check_image(data: bytes, max_pixels: int) -> CheckedImage:
                     out = io.BytesIO()
                     image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(out, "PNG")
                     data = out.getvalue()
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError(
             "IMAGE_TOO_LARGE", f"image exceeds the decompression-bomb limit of {max_pixels} pixels ({err})"
@@ -89,4 +107,5 @@ def check_image(data: bytes, max_pixels: int) -> CheckedImage:
     except (OSError, SyntaxError, ValueError) as err:
         # PIL reports unknown formats, truncation and corrupt streams as these
         raise ImageDecodeError("IMAGE_UNDECODABLE", f"image cannot be decoded: {err}") from None
+    _check_aspect_ratio(width, height, max_aspect_ratio)  # rounding in the upscale can push it over
     return CheckedImage(data=data, width=width, height=height, upscaled=small)

@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 
 from muco_flow.data import schema
 from muco_flow.data.fetch import FetchConfig, FetchError, fetch_url
-from muco_flow.data.images import CheckedImage, ImageDecodeError, UnsafePathError, check_image, confined_key
+from muco_flow.data.images import (
+    MAX_ASPECT_RATIO,
+    CheckedImage,
+    ImageDecodeError,
+    UnsafePathError,
+    check_image,
+    confined_key,
+)
 from muco_flow.data.shards import ShardWriter
 from muco_flow.data.sources import ImageMissingError, SnapshotSource, file_sha256
 from muco_flow.modeling import tokens
@@ -50,6 +57,7 @@ REJECT_REASONS = {
     "EMPTY_IMAGE": "the image file has 0 bytes",
     "IMAGE_UNDECODABLE": "the image is truncated or not an image",
     "IMAGE_TOO_LARGE": "the image exceeds the decompression-bomb pixel limit",
+    "IMAGE_ASPECT_RATIO": "the image's long side is more than ingest.max_aspect_ratio times its short side",
     "TARGET_IMAGE_UNSUPPORTED": "a target has an image (pos_image_path); only text targets are ingested",
 }
 
@@ -95,6 +103,7 @@ class IngestConfig:
     batch_rows: int = 256
     max_text_chars: int = 2000
     max_image_pixels: int = 40_000_000
+    max_aspect_ratio: float = MAX_ASPECT_RATIO  # Qwen2-VL's image processor refuses more
     max_reject_fraction: float = 0.05
     image_workers: int = 8
     download: FetchConfig = field(default_factory=FetchConfig)
@@ -104,6 +113,11 @@ class IngestConfig:
             raise ValueError("ingest: rows_per_shard, batch_rows and image_workers must be at least 1")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError(f"ingest.max_reject_fraction must be within [0, 1], got {self.max_reject_fraction}")
+        if not 1.0 <= self.max_aspect_ratio <= MAX_ASPECT_RATIO:
+            raise ValueError(
+                f"ingest.max_aspect_ratio must be within [1, {MAX_ASPECT_RATIO:g}] (Qwen2-VL's limit), "
+                f"got {self.max_aspect_ratio}"
+            )
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> IngestConfig:
@@ -234,7 +248,7 @@ def load_checked_image(
                 data = fetch_url(session, fields["image_url"], config.download)
             except FetchError as err:
                 raise Reject("DOWNLOAD_FAILED", f"{missing}; fetching {fields['image_url']} failed: {err}") from None
-        return check_image(data, config.max_image_pixels)
+        return check_image(data, config.max_image_pixels, config.max_aspect_ratio)
     except UnsafePathError as err:
         raise Reject("UNSAFE_PATH", str(err)) from None
     except ImageDecodeError as err:
@@ -352,6 +366,7 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
             "rows_per_shard": config.rows_per_shard,
             "max_text_chars": config.max_text_chars,
             "max_image_pixels": config.max_image_pixels,
+            "max_aspect_ratio": config.max_aspect_ratio,
         },
     }
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -6,14 +6,23 @@ can be streamed by row groups) and the bytes of an image by its relative path.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
+import os
+import random
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from muco_flow.data.images import confined_key, confined_path
+
+logger = logging.getLogger(__name__)
 
 
 class ImageMissingError(LookupError):
@@ -56,23 +65,100 @@ class LocalSnapshot:
 
     def read_image(self, relative: str) -> bytes:
         path = confined_path(self.root, relative)
-        if not path.is_file():
-            raise ImageMissingError(f"no image file at '{relative}'")
-        return path.read_bytes()
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ImageMissingError(f"no image file at '{relative}'") from None
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:
+                raise ImageMissingError(f"no image file can exist at '{relative}': {err.strerror}") from None
+            raise SourceError(f"cannot read image file '{path}': {err.strerror}") from None
 
     def close(self) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries of transient S3 failures (the `max_attempts`, `backoff_s`, `max_backoff_s` S3 options)."""
+
+    max_attempts: int = 5  # tries in all, the first one included
+    backoff_s: float = 0.5  # the wait after the first failure; doubled after each further one
+    max_backoff_s: float = 20.0  # no single wait is longer
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise ValueError(
+                "S3 retries: max_attempts must be at least 1 and 0 <= backoff_s <= max_backoff_s, "
+                f"got {self.max_attempts}, {self.backoff_s}, {self.max_backoff_s}"
+            )
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> RetryPolicy:
+        defaults = cls()
+        return cls(
+            max_attempts=int(options.get("max_attempts", defaults.max_attempts)),
+            backoff_s=float(options.get("backoff_s", defaults.backoff_s)),
+            max_backoff_s=float(options.get("max_backoff_s", defaults.max_backoff_s)),
+        )
+
+    def wait_after(self, failures: int) -> float:
+        """Seconds to wait after the ``failures``-th failure: exponential, capped, with jitter.
+
+        The jitter (a factor in [0.5, 1]) keeps many image reads that failed
+        together from all coming back at the same instant.
+        """
+        return min(self.max_backoff_s, self.backoff_s * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+
+
+class IncompleteObjectError(Exception):
+    """Fewer (or more) bytes arrived than the object's declared size."""
+
+
+# S3 error codes that mean "try again later", whatever the HTTP status
+TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+    }
+)
+
+
+def is_transient(err: Exception) -> bool:
+    """Whether an S3 failure may go away on a retry (server errors, throttling, dropped or cut connections)."""
+    from botocore import exceptions as b
+
+    if isinstance(err, IncompleteObjectError):
+        return True
+    if isinstance(err, b.ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status in (408, 429) or _s3_error_code(err) in TRANSIENT_CODES
+    if isinstance(err, b.SSLError):
+        return False  # a certificate problem is configuration, not bad luck
+    # connection refused or reset, timeouts, a body cut short, a checksum mismatch
+    return isinstance(err, b.HTTPClientError | b.ConnectionError | b.IncompleteReadError | b.FlexibleChecksumError)
+
+
 def s3_client(options: dict[str, Any]):
-    """A boto3 S3 client; unset options fall back to boto3's own chain (the environment)."""
+    """A boto3 S3 client; unset options fall back to boto3's own chain (the environment).
+
+    botocore's own retries are off: S3Snapshot retries every call itself, body
+    reads included, so that one policy bounds the time spent on a failure.
+    """
     import boto3
     from botocore.config import Config
 
     known = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "region_name", "endpoint_url")
     kwargs = {k: options[k] for k in known if options.get(k)}
     config = Config(
-        retries={"mode": "standard", "max_attempts": int(options.get("max_attempts", 5))},
+        retries={"mode": "standard", "total_max_attempts": 1},
         connect_timeout=float(options.get("connect_timeout_s", 10)),
         read_timeout=float(options.get("read_timeout_s", 60)),
         max_pool_connections=int(options.get("max_pool_connections", 16)),
@@ -80,64 +166,148 @@ def s3_client(options: dict[str, Any]):
     return boto3.client("s3", config=config, **kwargs)
 
 
-class S3Snapshot:
-    """A snapshot under ``s3://bucket/prefix``; transient errors are retried by botocore."""
+T = TypeVar("T")
+MAX_KEY_BYTES = 1024  # S3's limit on a key's length
 
-    def __init__(self, uri: str, meta_file: str, options: dict[str, Any]) -> None:
+
+class S3Snapshot:
+    """A snapshot under ``s3://bucket/prefix``.
+
+    Transient failures are retried under ``RetryPolicy``; permanent ones
+    (access denied, no such bucket, bad credentials) fail at once. Every
+    object is checked against its declared size, and botocore checks its
+    CRC when the store keeps one, so a cut-short transfer is never taken
+    for the object.
+    """
+
+    def __init__(
+        self, uri: str, meta_file: str, options: dict[str, Any], sleep: Callable[[float], None] = time.sleep
+    ) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        self._errors = (BotoCoreError, ClientError)
+        self._errors = (BotoCoreError, ClientError, IncompleteObjectError)
         parsed = urlparse(uri)
         self.uri, self.meta_file = uri, meta_file
         self.bucket, self.prefix = parsed.netloc, parsed.path.strip("/")
+        self.retry = RetryPolicy.from_options(options)
+        self._sleep = sleep
         self.client = s3_client(options)
         self._tmp = Path(tempfile.mkdtemp(prefix="muco-s3-meta-"))
         self._meta = self._tmp / Path(meta_file).name
-        self._download(self._key(meta_file), self._meta)
+        try:
+            self._download(self._key(meta_file), self._meta)
+        except BaseException:
+            self.close()
+            raise
 
     def _key(self, relative: str) -> str:
         relative = confined_key(relative)
         return f"{self.prefix}/{relative}" if self.prefix else relative
 
+    def _url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def _retrying(self, key: str, call: Callable[[], T]) -> T:
+        """``call()``, retried while it fails transiently; raises its last error otherwise.
+
+        A permanent error is raised as it is, at once; transient errors that
+        outlast the policy end as SourceError.
+        """
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                return call()
+            except self._errors as err:
+                if not is_transient(err):
+                    raise
+                if attempt == self.retry.max_attempts:
+                    raise SourceError(
+                        f"cannot read {self._url(key)}: still failing after {attempt} attempts "
+                        f"(S3 option max_attempts); last error: {_describe_s3_error(err)}"
+                    ) from None
+                wait = self.retry.wait_after(attempt)
+                logger.warning(
+                    "%s: %s; attempt %d of %d in %.2f s",
+                    self._url(key),
+                    _describe_s3_error(err),
+                    attempt + 1,
+                    self.retry.max_attempts,
+                    wait,
+                )
+                self._sleep(wait)
+        raise AssertionError("unreachable")
+
     def _download(self, key: str, target: Path) -> None:
+        """Streams the object to ``target``: to a partial file first, renamed once its size is right."""
+        partial = target.with_name(target.name + ".partial")
+
+        def attempt() -> None:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            expected = response["ContentLength"]
+            written = 0
+            with partial.open("wb") as f:
+                for chunk in response["Body"].iter_chunks(1 << 20):  # the CRC, if any, is checked at the end
+                    f.write(chunk)
+                    written += len(chunk)
+            if written != expected:
+                raise IncompleteObjectError(f"got {written} of {expected} bytes")
+            os.replace(partial, target)
+
         try:
-            expected = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
-            self.client.download_file(self.bucket, key, str(target))
+            self._retrying(key, attempt)
         except self._errors as err:
-            raise SourceError(f"cannot read s3://{self.bucket}/{key}: {_describe_s3_error(err)}") from None
-        if target.stat().st_size != expected:
-            raise SourceError(
-                f"s3://{self.bucket}/{key}: got {target.stat().st_size} bytes, expected {expected}: incomplete download"
-            )
+            raise SourceError(f"cannot read {self._url(key)}: {_describe_s3_error(err)}") from None
+        finally:
+            partial.unlink(missing_ok=True)
 
     def meta_path(self) -> Path:
         return self._meta
 
     def read_image(self, relative: str) -> bytes:
         key = self._key(relative)
-        try:
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise ImageMissingError(f"no object can exist at '{relative}': its key is longer than 1024 bytes")
+
+        def attempt() -> bytes:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
-            body = response["Body"].read()
+            body = response["Body"].read()  # botocore checks the length, and the CRC when there is one
+            if len(body) != response["ContentLength"]:
+                raise IncompleteObjectError(f"got {len(body)} of {response['ContentLength']} bytes")
+            return body
+
+        try:
+            return self._retrying(key, attempt)
         except self._errors as err:
             if _s3_error_code(err) in {"NoSuchKey", "404", "NotFound"}:
-                raise ImageMissingError(f"no object at s3://{self.bucket}/{key}") from None
-            raise SourceError(f"cannot read s3://{self.bucket}/{key}: {_describe_s3_error(err)}") from None
-        if len(body) != response["ContentLength"]:
-            raise SourceError(f"s3://{self.bucket}/{key}: got {len(body)} of {response['ContentLength']} bytes")
-        return body
+                raise ImageMissingError(f"no object at {self._url(key)}") from None
+            raise SourceError(f"cannot read {self._url(key)}: {_describe_s3_error(err)}") from None
 
     def close(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def _s3_error_code(err: Exception) -> str:
-    return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+    response = getattr(err, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+HINTS = {
+    "NoSuchBucket": "the bucket does not exist",
+    "AccessDenied": "these credentials may not read it",
+    "InvalidAccessKeyId": "the access key id is not known to the store",
+    "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+}
 
 
 def _describe_s3_error(err: Exception) -> str:
-    # botocore messages name the operation and code, never the credentials
+    """What went wrong: the S3 error code, HTTP status and message, or botocore's error. Never a credential."""
     code = _s3_error_code(err)
-    return f"{code}: {err}" if code else str(err)
+    if not code:
+        return f"{type(err).__name__}: {err}"
+    response = err.response  # type: ignore[attr-defined]
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    message = response.get("Error", {}).get("Message") or "no message"
+    hint = f"; {HINTS[code]}" if code in HINTS else ""
+    return f"{code} (HTTP {status}{hint}): {message}"
 
 
 def open_snapshot(uri: str, meta_file: str, s3_options: dict[str, Any] | None = None) -> SnapshotSource:

@@ -138,7 +138,9 @@ def load_backbone(
     """Loads model, tokenizer and image processor from a directory or a hub id.
 
     A local directory is read with ``local_files_only``; only a name of the
-    form ``org/model`` that is not a local path may reach the hub.
+    form ``org/model`` that is not a local path may reach the hub. Weights
+    load from safetensors only: a checkpoint that has only pickled weights
+    (``pytorch_model.bin``) is refused rather than unpickled.
     """
     source, local_only = resolve_checkpoint(name_or_path)
     tokenizer, image_processor = load_processors(name_or_path, trust_remote_code=trust_remote_code)
@@ -148,6 +150,7 @@ def load_backbone(
         attn_implementation=attn_implementation,
         local_files_only=local_only,
         trust_remote_code=trust_remote_code,
+        use_safetensors=True,
     )
     return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor)
 

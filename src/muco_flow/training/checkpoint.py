@@ -5,6 +5,11 @@ Each checkpoint is an ordinary DeepSpeed checkpoint directory
 under a staging name and renamed only once every rank has finished. Its
 ``complete.json`` lists every file with its size, so a truncated or partial
 checkpoint is recognised and skipped.
+
+Checkpoints are pickles; every file is unpickled with ``weights_only=True``
+(tensors, containers, numbers and the few DeepSpeed types listed below), so
+a tampered checkpoint cannot run code. DeepSpeed's own engine would load
+them with ``weights_only=False``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -93,7 +99,9 @@ def verify_checkpoint(directory: Path, fingerprint: str, world_size: int) -> str
         complete = json.loads((directory / COMPLETE_FILE).read_text())
     except FileNotFoundError:
         return "it has no complete.json (the save did not finish)"
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "its complete.json is corrupt"
+    if not isinstance(complete, dict) or not {"files", "world_size", "fingerprint"} <= complete.keys():
         return "its complete.json is corrupt"
     for name, size in complete["files"].items():
         path = directory / name
@@ -118,8 +126,60 @@ def find_resumable(root: Path, fingerprint: str, world_size: int) -> tuple[str, 
     return None
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds objects that weights-only unpickling does not allow."""
+
+
+def deepspeed_checkpoint_types() -> list[type]:
+    """The non-tensor types DeepSpeed's ZeRO optimizer files hold (stages 1-3, fp32 and bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+    """``torch.load`` with ``weights_only=True``, allowing DeepSpeed's checkpoint types and nothing else."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_checkpoint_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds Python objects that weights-only loading does not allow "
+            f"({detail or 'see the cause'}); a checkpoint from a source you do not trust can run code"
+        ) from err
+
+
+def _weights_only_engine(engine: Any) -> Any:
+    """The engine's checkpoint engine, made to load with ``weights_only=True``."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if getattr(current, "loads_weights_only", False):
+        return current
+    if type(current) is not TorchCheckpointEngine:
+        raise TypeError(
+            f"DeepSpeed uses the checkpoint engine {type(current).__name__}; muco-flow resumes only through "
+            "its torch engine, which it makes load with weights_only=True"
+        )
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        loads_weights_only = True
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_weights_only(path, map_location)
+
+    return WeightsOnlyCheckpointEngine(engine._config)
+
+
 def load_checkpoint(engine: Any, root: Path, tag: str, rank: int) -> dict[str, Any]:
-    """Restores model, optimizer, scheduler and this rank's RNG; returns the client state."""
+    """Restores model, optimizer, scheduler and this rank's RNG; returns the client state.
+
+    Every file is read with ``weights_only=True``: see ``load_weights_only``.
+    """
+    engine.checkpoint_engine = _weights_only_engine(engine)
     _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
-    restore_rng_state(torch.load(Path(root) / tag / f"rng_state_rank{rank}.pt", weights_only=True))
+    restore_rng_state(load_weights_only(Path(root) / tag / f"rng_state_rank{rank}.pt"))
     return client_state or {}

@@ -151,7 +151,9 @@ def train(config: dict[str, Any]) -> None:
     tracker = metrics_file = None
     if rank == 0:
         tracker = _start_tracking(config, output_dir)
-        metrics_file = _open_metrics(output_dir / "metrics.jsonl", start)
+        metrics_file, earlier = _open_metrics(output_dir / "metrics.jsonl", start)
+        if earlier:  # a killed rank 0 may have died with steps it had not sent to MLflow yet
+            logger.info("sent %d earlier steps that MLflow did not have", tracker.log_missing(earlier))
 
     # --- loop ------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -209,20 +211,22 @@ def train(config: dict[str, Any]) -> None:
 
     # --- final model and artifacts (rank 0) --------------------------------------------
     if rank == 0:
-        tracker.flush()
         metrics_file.close()
         _write_final_model(engine.module, output_dir / "model", config["encode_template"])
+        tracker.flush()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
         _finish_tracking(config, output_dir, tracker)
     dist.barrier()
 
 
 def _open_metrics(path: Path, start: int):
-    """The per-step metrics file, cut back to the resumed step so that the curve has no repeats."""
-    kept = []
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    """The per-step metrics file, cut back to the resumed step so that the curve has no repeats.
+
+    Returns it open for appending, with the records it kept.
+    """
+    lines = [line for line in path.read_text().splitlines() if line] if path.exists() else []
+    kept = [line for line in lines if json.loads(line)["step"] <= start]
     path.write_text("".join(line + "\n" for line in kept))
-    return path.open("a")
+    return path.open("a"), [json.loads(line) for line in kept]
 
 
 def _write_final_model(embedder: Any, target: Path, encode_template: str) -> None:

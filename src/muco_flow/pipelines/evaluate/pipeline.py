@@ -1,5 +1,6 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
+from muco_flow.hooks import MLFLOW_TAG
 from muco_flow.pipelines.evaluate.nodes import (
     build_evaluation_report,
     evaluate_baseline,
@@ -29,6 +30,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["evaluation_metrics", "recall_at_k", "evaluation_report", "train_run"],
                 None,
                 name="log_evaluation_to_mlflow",
+                tags=[MLFLOW_TAG],
             ),
         ]
     )  # fmt: skip

@@ -1,5 +1,6 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
+from muco_flow.hooks import MLFLOW_TAG
 from muco_flow.pipelines.train.nodes import train_muco_model
 
 
@@ -19,6 +20,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 ["train_run", "train_loss_history", "train_loss_plot"],
                 name="train_muco_model",
+                tags=[MLFLOW_TAG],
             )
         ]
     )

@@ -1,0 +1,32 @@
+"""Kedro hooks: checks that must pass before any node loads data or a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+from muco_flow.tracking import check_tracking_server, resolve_tracking_uri
+
+# Nodes that talk to MLflow carry this tag; a run that includes one checks
+# the tracking server before anything else happens.
+MLFLOW_TAG = "mlflow"
+
+
+class TrackingServerCheck:
+    """Fails a run that will log to MLflow at its very start if the tracking server does not answer.
+
+    A training run that found out only after loading data and models, or an
+    evaluation after scoring for an hour, would lose all of that.
+    """
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if not any(MLFLOW_TAG in node.tags for node in pipeline.nodes):
+            return
+        uris = [resolve_tracking_uri(catalog.load("params:mlflow").get("tracking_uri"))]
+        # evaluation (and registration) write to the server that the training run used
+        if "train_run" in pipeline.inputs() and catalog.exists("train_run"):
+            uris.append(catalog.load("train_run")["tracking_uri"])
+        for uri in dict.fromkeys(uris):
+            check_tracking_server(uri)

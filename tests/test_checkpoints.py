@@ -1,0 +1,77 @@
+"""Which checkpoint a restart resumes from: the newest whole one of the same run, every other one skipped and named."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from muco_flow.training.checkpoint import COMPLETE_FILE, checkpoint_tag, find_resumable, verify_checkpoint
+
+FINGERPRINT = "a" * 64
+
+
+def write_checkpoint(root, step: int, *, world_size: int = 2, fingerprint: str = FINGERPRINT):
+    """A checkpoint directory as save_checkpoint leaves it: files, then complete.json listing their sizes."""
+    directory = root / checkpoint_tag(step)
+    directory.mkdir(parents=True)
+    files = {"mp_rank_00_model_states.pt": 300, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 500}
+    for name, size in files.items():
+        (directory / name).write_bytes(bytes(size))
+    complete = {"step": step, "world_size": world_size, "fingerprint": fingerprint, "files": files}
+    (directory / COMPLETE_FILE).write_text(json.dumps(complete))
+    return directory
+
+
+def damage_truncate(directory) -> str:
+    victim = directory / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:100])
+    return "zero_pp_rank_0_mp_rank_00_optim_states.pt has 100 bytes, 500 were written (truncated)"
+
+
+def damage_remove_file(directory) -> str:
+    (directory / "mp_rank_00_model_states.pt").unlink()
+    return "mp_rank_00_model_states.pt is missing"
+
+
+def damage_unfinished(directory) -> str:
+    (directory / COMPLETE_FILE).unlink()  # a save killed before its end
+    return "it has no complete.json (the save did not finish)"
+
+
+def damage_corrupt_manifest(directory) -> str:
+    (directory / COMPLETE_FILE).write_text('{"step": 4, "files": {')
+    return "its complete.json is corrupt"
+
+
+def damage_manifest_without_keys(directory) -> str:
+    (directory / COMPLETE_FILE).write_text('{"step": 4}')
+    return "its complete.json is corrupt"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_truncate, damage_remove_file, damage_unfinished, damage_corrupt_manifest, damage_manifest_without_keys],
+)
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_for_the_one_before(tmp_path, caplog, damage):
+    write_checkpoint(tmp_path, 4)
+    reason = damage(write_checkpoint(tmp_path, 8))
+    with caplog.at_level(logging.WARNING, logger="muco_flow.training.checkpoint"):
+        assert find_resumable(tmp_path, FINGERPRINT, world_size=2) == (checkpoint_tag(4), 4)
+    assert [r.getMessage() for r in caplog.records] == [f"skipping checkpoint {tmp_path / 'step-00000008'}: {reason}"]
+
+
+def test_checkpoints_of_other_settings_or_another_world_size_are_not_resumed(tmp_path):
+    other_settings = write_checkpoint(tmp_path, 4, fingerprint="b" * 64)
+    other_world = write_checkpoint(tmp_path, 8, world_size=4)
+    assert verify_checkpoint(other_settings, FINGERPRINT, 2) == "it was made with different training settings"
+    assert verify_checkpoint(other_world, FINGERPRINT, 2) == "it was written by 4 processes, this run has 2"
+    assert find_resumable(tmp_path, FINGERPRINT, world_size=2) is None
+
+
+def test_staging_leftovers_of_a_killed_save_are_never_candidates(tmp_path):
+    write_checkpoint(tmp_path, 4)
+    (tmp_path / ".staging-step-00000008").mkdir()  # what a kill during a save leaves
+    assert find_resumable(tmp_path, FINGERPRINT, world_size=2) == (checkpoint_tag(4), 4)
+    assert find_resumable(tmp_path / "none-yet", FINGERPRINT, world_size=2) is None

@@ -1,0 +1,154 @@
+"""Tracking outages: a run that logs to an MLflow server that does not answer fails at its start."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from muco_flow.tracking import check_tracking_server
+from tests.conftest import kedro_run
+from tests.servers import free_port
+
+
+def dead_uri() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # a loopback port nothing listens on
+
+
+def assert_failed_before_loading_anything(result, uri: str, project) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"the MLflow tracking server at {uri} is unreachable" in output
+    # only where to log was read: the parameters and the training run's record
+    assert set(re.findall(r"Loading data from (\S+)", output)) <= {"params:mlflow", "train_run"}
+    assert "Running node" not in output
+    assert not (project / "data/06_models/muco").exists()  # no torchrun, no output directory
+    assert not (project / "data/08_reporting").exists() or not any((project / "data/08_reporting").iterdir())
+
+
+@pytest.mark.slow
+def test_train_fails_fast_naming_an_unreachable_tracking_server(project):
+    # The project has no data at all: failing on the tracking server first shows nothing was loaded before.
+    uri = dead_uri()
+    began = time.monotonic()
+    result = kedro_run(project, "--pipeline=train", env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    assert time.monotonic() - began < 120  # Kedro's start-up; the check itself takes milliseconds
+    assert_failed_before_loading_anything(result, uri, project)
+
+
+@pytest.mark.slow
+def test_evaluate_fails_fast_when_the_training_runs_server_is_unreachable(project):
+    uri = dead_uri()
+    (project / "data/06_models").mkdir(parents=True, exist_ok=True)
+    (project / "data/06_models/train_run.json").write_text(
+        json.dumps({"mlflow_run_id": "0" * 32, "tracking_uri": uri, "model_dir": "data/06_models/muco/model"})
+    )
+    result = kedro_run(project, "--pipeline=evaluate", check=False)  # mlflow.tracking_uri is the local SQLite store
+    assert_failed_before_loading_anything(result, uri, project)
+
+
+class Health(BaseHTTPRequestHandler):
+    status = 200
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = b"OK" if self.path == "/health" else b"?"
+        self.send_response(Health.status if self.path == "/health" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def health_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    Health.status = 200
+
+
+def test_a_healthy_server_and_local_stores_pass(health_server):
+    check_tracking_server(health_server)
+    check_tracking_server(health_server + "/")
+    check_tracking_server("sqlite:///mlflow.db")  # no server to ask
+    check_tracking_server("file:///tmp/mlruns")
+
+
+def test_a_server_that_answers_with_an_error_is_unreachable(health_server):
+    Health.status = 503
+    with pytest.raises(ConnectionError, match=f"server at {health_server} is unreachable \\(HTTPError\\)"):
+        check_tracking_server(health_server)
+
+
+def test_a_server_that_never_answers_fails_within_the_timeout():
+    with socket.socket() as listener:  # accepts connections into its backlog, never replies
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        uri = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        began = time.monotonic()
+        with pytest.raises(ConnectionError, match=f"server at {uri} is unreachable \\(ReadTimeout\\)"):
+            check_tracking_server(uri, timeout_s=0.5)
+        assert time.monotonic() - began < 5
+
+
+class FlakyClient:
+    """A real MLflow client whose first ``failures`` log_batch calls fail, as during a server restart."""
+
+    def __init__(self, client, failures: int) -> None:
+        self.client, self.failures, self.calls = client, failures, 0
+
+    def log_batch(self, run_id, metrics):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("tracking server restarting")
+        self.client.log_batch(run_id, metrics=metrics)
+
+
+def test_a_tracking_hiccup_during_training_loses_no_metric(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.tracking import MetricBuffer
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("hiccup", str(tmp_path / "artifacts"))).info.run_id
+    flaky = FlakyClient(client, failures=2)
+    buffer = MetricBuffer(flaky, run_id, every=5)
+    for step in range(1, 18):
+        buffer.log(step, {"loss": 1.0 / step})  # steps 5 and 10 fail to send; 15 sends all of 1-15
+    assert buffer.pending == 2 and flaky.calls == 3
+    assert sum("MLflow did not take the metrics of step" in r.message for r in caplog.records) == 2
+    buffer.flush()
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 18)]
+
+    # the final flush does not swallow a server that is still down
+    flaky.failures, flaky.calls = 10, 0
+    buffer.log(18, {"loss": 0.1})
+    with pytest.raises(ConnectionError):
+        buffer.flush()
+    assert buffer.pending == 1
+
+
+def test_a_resumed_run_sends_the_earlier_steps_mlflow_never_got(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.tracking import MetricBuffer
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("resume", str(tmp_path / "artifacts"))).info.run_id
+    buffer = MetricBuffer(client, run_id, every=3)
+    for step in range(1, 6):
+        buffer.log(step, {"loss": 1.0 / step, "grad_norm": 2.0})  # 1-3 sent; 4 and 5 die with the process
+    records = [{"step": step, "loss": 1.0 / step, "grad_norm": 2.0} for step in range(1, 6)]  # metrics.jsonl
+    assert MetricBuffer(client, run_id).log_missing(records) == 2
+    for key, value in (("loss", lambda s: 1.0 / s), ("grad_norm", lambda s: 2.0)):
+        history = client.get_metric_history(run_id, key)
+        assert sorted((m.step, m.value) for m in history) == [(s, value(s)) for s in range(1, 6)]  # no repeats
