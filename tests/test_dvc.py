@@ -284,6 +284,7 @@ def untracked_or_changed(root: Path) -> list[str]:
 @dataclass
 class Clone:
     root: Path
+    head: str  # the commit it was cloned at
     first_repro: subprocess.CompletedProcess
 
 
@@ -299,7 +300,7 @@ def clone(tmp_path_factory) -> Clone:
     edit_yaml(root / "conf/base/parameters_sample.yml", sample)
     edit_yaml(root / "conf/base/parameters_train.yml", {"training.max_steps": 4, "training.save_every": 2})
     git(root, "commit", "--quiet", "-am", "Test sizes")
-    return Clone(root, dvc(root, "repro"))
+    return Clone(root, head, dvc(root, "repro"))
 
 
 @pytest.mark.slow
@@ -403,11 +404,13 @@ def test_m3t_snapshot_through_an_s3_remote_and_repro_from_its_tag(clone, small_s
         keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="muco-dvc")
                 for o in page.get("Contents", [])}  # fmt: skip
         assert {f"store/files/md5/{h[:2]}/{h[2:]}" for h in originals.values()} <= keys
-        # the secret is in .dvc/config.local, which git ignores, and in no commit
+        # the secret is in .dvc/config.local, which git ignores, and in no commit but its test definition
         assert SECRET_KEY in (root / ".dvc/config.local").read_text()
         assert git(root, "check-ignore", "--quiet", ".dvc/config.local", check=False).returncode == 0
         commits = git(root, "rev-list", "--all").stdout.split()
-        assert git(root, "grep", "--quiet", "-I", SECRET_KEY, *commits, check=False).returncode == 1
+        found = git(root, "grep", "-l", "-I", SECRET_KEY, *commits, check=False).stdout.split()
+        assert {hit.split(":", 1)[1] for hit in found} == {"tests/s3_server.py"}
+        assert SECRET_KEY not in git(root, "log", "-p", "m3t-v1", "--not", clone.head).stdout
 
         # no local cache, no workspace copy: pull them back
         shutil.rmtree(root / ".dvc/cache")
