@@ -1,0 +1,448 @@
+"""DVC: dvc.yaml against the pipelines its stages run; `dvc repro` in a clone; M3T snapshots on a real S3 server.
+
+The first tests read dvc.yaml (through DVC, so `${...}` is resolved) and
+compare each stage with what its Kedro pipeline really reads and writes: the
+modules it imports, its `params:` inputs, its catalog entries. The slow ones
+clone this repository's HEAD, shrink the sample and the training run, and
+drive the real `dvc` and `kedro` commands.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from muco_flow.datasets import FileTreeDataset
+from muco_flow.evaluation.report import recall_curve_table
+from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, config_loader, kedro_run, new_project
+from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for, s3_env, upload_tree
+
+CHAIN = ["sample", "backbone", "ingest", "format", "train", "evaluate"]
+BIN = Path(sys.executable).parent
+SRC = PROJECT_ROOT / "src"
+
+
+# --- dvc.yaml as DVC resolves it ------------------------------------------------------------
+
+
+@dataclass
+class StageSpec:
+    cmd: str
+    deps: list[str]
+    params: dict[str, set[str]]  # parameter file -> tracked keys
+    outs: dict[str, Any]  # path -> the DVC output (metric/plot flags, plot properties)
+
+
+@functools.cache
+def dvc_stages() -> dict[str, StageSpec]:
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    stages = {}
+    with Repo(str(PROJECT_ROOT)) as repo:
+        for stage in repo.index.stages:
+            if not stage.name:  # a .dvc file, not a dvc.yaml stage
+                continue
+            params = {d.def_path: set(d.params) for d in stage.deps if isinstance(d, ParamsDependency)}
+            deps = [d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)]
+            stages[stage.name] = StageSpec(stage.cmd, deps, params, {o.def_path: o for o in stage.outs})
+    return stages
+
+
+def kedro_pipeline(stage: str):
+    match = re.fullmatch(r"kedro run --pipeline=(\w+)", dvc_stages()[stage].cmd)
+    assert match, f"stage {stage} runs {dvc_stages()[stage].cmd!r}, not one Kedro pipeline"
+    return importlib.import_module(f"muco_flow.pipelines.{match.group(1)}").create_pipeline()
+
+
+def catalog_path(entry: dict[str, Any]) -> str | None:
+    return next((entry[key] for key in ("filepath", "path", "uri") if key in entry), None)
+
+
+def covers(dep: str, path: str) -> bool:
+    return path == dep or path.startswith(dep.rstrip("/") + "/")
+
+
+# --- the code a stage runs ----------------------------------------------------------------
+
+
+def module_file(name: str) -> Path | None:
+    base = SRC.joinpath(*name.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def referenced_modules(path: Path) -> set[str]:
+    """muco_flow modules that ``path`` imports, or names as a string (a `python -m` target)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative imports are not followed here"
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)
+    return {n for n in names if n.startswith("muco_flow.") and module_file(n)}
+
+
+def code_used_by(stage: str) -> set[str]:
+    """Non-empty source files reachable from the stage's pipeline and the datasets it touches."""
+    catalog = config_loader()["catalog"]
+    todo = [f"muco_flow.pipelines.{stage}"]
+    for dataset in kedro_pipeline(stage).datasets():
+        module, _, cls = catalog.get(dataset, {}).get("type", "").rpartition(".")
+        if module.startswith("muco_flow"):
+            todo.append(getattr(importlib.import_module(module), cls).__module__)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(referenced_modules(module_file(name)))
+    files = {module_file(name) for name in seen}
+    return {f.relative_to(PROJECT_ROOT).as_posix() for f in files if f.read_text().strip()}
+
+
+def parameter_values(stage: str) -> dict[str, Any]:
+    params = config_loader()["parameters"]
+    values = {}
+    for name in kedro_pipeline(stage).inputs():
+        if name.startswith("params:"):
+            value = params
+            for part in name.removeprefix("params:").split("."):
+                value = value[part]
+            values[name.removeprefix("params:")] = value
+    return values
+
+
+def strings_in(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings_in(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings_in(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_the_chain_runs_one_kedro_pipeline_per_stage():
+    assert [name for name in dvc_stages() if name in CHAIN] == CHAIN
+    for name in CHAIN:
+        assert dvc_stages()[name].cmd == f"kedro run --pipeline={name}"
+        assert kedro_pipeline(name).nodes
+
+
+@pytest.mark.parametrize("stage", CHAIN)
+def test_stage_deps_are_the_code_it_imports(stage):
+    used = code_used_by(stage)
+    code_deps = [d for d in dvc_stages()[stage].deps if d.startswith("src/")]
+    untracked = sorted(f for f in used if not any(covers(d, f) for d in code_deps))
+    needless = sorted(d for d in code_deps if not any(covers(d, f) for f in used))
+    assert (untracked, needless) == ([], []), f"{stage}: untracked {untracked}, not imported {needless}"
+
+
+@pytest.mark.parametrize("stage", CHAIN)
+def test_stage_deps_include_the_configuration_files_its_parameters_name(stage):
+    named = {s for s in strings_in(parameter_values(stage)) if s.startswith("conf/") and (PROJECT_ROOT / s).is_file()}
+    assert {d for d in dvc_stages()[stage].deps if d.startswith("conf/")} == named
+    if stage == "train":
+        assert named == {"conf/base/deepspeed/zero2.json"}
+
+
+@pytest.mark.parametrize("stage", CHAIN)
+def test_stage_params_are_the_parameters_its_nodes_read(stage):
+    expected: dict[str, set[str]] = {}
+    for key in parameter_values(stage):
+        top = key.split(".")[0]
+        files = [
+            p
+            for p in sorted((PROJECT_ROOT / "conf/base").glob("parameters*.yml"))
+            if top in yaml.safe_load(p.read_text())
+        ]
+        assert len(files) == 1, f"{top} is defined in {files}"
+        expected.setdefault(files[0].relative_to(PROJECT_ROOT).as_posix(), set()).add(key)
+    # catalog entries of the pipeline that use ${globals:...} (the snapshot URI)
+    raw_catalog = yaml.safe_load((PROJECT_ROOT / "conf/base/catalog.yml").read_text())
+    for dataset in kedro_pipeline(stage).datasets():
+        for name in re.findall(r"\$\{globals:([\w.]+)", json.dumps(raw_catalog.get(dataset, {}))):
+            expected.setdefault("conf/base/globals.yml", set()).add(name)
+    assert dvc_stages()[stage].params == expected
+
+
+@pytest.mark.parametrize("stage", CHAIN)
+def test_stage_outs_are_what_its_nodes_write(stage):
+    catalog = config_loader()["catalog"]
+    pipeline = kedro_pipeline(stage)
+    expected = {catalog_path(catalog[d]) for d in pipeline.all_outputs() if d in catalog and catalog_path(catalog[d])}
+    # a directory the node writes itself (training.output_dir)
+    expected |= {s for s in strings_in(parameter_values(stage)) if s.startswith("data/")}
+    assert set(dvc_stages()[stage].outs) == expected
+
+
+@pytest.mark.parametrize("stage", CHAIN)
+def test_stage_data_deps_are_its_inputs_written_by_earlier_stages(stage):
+    catalog = config_loader()["catalog"]
+    inputs = {catalog_path(catalog[d]) for d in kedro_pipeline(stage).inputs() if d in catalog}
+    data_deps = {d for d in dvc_stages()[stage].deps if d.startswith("data/")}
+    assert inputs <= data_deps
+    earlier = [out for name in CHAIN[: CHAIN.index(stage)] for out in dvc_stages()[name].outs]
+    assert all(any(covers(out, dep) for out in earlier) for dep in data_deps), data_deps
+
+
+def test_metrics_and_plots_are_declared_with_their_columns():
+    evaluate, train = dvc_stages()["evaluate"].outs, dvc_stages()["train"].outs
+    assert [p for p, out in {**train, **evaluate}.items() if out.metric] == ["data/08_reporting/metrics.json"]
+    assert train["data/08_reporting/train_loss.csv"].plot == {"x": "step", "y": "loss"}
+    recall = evaluate["data/08_reporting/recall_at_k.csv"].plot
+    assert (recall["x"], recall["y"]) == ("k", "recall")
+    # the template draws one line per set and model: columns the evaluate pipeline writes
+    template = json.loads((PROJECT_ROOT / ".dvc/plots" / f"{recall['template']}.json").read_text())
+    table = recall_curve_table({"recall_curves": {"M-BEIR": {1: 0.5}}}, {"recall_curves": {"M-BEIR": {1: 0.2}}})
+    fields = {f for f in re.findall(r'"field": "([^"<]+)"', json.dumps(template)) if f != "rev"}
+    assert fields == {"set", "model"} and fields | {"k", "recall"} <= set(table.columns)
+
+
+# --- the real commands in a clone ----------------------------------------------------------------
+
+TOOL_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "KEDRO_DISABLE_TELEMETRY": "true",
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `kedro` in the stages' commands
+    "GIT_AUTHOR_NAME": "muco-flow tests",
+    "GIT_AUTHOR_EMAIL": "tests@muco-flow.invalid",
+    "GIT_COMMITTER_NAME": "muco-flow tests",
+    "GIT_COMMITTER_EMAIL": "tests@muco-flow.invalid",
+}
+
+
+def run(cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        args, cwd=cwd, env={**os.environ, **TOOL_ENV, **(env or {})}, capture_output=True, text=True, timeout=1500
+    )
+    if check:
+        assert result.returncode == 0, f"{' '.join(args)}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def dvc(cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run(cwd, str(BIN / "dvc"), *args, **kwargs)
+
+
+def git(cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run(cwd, "git", *args, **kwargs)
+
+
+def stages_run(result: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"^Running stage '([\w-]+)':", result.stdout, re.MULTILINE)
+
+
+def edit_yaml(path: Path, updates: dict[str, Any]) -> None:
+    """Sets dotted keys that already exist in ``path``, as a user editing the file would."""
+    document = yaml.safe_load(path.read_text())
+    for dotted, value in updates.items():
+        *parents, last = dotted.split(".")
+        node = document
+        for part in parents:
+            node = node[part]
+        if last not in node:
+            raise KeyError(f"{path} has no {dotted}")
+        node[last] = value
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def file_md5s(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def shard_hashes(project: Path) -> list[str]:
+    manifest = json.loads((project / "data/02_intermediate/m3t_shards/manifest.json").read_text())
+    return [s["sha256"] for s in manifest["shards"]]
+
+
+def untracked_or_changed(root: Path) -> list[str]:
+    return git(root, "status", "--porcelain").stdout.splitlines()
+
+
+@dataclass
+class Clone:
+    root: Path
+    head: str  # the commit it was cloned at
+    first_repro: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory) -> Clone:
+    """This repository's HEAD (committed files only), sized down and committed, after its first `dvc repro`."""
+    parent = tmp_path_factory.mktemp("dvc")
+    head = git(PROJECT_ROOT, "rev-parse", "HEAD").stdout.strip()
+    git(parent, "clone", "--quiet", "--no-checkout", str(PROJECT_ROOT), "muco-flow")
+    root = parent / "muco-flow"
+    git(root, "checkout", "--quiet", "-b", "dvc-test", head)
+    sample = {key: int(value) for key, value in (item.split("=") for item in SMALL_RUN_PARAMS.split(","))}
+    edit_yaml(root / "conf/base/parameters_sample.yml", sample)
+    edit_yaml(root / "conf/base/parameters_train.yml", {"training.max_steps": 4, "training.save_every": 2})
+    git(root, "commit", "--quiet", "-am", "Test sizes")
+    return Clone(root, head, dvc(root, "repro"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_repro_on_a_fresh_clone_runs_the_whole_chain(clone):
+    assert stages_run(clone.first_repro) == CHAIN
+    assert "is cached" not in clone.first_repro.stdout  # really ran, not restored from a run cache
+    root = clone.root
+    assert (root / "data/06_models/muco/model/model.safetensors").is_file()
+    assert json.loads((root / "data/06_models/train_run.json").read_text())["steps"] == 4
+    # DVC wrote no .gitignore of its own: only the lock file is new
+    assert untracked_or_changed(root) == ["?? dvc.lock"]
+
+
+@pytest.mark.slow
+def test_metrics_show_and_plots_show(clone):
+    root = clone.root
+    shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
+    metrics = shown[""]["data"]["data/08_reporting/metrics.json"]["data"]
+    assert metrics == json.loads((root / "data/08_reporting/metrics.json").read_text())
+    assert 0.0 <= metrics["headline"]["mmeb/average"] <= 1.0
+
+    plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
+    reporting = "data/08_reporting/"
+    assert set(plots) == {
+        reporting + name
+        for name in ("train_loss.csv", "train_loss.png", "recall_at_k.csv", "recall_at_k.png", "mmeb_hit_at_1.png")
+    }
+    loss = plots[reporting + "train_loss.csv"][0]["content"]
+    assert [float(p["step"]) for p in loss["data"]["values"]] == [1, 2, 3, 4]
+    assert {"step", "loss"} <= set(re.findall(r'"field": "([^"]+)"', json.dumps(loss)))
+    recall = plots[reporting + "recall_at_k.csv"][0]["content"]
+    rows = (root / reporting / "recall_at_k.csv").read_text().splitlines()
+    assert len(recall["data"]["values"]) == len(rows) - 1
+    assert (recall["encoding"]["color"]["field"], recall["encoding"]["strokeDash"]["field"]) == ("set", "model")
+    assert plots[reporting + "train_loss.png"][0]["type"] == "image"
+
+    dvc(root, "plots", "show")
+    assert (root / "dvc_plots/index.html").is_file()
+    assert untracked_or_changed(root) == ["?? dvc.lock"]
+
+
+@pytest.mark.slow
+def test_second_repro_runs_nothing(clone):
+    assert "Data and pipelines are up to date." in dvc(clone.root, "status").stdout
+    again = dvc(clone.root, "repro")
+    assert stages_run(again) == []
+    assert set(re.findall(r"Stage '([\w-]+)' didn't change, skipping", again.stdout)) == set(CHAIN)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_training_parameter_reruns_train_and_evaluate_only(clone):
+    root = clone.root
+    before = json.loads((root / "data/06_models/train_run.json").read_text())
+    edit_yaml(root / "conf/base/parameters_train.yml", {"training.learning_rate": 5.0e-4})
+    assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"train"}
+
+    result = dvc(root, "repro")
+    assert stages_run(result) == ["train", "evaluate"]
+    after = json.loads((root / "data/06_models/train_run.json").read_text())
+    assert after["mlflow_run_id"] != before["mlflow_run_id"]
+    assert json.loads((root / "data/08_reporting/metrics.json").read_text())["mlflow_run_id"] == after["mlflow_run_id"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["conf/base/parameters_train.yml"]["training"]["learning_rate"] == 5.0e-4
+    # DVC emptied data/06_models/muco before the stage ran: one run in the log, from step 0
+    log = (root / "data/06_models/muco/logs/rank0.log").read_text()
+    assert log.count("rank 0 of") == 1
+    assert "resumed from checkpoint" not in log
+    steps = [json.loads(line)["step"] for line in (root / "data/06_models/muco/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_m3t_snapshot_through_an_s3_remote_and_repro_from_its_tag(clone, small_sample_files, tmp_path):
+    root = clone.root
+    snapshot = root / "data/01_raw/m3t"
+    FileTreeDataset(str(snapshot)).save(
+        {name: data for name, data in small_sample_files.items() if name.startswith(("M3T_train/", "images/train/"))}
+    )
+    originals = file_md5s(snapshot)
+    rows = pq.read_metadata(snapshot / "M3T_train/M3T.parquet").num_rows
+    outputs = []
+    with moto_server() as endpoint:
+        client = s3_client_for(endpoint)
+        client.create_bucket(Bucket="muco-dvc")
+        # the README's steps: remote (endpoint tracked, credentials local), dvc add, point ingest at it, tag, push
+        dvc(root, "remote", "add", "-d", "storage", "s3://muco-dvc/store")
+        dvc(root, "remote", "modify", "storage", "endpointurl", endpoint)
+        dvc(root, "remote", "modify", "--local", "storage", "access_key_id", ACCESS_KEY)
+        dvc(root, "remote", "modify", "--local", "storage", "secret_access_key", SECRET_KEY)
+        outputs.append(dvc(root, "add", "data/01_raw/m3t"))
+        edit_yaml(root / "conf/base/globals.yml", {"m3t_source_uri": "data/01_raw/m3t"})
+        git(root, "add", ".dvc/config", "data/01_raw/m3t.dvc", "data/01_raw/.gitignore", "conf/base/globals.yml")
+        git(root, "commit", "--quiet", "-m", "M3T snapshot v1")
+        git(root, "tag", "m3t-v1")
+        outputs.append(dvc(root, "push"))
+
+        # the remote holds every file under its md5
+        keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket="muco-dvc")
+                for o in page.get("Contents", [])}  # fmt: skip
+        assert {f"store/files/md5/{h[:2]}/{h[2:]}" for h in originals.values()} <= keys
+        # the secret is in .dvc/config.local, which git ignores, and in no commit but its test definition
+        assert SECRET_KEY in (root / ".dvc/config.local").read_text()
+        assert git(root, "check-ignore", "--quiet", ".dvc/config.local", check=False).returncode == 0
+        commits = git(root, "rev-list", "--all").stdout.split()
+        found = git(root, "grep", "-l", "-I", SECRET_KEY, *commits, check=False).stdout.split()
+        assert {hit.split(":", 1)[1] for hit in found} == {"tests/s3_server.py"}
+        assert SECRET_KEY not in git(root, "log", "-p", "m3t-v1", "--not", clone.head).stdout
+
+        # no local cache, no workspace copy: pull them back
+        shutil.rmtree(root / ".dvc/cache")
+        shutil.rmtree(snapshot)
+        outputs.append(dvc(root, "pull"))
+        assert file_md5s(snapshot) == originals
+
+        # later, a fresh clone of the tag; credentials from the environment, the endpoint from .dvc/config
+        git(tmp_path, "clone", "--quiet", str(root), "later")
+        later = tmp_path / "later"
+        git(later, "checkout", "--quiet", "m3t-v1")
+        credentials = {k: v for k, v in s3_env(endpoint).items() if k != "AWS_ENDPOINT_URL"}
+        outputs.append(dvc(later, "pull", "data/01_raw/m3t.dvc", env=credentials))
+        assert file_md5s(later / "data/01_raw/m3t") == originals
+        reproduced = dvc(later, "repro")
+
+        # the same files at an s3:// URI, ingested through boto3
+        upload_tree(client, snapshot, "m3t-raw", "v1")
+        project = new_project(tmp_path / "project")
+        outputs.append(
+            kedro_run(project, "--pipeline=ingest", "--params=m3t_source_uri=s3://m3t-raw/v1", env=s3_env(endpoint))
+        )
+
+    assert stages_run(reproduced) == CHAIN
+    manifest = json.loads((later / "data/02_intermediate/m3t_shards/manifest.json").read_text())
+    assert manifest["source"]["uri"] == "data/01_raw/m3t"
+    assert manifest["counts"] == {"read": rows, "accepted": rows, "rejected": 0}
+    lock = yaml.safe_load((later / "dvc.lock").read_text())
+    snapshot_dep = next(d for d in lock["stages"]["ingest"]["deps"] if d["path"] == "data/01_raw/m3t")
+    assert snapshot_dep["md5"] == yaml.safe_load((later / "data/01_raw/m3t.dvc").read_text())["outs"][0]["md5"]
+    assert shard_hashes(later) == shard_hashes(project)
+    assert shard_hashes(later) != shard_hashes(root)  # the clone's shards still come from the bundled sample
+    assert json.loads((later / "data/06_models/train_run.json").read_text())["steps"] == 4
+    for result in outputs:
+        assert SECRET_KEY not in result.stdout + result.stderr
