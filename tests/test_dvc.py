@@ -32,7 +32,7 @@ from muco_flow.evaluation.report import recall_curve_table
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, config_loader, kedro_run, new_project
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for, s3_env, upload_tree
 
-CHAIN = ["sample", "backbone", "ingest", "format", "train", "evaluate"]
+CHAIN = ["sample", "backbone", "ingest", "format", "train", "evaluate", "register"]
 BIN = Path(sys.executable).parent
 SRC = PROJECT_ROOT / "src"
 
@@ -353,15 +353,17 @@ def test_second_repro_runs_nothing(clone):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_a_training_parameter_reruns_train_and_evaluate_only(clone):
+def test_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
     root = clone.root
     before = json.loads((root / "data/06_models/train_run.json").read_text())
     edit_yaml(root / "conf/base/parameters_train.yml", {"training.learning_rate": 5.0e-4})
     assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"train"}
 
     result = dvc(root, "repro")
-    assert stages_run(result) == ["train", "evaluate"]
+    assert stages_run(result) == ["train", "evaluate", "register"]
     after = json.loads((root / "data/06_models/train_run.json").read_text())
+    registration = json.loads((root / "data/08_reporting/registration.json").read_text())
+    assert (registration["run_id"], registration["version"]) == (after["mlflow_run_id"], 2)
     assert after["mlflow_run_id"] != before["mlflow_run_id"]
     assert json.loads((root / "data/08_reporting/metrics.json").read_text())["mlflow_run_id"] == after["mlflow_run_id"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())

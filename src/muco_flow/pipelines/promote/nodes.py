@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from muco_flow.registry import PromotionPolicy, promote_challenger
-from muco_flow.tracking import check_tracking_server, resolve_tracking_uri
+from muco_flow.tracking import resolve_tracking_uri
 
 
 def promote_challenger_if_better(registry: dict[str, Any], mlflow: dict[str, Any]) -> dict[str, Any]:
     """Moves `champion` to the `challenger` version if it wins by the configured margin."""
-    tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
-    check_tracking_server(tracking_uri)
-    return promote_challenger(tracking_uri, registry["model_name"], PromotionPolicy.from_params(registry))
+    return promote_challenger(
+        resolve_tracking_uri(mlflow.get("tracking_uri")), registry["model_name"], PromotionPolicy.from_params(registry)
+    )

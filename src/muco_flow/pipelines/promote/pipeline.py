@@ -1,5 +1,6 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
+from muco_flow.hooks import MLFLOW_TAG
 from muco_flow.pipelines.promote.nodes import promote_challenger_if_better
 
 
@@ -11,6 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["params:registry", "params:mlflow"],
                 "promotion",
                 name="promote_challenger_if_better",
+                tags=[MLFLOW_TAG],
             )
         ]
     )

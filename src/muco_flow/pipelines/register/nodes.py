@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from muco_flow.registry import RegistryError, lineage_tags, register_model_version
-from muco_flow.tracking import UNKNOWN_COMMIT, check_tracking_server, source_commit
+from muco_flow.tracking import UNKNOWN_COMMIT, source_commit
 
 
 def register_trained_model(
@@ -22,7 +22,6 @@ def register_trained_model(
             f"metrics.json is from run {evaluation_metrics.get('mlflow_run_id')}, but the trained model is run "
             f"{run_id}: run `kedro run --pipeline=evaluate` before registering"
         )
-    check_tracking_server(tracking_uri)
     run = MlflowClient(tracking_uri).get_run(run_id)
     trained_at = run.data.tags.get("mlflow.source.git.commit", UNKNOWN_COMMIT)
     manifest = json.loads((Path(shards_dir) / "manifest.json").read_text())

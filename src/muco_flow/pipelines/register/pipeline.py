@@ -1,5 +1,6 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
+from muco_flow.hooks import MLFLOW_TAG
 from muco_flow.pipelines.register.nodes import register_trained_model
 
 
@@ -11,6 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["train_run", "evaluation_metrics", "m3t_shards", "params:registry"],
                 "registration",
                 name="register_trained_model",
+                tags=[MLFLOW_TAG],
             )
         ]
     )
