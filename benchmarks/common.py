@@ -175,13 +175,19 @@ def goals_text(goals: list[dict[str, Any]]) -> str:
     )
 
 
-def run_fresh_process(module: str, *args: str) -> dict[str, Any]:
+def run_fresh_process(module: str, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Runs ``python -m module args`` in a new process; returns the JSON object on its last output line.
 
-    A fresh process is how a peak-memory figure belongs to one measurement alone.
+    A fresh process is how a peak-memory figure belongs to one measurement
+    alone. ``env`` adds to this process's environment.
     """
     result = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False
+        [sys.executable, "-m", module, *args],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{result.stderr[-3000:]}")

@@ -57,6 +57,12 @@ def batch_work(batch: Any) -> Work:
     return Work(lm_tokens, int(batch.query["image_grid_thw"].prod(dim=-1).sum()))
 
 
+def padded_work(batch: Any) -> Work:
+    """The work as the model sees it: every row padded to the batch's longest."""
+    lm_tokens = batch.query["input_ids"].numel() + batch.target["input_ids"].numel()
+    return Work(lm_tokens, int(batch.query["image_grid_thw"].prod(dim=-1).sum()))
+
+
 def ideal_ratio(single_turn: Work, multi_turn: Work, cost: dict[str, float]) -> float:
     """Training FLOPs of the single-turn step over the multi-turn step's, for the same pairs."""
     return single_turn.flops(cost) / multi_turn.flops(cost)
@@ -186,7 +192,7 @@ def _measurement(configuration: dict[str, Any]) -> dict[str, Any]:
         "pairs_per_step": batch.pairs,
         "conversations_per_step": len(batch.conversation_ids),
         "lm_tokens": work.lm_tokens,
-        "lm_tokens_with_padding": int(batch.query["input_ids"].numel() + batch.target["input_ids"].numel()),
+        "lm_tokens_with_padding": padded_work(batch).lm_tokens,
         "vision_patches": work.vision_patches,
         "step_seconds": common.summarize(seconds),
         "pairs_per_second": common.rates(batch.pairs, seconds),
@@ -216,6 +222,9 @@ def _comparisons(configurations: list[dict[str, Any]], cost: dict[str, float]) -
             "turns": turns,
             "measured_ratio": measured,
             "ideal_ratio": ideal,
+            "ideal_ratio_with_padding": ideal_ratio(
+                padded_work(configuration["batch"]), padded_work(multi["batch"]), cost
+            ),
             "lm_token_ratio": single_work.lm_tokens / multi_work.lm_tokens,
             "vision_patch_ratio": single_work.vision_patches / multi_work.vision_patches,
             "fraction_of_ideal": measured["median"] / ideal,
