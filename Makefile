@@ -1,5 +1,5 @@
-# The two README commands: `make run` (install + run on the bundled sample)
-# and `make test`. Everything runs inside .venv, created on first use.
+# The README commands: `make run` (install + run on the bundled sample),
+# `make test` and `make bench`. Everything runs inside .venv, created on first use.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
@@ -10,7 +10,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test lint lock clean
+.PHONY: install run test bench lint lock clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,14 @@ test: install $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+
+# All benchmarks (about 10 minutes on 2 cores), on the bundled sample and the
+# tiny backbone (built first if missing); JSON and report.md in
+# data/08_reporting/benchmarks/, the tables copied into docs/performance.md.
+bench: install
+	test -f data/01_raw/m3t_mini/M3T_train/M3T.parquet || $(BIN)/kedro run --pipeline=sample
+	test -f data/06_models/tiny-qwen2-vl/config.json || $(BIN)/kedro run --pipeline=backbone
+	DS_ACCELERATOR=cpu $(BIN)/python -m benchmarks --update-docs
 
 lint: install
 	$(BIN)/ruff check --fix .

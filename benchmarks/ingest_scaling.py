@@ -1,37 +1,38 @@
 """Ingest throughput and peak memory as the row count grows.
 
-    python benchmarks/ingest_scaling.py --rows 1000 10000 100000
+    python -m benchmarks.ingest_scaling --rows 1000 10000 100000
 
 Synthetic snapshots reuse the M3T-mini images (rows cycle through them, each
 with its own id), so the cost per row is the real one: parse, validate, read,
-decode and hash an image, write a shard. Each size runs in a fresh process, so
-the peak RSS reported is that size's alone. Results go to
-data/08_reporting/benchmarks/ingest_scaling.json.
+decode and hash an image, write a shard. Each repeat of each size runs in a
+fresh process, so the peak RSS reported is that ingest's alone. Ingest
+streams, so peak RSS should not grow with the row count: the goal is that
+it stays within 15% from the second-largest size to the largest.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks import common
 from muco_flow.data import schema
 from muco_flow.data.m3t_mini import MiniSampleConfig, generate_m3t_mini
 
-OUT = Path("data/08_reporting/benchmarks/ingest_scaling.json")
+NAME = "ingest_scaling"
+MAX_RSS_GROWTH = 1.15
 
 
 def build_snapshot(root: Path, rows: int) -> None:
+    """An M3T snapshot of ``rows`` rows at ``root``, cycling through 256 M3T-mini samples and their images."""
     files = generate_m3t_mini(
         MiniSampleConfig(train_images=256, heldout_images=1, eval_queries_per_dataset=2, eval_candidates=2)
     )
@@ -51,53 +52,90 @@ def build_snapshot(root: Path, rows: int) -> None:
     writer.close()
 
 
-def child(root: str, out: str) -> None:
-    """Runs one ingest and prints its wall time and peak RSS as JSON."""
+def ingest(root: Path, out: Path) -> dict[str, Any]:
+    """One ingest of the snapshot at ``root`` into ``out``: its manifest."""
     from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
     from muco_flow.data.sources import LocalSnapshot
 
+    return ingest_m3t_snapshot(LocalSnapshot(str(root), schema.TRAIN_META_FILE), out, IngestConfig())
+
+
+def child(root: str, out: str) -> None:
+    """Runs one ingest and prints its wall time and peak RSS as JSON."""
     start = time.perf_counter()
-    manifest = ingest_m3t_snapshot(LocalSnapshot(root, schema.TRAIN_META_FILE), Path(out), IngestConfig())
+    manifest = ingest(Path(root), Path(out))
     elapsed = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": elapsed, "peak_rss_mib": peak_kib / 1024, "counts": manifest["counts"]}))
+    print(json.dumps({"seconds": elapsed, "peak_rss_mib": common.peak_rss_mib(), "counts": manifest["counts"]}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure(rows: int, repeats: int, budget: float) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "snapshot"
+        build_snapshot(root, rows)
+        while len(runs) < repeats and sum(r["seconds"] for r in runs) < budget:
+            out = Path(tmp) / "out"
+            out.mkdir()
+            runs.append(common.run_fresh_process("benchmarks.ingest_scaling", "--child", str(root), str(out)))
+            shutil.rmtree(out)
+    return {
+        "rows": rows,
+        "rows_per_second": common.summarize([rows / r["seconds"] for r in runs]),
+        "peak_rss_mib": common.summarize([r["peak_rss_mib"] for r in runs]),
+        "counts": runs[-1]["counts"],
+    }
+
+
+def run(args: Any) -> dict[str, Any]:
+    results = []
+    for rows in args.rows:
+        result = measure(rows, args.repeats, args.budget)
+        print(f"{rows:>8} rows  {common.spread(result['rows_per_second'], 0)} rows/s", flush=True)
+        results.append(result)
+    goals = []
+    if len(results) >= 2:
+        smaller, largest = results[-2], results[-1]
+        growth = largest["peak_rss_mib"]["median"] / smaller["peak_rss_mib"]["median"]
+        goals.append(
+            common.goal(
+                f"peak RSS flat from {smaller['rows']:,} to {largest['rows']:,} rows",
+                f"<= {MAX_RSS_GROWTH:.2f}x",
+                f"{growth:.2f}x",
+                growth <= MAX_RSS_GROWTH,
+            )
+        )
+    parameters = {"rows": args.rows, "repeats": args.repeats, "budget_seconds_per_size": args.budget}
+    return {"parameters": parameters, "results": results, "goals": goals}
+
+
+def table(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    headers = ["rows", "rows/s", "peak RSS MiB", "accepted", "rejected"]
+    rows = [
+        [
+            f"{r['rows']:,}",
+            common.spread(r["rows_per_second"], 0),
+            common.spread(r["peak_rss_mib"], 1),
+            str(r["counts"]["accepted"]),
+            str(r["counts"]["rejected"]),
+        ]
+        for r in document["results"]
+    ]
+    return headers, rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common.argument_parser(__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=90.0, help="seconds per size after which to stop repeating")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         child(*args.child)
         return
-    results = []
-    for rows in args.rows:
-        with tempfile.TemporaryDirectory() as tmp:
-            root, out = Path(tmp) / "snapshot", Path(tmp) / "out"
-            out.mkdir()
-            build_snapshot(root, rows)
-            run = subprocess.run(
-                [sys.executable, __file__, "--child", str(root), str(out)], capture_output=True, text=True, check=True
-            )
-            result = json.loads(run.stdout.strip().splitlines()[-1])
-            result.update(rows=rows, rows_per_second=rows / result["seconds"])
-            results.append(result)
-            shutil.rmtree(out, ignore_errors=True)
-        print(f"{rows:>8} rows  {result['rows_per_second']:>8.0f} rows/s  peak RSS {result['peak_rss_mib']:>7.1f} MiB")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
-        json.dumps(
-            {
-                "machine": platform.platform(),
-                "python": platform.python_version(),
-                "cpus": __import__("os").cpu_count(),
-                "results": results,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    if args.quick:
+        args.rows, args.repeats = [20, 40], 1
+    common.write_and_print(args.out, NAME, run(args), table)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,19 @@ def test_chunked_scoring_matches_brute_force(query_chunk, pool_chunk):
     expected = (queries @ pool.T).topk(5, dim=1)
     torch.testing.assert_close(scores, expected.values)
     assert torch.equal(torch.gather(queries @ pool.T, 1, indices), expected.values)
+
+
+def test_top_k_over_a_streamed_pool_matches_brute_force():
+    generator = torch.Generator().manual_seed(1)
+    queries = torch.randn(9, 6, generator=generator)
+    pool = torch.randn(41, 6, generator=generator)
+    expected = (queries @ pool.T).topk(7, dim=1)
+    blocks = iter([pool[:5], pool[5:6], pool[6:30], pool[30:]])  # uneven, and consumed once
+    scores, indices = chunked_top_k(queries, blocks, 7, query_chunk=4)
+    torch.testing.assert_close(scores, expected.values)
+    assert torch.equal(indices, expected.indices)
+    assert next(blocks, None) is None
+    # fewer pool rows than k: every row, best first
+    scores, indices = chunked_top_k(queries, (b for b in [pool[:2], pool[2:3]]), 7)
+    assert indices.shape == (9, 3)
+    torch.testing.assert_close(scores, (queries @ pool[:3].T).sort(dim=1, descending=True).values)

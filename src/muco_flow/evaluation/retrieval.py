@@ -1,10 +1,13 @@
 """Scoring queries against a candidate pool in chunks.
 
 Neither function ever holds a full queries x pool matrix: memory is bounded
-by ``query_chunk x pool_chunk`` scores, whatever the pool's size.
+by ``query_chunk x pool_chunk`` scores, whatever the pool's size. Top-k also
+takes the pool as a stream of blocks, so that the pool itself need not fit.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -12,25 +15,42 @@ from muco_flow.evaluation.metrics import TIE_TOLERANCE
 
 
 def chunked_top_k(
-    queries: torch.Tensor, pool: torch.Tensor, k: int, *, query_chunk: int = 1024, pool_chunk: int = 65536
+    queries: torch.Tensor,
+    pool: torch.Tensor | Iterable[torch.Tensor],
+    k: int,
+    *,
+    query_chunk: int = 1024,
+    pool_chunk: int = 65536,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` best pool rows per query by dot product: (scores, indices), best first."""
-    k = min(k, pool.shape[0])
-    all_scores, all_indices = [], []
-    for q in range(0, queries.shape[0], query_chunk):
-        block = queries[q : q + query_chunk]
-        best_scores = torch.full((block.shape[0], 0), float("-inf"), dtype=block.dtype)
-        best_indices = torch.empty((block.shape[0], 0), dtype=torch.long)
-        for p in range(0, pool.shape[0], pool_chunk):
-            scores = block @ pool[p : p + pool_chunk].T
-            top = scores.topk(min(k, scores.shape[1]), dim=1)
-            merged_scores = torch.cat([best_scores, top.values], dim=1)
-            merged_indices = torch.cat([best_indices, top.indices + p], dim=1)
-            keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-            best_scores, best_indices = keep.values, merged_indices.gather(1, keep.indices)
-        all_scores.append(best_scores)
-        all_indices.append(best_indices)
-    return torch.cat(all_scores), torch.cat(all_indices)
+    """The ``k`` best pool rows per query by dot product: (scores, indices), best first.
+
+    ``pool`` is a tensor, or an iterable of row blocks in pool order (read
+    from disk or encoded on the fly), consumed once; then only one block of
+    the pool is in memory at a time, and the blocks' own sizes replace ``pool_chunk``.
+    """
+    blocks = (pool[p : p + pool_chunk] for p in range(0, pool.shape[0], pool_chunk)) if torch.is_tensor(pool) else pool
+    starts = range(0, queries.shape[0], query_chunk)
+    sizes = [min(query_chunk, queries.shape[0] - q) for q in starts]
+    best = [(queries.new_empty(n, 0), torch.empty(n, 0, dtype=torch.long)) for n in sizes]
+    offset = 0
+    for block in blocks:
+        for i, q in enumerate(starts):
+            best[i] = _merge_top_k(*best[i], queries[q : q + query_chunk] @ block.T, offset, k)
+        offset += block.shape[0]
+        # the loop variable would keep this block alive while the stream makes the next one
+        del block
+    return torch.cat([scores for scores, _ in best]), torch.cat([indices for _, indices in best])
+
+
+def _merge_top_k(
+    best_scores: torch.Tensor, best_indices: torch.Tensor, scores: torch.Tensor, offset: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of the best so far and a block of scores whose columns start at pool row ``offset``."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    merged_scores = torch.cat([best_scores, top.values], dim=1)
+    merged_indices = torch.cat([best_indices, top.indices + offset], dim=1)
+    keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+    return keep.values, merged_indices.gather(1, keep.indices)
 
 
 def chunked_positive_ranks(

@@ -201,6 +201,27 @@ class MuCoEmbedder(nn.Module):
         (Path(directory) / EMBEDDER_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
+def build_training_embedder(
+    checkpoint: str, backbone: dict[str, Any], embedder: dict[str, Any], *, seed: int
+) -> MuCoEmbedder:
+    """The embedder training starts from, from the `backbone` and `training.embedder` parameters.
+
+    The adapters are initialised from ``seed``, so every process that passes
+    the same seed starts from the same weights.
+    """
+    from muco_flow.modeling.backbone import BackboneConfig, load_backbone, resolve_attn_implementation
+
+    settings = BackboneConfig.from_params(backbone)
+    loaded = load_backbone(
+        checkpoint,
+        dtype=settings.dtype,
+        attn_implementation=resolve_attn_implementation(settings.attn_implementation),
+        trust_remote_code=settings.trust_remote_code,
+    )
+    torch.manual_seed(seed)
+    return MuCoEmbedder(loaded, EmbedderSettings.from_params(embedder))
+
+
 def _vlm(model: nn.Module) -> nn.Module:
     """The Qwen2VLModel under a Qwen2VLForConditionalGeneration, PEFT-wrapped or not."""
     for module in model.modules():

@@ -165,19 +165,33 @@ class ConversationBatches:
         images = [
             Image.open(io.BytesIO(self.images.get(r["image_shard"], r["image_row"]))).convert("RGB") for r in records
         ]
-        pixel_values, grid, counts = image_inputs(self.image_processor, images)
-        for record, count in zip(records, counts, strict=True):
-            if count != record["image_tokens"]:
-                raise ValueError(
-                    f"conversation {record['conversation_id']}: the image gives {count} tokens but it was formatted "
-                    f"with {record['image_tokens']}; re-run the format pipeline with this backbone's image processor"
-                )
-        query = collate([r["query_input_ids"] for r in records], self.pad_id, self.image_pad_id)
-        target = collate([r["target_input_ids"] for r in records], self.pad_id, self.image_pad_id)
-        query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
-        query["emb_index"] = _emb_index(records, "query_emb_positions")
-        target["emb_index"] = _emb_index(records, "target_emb_positions")
-        return Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records])
+        return collate_conversations(
+            records, images, self.image_processor, pad_id=self.pad_id, image_pad_id=self.image_pad_id
+        )
+
+
+def collate_conversations(
+    records: list[dict[str, Any]],
+    images: list[Image.Image],
+    image_processor: Qwen2VLImageProcessorPil,
+    *,
+    pad_id: int,
+    image_pad_id: int,
+) -> Batch:
+    """A batch from formatted conversation records (all with the same K) and each one's image."""
+    pixel_values, grid, counts = image_inputs(image_processor, images)
+    for record, count in zip(records, counts, strict=True):
+        if count != record["image_tokens"]:
+            raise ValueError(
+                f"conversation {record['conversation_id']}: the image gives {count} tokens but it was formatted "
+                f"with {record['image_tokens']}; re-run the format pipeline with this backbone's image processor"
+            )
+    query = collate([r["query_input_ids"] for r in records], pad_id, image_pad_id)
+    target = collate([r["target_input_ids"] for r in records], pad_id, image_pad_id)
+    query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
+    query["emb_index"] = _emb_index(records, "query_emb_positions")
+    target["emb_index"] = _emb_index(records, "target_emb_positions")
+    return Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records])
 
 
 def _emb_index(records: list[dict[str, Any]], column: str) -> torch.Tensor:

@@ -66,6 +66,26 @@ def resolve_deepspeed_config(
     return config
 
 
+def training_deepspeed_config(
+    training: dict[str, Any], *, on_cpu: bool, template: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config of a run with the `training` parameters.
+
+    ``template`` replaces the file named by `training.deepspeed.config`.
+    """
+    ds = training["deepspeed"]
+    return resolve_deepspeed_config(
+        load_deepspeed_template(ds["config"]) if template is None else template,
+        precision=training["precision"],
+        learning_rate=training["learning_rate"],
+        offload_optimizer=ds["offload_optimizer"],
+        micro_batch_size=training["micro_batch_size"],
+        gradient_accumulation_steps=training["gradient_accumulation_steps"],
+        gradient_clipping=training["gradient_clipping"],
+        on_cpu=on_cpu,
+    )
+
+
 def validate_deepspeed_config(config: dict[str, Any]) -> None:
     """Raises ValueError naming the problem if DeepSpeed would reject ``config``."""
     from deepspeed.runtime.config import DeepSpeedConfig

@@ -11,11 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from muco_flow.training.deepspeed_config import (
-    load_deepspeed_template,
-    resolve_deepspeed_config,
-    validate_deepspeed_config,
-)
+from muco_flow.training.deepspeed_config import training_deepspeed_config, validate_deepspeed_config
 
 
 class TrainingFailedError(RuntimeError):
@@ -41,17 +37,7 @@ def resolve_run_config(
 ) -> dict[str, Any]:
     """Everything one rank needs, in one JSON-serialisable dict, plus its fingerprint."""
     cpu = on_cpu()
-    ds = training["deepspeed"]
-    deepspeed = resolve_deepspeed_config(
-        load_deepspeed_template(ds["config"]),
-        precision=training["precision"],
-        learning_rate=training["learning_rate"],
-        offload_optimizer=ds["offload_optimizer"],
-        micro_batch_size=training["micro_batch_size"],
-        gradient_accumulation_steps=training["gradient_accumulation_steps"],
-        gradient_clipping=training["gradient_clipping"],
-        on_cpu=cpu,
-    )
+    deepspeed = training_deepspeed_config(training, on_cpu=cpu)
     validate_deepspeed_config(deepspeed)
     config = {
         "output_dir": training["output_dir"],

@@ -20,10 +20,13 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from muco_flow.training.data import Batch
 
 logger = logging.getLogger("muco_flow.train")
 
@@ -60,6 +63,26 @@ def mean_over_ranks(value: float) -> float:
     return tensor.item() / dist.get_world_size()
 
 
+def forward_backward(
+    engine: Any, batch: Batch, device: torch.device, *, temperature: float, symmetric_loss: bool
+) -> torch.Tensor:
+    """Both sides of ``batch`` forward, targets gathered from every rank, the loss, backward.
+
+    Returns the loss of this rank's queries; ``engine.step()`` completes the step.
+    """
+    from muco_flow.modeling.loss import multi_turn_contrastive_loss
+    from muco_flow.training.distributed import all_gather_with_grad
+
+    query = engine(**{k: v.to(device) for k, v in batch.query.items()})
+    target = engine(**{k: v.to(device) for k, v in batch.target.items()})
+    all_targets = all_gather_with_grad(target)
+    all_queries = all_gather_with_grad(query) if symmetric_loss else None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    loss = multi_turn_contrastive_loss(query, all_targets, batch.turns, temperature, rank, gathered_query=all_queries)
+    engine.backward(loss)
+    return loss
+
+
 def train(config: dict[str, Any]) -> None:
     import warnings
 
@@ -69,12 +92,9 @@ def train(config: dict[str, Any]) -> None:
     from deepspeed.accelerator import get_accelerator
 
     from muco_flow.modeling import tokens
-    from muco_flow.modeling.backbone import BackboneConfig, load_backbone, resolve_attn_implementation
-    from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder
-    from muco_flow.modeling.loss import multi_turn_contrastive_loss
+    from muco_flow.modeling.embedder import build_training_embedder
     from muco_flow.training.checkpoint import find_resumable, load_checkpoint, save_checkpoint
     from muco_flow.training.data import ConversationBatches
-    from muco_flow.training.distributed import all_gather_with_grad
 
     output_dir = Path(config["output_dir"])
     settings = config["training"]
@@ -92,15 +112,10 @@ def train(config: dict[str, Any]) -> None:
     logger.info("rank %d of %d on %s", rank, world, device)
 
     # --- model ---------------------------------------------------------------
-    backbone_settings = BackboneConfig.from_params(config["backbone"])
-    backbone = load_backbone(
-        config["checkpoint"],
-        dtype=backbone_settings.dtype,
-        attn_implementation=resolve_attn_implementation(backbone_settings.attn_implementation),
-        trust_remote_code=backbone_settings.trust_remote_code,
-    )
-    torch.manual_seed(settings["seed"])  # LoRA init identical on every rank...
-    embedder = MuCoEmbedder(backbone, EmbedderSettings.from_params(settings["embedder"])).to(device)
+    # the same seed gives the same LoRA init on every rank...
+    embedder = build_training_embedder(
+        config["checkpoint"], config["backbone"], settings["embedder"], seed=settings["seed"]
+    ).to(device)
     random.seed(settings["seed"] + rank)  # ...and each rank its own dropout masks from here on
     torch.manual_seed(settings["seed"] + rank)
     trainable = [p for p in embedder.parameters() if p.requires_grad]
@@ -172,14 +187,9 @@ def train(config: dict[str, Any]) -> None:
     for step in range(start, total_steps):
         began = time.perf_counter()
         batch = batches.batch(step)
-        query = engine(**{k: v.to(device) for k, v in batch.query.items()})
-        target = engine(**{k: v.to(device) for k, v in batch.target.items()})
-        all_targets = all_gather_with_grad(target)
-        all_queries = all_gather_with_grad(query) if settings["symmetric_loss"] else None
-        loss = multi_turn_contrastive_loss(
-            query, all_targets, batch.turns, settings["temperature"], rank, gathered_query=all_queries
+        loss = forward_backward(
+            engine, batch, device, temperature=settings["temperature"], symmetric_loss=settings["symmetric_loss"]
         )
-        engine.backward(loss)
         engine.step()
         seconds = time.perf_counter() - began
 

@@ -1,0 +1,154 @@
+"""The training workload the benchmarks run: the tiny backbone as training configures it, on the sample's images.
+
+Conversations are planned, tokenized and collated by the library's own
+formatting and batching, and a step is the training loop's own
+``forward_backward`` and ``engine.step()`` under DeepSpeed, so what is timed
+here is what `kedro run --pipeline=train` runs, minus the logging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from muco_flow.data import schema
+from muco_flow.data.conversations import MODES, FormatConfig, plan_conversations
+from muco_flow.data.formatting import ConversationTokenizer, image_token_count
+from muco_flow.modeling.embedder import MuCoEmbedder, build_training_embedder
+from muco_flow.training.data import Batch, collate_conversations
+from muco_flow.training.deepspeed_config import training_deepspeed_config
+
+CPU = torch.device("cpu")
+
+
+def sample_images(sample_dir: Path, count: int) -> tuple[list[dict[str, Any]], list[Image.Image]]:
+    """The first ``count`` training samples of an M3T-mini snapshot and their images."""
+    table = pq.read_table(Path(sample_dir) / schema.TRAIN_META_FILE)
+    if table.num_rows < count:
+        raise ValueError(f"{sample_dir} has {table.num_rows} training samples, {count} are needed")
+    rows = table.slice(0, count).to_pylist()
+    images = [Image.open(Path(sample_dir) / row[schema.QRY_IMAGE_PATH]).convert("RGB") for row in rows]
+    return rows, images
+
+
+def square_images(
+    images: list[Image.Image], side: int, backbone_dir: Path
+) -> tuple[list[Image.Image], Qwen2VLImageProcessorPil]:
+    """The images resized to ``side`` x ``side`` and an image processor that keeps that size.
+
+    With the pixel budget fixed at side², every image takes (side / 28)² LLM
+    tokens and four times as many vision patches.
+    """
+    pixels = side * side
+    processor = Qwen2VLImageProcessorPil.from_pretrained(
+        str(backbone_dir), size={"shortest_edge": pixels, "longest_edge": pixels}, local_files_only=True
+    )
+    return [image.resize((side, side), Image.Resampling.BICUBIC) for image in images], processor
+
+
+def conversation_batch(
+    samples: list[dict[str, Any]],
+    images: list[Image.Image],
+    *,
+    turns: int,
+    mode: str,
+    embedder: MuCoEmbedder,
+    image_processor: Qwen2VLImageProcessorPil,
+    format_params: dict[str, Any],
+) -> Batch:
+    """The same ``turns`` query/target pairs of each sample, in ``mode``.
+
+    multi_turn: one conversation per image holding its K turns; single_turn:
+    K conversations per image, one turn each. Both take the sample's turns in
+    the order and phrasing the format pipeline draws, so they hold the same pairs.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
+    config = FormatConfig.from_params({**format_params, "mode": mode, "turns_per_conversation": turns})
+    conversation_tokenizer = ConversationTokenizer(embedder.tokenizer, config)
+    plans, plan_images = [], []
+    for sample, image in zip(samples, images, strict=True):
+        planned = plan_conversations(sample[schema.SAMPLE_ID], sample[schema.QRY], sample[config.target_field], config)
+        chosen = planned[:turns] if mode == "single_turn" else planned[:1]
+        if sum(len(plan.turn_index) for plan in chosen) != turns:
+            raise ValueError(f"sample {sample[schema.SAMPLE_ID]} has fewer than {turns} turns")
+        plans += chosen
+        plan_images += [image] * len(chosen)
+    image_tokens = [image_token_count(image_processor, *image.size) for image in plan_images]
+    records = []
+    for record, count in zip(conversation_tokenizer.tokenize(plans, image_tokens), image_tokens, strict=True):
+        if record is None or record["dropped_turns"]:
+            raise ValueError(f"a conversation does not fit format.max_length={config.max_length}")
+        records.append(record | {"image_tokens": count})
+    return collate_conversations(
+        records,
+        plan_images,
+        image_processor,
+        pad_id=embedder.tokenizer.pad_token_id,
+        image_pad_id=conversation_tokenizer.image_pad_id,
+    )
+
+
+def paired_batches(
+    samples: list[dict[str, Any]], images: list[Image.Image], *, turns: int, **options: Any
+) -> dict[str, Batch]:
+    """The same pairs in each mode: ``{mode: batch}`` (options as for ``conversation_batch``)."""
+    return {mode: conversation_batch(samples, images, turns=turns, mode=mode, **options) for mode in MODES}
+
+
+def start_process_group(rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
+    """This process as rank ``rank`` of a gloo group on this machine, as torchrun would set it up."""
+    from muco_flow.training.launch import free_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed compiles a shared-memory op at init; in the default cache
+    # (~/.cache/torch_extensions) every virtual environment on the machine
+    # overwrites the others' build, so each would recompile (minutes on 2 cores).
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port or free_port()),
+    )
+    # as in train.py: DeepSpeed's ZeRO calls collectives that torch 2.13 marks deprecated
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.*deprecated")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def training_embedder(params: dict[str, Any], backbone_dir: Path) -> MuCoEmbedder:
+    training = params["training"]
+    return build_training_embedder(str(backbone_dir), params["backbone"], training["embedder"], seed=training["seed"])
+
+
+def training_engine(embedder: MuCoEmbedder, training: dict[str, Any], template: dict[str, Any] | None = None) -> Any:
+    """A DeepSpeed engine over ``embedder``'s trainable parameters, configured as training configures it."""
+    import deepspeed
+
+    config = training_deepspeed_config(training, on_cpu=True, template=template)
+    trainable = [p for p in embedder.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=embedder, model_parameters=trainable, config=config)
+    engine.train()
+    return engine
+
+
+def training_step(engine: Any, batch: Batch, training: dict[str, Any]) -> float:
+    """One full step (forward, backward, optimizer) as train.py takes it; returns the loss."""
+    from muco_flow.training.train import forward_backward
+
+    loss = forward_backward(
+        engine, batch, CPU, temperature=training["temperature"], symmetric_loss=training["symmetric_loss"]
+    )
+    engine.step()
+    return loss.item()

@@ -1,0 +1,253 @@
+"""Benchmarks at their smallest settings: the JSON they write, and the arithmetic they rest on.
+
+Nothing here asserts on speed: timings on a shared machine prove nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import common
+from benchmarks.__main__ import BENCHMARKS, report, update_docs
+from benchmarks.retrieval_scaling import GeneratedPool, working_set_bytes
+from benchmarks.training_throughput import Work, batch_work, ideal_ratio, per_token_training_flops
+from benchmarks.zero_memory import theoretical_bytes
+from muco_flow.evaluation.retrieval import chunked_top_k
+from tests.conftest import PROJECT_ROOT, load_params
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("benchmarks")
+
+
+def run_benchmark(name: str, out: Path, *options: str) -> dict:
+    """``python -m benchmarks.<name> --quick``, as a user runs it; returns the JSON it wrote."""
+    command = [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(out), *options]
+    finished = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    document = common.read_result(out, name)
+    assert_common_structure(document, name)
+    return document
+
+
+def assert_common_structure(document: dict, name: str) -> None:
+    assert document["benchmark"] == name
+    assert {"platform", "cpu_count", "python"} <= document["machine"].keys()
+    assert {"torch", "transformers", "deepspeed", "muco_flow_commit"} <= document["versions"].keys()
+    assert document["parameters"] and document["results"]
+    for goal in document["goals"]:
+        assert set(goal) == {"goal", "target", "measured", "met"}
+    for summary in _summaries(document["results"]):
+        assert summary["min"] <= summary["median"] <= summary["max"] and summary["repeats"] >= 1
+
+
+def _summaries(value):
+    if isinstance(value, dict):
+        if {"median", "min", "max", "repeats"} <= value.keys():
+            yield value
+        for inner in value.values():
+            yield from _summaries(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _summaries(inner)
+
+
+def test_ideal_ratio_from_hand_counted_tokens():
+    # K=3 pairs of one image with 4 image tokens (16 patches); system header 10
+    # tokens; each query turn 8 tokens, each target turn 7.
+    single = Work(lm_tokens=3 * (10 + 4 + 8) + 3 * (10 + 7), vision_patches=3 * 16)
+    multi = Work(lm_tokens=(10 + 4 + 3 * 8) + (10 + 3 * 7), vision_patches=16)
+    assert (single.lm_tokens, multi.lm_tokens) == (117, 69)
+    cost = {"lm_token": 100.0, "vision_patch": 25.0}
+    assert ideal_ratio(single, multi, cost) == pytest.approx((117 * 100 + 48 * 25) / (69 * 100 + 16 * 25))
+    assert ideal_ratio(multi, multi, cost) == 1.0
+
+
+def test_per_token_flops_from_the_tiny_presets_shapes(tiny_backbone_dir, tiny_preset):
+    from benchmarks.workload import training_embedder
+
+    embedder = training_embedder(load_params(), tiny_backbone_dir)
+    text, vision = tiny_preset["text"], tiny_preset["vision"]
+    d, ffn, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+    kv = d // text["num_attention_heads"] * text["num_key_value_heads"]
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, ffn), (d, ffn), (ffn, d)]  # q k v o gate up down
+    r = load_params()["training"]["embedder"]["lora"]["r"]
+    frozen = layers * sum(i * o for i, o in shapes)
+    lora = layers * sum(r * (i + o) for i, o in shapes)
+    # frozen weights: forward + input gradient; LoRA: + its own weight gradient
+    assert per_token_training_flops(embedder)["lm_token"] == 4 * frozen + 6 * lora
+
+    e = vision["embed_dim"]
+    patch = 3 * 2 * 14 * 14 * e
+    block = e * 3 * e + e * e + 2 * e * (e * vision["mlp_ratio"])  # qkv, proj, fc1, fc2
+    merger = (4 * e) * (4 * e) + (4 * e) * d  # once per 2 x 2 patches
+    assert per_token_training_flops(embedder)["vision_patch"] == 2 * (patch + vision["depth"] * block) + 2 * merger / 4
+
+
+def test_both_modes_hold_the_same_pairs_and_differ_by_the_repeated_header_and_image(
+    small_sample_root, tiny_backbone_dir
+):
+    from benchmarks import workload
+    from muco_flow.data.conversations import ChatTemplates
+
+    params = load_params()
+    embedder = workload.training_embedder(params, tiny_backbone_dir)
+    samples, originals = workload.sample_images(small_sample_root, 2)
+    images, processor = workload.square_images(originals, 56, tiny_backbone_dir)
+    turns = 3
+    batches = workload.paired_batches(
+        samples, images, turns=turns, embedder=embedder, image_processor=processor, format_params=params["format"]
+    )
+    single, multi = batches["single_turn"], batches["multi_turn"]
+    assert single.pairs == multi.pairs == 2 * turns
+    assert (len(single.conversation_ids), len(multi.conversation_ids)) == (2 * turns, 2)
+
+    templates = ChatTemplates(**params["format"]["templates"])
+    framing = {"system", "user", "assistant", templates.system}
+
+    def turn_texts(side: dict) -> list[str]:
+        texts = embedder.tokenizer.batch_decode(side["input_ids"], skip_special_tokens=True)
+        return sorted(line for text in texts for line in text.splitlines() if line.strip() not in framing | {""})
+
+    for side in ("query", "target"):
+        assert turn_texts(getattr(single, side)) == turn_texts(getattr(multi, side))
+
+    def count(text: str) -> int:
+        return len(embedder.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    header = count(templates.message.format(role="system", content=templates.system))
+    image_tokens = (56 // 28) ** 2
+    placeholder = count(templates.image) - 1 + image_tokens  # <|image_pad|> becomes the image's tokens
+    single_work, multi_work = batch_work(single), batch_work(multi)
+    # each of the K-1 extra conversations per image repeats the header on both sides and the image on the query side
+    extra_conversations = 2 * (turns - 1)
+    assert single_work.lm_tokens - multi_work.lm_tokens == extra_conversations * (2 * header + placeholder)
+    assert single_work.vision_patches == turns * multi_work.vision_patches == turns * 2 * 4 * image_tokens
+
+
+def test_training_throughput_quick(results_dir, small_sample_root, tiny_backbone_dir):
+    document = run_benchmark(
+        "training_throughput", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)
+    )
+    steps = {(r["mode"], r["turns"]): r for r in document["results"] if r["kind"] == "step"}
+    assert set(steps) == {("single_turn", 1), ("single_turn", 3), ("multi_turn", 3)}
+    images = document["parameters"]["images_per_step"]
+    for (mode, turns), step in steps.items():
+        assert step["pairs_per_step"] == images * turns
+        assert step["conversations_per_step"] == images * (turns if mode == "single_turn" else 1)
+    cost = {
+        "lm_token": document["parameters"]["flops_per_lm_token"],
+        "vision_patch": document["parameters"]["flops_per_vision_patch"],
+    }
+    comparisons = {c["turns"]: c for c in document["results"] if c["kind"] == "multi_over_single"}
+    assert comparisons[1]["ideal_ratio"] == 1.0
+    work = {key: Work(s["lm_tokens"], s["vision_patches"]) for key, s in steps.items()}
+    expected = ideal_ratio(work[("single_turn", 3)], work[("multi_turn", 3)], cost)
+    assert comparisons[3]["ideal_ratio"] == pytest.approx(expected)
+    assert comparisons[3]["ideal_ratio"] > 1
+    assert comparisons[3]["fraction_of_ideal"] == pytest.approx(
+        comparisons[3]["measured_ratio"]["median"] / comparisons[3]["ideal_ratio"]
+    )
+
+
+def test_data_path_quick(results_dir, tiny_backbone_dir):
+    document = run_benchmark("data_path", results_dir, "--backbone", str(tiny_backbone_dir))
+    stages = {r["stage"]: r for r in document["results"]}
+    processes = document["parameters"]["training_processes"]
+    training = stages[f"training, {processes} processes (x{processes})"]["per_second"]["median"]
+    assert training == pytest.approx(processes * stages["training, 1 process"]["per_second"]["median"])
+    for stage in ("ingest", "format", "batch assembly"):
+        assert stages[stage]["ratio_to_training"] == pytest.approx(stages[stage]["per_second"]["median"] / training)
+    assert [g["goal"].split(" at least")[0] for g in document["goals"]] == ["ingest", "format", "batch assembly"]
+
+
+def test_ingest_scaling_quick(results_dir):
+    document = run_benchmark("ingest_scaling", results_dir)
+    for result in document["results"]:
+        assert result["counts"] == {"read": result["rows"], "accepted": result["rows"], "rejected": 0}
+    assert len(document["goals"]) == 1
+
+
+def test_retrieval_scaling_quick(results_dir):
+    document = run_benchmark("retrieval_scaling", results_dir)
+    parameters = document["parameters"]
+    assert {(r["pool_size"], r["dim"]) for r in document["results"]} == {
+        (size, dim) for size in parameters["pool_sizes"] for dim in parameters["dims"]
+    }
+    for result in document["results"]:
+        expected = working_set_bytes(
+            result["pool_size"],
+            result["dim"],
+            parameters["queries"],
+            parameters["query_chunk"],
+            parameters["pool_chunk"],
+        )
+        assert result["working_set_mib"] == pytest.approx(expected / 2**20)
+
+
+def test_a_generated_pool_streams_the_same_top_k_as_brute_force():
+    pool = GeneratedPool(size=2500, dim=12, block=700, seed=3)
+    whole = torch.cat(list(pool))
+    assert whole.shape == (2500, 12) and torch.equal(whole, torch.cat(list(pool)))  # the same pool each pass
+    queries = torch.randn(9, 12, generator=torch.Generator().manual_seed(4))
+    scores, indices = chunked_top_k(queries, pool, 10, query_chunk=4)
+    expected = (queries @ whole.T).topk(10, dim=1)
+    torch.testing.assert_close(scores, expected.values)
+    assert torch.equal(indices, expected.indices)
+    # a block and its scores, not the pool
+    assert working_set_bytes(10**6, 1536, 64, 1024, 65536) == (65536 * 1536 + 64 * 65536) * 4
+
+
+def test_zero_theory_for_a_known_parameter_count():
+    p, f, n = 1_000, 3_000, 2
+    assert theoretical_bytes(0, p, f, n) == {
+        "parameters": 16_000,
+        "gradients": 4_000,
+        "optimizer_state": 8_000,
+        "fp32_master": 0,
+    }
+    assert theoretical_bytes(1, p, f, n) == {
+        "parameters": 16_000,
+        "gradients": 4_000,
+        "optimizer_state": 4_000,
+        "fp32_master": 2_000,
+    }
+    assert theoretical_bytes(2, p, f, n)["gradients"] == 2_000
+    assert theoretical_bytes(3, p, f, n)["parameters"] == 8_000
+    # parameters stage 3 keeps whole on every rank come on top of the partition
+    assert theoretical_bytes(3, p, f, n, persistent=500)["parameters"] == 8_000 + 2_000
+
+
+def test_zero_memory_quick_matches_the_theory(results_dir, small_sample_root, tiny_backbone_dir):
+    document = run_benchmark(
+        "zero_memory", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)
+    )
+    results = {r["stage"]: r for r in document["results"]}
+    assert set(results) == set(document["parameters"]["stages"])
+    for stage, result in results.items():
+        assert "error" not in result, result.get("traceback")
+        assert len(result["bytes_per_rank"]) == 2
+        for category, theory in result["theory_bytes"].items():
+            for rank_bytes in result["bytes_per_rank"]:
+                assert rank_bytes[category] == pytest.approx(theory, rel=0.01), (stage, category)
+
+
+def test_the_report_holds_every_table_and_goal(results_dir, tmp_path):
+    ran = [name for name in BENCHMARKS if (results_dir / f"{name}.json").exists()]
+    assert ran, "the quick benchmarks above write their JSON here"
+    markdown = report(results_dir, ran, dict.fromkeys(ran, 1.0), "python -m benchmarks --quick")
+    for name in ran:
+        document = json.loads((results_dir / f"{name}.json").read_text())
+        assert all(goal["goal"] in markdown for goal in document["goals"])
+    docs = tmp_path / "performance.md"
+    docs.write_text("intro\n<!-- benchmark results: begin -->\nstale table\n<!-- benchmark results: end -->\noutro\n")
+    update_docs(markdown, docs)
+    text = docs.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "stale table" not in text and markdown in text
