@@ -73,6 +73,7 @@ def test_records_accept_base64_png_and_jpeg_data_uris_and_file_uris(tmp_path):
     [
         ({"text": "x", "image": "not base64 !!"}, "record 1: 'image' is neither base64"),
         ({"text": "x", "image": encoded(RED, "GIF")}, "record 1: image is GIF"),
+        ({"text": "x", "image": encoded(Image.new("RGB", (8, 8)), "GIF")}, "record 1: image is GIF"),  # upscaled
         ({"text": "x", "image": base64.b64encode(b"plain text").decode()}, "record 1: image cannot be decoded"),
         ({"text": "x", "image": "file:///nonexistent/cat.png"}, "record 1: image file /nonexistent/cat.png"),
         ({"text": "", "image": None}, "record 1: neither 'text' nor 'image'"),

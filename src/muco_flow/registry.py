@@ -97,10 +97,12 @@ def _open_image(data: bytes, record: int) -> Image.Image:
         checked = check_image(data, MAX_IMAGE_PIXELS)
     except ImageDecodeError as err:
         raise ModelInputError(f"record {record}: {err}") from None
-    image = Image.open(io.BytesIO(checked.data))
-    if image.format not in IMAGE_FORMATS:
-        raise ModelInputError(f"record {record}: image is {image.format}, expected one of {', '.join(IMAGE_FORMATS)}")
-    return image.convert("RGB")
+    # the format of what was sent: check_image re-encodes tiny images as PNG
+    with Image.open(io.BytesIO(data)) as sent:
+        if sent.format not in IMAGE_FORMATS:
+            expected = ", ".join(IMAGE_FORMATS)
+            raise ModelInputError(f"record {record}: image is {sent.format}, expected one of {expected}")
+    return Image.open(io.BytesIO(checked.data)).convert("RGB")
 
 
 def parse_records(frame: pd.DataFrame) -> list[tuple[str, Image.Image | None]]:
