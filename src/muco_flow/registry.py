@@ -216,7 +216,7 @@ def find_version_for_run(client, name: str, run_id: str):
 
 
 def register_model_version(
-    tracking_uri: str, *, name: str, run_id: str, model_dir: str, tags: Mapping[str, str], code_path: str | None = None
+    tracking_uri: str, *, name: str, run_id: str, model_dir: str, tags: Mapping[str, str]
 ) -> dict[str, Any]:
     """Logs the pyfunc to ``run_id`` and registers it under ``name`` with ``tags`` and alias `challenger`.
 
@@ -243,7 +243,7 @@ def register_model_version(
                 signature=model_signature(hidden_size),
                 input_example=input_example(),
                 pip_requirements=pinned_requirements(),
-                code_paths=[code_path or str(Path(__file__).parent)],
+                code_paths=[str(Path(__file__).parent)],  # the muco_flow package: the model's own code
             )
         version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
         logger.info("registered %s version %s from run %s", name, version.version, run_id)
