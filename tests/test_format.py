@@ -130,14 +130,16 @@ def test_single_turn_mode_and_shorter_conversations(ingested, processors, tmp_pa
 def test_truncation_drops_whole_trailing_turns_and_counts_them(ingested, processors, tmp_path):
     tokenizer, _ = processors
     _, full = run_format(ingested, processors, tmp_path)
-    manifest, cut = run_format(ingested, processors, tmp_path, max_length=120)
-    assert manifest["counts"]["turns_dropped"] > 0
+    # long enough for every first turn (up to 64 image tokens), too short for all seven
+    manifest, cut = run_format(ingested, processors, tmp_path, max_length=150)
+    assert manifest["counts"]["turns_dropped"] > 0 and manifest["counts"]["conversations_dropped"] == 0
     kept = sum(len(r["turn_index"]) for r in cut)
     assert kept + manifest["counts"]["turns_dropped"] == 168
     for short, long in zip(cut, full, strict=True):
+        assert short["conversation_id"] == long["conversation_id"]
         n = len(short["turn_index"])
         assert short["turn_index"] == long["turn_index"][:n]  # a prefix of the same order
-        assert len(short["query_input_ids"]) <= 120 and len(short["target_input_ids"]) <= 120
+        assert len(short["query_input_ids"]) <= 150 and len(short["target_input_ids"]) <= 150
         assert short["query_input_ids"] == long["query_input_ids"][: len(short["query_input_ids"])]
         assert tokenizer.decode(short["query_input_ids"]).endswith("<|emb|><|im_end|>\n")
 

@@ -26,6 +26,7 @@ from muco_flow.registry import (
     ModelInputError,
     PromotionPolicy,
     decide_promotion,
+    fluent_tracking_uri,
     parse_records,
     promote_challenger,
     register_model_version,
@@ -161,6 +162,16 @@ def versions_of(uri: str, name: str) -> list:
     return MlflowClient(uri).search_model_versions(f"name = '{name}'")
 
 
+def test_registration_leaves_no_process_wide_tracking_uri_behind(tracking_server, model_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_id = new_run(tracking_server)
+    tags = tags_with_score(run_id, 0.3)
+    register_model_version(tracking_server, name="no-leak", run_id=run_id, model_dir=str(model_dir), tags=tags)
+    # later subprocesses (kedro runs) would otherwise inherit this server
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert not mlflow.tracking.is_tracking_uri_set()
+
+
 def test_registration_is_idempotent_and_a_retry_after_a_failure_makes_one_version(
     tracking_server, model_dir, monkeypatch
 ):
@@ -246,8 +257,8 @@ def champion(tracking_server, model_dir) -> str:
 
 
 def test_loading_by_alias_gives_the_in_process_embedders_vectors(tracking_server, champion, model_dir):
-    mlflow.set_tracking_uri(tracking_server)
-    loaded = mlflow.pyfunc.load_model(f"models:/{champion}@{CHAMPION}")
+    with fluent_tracking_uri(tracking_server):
+        loaded = mlflow.pyfunc.load_model(f"models:/{champion}@{CHAMPION}")
     vectors = loaded.predict(pd.DataFrame(probe_records()))
 
     embedder, template = load_embedder(str(model_dir), default_template="")
@@ -293,7 +304,7 @@ def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tra
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=flags)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{tracking_server}/#/models/{champion}", wait_until="networkidle")
+            page.goto(f"{tracking_server}/#/models/{champion}", wait_until="domcontentloaded")  # the UI keeps polling
             page.get_by_text("Version 1").first.wait_for(timeout=60_000)
             page.get_by_text(f"@ {CHAMPION}").first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "mlflow_registered_model.png"), full_page=True)

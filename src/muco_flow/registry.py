@@ -16,7 +16,9 @@ import io
 import json
 import logging
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -206,6 +208,28 @@ def lineage_tags(
 # ---------------------------------------------------------------- registration
 
 
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """``uri`` for MLflow's fluent API (start_run, log_model, register_model) inside the block only.
+
+    ``mlflow.set_tracking_uri`` is process-wide and also exports MLFLOW_TRACKING_URI
+    to every later subprocess; both are put back as they were.
+    """
+    from mlflow.tracking import is_tracking_uri_set
+
+    previous = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
+
+
 def find_version_for_run(client, name: str, run_id: str):
     """The version of ``name`` made from ``run_id``, or None; more than one is an error."""
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
@@ -229,13 +253,12 @@ def register_model_version(
 
     if not (Path(model_dir) / EMBEDDER_FILE).is_file():
         raise RegistryError(f"{model_dir} holds no {EMBEDDER_FILE}: not a model written by muco-flow training")
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     version = find_version_for_run(client, name, run_id)
     if version is None:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         hidden_size = (config.get("text_config") or config)["hidden_size"]
-        with mlflow.start_run(run_id=run_id):
+        with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="embedding_model",
                 python_model=MuCoEmbeddingModel(),
@@ -245,7 +268,8 @@ def register_model_version(
                 pip_requirements=pinned_requirements(),
                 code_paths=[str(Path(__file__).parent)],  # the muco_flow package: the model's own code
             )
-        version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
+        with fluent_tracking_uri(tracking_uri):
+            version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
         logger.info("registered %s version %s from run %s", name, version.version, run_id)
     else:
         logger.info("%s version %s already holds run %s; not registering again", name, version.version, run_id)
