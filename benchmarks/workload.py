@@ -148,7 +148,12 @@ def training_step(engine: Any, batch: Batch, training: dict[str, Any]) -> float:
     from muco_flow.training.train import forward_backward
 
     loss = forward_backward(
-        engine, batch, CPU, temperature=training["temperature"], symmetric_loss=training["symmetric_loss"]
+        engine,
+        batch,
+        CPU,
+        temperature=training["temperature"],
+        symmetric_loss=training["symmetric_loss"],
+        mask_duplicate_targets=training["mask_duplicate_targets"],
     )
     engine.step()
     return loss.item()

@@ -181,7 +181,12 @@ def measure_stage(stage: str, params: dict[str, Any], backbone: Path, batch_args
         p.register_post_accumulate_grad_hook(sample_gradients) for p in engine.module.parameters() if p.requires_grad
     ]
     forward_backward(
-        engine, batch, workload.CPU, temperature=training["temperature"], symmetric_loss=training["symmetric_loss"]
+        engine,
+        batch,
+        workload.CPU,
+        temperature=training["temperature"],
+        symmetric_loss=training["symmetric_loss"],
+        mask_duplicate_targets=training["mask_duplicate_targets"],
     )
     sample_gradients()
     engine.step()

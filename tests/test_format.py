@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from muco_flow.data import schema
-from muco_flow.data.conversations import FormatConfig
+from muco_flow.data.conversations import FormatConfig, target_key
 from muco_flow.data.fetch import FetchConfig
 from muco_flow.data.formatting import format_m3t_shards
 from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
@@ -92,6 +92,22 @@ def test_records_decode_to_the_intended_conversations(ingested, processors, tmp_
             assert len(record[f"{side}_emb_positions"]) == 7
             assert record[f"{side}_attention_mask"] == [1] * len(ids)
         assert record["turn_type"] == [[0, 1, 1, 2, 2, 3, 4][k] for k in order]
+
+    # one key per distinct answer text: repeats ("three", "white") share one, different answers never do
+    texts_by_key: dict[int, set[str]] = {}
+    for record in records:
+        answers = rows[record["sample_id"]]["pos_text"]
+        for k, key in zip(record["turn_index"], record["target_key"], strict=True):
+            texts_by_key.setdefault(key, set()).add(answers[k])
+    assert all(len(texts) == 1 for texts in texts_by_key.values())
+    distinct = {text for row in rows.values() for text in row["pos_text"]}
+    assert len(texts_by_key) == len(distinct) < 7 * len(rows)
+
+
+def test_target_keys_ignore_case_and_spacing_only():
+    assert target_key("Red") == target_key("  red ") == target_key("RED")
+    assert target_key("a red circle") == target_key("a  red\tcircle")
+    assert len({target_key(t) for t in ("red", "blue", "a red circle", "a red square", "")}) == 5
 
 
 def test_tokenizing_turn_by_turn_equals_tokenizing_the_whole_text(ingested, processors, tmp_path):

@@ -16,7 +16,7 @@ from muco_flow.training.distributed import all_gather_with_grad
 from tests.servers import free_port
 
 
-def reference_loss(query, target, turns, temperature, rank, negatives=None):
+def reference_loss(query, target, turns, temperature, rank, negatives=None, keys=None):
     """InfoNCE written pair by pair: for each query, a positive over every allowed column."""
     local = query.shape[0]
     total = 0.0
@@ -27,6 +27,8 @@ def reference_loss(query, target, turns, temperature, rank, negatives=None):
         for j in range(target.shape[0]):
             if j // turns == me // turns and j != me:
                 continue  # another turn of the same sample: neither positive nor negative
+            if keys is not None and keys[j] == keys[me] and j != me:
+                continue  # the same answer text as the positive: not a negative either
             value = float(query[i] @ target[j]) / temperature
             logits.append(value)
             if j == me:
@@ -81,11 +83,46 @@ def test_symmetric_term_averages_both_directions():
     assert got.item() == pytest.approx((forward + backward) / 2, rel=1e-9)
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_targets_with_the_positive_text_are_not_negatives(rank):
+    query, target = unit(6, 8, seed=11), unit(12, 8, seed=12)
+    keys = torch.tensor([5, 1, 2, 5, 3, 1, 7, 5, 2, 9, 1, 4])  # repeats across samples and ranks
+    got = multi_turn_contrastive_loss(query, target, 3, 0.1, rank, target_keys=keys)
+    assert got.item() == pytest.approx(reference_loss(query, target, 3, 0.1, rank, keys=keys), rel=1e-9)
+    # distinct keys change nothing; repeated keys remove negatives, so the loss drops
+    distinct = multi_turn_contrastive_loss(query, target, 3, 0.1, rank, target_keys=torch.arange(12))
+    plain = multi_turn_contrastive_loss(query, target, 3, 0.1, rank)
+    assert distinct.item() == pytest.approx(plain.item(), rel=1e-12)
+    assert got.item() < plain.item()
+
+
+def test_duplicate_answers_hand_computed():
+    # two one-turn samples with the same answer text: the other one is no
+    # longer a negative, so each query's softmax has only its positive
+    eye = torch.eye(2, dtype=torch.float64)
+    same = torch.tensor([4, 4])
+    assert multi_turn_contrastive_loss(eye, eye, 1, 1.0, target_keys=same).item() == pytest.approx(0.0, abs=1e-12)
+    symmetric = multi_turn_contrastive_loss(eye, eye, 1, 1.0, gathered_query=eye, target_keys=same)
+    assert symmetric.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_symmetric_term_masks_queries_of_equal_answers():
+    query, target = unit(4, 8, seed=13), unit(8, 8, seed=14)
+    all_queries = torch.cat([unit(4, 8, seed=15), query])
+    keys = torch.tensor([1, 2, 3, 1, 2, 6, 1, 8])
+    got = multi_turn_contrastive_loss(query, target, 2, 0.05, rank=1, gathered_query=all_queries, target_keys=keys)
+    forward = reference_loss(query, target, 2, 0.05, 1, keys=keys)
+    backward = reference_loss(target[4:], all_queries, 2, 0.05, 1, keys=keys)
+    assert got.item() == pytest.approx((forward + backward) / 2, rel=1e-9)
+
+
 def test_shapes_that_do_not_fit_are_named():
     with pytest.raises(ValueError, match="do not fit K=3"):
         multi_turn_contrastive_loss(unit(4, 8, seed=1), unit(8, 8, seed=2), 3)
     with pytest.raises(ValueError, match="rank 2 has no block"):
         multi_turn_contrastive_loss(unit(4, 8, seed=1), unit(8, 8, seed=2), 2, rank=2)
+    with pytest.raises(ValueError, match=r"target_keys must have shape \(8,\)"):
+        multi_turn_contrastive_loss(unit(4, 8, seed=1), unit(8, 8, seed=2), 2, target_keys=torch.arange(4))
 
 
 def _rank_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -9,6 +9,7 @@ a sample always formats the same way for a given seed.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,6 +118,15 @@ def plan_conversations(
             )
         )
     return plans
+
+
+def target_key(text: str) -> int:
+    """A signed 64-bit id, equal for target texts that differ only in case and spacing.
+
+    The loss uses it to tell repeated answers ("red", "three") apart from real negatives.
+    """
+    digest = hashlib.blake2b(" ".join(text.split()).casefold().encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def _segments(user_contents: Sequence[str], t: ChatTemplates) -> list[str]:

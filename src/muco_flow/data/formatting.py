@@ -25,6 +25,7 @@ from muco_flow.data.conversations import (
     FormatConfig,
     plan_conversations,
     query_segments,
+    target_key,
     target_segments,
 )
 from muco_flow.data.ingest import MANIFEST_FILE
@@ -49,6 +50,7 @@ FORMATTED_SCHEMA = pa.schema(
         pa.field("target_input_ids", pa.list_(pa.int32()), nullable=False),
         pa.field("target_attention_mask", pa.list_(pa.int8()), nullable=False),
         pa.field("target_emb_positions", pa.list_(pa.int32()), nullable=False),
+        pa.field("target_key", pa.list_(pa.int64()), nullable=False),
     ]
 )
 
@@ -123,6 +125,7 @@ class ConversationTokenizer:
             "target_input_ids": target_ids,
             "target_attention_mask": [1] * len(target_ids),
             "target_emb_positions": t_emb,
+            "target_key": [target_key(text) for text in plan.targets[:kept]],
             "dropped_turns": len(query) - kept,
         }
 

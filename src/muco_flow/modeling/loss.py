@@ -7,6 +7,11 @@ local query (b, k) is target (b, k) in this rank's block. The other K-1
 targets of the same sample are true statements about the same image, so they
 are masked out instead of being used as negatives; every other sample's target
 is a negative. K = 1 is the single-turn (VLM2Vec-style) loss.
+
+Short answers repeat across samples ("red", "three"). With ``target_keys``
+(one id per target text), a target with the same text as the positive is
+masked out too: pushing two identical answers apart can only be done through
+their conversation context, which a single-turn target at evaluation lacks.
 """
 
 from __future__ import annotations
@@ -17,13 +22,20 @@ import torch.nn.functional as F
 DEFAULT_TEMPERATURE = 0.02
 
 
-def _same_sample_mask(rows: int, columns: int, turns: int, offset: int, device: torch.device) -> torch.Tensor:
-    """True where column ``j`` is another turn of row ``i``'s sample (rows start at column ``offset``)."""
-    row_sample = (torch.arange(rows, device=device) + offset) // turns
-    column_sample = torch.arange(columns, device=device) // turns
-    same = row_sample[:, None] == column_sample[None, :]
-    same[torch.arange(rows, device=device), torch.arange(rows, device=device) + offset] = False  # keep the positive
-    return same
+def _not_negative_mask(
+    rows: int, columns: int, turns: int, offset: int, device: torch.device, keys: torch.Tensor | None = None
+) -> torch.Tensor:
+    """True where column ``j`` may not be a negative of row ``i`` (whose positive is column ``offset + i``).
+
+    That is another turn of the same sample, or, with ``keys`` (one per
+    column), a column whose key equals the positive's.
+    """
+    positive = torch.arange(rows, device=device) + offset
+    masked = (positive // turns)[:, None] == (torch.arange(columns, device=device) // turns)[None, :]
+    if keys is not None:
+        masked |= keys[positive][:, None] == keys[None, :]
+    masked[torch.arange(rows, device=device), positive] = False  # keep the positive
+    return masked
 
 
 def _info_nce(
@@ -32,6 +44,7 @@ def _info_nce(
     turns: int,
     offset: int,
     temperature: float,
+    keys: torch.Tensor | None = None,
     extra: torch.Tensor | None = None,
     extra_offset: int = 0,
 ) -> torch.Tensor:
@@ -39,12 +52,12 @@ def _info_nce(
     rows = anchors.shape[0]
     logits = anchors @ candidates.T / temperature
     logits = logits.masked_fill(
-        _same_sample_mask(rows, candidates.shape[0], turns, offset, anchors.device), float("-inf")
+        _not_negative_mask(rows, candidates.shape[0], turns, offset, anchors.device, keys), float("-inf")
     )
     if extra is not None:
         # Hard negatives: the anchor's own turn's negative, and any of other samples.
         extra_logits = anchors @ extra.T / temperature
-        extra_same = _same_sample_mask(rows, extra.shape[0], turns, extra_offset, anchors.device)
+        extra_same = _not_negative_mask(rows, extra.shape[0], turns, extra_offset, anchors.device)
         logits = torch.cat([logits, extra_logits.masked_fill(extra_same, float("-inf"))], dim=1)
     labels = torch.arange(rows, device=anchors.device) + offset
     return F.cross_entropy(logits, labels)
@@ -59,6 +72,7 @@ def multi_turn_contrastive_loss(
     *,
     gathered_query: torch.Tensor | None = None,
     hard_negatives: torch.Tensor | None = None,
+    target_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of local queries against gathered targets, same-sample turns masked.
 
@@ -72,6 +86,9 @@ def multi_turn_contrastive_loss(
             symmetric target->query term is added and the two are averaged.
         hard_negatives: embeddings of wrong answers (M3T's ``neg_text``),
             sample-major like ``target``, appended as extra columns.
+        target_keys: one integer per row of ``target`` that is equal for equal
+            target texts; targets equal to a query's positive are then not
+            its negatives (nor, in the symmetric term, their queries).
     """
     local = query.shape[0]
     if local % turns or target.shape[0] % local:
@@ -79,6 +96,8 @@ def multi_turn_contrastive_loss(
             f"shapes do not fit K={turns}: query has {local} rows, target {target.shape[0]} "
             "(expected B*K and world*B*K)"
         )
+    if target_keys is not None and target_keys.shape != (target.shape[0],):
+        raise ValueError(f"target_keys must have shape ({target.shape[0]},), got {tuple(target_keys.shape)}")
     if target.shape[0] < (rank + 1) * local:
         raise ValueError(f"rank {rank} has no block in a target of {target.shape[0]} rows ({local} per rank)")
     offset = rank * local
@@ -90,10 +109,11 @@ def multi_turn_contrastive_loss(
                 f"hard_negatives must have {local} or {target.shape[0]} rows, got {hard_negatives.shape[0]}"
             )
         negative_offset = 0 if hard_negatives.shape[0] == local else offset
-    loss = _info_nce(query, target, turns, offset, temperature, hard_negatives, negative_offset)
+    loss = _info_nce(query, target, turns, offset, temperature, target_keys, hard_negatives, negative_offset)
     if gathered_query is None:
         return loss
     if gathered_query.shape != target.shape:
         raise ValueError(f"gathered_query must have the target's shape {tuple(target.shape)}")
     own_targets = target[offset : offset + local]
-    return (loss + _info_nce(own_targets, gathered_query, turns, offset, temperature)) / 2
+    # a query is keyed by its positive's text, so the same keys mask this direction
+    return (loss + _info_nce(own_targets, gathered_query, turns, offset, temperature, target_keys)) / 2

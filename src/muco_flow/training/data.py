@@ -37,6 +37,7 @@ RECORD_COLUMNS = [
     "query_emb_positions",
     "target_input_ids",
     "target_emb_positions",
+    "target_key",
 ]
 
 
@@ -79,6 +80,7 @@ class Batch:
     target: dict[str, torch.Tensor]
     turns: int
     conversation_ids: list[str]
+    target_keys: torch.Tensor  # [B*K], sample-major; equal for equal target texts
 
     @property
     def pairs(self) -> int:
@@ -108,9 +110,14 @@ class ConversationBatches:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
         self.records: list[dict[str, Any]] = []
         for shard in manifest["shards"]:
-            self.records.extend(
-                pq.read_table(Path(conversations_dir) / shard["file"], columns=RECORD_COLUMNS).to_pylist()
-            )
+            path = Path(conversations_dir) / shard["file"]
+            missing = sorted(set(RECORD_COLUMNS) - set(pq.read_schema(path).names))
+            if missing:
+                raise ValueError(
+                    f"{path} has no column {', '.join(missing)}: it was formatted by an older muco-flow; "
+                    "re-run the format pipeline"
+                )
+            self.records.extend(pq.read_table(path, columns=RECORD_COLUMNS).to_pylist())
         if not self.records:
             raise ValueError(f"no conversations in {conversations_dir}; run the format pipeline first")
         self.images = ImageStore(shards_dir)
@@ -191,7 +198,8 @@ def collate_conversations(
     query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
     query["emb_index"] = _emb_index(records, "query_emb_positions")
     target["emb_index"] = _emb_index(records, "target_emb_positions")
-    return Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records])
+    keys = torch.tensor([key for r in records for key in r["target_key"]], dtype=torch.long)
+    return Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records], keys)
 
 
 def _emb_index(records: list[dict[str, Any]], column: str) -> torch.Tensor:

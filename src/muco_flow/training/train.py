@@ -64,21 +64,30 @@ def mean_over_ranks(value: float) -> float:
 
 
 def forward_backward(
-    engine: Any, batch: Batch, device: torch.device, *, temperature: float, symmetric_loss: bool
+    engine: Any,
+    batch: Batch,
+    device: torch.device,
+    *,
+    temperature: float,
+    symmetric_loss: bool,
+    mask_duplicate_targets: bool,
 ) -> torch.Tensor:
     """Both sides of ``batch`` forward, targets gathered from every rank, the loss, backward.
 
     Returns the loss of this rank's queries; ``engine.step()`` completes the step.
     """
     from muco_flow.modeling.loss import multi_turn_contrastive_loss
-    from muco_flow.training.distributed import all_gather_with_grad
+    from muco_flow.training.distributed import all_gather_with_grad, all_gather_without_grad
 
     query = engine(**{k: v.to(device) for k, v in batch.query.items()})
     target = engine(**{k: v.to(device) for k, v in batch.target.items()})
     all_targets = all_gather_with_grad(target)
     all_queries = all_gather_with_grad(query) if symmetric_loss else None
+    keys = all_gather_without_grad(batch.target_keys.to(device)) if mask_duplicate_targets else None
     rank = dist.get_rank() if dist.is_initialized() else 0
-    loss = multi_turn_contrastive_loss(query, all_targets, batch.turns, temperature, rank, gathered_query=all_queries)
+    loss = multi_turn_contrastive_loss(
+        query, all_targets, batch.turns, temperature, rank, gathered_query=all_queries, target_keys=keys
+    )
     engine.backward(loss)
     return loss
 
@@ -188,7 +197,12 @@ def train(config: dict[str, Any]) -> None:
         began = time.perf_counter()
         batch = batches.batch(step)
         loss = forward_backward(
-            engine, batch, device, temperature=settings["temperature"], symmetric_loss=settings["symmetric_loss"]
+            engine,
+            batch,
+            device,
+            temperature=settings["temperature"],
+            symmetric_loss=settings["symmetric_loss"],
+            mask_duplicate_targets=settings["mask_duplicate_targets"],
         )
         engine.step()
         seconds = time.perf_counter() - began
