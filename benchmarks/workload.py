@@ -94,6 +94,7 @@ def conversation_batch(
         image_processor,
         pad_id=embedder.tokenizer.pad_token_id,
         image_pad_id=conversation_tokenizer.image_pad_id,
+        independent_targets=config.target_layout == "independent",
     )
 
 

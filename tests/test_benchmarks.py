@@ -91,8 +91,9 @@ def test_per_token_flops_from_the_tiny_presets_shapes(tiny_backbone_dir, tiny_pr
     assert per_token_training_flops(embedder)["vision_patch"] == 2 * (patch + vision["depth"] * block) + 2 * merger / 4
 
 
+@pytest.mark.parametrize("target_layout", ["independent", "conversation"])
 def test_both_modes_hold_the_same_pairs_and_differ_by_the_repeated_header_and_image(
-    small_sample_root, tiny_backbone_dir
+    small_sample_root, tiny_backbone_dir, target_layout
 ):
     from benchmarks import workload
     from muco_flow.data.conversations import ChatTemplates
@@ -103,7 +104,12 @@ def test_both_modes_hold_the_same_pairs_and_differ_by_the_repeated_header_and_im
     images, processor = workload.square_images(originals, 56, tiny_backbone_dir)
     turns = 3
     batches = workload.paired_batches(
-        samples, images, turns=turns, embedder=embedder, image_processor=processor, format_params=params["format"]
+        samples,
+        images,
+        turns=turns,
+        embedder=embedder,
+        image_processor=processor,
+        format_params={**params["format"], "target_layout": target_layout},
     )
     single, multi = batches["single_turn"], batches["multi_turn"]
     assert single.pairs == multi.pairs == 2 * turns
@@ -126,9 +132,11 @@ def test_both_modes_hold_the_same_pairs_and_differ_by_the_repeated_header_and_im
     image_tokens = (56 // 28) ** 2
     placeholder = count(templates.image) - 1 + image_tokens  # <|image_pad|> becomes the image's tokens
     single_work, multi_work = batch_work(single), batch_work(multi)
-    # each of the K-1 extra conversations per image repeats the header on both sides and the image on the query side
+    # each of the K-1 extra conversations per image repeats the header and the image on the query side, and
+    # the header on the target side unless independent targets already give every target its own header
     extra_conversations = 2 * (turns - 1)
-    assert single_work.lm_tokens - multi_work.lm_tokens == extra_conversations * (2 * header + placeholder)
+    target_header = header if target_layout == "conversation" else 0
+    assert single_work.lm_tokens - multi_work.lm_tokens == extra_conversations * (header + target_header + placeholder)
     assert single_work.vision_patches == turns * multi_work.vision_patches == turns * 2 * 4 * image_tokens
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 
 import pyarrow.parquet as pq
@@ -10,12 +11,14 @@ import pytest
 from PIL import Image
 
 from muco_flow.data import schema
-from muco_flow.data.conversations import FormatConfig, target_key
+from muco_flow.data.conversations import FormatConfig, single_turn_template, target_key
 from muco_flow.data.fetch import FetchConfig
 from muco_flow.data.formatting import format_m3t_shards
 from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
+from muco_flow.modeling.inputs import build_model_inputs
+from muco_flow.training.data import collate_conversations
 from tests.conftest import load_params
 from tests.corrupt_corpus import corrupt_snapshot
 
@@ -55,9 +58,11 @@ def source_rows(ingested):
     return rows
 
 
-def test_records_decode_to_the_intended_conversations(ingested, processors, tmp_path):
+@pytest.mark.parametrize("layout", ["independent", "conversation"])
+def test_records_decode_to_the_intended_conversations(ingested, processors, tmp_path, layout):
     tokenizer, image_processor = processors
-    manifest, records = run_format(ingested, processors, tmp_path)
+    manifest, records = run_format(ingested, processors, tmp_path, target_layout=layout)
+    assert manifest["settings"]["target_layout"] == layout
     rows = source_rows(ingested)
     assert manifest["counts"] == {
         "samples": 24,
@@ -74,7 +79,12 @@ def test_records_decode_to_the_intended_conversations(ingested, processors, tmp_
         queries = [row["qry"][k][p] for k, p in zip(order, phrasing, strict=True)]
         expected_query = SYSTEM + turn("<|vision_start|><|image_pad|><|vision_end|>" + queries[0])
         expected_query += "".join(turn(q) for q in queries[1:])
-        expected_target = SYSTEM + "".join(turn(row["pos_text"][k]) for k in order)
+        # independent: every target turn is a whole one-turn conversation of its own
+        target_turns = [
+            (SYSTEM if layout == "independent" or i == 0 else "") + turn(row["pos_text"][k])
+            for i, k in enumerate(order)
+        ]
+        expected_target = "".join(target_turns)
 
         # image tokens as the image processor itself counts them on the real pixels
         pixels = Image.open(io.BytesIO(row["image_bytes"])).convert("RGB")
@@ -84,6 +94,9 @@ def test_records_decode_to_the_intended_conversations(ingested, processors, tmp_
         assert decoded.count("<|image_pad|>") == n_image == record["image_tokens"]
         assert re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", decoded) == expected_query
         assert tokenizer.decode(record["target_input_ids"]) == expected_target
+        starts = [sum(record["target_turn_lengths"][:i]) for i in range(8)]
+        spans = [record["target_input_ids"][a:b] for a, b in itertools.pairwise(starts)]
+        assert [tokenizer.decode(span) for span in spans] == target_turns
 
         emb = tokenizer.convert_tokens_to_ids("<|emb|>")
         for side in ("query", "target"):
@@ -102,6 +115,35 @@ def test_records_decode_to_the_intended_conversations(ingested, processors, tmp_
     assert all(len(texts) == 1 for texts in texts_by_key.values())
     distinct = {text for row in rows.values() for text in row["pos_text"]}
     assert len(texts_by_key) == len(distinct) < 7 * len(rows)
+
+
+def test_independent_target_rows_are_the_tokens_evaluation_encodes(ingested, processors, tmp_path):
+    """Training sees each target exactly as evaluation's single-turn encoding of it."""
+    tokenizer, image_processor = processors
+    config = FormatConfig.from_params(load_params()["format"])
+    assert config.target_layout == "independent"  # the default
+    _, records = run_format(ingested, processors, tmp_path)
+    rows = source_rows(ingested)
+    images = [Image.open(io.BytesIO(rows[r["sample_id"]]["image_bytes"])).convert("RGB") for r in records[:3]]
+    batch = collate_conversations(
+        records[:3],
+        images,
+        image_processor,
+        pad_id=tokenizer.pad_token_id,
+        image_pad_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        independent_targets=True,
+    )
+    assert batch.target["input_ids"].shape[0] == 3 * 7 == batch.target["emb_index"].shape[0]
+    template = single_turn_template(config.templates)
+    emb = tokenizer.convert_tokens_to_ids("<|emb|>")
+    for row, (record, k) in enumerate((r, k) for r in records[:3] for k in r["turn_index"]):
+        text = rows[record["sample_id"]]["pos_text"][k]
+        evaluation = build_model_inputs(tokenizer, image_processor, [template.format(image="", text=text)], [None])
+        expected = evaluation["input_ids"][0].tolist()
+        length = int(batch.target["attention_mask"][row].sum())
+        assert batch.target["input_ids"][row, :length].tolist() == expected
+        assert batch.target["emb_index"][row].tolist() == [row, expected.index(emb)]
+    assert batch.target_keys.tolist() == [key for r in records[:3] for key in r["target_key"]]
 
 
 def test_target_keys_ignore_case_and_spacing_only():
@@ -155,9 +197,13 @@ def test_truncation_drops_whole_trailing_turns_and_counts_them(ingested, process
         assert short["conversation_id"] == long["conversation_id"]
         n = len(short["turn_index"])
         assert short["turn_index"] == long["turn_index"][:n]  # a prefix of the same order
-        assert len(short["query_input_ids"]) <= 150 and len(short["target_input_ids"]) <= 150
+        # each independent target turn is its own sequence, so each must fit, not their sum
+        assert len(short["query_input_ids"]) <= 150 and max(short["target_turn_lengths"]) <= 150
         assert short["query_input_ids"] == long["query_input_ids"][: len(short["query_input_ids"])]
         assert tokenizer.decode(short["query_input_ids"]).endswith("<|emb|><|im_end|>\n")
+    # one target conversation: the sum of its turns must fit
+    _, cut = run_format(ingested, processors, tmp_path, max_length=150, target_layout="conversation")
+    assert max(len(r["target_input_ids"]) for r in cut) <= 150 < max(len(r["target_input_ids"]) for r in full)
 
 
 def test_a_conversation_whose_first_turn_cannot_fit_is_dropped_and_counted(ingested, processors, tmp_path):
@@ -172,6 +218,7 @@ def test_a_conversation_whose_first_turn_cannot_fit_is_dropped_and_counted(inges
         ({"mode": "pairs"}, "format.mode"),
         ({"turns_per_conversation": 0}, "turns_per_conversation"),
         ({"target_field": "neg_text"}, "target_field"),
+        ({"target_layout": "packed"}, "format.target_layout must be one of"),
     ],
 )
 def test_bad_format_parameters_are_named(overrides, message):

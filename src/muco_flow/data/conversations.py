@@ -18,6 +18,10 @@ from typing import Any
 from muco_flow.data.schema import M3T_TURN_TYPES
 
 MODES = ("multi_turn", "single_turn")
+# How the K targets are laid out: each as its own one-turn conversation, as
+# evaluation encodes them, or all in one conversation where each sees the
+# earlier ones (which lets the loss match whole conversations, not answers).
+TARGET_LAYOUTS = ("independent", "conversation")
 UNKNOWN_TURN_TYPE = -1
 
 
@@ -54,6 +58,7 @@ class FormatConfig:
     mode: str = "multi_turn"
     turns_per_conversation: int | None = None  # None: all K turns in one conversation
     target_field: str = "pos_text"
+    target_layout: str = "independent"
     shuffle_turns: bool = True
     max_length: int = 2048
     seed: int = 0
@@ -66,6 +71,8 @@ class FormatConfig:
             raise ValueError(f"format.turns_per_conversation must be at least 1, got {self.turns_per_conversation}")
         if self.target_field not in ("pos_text", "pos_sentence"):
             raise ValueError(f"format.target_field must be pos_text or pos_sentence, got '{self.target_field}'")
+        if self.target_layout not in TARGET_LAYOUTS:
+            raise ValueError(f"format.target_layout must be one of {TARGET_LAYOUTS}, got '{self.target_layout}'")
         if self.max_length < 8:
             raise ValueError(f"format.max_length must be at least 8, got {self.max_length}")
 
@@ -129,15 +136,18 @@ def target_key(text: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _segments(user_contents: Sequence[str], t: ChatTemplates) -> list[str]:
+def _segments(user_contents: Sequence[str], t: ChatTemplates, system_every_turn: bool = False) -> list[str]:
     """One text segment per turn: the user message and its ``<|emb|>`` answer.
 
-    The system prompt opens the first segment. Segments end at special
-    tokens, so tokenizing them one by one equals tokenizing the whole text.
+    The system prompt opens the first segment (every segment with
+    ``system_every_turn``, which makes each one a whole conversation).
+    Segments end at special tokens, so tokenizing them one by one equals
+    tokenizing the whole text.
     """
     segments = []
     for i, content in enumerate(user_contents):
-        head = t.message.format(role="system", content=t.system) if i == 0 and t.system else ""
+        opens = i == 0 or system_every_turn
+        head = t.message.format(role="system", content=t.system) if opens and t.system else ""
         user = t.message.format(role="user", content=content)
         segments.append(head + user + t.message.format(role="assistant", content=t.assistant))
     return segments
@@ -152,9 +162,9 @@ def query_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
     return _segments(contents, t)
 
 
-def target_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
-    """The target side: text only, in the query side's turn order."""
-    return _segments([t.target.format(target=x) for x in plan.targets], t)
+def target_segments(plan: ConversationPlan, t: ChatTemplates, independent: bool = False) -> list[str]:
+    """The target side: text only, in the query side's turn order; ``independent``: one conversation each."""
+    return _segments([t.target.format(target=x) for x in plan.targets], t, system_every_turn=independent)
 
 
 def single_turn_template(t: ChatTemplates) -> str:

@@ -51,6 +51,8 @@ FORMATTED_SCHEMA = pa.schema(
         pa.field("target_attention_mask", pa.list_(pa.int8()), nullable=False),
         pa.field("target_emb_positions", pa.list_(pa.int32()), nullable=False),
         pa.field("target_key", pa.list_(pa.int64()), nullable=False),
+        # tokens per target turn; with target_layout "independent" each span is a whole conversation
+        pa.field("target_turn_lengths", pa.list_(pa.int32()), nullable=False),
     ]
 )
 
@@ -79,7 +81,8 @@ class ConversationTokenizer:
         """
         t = self.config.templates
         query_segs = [query_segments(p, t) for p in plans]
-        target_segs = [target_segments(p, t) for p in plans]
+        independent = self.config.target_layout == "independent"
+        target_segs = [target_segments(p, t, independent) for p in plans]
         flat = [s for segs in query_segs + target_segs for s in segs]
         ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"])
         results: list[dict[str, Any] | None] = []
@@ -98,8 +101,11 @@ class ConversationTokenizer:
 
     def _fit(self, plan: ConversationPlan, query: list[list[int]], target: list[list[int]]) -> dict[str, Any] | None:
         kept, q_len, t_len = 0, 0, 0
+        independent = self.config.target_layout == "independent"
         for q, tg in zip(query, target, strict=True):
-            if q_len + len(q) > self.config.max_length or t_len + len(tg) > self.config.max_length:
+            # independent targets are separate sequences: each one must fit, not their sum
+            t_need = len(tg) if independent else t_len + len(tg)
+            if q_len + len(q) > self.config.max_length or t_need > self.config.max_length:
                 break
             kept, q_len, t_len = kept + 1, q_len + len(q), t_len + len(tg)
         if kept == 0:
@@ -126,6 +132,7 @@ class ConversationTokenizer:
             "target_attention_mask": [1] * len(target_ids),
             "target_emb_positions": t_emb,
             "target_key": [target_key(text) for text in plan.targets[:kept]],
+            "target_turn_lengths": [len(seg) for seg in target[:kept]],
             "dropped_turns": len(query) - kept,
         }
 
@@ -189,6 +196,7 @@ def format_m3t_shards(
             "mode": config.mode,
             "turns_per_conversation": config.turns_per_conversation,
             "target_field": config.target_field,
+            "target_layout": config.target_layout,
             "max_length": config.max_length,
             "seed": config.seed,
             "shuffle_turns": config.shuffle_turns,

@@ -38,6 +38,7 @@ RECORD_COLUMNS = [
     "target_input_ids",
     "target_emb_positions",
     "target_key",
+    "target_turn_lengths",
 ]
 
 
@@ -108,6 +109,7 @@ class ConversationBatches:
         seed: int,
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
+        self.independent_targets = manifest["settings"].get("target_layout") == "independent"
         self.records: list[dict[str, Any]] = []
         for shard in manifest["shards"]:
             path = Path(conversations_dir) / shard["file"]
@@ -173,7 +175,12 @@ class ConversationBatches:
             Image.open(io.BytesIO(self.images.get(r["image_shard"], r["image_row"]))).convert("RGB") for r in records
         ]
         return collate_conversations(
-            records, images, self.image_processor, pad_id=self.pad_id, image_pad_id=self.image_pad_id
+            records,
+            images,
+            self.image_processor,
+            pad_id=self.pad_id,
+            image_pad_id=self.image_pad_id,
+            independent_targets=self.independent_targets,
         )
 
 
@@ -184,8 +191,13 @@ def collate_conversations(
     *,
     pad_id: int,
     image_pad_id: int,
+    independent_targets: bool,
 ) -> Batch:
-    """A batch from formatted conversation records (all with the same K) and each one's image."""
+    """A batch from formatted conversation records (all with the same K) and each one's image.
+
+    With ``independent_targets`` (format.target_layout "independent") the
+    target side has one row per turn, B*K rows in sample-major order.
+    """
     pixel_values, grid, counts = image_inputs(image_processor, images)
     for record, count in zip(records, counts, strict=True):
         if count != record["image_tokens"]:
@@ -194,10 +206,15 @@ def collate_conversations(
                 f"with {record['image_tokens']}; re-run the format pipeline with this backbone's image processor"
             )
     query = collate([r["query_input_ids"] for r in records], pad_id, image_pad_id)
-    target = collate([r["target_input_ids"] for r in records], pad_id, image_pad_id)
     query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
     query["emb_index"] = _emb_index(records, "query_emb_positions")
-    target["emb_index"] = _emb_index(records, "target_emb_positions")
+    if independent_targets:
+        turns = [turn for r in records for turn in _split_turns(r)]
+        target = collate([ids for ids, _ in turns], pad_id, image_pad_id)
+        target["emb_index"] = torch.tensor([(row, emb) for row, (_, emb) in enumerate(turns)], dtype=torch.long)
+    else:
+        target = collate([r["target_input_ids"] for r in records], pad_id, image_pad_id)
+        target["emb_index"] = _emb_index(records, "target_emb_positions")
     keys = torch.tensor([key for r in records for key in r["target_key"]], dtype=torch.long)
     return Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records], keys)
 
@@ -205,3 +222,12 @@ def collate_conversations(
 def _emb_index(records: list[dict[str, Any]], column: str) -> torch.Tensor:
     """[B*K, 2] (row, position), sample-major: row b*K + k is conversation b, turn k."""
     return torch.tensor([(row, pos) for row, r in enumerate(records) for pos in r[column]], dtype=torch.long)
+
+
+def _split_turns(record: dict[str, Any]) -> list[tuple[list[int], int]]:
+    """Each target turn's tokens and its ``<|emb|>`` position within them."""
+    turns, start = [], 0
+    for length, emb in zip(record["target_turn_lengths"], record["target_emb_positions"], strict=True):
+        turns.append((record["target_input_ids"][start : start + length], emb - start))
+        start += length
+    return turns
