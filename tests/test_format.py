@@ -18,7 +18,7 @@ from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
 from muco_flow.modeling.inputs import build_model_inputs
-from muco_flow.training.data import collate_conversations
+from muco_flow.training.data import ConversationBatches, collate_conversations
 from tests.conftest import load_params
 from tests.corrupt_corpus import corrupt_snapshot
 
@@ -144,6 +144,17 @@ def test_independent_target_rows_are_the_tokens_evaluation_encodes(ingested, pro
         assert batch.target["input_ids"][row, :length].tolist() == expected
         assert batch.target["emb_index"][row].tolist() == [row, expected.index(emb)]
     assert batch.target_keys.tolist() == [key for r in records[:3] for key in r["target_key"]]
+
+
+def test_training_refuses_shards_formatted_without_the_target_columns(ingested, processors, tmp_path):
+    manifest, _ = run_format(ingested, processors, tmp_path)
+    formatted = next(tmp_path.iterdir())
+    shard = formatted / manifest["shards"][0]["file"]
+    pq.write_table(pq.read_table(shard).drop_columns(["target_key", "target_turn_lengths"]), shard)
+    with pytest.raises(ValueError, match=r"has no column target_key, target_turn_lengths: .* re-run the format"):
+        ConversationBatches(
+            formatted, ingested, processors[1], pad_id=0, image_pad_id=1, batch_size=2, rank=0, world_size=1, seed=0
+        )
 
 
 def test_target_keys_ignore_case_and_spacing_only():

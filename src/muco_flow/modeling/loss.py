@@ -10,8 +10,8 @@ is a negative. K = 1 is the single-turn (VLM2Vec-style) loss.
 
 Short answers repeat across samples ("red", "three"). With ``target_keys``
 (one id per target text), a target with the same text as the positive is
-masked out too: pushing two identical answers apart can only be done through
-their conversation context, which a single-turn target at evaluation lacks.
+masked out too: encoded on its own, as evaluation encodes it, an answer embeds
+the same wherever it comes from, so it cannot be its twin's negative.
 """
 
 from __future__ import annotations
