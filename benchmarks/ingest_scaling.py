@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from benchmarks import common
 from muco_flow.data import schema
-from muco_flow.data.m3t_mini import MiniSampleConfig, generate_m3t_mini
+from muco_flow.sample.m3t_mini import MiniSampleConfig, generate_m3t_mini
 
 NAME = "ingest_scaling"
 MAX_RSS_GROWTH = 1.15

@@ -14,7 +14,7 @@ from muco_flow.modeling.backbone import (
     tiny_qwen2_vl_config,
     train_bpe_tokenizer,
 )
-from muco_flow.modeling.inputs import IMAGE_PLACEHOLDER, build_model_inputs, expand_image_pads
+from muco_flow.modeling.inputs import build_model_inputs, expand_image_pads
 
 ALL_SPECIAL = (*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS)
 
@@ -63,7 +63,7 @@ def test_forward_pass_gives_one_hidden_state_per_emb_token(backbone, tiny_preset
     emb = tokens.EMB_TOKEN
     turn = "<|im_start|>{role}\n{content}<|im_end|>\n"
     query = (
-        turn.format(role="user", content=f"{IMAGE_PLACEHOLDER}What is the main object?")
+        turn.format(role="user", content=f"{tokens.VISION_BLOCK}What is the main object?")
         + turn.format(role="assistant", content=emb)
         + turn.format(role="user", content="How many shapes?")
         + turn.format(role="assistant", content=emb)

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from muco_flow.modeling.backbone import load_backbone
+from muco_flow.modeling import tokens
 from muco_flow.modeling.embedder import EmbedderSettings, LoraSettings, MuCoEmbedder
-from muco_flow.modeling.inputs import IMAGE_PLACEHOLDER, build_model_inputs
+from muco_flow.modeling.inputs import build_model_inputs
 
 TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>\n"
 ENCODE_TEMPLATE = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>\n"
@@ -22,8 +23,8 @@ def embedder(directory, **settings) -> MuCoEmbedder:
 
 def two_conversations(model):
     picture = Image.new("RGB", (112, 140), (200, 30, 30))
-    first = TURN.format(IMAGE_PLACEHOLDER + "What color?") + TURN.format("How many?")
-    second = TURN.format(IMAGE_PLACEHOLDER + "What color?") + TURN.format("How many shapes are there?")
+    first = TURN.format(tokens.VISION_BLOCK + "What color?") + TURN.format("How many?")
+    second = TURN.format(tokens.VISION_BLOCK + "What color?") + TURN.format("How many shapes are there?")
     batch = build_model_inputs(model.tokenizer, model.image_processor, [first, second], [picture, picture])
     return batch, (batch["input_ids"] == model.emb_token_id).nonzero()
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muco_flow.data.m3t_mini import MMEB_DATASETS
+from muco_flow.sample.m3t_mini import MMEB_DATASETS
 from muco_flow.evaluation.datasets import EvaluationDataError, read_m3t_heldout, read_mbeir, read_mmeb
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from muco_flow.data import schema
-from muco_flow.data.conversations import FormatConfig, single_turn_template, target_key
+from muco_flow.data.conversations import FormatConfig, target_key
 from muco_flow.data.fetch import FetchConfig
 from muco_flow.data.formatting import format_m3t_shards
 from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
@@ -134,7 +134,7 @@ def test_independent_target_rows_are_the_tokens_evaluation_encodes(ingested, pro
         independent_targets=True,
     )
     assert batch.target["input_ids"].shape[0] == 3 * 7 == batch.target["emb_index"].shape[0]
-    template = single_turn_template(config.templates)
+    template = config.templates.single_turn()
     emb = tokenizer.convert_tokens_to_ids("<|emb|>")
     for row, (record, k) in enumerate((r, k) for r in records[:3] for k in r["turn_index"]):
         text = rows[record["sample_id"]]["pos_text"][k]

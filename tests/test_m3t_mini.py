@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from muco_flow.data.m3t_mini import BACKGROUNDS, SHAPE_COLOURS, MiniSampleConfig, generate_m3t_mini
+from muco_flow.sample.m3t_mini import BACKGROUNDS, SHAPE_COLOURS, MiniSampleConfig, generate_m3t_mini
 from tests.conftest import SMALL_SAMPLE
 
 # The published M3T columns (plus our id and URL), written out independently

@@ -17,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from muco_flow.data.conversations import FormatConfig, single_turn_template
+from muco_flow.data.conversations import FormatConfig
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder, load_embedder
 from muco_flow.registry import (
@@ -139,7 +139,7 @@ def model_dir(tiny_backbone_dir, tmp_path_factory) -> Path:
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
     directory = tmp_path_factory.mktemp("trained") / "model"
-    model.save_merged(directory, single_turn_template(FormatConfig.from_params(load_params()["format"]).templates))
+    model.save_merged(directory, FormatConfig.from_params(load_params()["format"]).templates.single_turn())
     return directory
 
 

@@ -1,10 +1,17 @@
-"""Multi-turn conversations: MuCo's query and target sides, as text and as tokens.
+"""Multi-turn conversations: MuCo's query and target sides, as text.
 
-A sample with K turns becomes a query conversation (system prompt, then the
-image with query 1, then queries 2..K, each answered by one ``<|emb|>``) and a
-target conversation with the K targets in the same order. Turn order and the
-phrasing of each query are drawn from a generator seeded by the sample id, so
-a sample always formats the same way for a given seed.
+A sample with K turns becomes a query conversation (the system block, then
+one turn per query, each answered by one ``<|emb|>``) and K targets. This is
+naver-ai/muco's ``TEMPLATE_PRETRAIN`` (src/loader.py lines 101-130): turns
+joined by a newline, no newline after the last. Which query goes first, and
+which phrasing each turn uses, is drawn again for every epoch, as the official
+loader draws them on every load (src/loader.py lines 216-227); the draw is
+seeded by (seed, epoch, sample), so a step still maps to one batch.
+
+The published phrasings mark the image with ``<|image_1|>``. As in the
+official loader (lines 263-273, 289-291), the first turn gets the vision block
+in its place and the other turns drop ``<|image_1|>\\n``; a sample without an
+image drops the marker everywhere.
 """
 
 from __future__ import annotations
@@ -12,42 +19,40 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from muco_flow.data.schema import M3T_TURN_TYPES
+from muco_flow.modeling import tokens
+from muco_flow.modeling.prompt import TEXT_SLOT, check_single_turn_template
 
 MODES = ("multi_turn", "single_turn")
 # How the K targets are laid out: each as its own one-turn conversation, as
 # evaluation encodes them, or all in one conversation where each sees the
 # earlier ones (which lets the loss match whole conversations, not answers).
 TARGET_LAYOUTS = ("independent", "conversation")
-UNKNOWN_TURN_TYPE = -1
+CONTENT_SLOT = "{content}"
 
 
 @dataclass(frozen=True)
 class ChatTemplates:
     """The `format.templates` parameters: every string a conversation is made of."""
 
-    system: str
-    message: str  # "{role}" and "{content}"
-    image: str
-    query_first: str  # "{image}" and "{query}"
-    query: str  # "{query}"
-    target: str  # "{target}"
-    assistant: str  # the whole assistant answer: "<|emb|>"
+    system: str  # the whole system block, newline included
+    turn: str  # one user turn and its answer; "{content}" is the user text
+    turn_separator: str  # between turns
+    image: str  # what replaces the image marker in the first turn
 
     def __post_init__(self) -> None:
-        required = {
-            "message": ("{role}", "{content}"),
-            "query_first": ("{image}", "{query}"),
-            "query": ("{query}",),
-            "target": ("{target}",),
-        }
-        for name, fields in required.items():
-            for f in fields:
-                if f not in getattr(self, name):
-                    raise ValueError(f"format.templates.{name} must contain {f}: '{getattr(self, name)}'")
+        if self.turn.count(CONTENT_SLOT) != 1 or self.turn.count(tokens.EMB_TOKEN) != 1:
+            raise ValueError(
+                f"format.templates.turn must hold one {CONTENT_SLOT} and one {tokens.EMB_TOKEN}: {self.turn!r}"
+            )
+        if tokens.IMAGE_PAD not in self.image:
+            raise ValueError(f"format.templates.image must hold {tokens.IMAGE_PAD}: {self.image!r}")
+
+    def single_turn(self) -> str:
+        """A one-turn conversation with a ``{text}`` slot: how evaluation encodes one item."""
+        return check_single_turn_template(self.system + self.turn.replace(CONTENT_SLOT, TEXT_SLOT))
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,12 @@ class FormatConfig:
     target_field: str = "pos_text"
     target_layout: str = "independent"
     shuffle_turns: bool = True
+    # True: turn order and phrasing drawn anew each epoch (MuCo's loader);
+    # False: one draw per sample for the whole run
+    resample_each_epoch: bool = True
     max_length: int = 2048
+    # None: images at their own size; n: the short side resized to n first (MuCo: 640)
+    image_short_side: int | None = None
     seed: int = 0
     rows_per_shard: int = 20000
 
@@ -75,6 +85,8 @@ class FormatConfig:
             raise ValueError(f"format.target_layout must be one of {TARGET_LAYOUTS}, got '{self.target_layout}'")
         if self.max_length < 8:
             raise ValueError(f"format.max_length must be at least 8, got {self.max_length}")
+        if self.image_short_side is not None and self.image_short_side < 28:
+            raise ValueError(f"format.image_short_side must be null or at least 28, got {self.image_short_side}")
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FormatConfig:
@@ -85,46 +97,54 @@ class FormatConfig:
         return 1 if self.mode == "single_turn" else self.turns_per_conversation
 
 
+def query_turn_content(phrasing: str, first: bool, has_image: bool, image: str) -> str:
+    """A phrasing as the user text of a turn: the image in the first turn only."""
+    if first:
+        text = phrasing.replace(tokens.IMAGE_1, image if has_image else "")
+        # our addition: a first phrasing without the marker still shows the sample's image
+        return text if not has_image or image in text else f"{image}\n{text}"
+    # the official loader removes "<|image_1|>\n" only; a bare marker would stay as text
+    return phrasing.replace(f"{tokens.IMAGE_1}\n", "").replace(tokens.IMAGE_1, "")
+
+
+def target_turn_content(target: str) -> str:
+    """A target as user text: targets have no image (stage 1 ingests none)."""
+    return query_turn_content(target, first=True, has_image=False, image="")
+
+
+def render_turn(content: str, t: ChatTemplates, *, first: bool) -> str:
+    """One turn's text; turns after the first start with the separator."""
+    return ("" if first else t.turn_separator) + t.turn.replace(CONTENT_SLOT, content)
+
+
 @dataclass(frozen=True)
-class ConversationPlan:
-    """Which turns, in which order and phrasing, one conversation holds."""
+class TurnPlan:
+    """One epoch's draw for a sample: the turn order and each turn's phrasing."""
 
-    sample_id: str
-    part: int
-    turn_index: tuple[int, ...]  # the M3T turn each position holds
-    turn_type: tuple[int, ...]
-    queries: tuple[str, ...]
-    targets: tuple[str, ...]
-    phrasing: tuple[int, ...] = field(default=())
+    order: tuple[int, ...]  # M3T turn indices, in conversation order
+    phrasing: tuple[int, ...]  # phrasing index of each turn in ``order``
 
 
-def plan_conversations(
-    sample_id: str, qry: Sequence[Sequence[str]], targets: Sequence[str], config: FormatConfig
-) -> list[ConversationPlan]:
-    """The sample's conversations: turns shuffled, one phrasing each, split into chunks."""
-    rng = random.Random(f"muco-format:{config.seed}:{sample_id}")
-    order = list(range(len(qry)))
-    if config.shuffle_turns:
+def plan_turns(
+    sample_id: str, phrasings_per_turn: Sequence[int], epoch: int, *, seed: int, shuffle: bool, resample: bool
+) -> TurnPlan:
+    """The turn order and phrasings of ``sample_id`` in ``epoch``; the same on every rank and every run."""
+    rng = random.Random(f"muco-turns:{seed}:{epoch if resample else 0}:{sample_id}")
+    order = list(range(len(phrasings_per_turn)))
+    if shuffle:
         rng.shuffle(order)
-    phrasing = [rng.randrange(len(qry[k])) for k in order]
-    types = M3T_TURN_TYPES if len(qry) == len(M3T_TURN_TYPES) else None
-    size = config.chunk_size or len(order)
-    plans = []
-    for part, start in enumerate(range(0, len(order), size)):
-        turns = order[start : start + size]
-        chosen = phrasing[start : start + size]
-        plans.append(
-            ConversationPlan(
-                sample_id=sample_id,
-                part=part,
-                turn_index=tuple(turns),
-                turn_type=tuple(int(types[k]) if types else UNKNOWN_TURN_TYPE for k in turns),
-                queries=tuple(qry[k][p] for k, p in zip(turns, chosen, strict=True)),
-                targets=tuple(targets[k] for k in turns),
-                phrasing=tuple(chosen),
-            )
-        )
-    return plans
+    return TurnPlan(tuple(order), tuple(rng.randrange(phrasings_per_turn[k]) for k in order))
+
+
+def part_turns(turns: int, chunk_size: int | None, fitting: int) -> list[int]:
+    """How many turns each conversation of a sample holds.
+
+    The sample's turns (in the epoch's order) are cut into chunks of
+    ``chunk_size`` (all in one with None); each keeps its first ``fitting``
+    turns, the most that fit ``max_length`` whatever the draw.
+    """
+    size = chunk_size or turns
+    return [min(size, turns - start, fitting) for start in range(0, turns, size)]
 
 
 def target_key(text: str) -> int:
@@ -134,49 +154,3 @@ def target_key(text: str) -> int:
     """
     digest = hashlib.blake2b(" ".join(text.split()).casefold().encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
-
-
-def _segments(user_contents: Sequence[str], t: ChatTemplates, system_every_turn: bool = False) -> list[str]:
-    """One text segment per turn: the user message and its ``<|emb|>`` answer.
-
-    The system prompt opens the first segment (every segment with
-    ``system_every_turn``, which makes each one a whole conversation).
-    Segments end at special tokens, so tokenizing them one by one equals
-    tokenizing the whole text.
-    """
-    segments = []
-    for i, content in enumerate(user_contents):
-        opens = i == 0 or system_every_turn
-        head = t.message.format(role="system", content=t.system) if opens and t.system else ""
-        user = t.message.format(role="user", content=content)
-        segments.append(head + user + t.message.format(role="assistant", content=t.assistant))
-    return segments
-
-
-def query_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
-    """The query side; the image goes with the first query."""
-    contents = [
-        t.query_first.format(image=t.image, query=q) if i == 0 else t.query.format(query=q)
-        for i, q in enumerate(plan.queries)
-    ]
-    return _segments(contents, t)
-
-
-def target_segments(plan: ConversationPlan, t: ChatTemplates, independent: bool = False) -> list[str]:
-    """The target side: text only, in the query side's turn order; ``independent``: one conversation each."""
-    return _segments([t.target.format(target=x) for x in plan.targets], t, system_every_turn=independent)
-
-
-def single_turn_template(t: ChatTemplates) -> str:
-    """A one-turn conversation with ``{image}`` and ``{text}`` slots, for encoding single items.
-
-    This is how MuCo evaluates: each query and each candidate is its own
-    conversation ending in one ``<|emb|>``.
-    """
-
-    def literal(text: str) -> str:
-        return text.replace("{", "{{").replace("}", "}}")
-
-    head = literal(t.message.format(role="system", content=t.system)) if t.system else ""
-    user = literal(t.message.format(role="user", content="\x00")).replace("\x00", "{image}{text}")
-    return head + user + literal(t.message.format(role="assistant", content=t.assistant))

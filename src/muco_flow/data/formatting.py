@@ -1,7 +1,14 @@
-"""Formatting: ingested shards in, tokenized multi-turn conversations out.
+"""Formatting: ingested shards in, tokenized turns out; conversations assembled per epoch.
+
+Formatting tokenizes every piece a conversation can be built from: each
+phrasing of each turn both as the first turn (with the image) and as a later
+one, and each target. Training then assembles the epoch's conversation from
+these pieces (``assemble_conversations``), so the turn order and phrasings can
+change every epoch without tokenizing again. Pieces end at special tokens,
+so joining their ids equals tokenizing the joined text.
 
 Records keep a reference to their image (ingest shard and row) rather than a
-copy, so a sample split into several conversations stores its image once.
+copy; the image's token count is fixed here, from its size.
 """
 
 from __future__ import annotations
@@ -21,120 +28,123 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from muco_flow.data import schema
 from muco_flow.data.conversations import (
-    ConversationPlan,
     FormatConfig,
-    plan_conversations,
-    query_segments,
+    part_turns,
+    plan_turns,
+    query_turn_content,
+    render_turn,
     target_key,
-    target_segments,
+    target_turn_content,
 )
 from muco_flow.data.ingest import MANIFEST_FILE
 from muco_flow.data.shards import ShardWriter
 from muco_flow.modeling import tokens
+from muco_flow.modeling.inputs import short_side_size
 
 CONVERSATIONS_DIR = "conversations"
+UNKNOWN_TURN_TYPE = -1
 
+ids = pa.list_(pa.int32())
 FORMATTED_SCHEMA = pa.schema(
     [
-        pa.field("conversation_id", pa.string(), nullable=False),
         pa.field(schema.SAMPLE_ID, pa.string(), nullable=False),
-        pa.field("image_shard", pa.string(), nullable=False),
-        pa.field("image_row", pa.int64(), nullable=False),
-        pa.field("image_tokens", pa.int32(), nullable=False),
-        pa.field("turn_index", pa.list_(pa.int8()), nullable=False),
-        pa.field("turn_type", pa.list_(pa.int8()), nullable=False),
-        pa.field("phrasing", pa.list_(pa.int16()), nullable=False),
-        pa.field("query_input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("query_attention_mask", pa.list_(pa.int8()), nullable=False),
-        pa.field("query_emb_positions", pa.list_(pa.int32()), nullable=False),
-        pa.field("target_input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("target_attention_mask", pa.list_(pa.int8()), nullable=False),
-        pa.field("target_emb_positions", pa.list_(pa.int32()), nullable=False),
+        pa.field("image_shard", pa.string()),  # null: a sample without an image
+        pa.field("image_row", pa.int64()),
+        pa.field("image_tokens", pa.int32(), nullable=False),  # 0 without an image
+        pa.field("turn_type", pa.list_(pa.int8()), nullable=False),  # per M3T turn
+        pa.field("system_ids", ids, nullable=False),
+        # [turn][phrasing]: the turn when it comes first (one <|image_pad|>, expanded when assembled) ...
+        pa.field("query_first_ids", pa.list_(pa.list_(ids)), nullable=False),
+        # ... and when it comes later (separator first, no image)
+        pa.field("query_later_ids", pa.list_(pa.list_(ids)), nullable=False),
+        pa.field("target_ids", pa.list_(ids), nullable=False),  # [turn], without the system block
+        pa.field("separator_ids", ids, nullable=False),
         pa.field("target_key", pa.list_(pa.int64()), nullable=False),
-        # tokens per target turn; with target_layout "independent" each span is a whole conversation
-        pa.field("target_turn_lengths", pa.list_(pa.int32()), nullable=False),
+        # turns in each of the sample's conversations, at most what fits max_length for any draw
+        pa.field("part_turns", pa.list_(pa.int32()), nullable=False),
     ]
 )
 
 
-def image_token_count(image_processor: Qwen2VLImageProcessorPil, width: int, height: int) -> int:
-    """LLM tokens the image takes: its patch grid after Qwen2-VL's resize, merged."""
+def image_token_count(
+    image_processor: Qwen2VLImageProcessorPil, width: int, height: int, short_side: int | None = None
+) -> int:
+    """LLM tokens the image takes: its patch grid after the short-side resize and Qwen2-VL's own, merged."""
+    width, height = short_side_size(width, height, short_side)
     patches = image_processor.get_number_of_image_patches(height, width, {})
     return patches // image_processor.merge_size**2
 
 
+def _top_sum(values: list[int], n: int) -> int:
+    return sum(sorted(values, reverse=True)[:n])
+
+
 @dataclass
-class ConversationTokenizer:
+class TurnTokenizer:
+    """Tokenizes a sample's turns into the pieces of FORMATTED_SCHEMA."""
+
     tokenizer: PreTrainedTokenizerFast
     config: FormatConfig
 
     def __post_init__(self) -> None:
+        t = self.config.templates
         self.emb_id = self.tokenizer.convert_tokens_to_ids(tokens.EMB_TOKEN)
-        self.image_pad_id = self.tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)
         if self.emb_id == self.tokenizer.unk_token_id or self.emb_id is None:
             raise ValueError(f"the tokenizer has no {tokens.EMB_TOKEN} token; add MuCo's tokens to the backbone first")
+        self.system_ids = self._ids(t.system)
+        self.separator_ids = self._ids(t.turn_separator)
 
-    def tokenize(self, plans: list[ConversationPlan], image_tokens: list[int]) -> list[dict[str, Any] | None]:
-        """Token ids per conversation, whole trailing turns dropped to fit ``max_length``.
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        None for a conversation whose first turn alone does not fit.
-        """
+    def tokenize(self, sample_id: str, qry: list[list[str]], targets: list[str], has_image: bool) -> dict[str, Any]:
         t = self.config.templates
-        query_segs = [query_segments(p, t) for p in plans]
-        independent = self.config.target_layout == "independent"
-        target_segs = [target_segments(p, t, independent) for p in plans]
-        flat = [s for segs in query_segs + target_segs for s in segs]
-        ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"])
-        results: list[dict[str, Any] | None] = []
-        for plan, q_segs, n_image in zip(plans, query_segs, image_tokens, strict=True):
-            query = [self._expand_image(next(ids), n_image) if i == 0 else next(ids) for i in range(len(q_segs))]
-            results.append({"plan": plan, "query": query})
-        for result, t_segs in zip(results, target_segs, strict=True):
-            result["target"] = [next(ids) for _ in t_segs]
-        return [self._fit(r["plan"], r["query"], r["target"]) for r in results]
-
-    def _expand_image(self, ids: list[int], n_image: int) -> list[int]:
-        if ids.count(self.image_pad_id) != 1:
-            raise ValueError("format.templates: the first query turn must hold exactly one image placeholder")
-        at = ids.index(self.image_pad_id)
-        return ids[:at] + [self.image_pad_id] * n_image + ids[at + 1 :]
-
-    def _fit(self, plan: ConversationPlan, query: list[list[int]], target: list[list[int]]) -> dict[str, Any] | None:
-        kept, q_len, t_len = 0, 0, 0
-        independent = self.config.target_layout == "independent"
-        for q, tg in zip(query, target, strict=True):
-            # independent targets are separate sequences: each one must fit, not their sum
-            t_need = len(tg) if independent else t_len + len(tg)
-            if q_len + len(q) > self.config.max_length or t_need > self.config.max_length:
-                break
-            kept, q_len, t_len = kept + 1, q_len + len(q), t_len + len(tg)
-        if kept == 0:
-            return None
-        query_ids = [i for seg in query[:kept] for i in seg]
-        target_ids = [i for seg in target[:kept] for i in seg]
-        q_emb = [i for i, tok in enumerate(query_ids) if tok == self.emb_id]
-        t_emb = [i for i, tok in enumerate(target_ids) if tok == self.emb_id]
-        if len(q_emb) != kept or len(t_emb) != kept:
-            raise ValueError(
-                f"sample {plan.sample_id}: {len(q_emb)} query and {len(t_emb)} target {tokens.EMB_TOKEN} tokens "
-                f"for {kept} turns; the templates or the text hold extra {tokens.EMB_TOKEN} tokens"
-            )
+        first = [[render_turn(query_turn_content(p, True, has_image, t.image), t, first=True) for p in q] for q in qry]
+        later = [
+            [render_turn(query_turn_content(p, False, has_image, t.image), t, first=False) for p in q] for q in qry
+        ]
+        target_texts = [render_turn(target_turn_content(x), t, first=True) for x in targets]
+        flat = [text for turn in first + later for text in turn] + target_texts
+        encoded = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"])
+        first_ids = [[next(encoded) for _ in turn] for turn in first]
+        later_ids = [[next(encoded) for _ in turn] for turn in later]
+        target_ids = [next(encoded) for _ in targets]
+        for name, pieces in (("query", [i for turn in first_ids + later_ids for i in turn]), ("target", target_ids)):
+            if any(piece.count(self.emb_id) != 1 for piece in pieces):
+                raise ValueError(
+                    f"sample {sample_id}: a {name} turn does not hold exactly one {tokens.EMB_TOKEN}; "
+                    "the templates or the text hold extra ones"
+                )
         return {
-            "conversation_id": f"{plan.sample_id}#{plan.part}",
-            schema.SAMPLE_ID: plan.sample_id,
-            "turn_index": list(plan.turn_index[:kept]),
-            "turn_type": list(plan.turn_type[:kept]),
-            "phrasing": list(plan.phrasing[:kept]),
-            "query_input_ids": query_ids,
-            "query_attention_mask": [1] * len(query_ids),
-            "query_emb_positions": q_emb,
-            "target_input_ids": target_ids,
-            "target_attention_mask": [1] * len(target_ids),
-            "target_emb_positions": t_emb,
-            "target_key": [target_key(text) for text in plan.targets[:kept]],
-            "target_turn_lengths": [len(seg) for seg in target[:kept]],
-            "dropped_turns": len(query) - kept,
+            schema.SAMPLE_ID: sample_id,
+            "system_ids": self.system_ids,
+            "query_first_ids": first_ids,
+            "query_later_ids": later_ids,
+            "target_ids": target_ids,
+            "separator_ids": self.separator_ids,
+            "target_key": [target_key(x) for x in targets],
         }
+
+    def fitting_turns(self, record: dict[str, Any], image_tokens: int) -> int:
+        """The most turns per conversation that fit ``max_length`` whatever order and phrasings are drawn."""
+        limit, system = self.config.max_length, len(self.system_ids)
+        first = max(len(p) for turn in record["query_first_ids"] for p in turn)
+        later = [max(len(p) for p in turn) for turn in record["query_later_ids"]]
+        targets = [len(x) for x in record["target_ids"]]
+        independent = self.config.target_layout == "independent"
+        image = max(image_tokens - 1, 0)  # the one <|image_pad|> is already counted
+        best = 0
+        for m in range(1, len(later) + 1):
+            query = system + image + first + _top_sum(later, m - 1)
+            target = (
+                system + max(targets)
+                if independent
+                else system + _top_sum(targets, m) + (m - 1) * len(self.separator_ids)
+            )
+            if query > limit or target > limit:
+                break
+            best = m
+        return best
 
 
 def format_m3t_shards(
@@ -145,10 +155,10 @@ def format_m3t_shards(
     config: FormatConfig,
     batch_rows: int = 512,
 ) -> dict[str, Any]:
-    """Formats every ingested sample; writes conversation shards and a manifest."""
+    """Tokenizes every ingested sample; writes record shards and a manifest."""
     shards_dir, output_dir = Path(shards_dir), Path(output_dir)
     ingest_manifest = json.loads((shards_dir / MANIFEST_FILE).read_text())
-    conv_tokenizer = ConversationTokenizer(tokenizer, config)
+    turn_tokenizer = TurnTokenizer(tokenizer, config)
     writer = ShardWriter(output_dir / CONVERSATIONS_DIR, FORMATTED_SCHEMA, config.rows_per_shard)
     counts: Counter[str] = Counter()
     columns = [schema.SAMPLE_ID, schema.QRY, config.target_field, "image_width", "image_height"]
@@ -159,29 +169,39 @@ def format_m3t_shards(
             for batch in pq.ParquetFile(shards_dir / shard["file"]).iter_batches(
                 batch_size=batch_rows, columns=columns
             ):
-                plans, images, refs = [], [], []
-                for offset, sample in enumerate(batch.to_pylist()):
-                    n_image = image_token_count(image_processor, sample["image_width"], sample["image_height"])
-                    for plan in plan_conversations(
-                        sample[schema.SAMPLE_ID], sample[schema.QRY], sample[config.target_field], config
-                    ):
-                        plans.append(plan)
-                        images.append(n_image)
-                        refs.append((shard["file"], row + offset))
                 records = []
-                for result, n_image, (file, index), plan in zip(
-                    conv_tokenizer.tokenize(plans, images), images, refs, plans, strict=True
-                ):
-                    counts["turns"] += len(plan.turn_index)
-                    if result is None:
-                        counts["conversations_dropped"] += 1
-                        counts["turns_dropped"] += len(plan.turn_index)
+                for offset, sample in enumerate(batch.to_pylist()):
+                    has_image = sample["image_width"] is not None
+                    n_image = (
+                        image_token_count(
+                            image_processor, sample["image_width"], sample["image_height"], config.image_short_side
+                        )
+                        if has_image
+                        else 0
+                    )
+                    qry, targets = sample[schema.QRY], sample[config.target_field]
+                    record = turn_tokenizer.tokenize(sample[schema.SAMPLE_ID], qry, targets, has_image)
+                    parts = part_turns(len(qry), config.chunk_size, turn_tokenizer.fitting_turns(record, n_image))
+                    kept = sum(parts)
+                    counts["turns"] += len(qry)
+                    counts["turns_dropped"] += len(qry) - kept
+                    counts["conversations"] += sum(1 for n in parts if n)
+                    counts["conversations_dropped"] += sum(1 for n in parts if not n)
+                    if not kept:
                         continue
-                    counts["turns_dropped"] += result.pop("dropped_turns")
-                    records.append({**result, "image_shard": file, "image_row": index, "image_tokens": n_image})
+                    types = schema.M3T_TURN_TYPES if len(qry) == len(schema.M3T_TURN_TYPES) else None
+                    records.append(
+                        record
+                        | {
+                            "image_shard": shard["file"] if has_image else None,
+                            "image_row": row + offset if has_image else None,
+                            "image_tokens": n_image,
+                            "turn_type": [int(types[k]) if types else UNKNOWN_TURN_TYPE for k in range(len(qry))],
+                            "part_turns": parts,
+                        }
+                    )
                 writer.write(records)
                 counts["samples"] += batch.num_rows
-                counts["conversations"] += len(records)
                 row += batch.num_rows
                 progress.update(batch.num_rows)
     writer.close()
@@ -198,10 +218,81 @@ def format_m3t_shards(
             "target_field": config.target_field,
             "target_layout": config.target_layout,
             "max_length": config.max_length,
+            "image_short_side": config.image_short_side,
             "seed": config.seed,
             "shuffle_turns": config.shuffle_turns,
+            "resample_each_epoch": config.resample_each_epoch,
         },
     }
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     logging.getLogger(__name__).info("format: %s", manifest["counts"])
     return manifest
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One conversation of one epoch, as token ids (the image's tokens expanded)."""
+
+    conversation_id: str
+    query_ids: list[int]
+    target_ids: list[list[int]]  # one row per target (independent layout) or one row for all
+    turn_index: list[int]  # M3T turn of each position
+    turn_type: list[int]
+    target_key: list[int]
+
+
+def assemble_conversations(
+    record: dict[str, Any], epoch: int, settings: dict[str, Any], image_pad_id: int
+) -> list[Conversation]:
+    """The sample's conversations in ``epoch``, from a formatted record and the format manifest's settings."""
+    sample_id = record[schema.SAMPLE_ID]
+    plan = plan_turns(
+        sample_id,
+        [len(turn) for turn in record["query_first_ids"]],
+        epoch,
+        seed=settings["seed"],
+        shuffle=settings["shuffle_turns"],
+        resample=settings["resample_each_epoch"],
+    )
+    size = 1 if settings["mode"] == "single_turn" else settings["turns_per_conversation"] or len(plan.order)
+    independent = settings["target_layout"] == "independent"
+    system, separator = record["system_ids"], record["separator_ids"]
+    conversations = []
+    for part, kept in enumerate(record["part_turns"]):
+        if not kept:
+            continue
+        chosen = list(range(part * size, part * size + kept))
+        turns = [plan.order[i] for i in chosen]
+        query = list(system)
+        for position, (k, p) in enumerate(zip(turns, (plan.phrasing[i] for i in chosen), strict=True)):
+            piece = record["query_first_ids"][k][p] if position == 0 else record["query_later_ids"][k][p]
+            query.extend(piece)
+        query = _expand_image(query, image_pad_id, record["image_tokens"])
+        if independent:
+            targets = [system + record["target_ids"][k] for k in turns]
+        else:
+            joined = list(system)
+            for position, k in enumerate(turns):
+                joined.extend((separator if position else []) + record["target_ids"][k])
+            targets = [joined]
+        conversations.append(
+            Conversation(
+                conversation_id=f"{sample_id}#{part}",
+                query_ids=query,
+                target_ids=targets,
+                turn_index=turns,
+                turn_type=[record["turn_type"][k] for k in turns],
+                target_key=[record["target_key"][k] for k in turns],
+            )
+        )
+    return conversations
+
+
+def _expand_image(ids: list[int], image_pad_id: int, count: int) -> list[int]:
+    pads = ids.count(image_pad_id)
+    if pads != (1 if count else 0):
+        raise ValueError(f"a conversation holds {pads} <|image_pad|> tokens for {'one image' if count else 'no image'}")
+    if not count:
+        return ids
+    at = ids.index(image_pad_id)
+    return ids[:at] + [image_pad_id] * count + ids[at + 1 :]

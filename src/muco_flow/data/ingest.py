@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ REJECT_REASONS = {
     "MISSING_FIELD": "a required field is null or NaN",
     "WRONG_TYPE": "a field has the wrong type (for example a number where text belongs)",
     "TURN_COUNT_MISMATCH": "qry, pos_text, pos_sentence (and neg_text) have different numbers of turns",
+    "IMAGE_PLACEHOLDER": f"a text holds an image placeholder other than one {tokens.IMAGE_1} (one image per sample)",
     "EMPTY_TEXT": "a query phrasing or target is empty",
     "TEXT_TOO_LONG": "a text is longer than ingest.max_text_chars",
     "SPECIAL_TOKEN_IN_TEXT": "a text contains a chat or MuCo control token such as <|emb|> or <|im_start|>",
@@ -58,7 +60,7 @@ REJECT_REASONS = {
     "IMAGE_UNDECODABLE": "the image is truncated or not an image",
     "IMAGE_TOO_LARGE": "the image exceeds the decompression-bomb pixel limit",
     "IMAGE_ASPECT_RATIO": "the image's long side is more than ingest.max_aspect_ratio times its short side",
-    "TARGET_IMAGE_UNSUPPORTED": "a target has an image (pos_image_path); only text targets are ingested",
+    "TARGET_IMAGE_UNSUPPORTED": "a target has an image (pos_image_path); stage 1 ingests text targets only",
 }
 
 REQUIRED = (schema.QRY, schema.POS_TEXT, schema.POS_SENTENCE, schema.QRY_IMAGE_PATH)
@@ -73,12 +75,13 @@ INGESTED_SCHEMA = pa.schema(
         pa.field(schema.POS_SENTENCE, pa.list_(pa.string()), nullable=False),
         pa.field(schema.NEG_TEXT, pa.list_(pa.string())),
         pa.field(schema.QRY_SENTENCE, pa.string()),
+        # a sample without an image (qry_image_path "") has "" and nulls here
         pa.field("image_path", pa.string(), nullable=False),
-        pa.field("image_bytes", pa.binary(), nullable=False),
-        pa.field("image_sha256", pa.string(), nullable=False),
-        pa.field("image_width", pa.int32(), nullable=False),
-        pa.field("image_height", pa.int32(), nullable=False),
-        pa.field("image_upscaled", pa.bool_(), nullable=False),
+        pa.field("image_bytes", pa.binary()),
+        pa.field("image_sha256", pa.string()),
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
+        pa.field("image_upscaled", pa.bool_()),
     ]
 )
 REJECTS_SCHEMA = pa.schema(
@@ -97,7 +100,8 @@ class IngestConfig:
 
     # our column name -> the source's; columns not listed keep their names
     column_mapping: dict[str, str] = field(default_factory=dict)
-    # None: the id is the row's index in the source file
+    # None, or a column the file lacks (the published M3T has none): the id is
+    # derived from the row's position and content (derived_sample_id)
     id_column: str | None = schema.SAMPLE_ID
     rows_per_shard: int = 5000
     batch_rows: int = 256
@@ -167,9 +171,15 @@ def _is_missing(value: Any) -> bool:
 CONTROL_TOKENS = (*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS)
 
 
+PLACEHOLDER_PATTERN = re.compile(r"<\|image_\d+\|>")
+
+
 def _check_text(text: str, name: str, limit: int) -> None:
-    if not text.strip():
+    if not text.replace(tokens.IMAGE_1, "").strip():
         raise Reject("EMPTY_TEXT", f"{name} is empty")
+    placeholders = PLACEHOLDER_PATTERN.findall(text)
+    if len(placeholders) > 1 or any(p != tokens.IMAGE_1 for p in placeholders):
+        raise Reject("IMAGE_PLACEHOLDER", f"{name} holds {', '.join(placeholders)}; at most one {tokens.IMAGE_1}")
     if len(text) > limit:
         raise Reject("TEXT_TOO_LONG", f"{name} has {len(text)} characters, the limit is {limit}")
     # A control token in the data would add turns or image slots the
@@ -177,6 +187,15 @@ def _check_text(text: str, name: str, limit: int) -> None:
     found = next((tok for tok in CONTROL_TOKENS if tok in text), None)
     if found:
         raise Reject("SPECIAL_TOKEN_IN_TEXT", f"{name} contains the control token {found}")
+
+
+def _target_image_path(value: Any) -> str:
+    """pos_image_path as one string: the published file's string (or the first path of a list of them)."""
+    if _is_missing(value):
+        return ""
+    if isinstance(value, str):
+        return value
+    return next((p for p in _strings(value, schema.POS_IMAGE_PATH) if p), "")
 
 
 def validate_text_fields(row: dict[str, Any], config: IngestConfig) -> dict[str, Any]:
@@ -204,9 +223,8 @@ def validate_text_fields(row: dict[str, Any], config: IngestConfig) -> dict[str,
     image_path = row[schema.QRY_IMAGE_PATH]
     if not isinstance(image_path, str):
         raise Reject("WRONG_TYPE", f"qry_image_path must be a string, got {type(image_path).__name__}")
-    targets = row.get(schema.POS_IMAGE_PATH)
-    if not _is_missing(targets) and any(_strings(targets, schema.POS_IMAGE_PATH)):
-        raise Reject("TARGET_IMAGE_UNSUPPORTED", "pos_image_path names target images")
+    if _target_image_path(row.get(schema.POS_IMAGE_PATH)):
+        raise Reject("TARGET_IMAGE_UNSUPPORTED", "pos_image_path names a target image")
     sentence = row.get(schema.QRY_SENTENCE)
     if not _is_missing(sentence) and not isinstance(sentence, str):
         raise Reject("WRONG_TYPE", f"qry_sentence must be a string, got {type(sentence).__name__}")
@@ -222,9 +240,21 @@ def validate_text_fields(row: dict[str, Any], config: IngestConfig) -> dict[str,
     }
 
 
-def sample_id_of(row: dict[str, Any], index: int, config: IngestConfig) -> str:
-    if config.id_column is None:
-        return f"row-{index}"
+def derived_sample_id(index: int, row: dict[str, Any]) -> str:
+    """An id for a row of a file without an id column: its position and a hash of its content.
+
+    The position keeps ids unique; the hash makes an id name one content, so a
+    reordered or edited snapshot does not silently reuse ids for other samples.
+    """
+    content = json.dumps(
+        [row.get(schema.QRY_IMAGE_PATH), row.get(schema.QRY), row.get(schema.POS_TEXT)], default=str, ensure_ascii=False
+    )
+    return f"{index:09d}-{hashlib.blake2b(content.encode(), digest_size=6).hexdigest()}"
+
+
+def sample_id_of(row: dict[str, Any], index: int, config: IngestConfig, has_id_column: bool) -> str:
+    if not has_id_column:
+        return derived_sample_id(index, row)
     value = row.get(schema.SAMPLE_ID)
     if _is_missing(value):
         raise Reject("MISSING_FIELD", f"sample id column '{config.id_column}' is missing")
@@ -255,6 +285,18 @@ def load_checked_image(
         raise Reject(err.code, str(err)) from None
 
 
+def _image_columns(image: CheckedImage | None) -> dict[str, Any]:
+    if image is None:
+        return dict.fromkeys(("image_bytes", "image_sha256", "image_width", "image_height", "image_upscaled"))
+    return {
+        "image_bytes": image.data,
+        "image_sha256": hashlib.sha256(image.data).hexdigest(),
+        "image_width": image.width,
+        "image_height": image.height,
+        "image_upscaled": image.upscaled,
+    }
+
+
 def _reject_record(index: int, sample_id: str | None, reject: Reject) -> dict[str, Any]:
     return {"source_row": index, "sample_id": sample_id, "reason": reject.code, "message": reject.message}
 
@@ -268,14 +310,14 @@ def _map_columns(batch: pa.RecordBatch, config: IngestConfig, wanted: list[str])
 def _columns_to_read(meta: pq.ParquetFile, config: IngestConfig) -> list[str]:
     """Our names of the columns to read; a missing required column is a setup error, not row rejects."""
     available = set(meta.schema_arrow.names)
-    required = list(REQUIRED) + ([schema.SAMPLE_ID] if config.id_column else [])
-    missing = [f"'{config.source_column(c)}' (for {c})" for c in required if config.source_column(c) not in available]
+    missing = [f"'{config.source_column(c)}' (for {c})" for c in REQUIRED if config.source_column(c) not in available]
     if missing:
         raise ValueError(
             f"the meta file has no column {', '.join(missing)}; it has {sorted(available)}. "
-            "Map the source's names to ours with ingest.column_mapping (or ingest.id_column)."
+            "Map the source's names to ours with ingest.column_mapping."
         )
-    return required + [c for c in OPTIONAL if config.source_column(c) in available]
+    optional = [*OPTIONAL, schema.SAMPLE_ID] if config.id_column else list(OPTIONAL)
+    return list(REQUIRED) + [c for c in optional if config.source_column(c) in available]
 
 
 def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: IngestConfig) -> dict[str, Any]:
@@ -283,6 +325,12 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
     output_dir = Path(output_dir)
     meta = pq.ParquetFile(source.meta_path())
     wanted = _columns_to_read(meta, config)
+    has_id_column = schema.SAMPLE_ID in wanted
+    if not has_id_column:
+        logger.info(
+            "ingest: the meta file has no id column%s; each id is the row's position and a hash of its content",
+            f" '{config.id_column}'" if config.id_column else "",
+        )
     total = meta.metadata.num_rows
     shards = ShardWriter(output_dir / SHARDS_DIR, INGESTED_SCHEMA, config.rows_per_shard)
     rejects_writer = pq.ParquetWriter(output_dir / REJECTS_FILE, REJECTS_SCHEMA, compression="zstd")
@@ -291,7 +339,9 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
     read = accepted = 0
     columns = [config.source_column(c) for c in wanted]
 
-    def image_of(candidate: tuple[int, str, dict[str, Any]]) -> CheckedImage | Reject:
+    def image_of(candidate: tuple[int, str, dict[str, Any]]) -> CheckedImage | Reject | None:
+        if not candidate[2]["image_path"]:
+            return None  # a text-only sample, as the published rows with an empty qry_image_path
         try:
             return load_checked_image(source, candidate[2], session, config)
         except Reject as reject:
@@ -310,7 +360,7 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
                 index = read + offset
                 sample_id = None
                 try:
-                    sample_id = sample_id_of(row, index, config)
+                    sample_id = sample_id_of(row, index, config, has_id_column)
                     fields = validate_text_fields(row, config)
                     digest = hashlib.blake2b(sample_id.encode(), digest_size=16).digest()
                     if digest in seen_ids:
@@ -326,18 +376,7 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
                     rejects.append(_reject_record(index, sample_id, image))
                     continue
                 fields = {k: v for k, v in fields.items() if k != "image_url"}
-                good.append(
-                    {
-                        schema.SAMPLE_ID: sample_id,
-                        "source_row": index,
-                        **fields,
-                        "image_bytes": image.data,
-                        "image_sha256": hashlib.sha256(image.data).hexdigest(),
-                        "image_width": image.width,
-                        "image_height": image.height,
-                        "image_upscaled": image.upscaled,
-                    }
-                )
+                good.append({schema.SAMPLE_ID: sample_id, "source_row": index, **fields, **_image_columns(image)})
             shards.write(good)
             rejects.sort(key=lambda r: r["source_row"])
             if rejects:
@@ -362,7 +401,7 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
         "rejects_file": REJECTS_FILE,
         "settings": {
             "column_mapping": config.column_mapping,
-            "id_column": config.id_column,
+            "id_column": config.id_column if has_id_column else None,
             "rows_per_shard": config.rows_per_shard,
             "max_text_chars": config.max_text_chars,
             "max_image_pixels": config.max_image_pixels,

@@ -10,13 +10,12 @@ from enum import IntEnum
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "m3t/1"
+SCHEMA_VERSION = "m3t/2"
 
 # The published layout: <snapshot root>/M3T_train/M3T.parquet, image paths
 # relative to the snapshot root.
 TRAIN_META_FILE = "M3T_train/M3T.parquet"
 HELDOUT_META_FILE = "M3T_heldout/M3T.parquet"
-MMEB_DIR = "eval/mmeb"
 MBEIR_DIR = "eval/mbeir"
 MBEIR_QUERIES_FILE = "queries.jsonl"
 MBEIR_POOL_FILE = "cand_pool.jsonl"
@@ -46,44 +45,33 @@ M3T_TURN_TYPES: tuple[TurnType, ...] = (
     TurnType.RETRIEVAL,
 )
 
-# Column names of the published meta file, plus the two columns the sample
-# adds (a stable id and the URL an image can be fetched from).
+# Column names of the published meta file (naver-ai/M3T, M3T_train/M3T.parquet,
+# as naver-ai/muco src/loader.py reads it, lines 205-307): per sample one image
+# and 7 turns.
+QRY = "qry"  # 7 lists of query phrasings; a phrasing may hold tokens.IMAGE_1
+QRY_IMAGE_PATH = "qry_image_path"  # relative to the snapshot root; "" = no image
+POS_TEXT = "pos_text"  # 7 short answers
+POS_IMAGE_PATH = "pos_image_path"  # one string, usually ""; a target image
+POS_SENTENCE = "pos_sentence"  # 7 answers as full sentences
+NEG_TEXT = "neg_text"  # 7 hard negatives
+QRY_SENTENCE = "qry_sentence"  # a description of the image
+# Optional columns: a stable id, and the URL an image can be fetched from.
+# Without an id column, ingest derives one from the row position and content.
 SAMPLE_ID = "sample_id"
-QRY = "qry"
-POS_TEXT = "pos_text"
-POS_SENTENCE = "pos_sentence"
-NEG_TEXT = "neg_text"
-QRY_SENTENCE = "qry_sentence"
-QRY_IMAGE_PATH = "qry_image_path"
-POS_IMAGE_PATH = "pos_image_path"
 IMAGE_URL = "image_url"
 
 M3T_ARROW_SCHEMA = pa.schema(
     [
-        pa.field(SAMPLE_ID, pa.string(), nullable=False),
-        pa.field(QRY, pa.list_(pa.list_(pa.string())), nullable=False),
-        pa.field(POS_TEXT, pa.list_(pa.string()), nullable=False),
-        pa.field(POS_SENTENCE, pa.list_(pa.string()), nullable=False),
-        pa.field(NEG_TEXT, pa.list_(pa.string()), nullable=False),
-        pa.field(QRY_SENTENCE, pa.string(), nullable=False),
-        pa.field(QRY_IMAGE_PATH, pa.string(), nullable=False),
-        pa.field(POS_IMAGE_PATH, pa.list_(pa.string()), nullable=False),
-        pa.field(IMAGE_URL, pa.string(), nullable=False),
+        pa.field(QRY, pa.list_(pa.list_(pa.string()))),
+        pa.field(QRY_IMAGE_PATH, pa.string()),
+        pa.field(POS_TEXT, pa.list_(pa.string())),
+        pa.field(POS_IMAGE_PATH, pa.string()),
+        pa.field(POS_SENTENCE, pa.list_(pa.string())),
+        pa.field(NEG_TEXT, pa.list_(pa.string())),
+        pa.field(QRY_SENTENCE, pa.string()),
     ]
 )
 
-
-MMEB_META_TASKS = ("classification", "vqa", "retrieval", "visual_grounding")
-
-MMEB_ARROW_SCHEMA = pa.schema(
-    [
-        pa.field("qry_inst", pa.string(), nullable=False),
-        pa.field("qry_text", pa.string(), nullable=False),
-        pa.field("qry_img_path", pa.string(), nullable=False),
-        pa.field("tgt_text", pa.list_(pa.string()), nullable=False),
-        pa.field("tgt_img_path", pa.list_(pa.string()), nullable=False),
-    ]
-)
 
 MBEIR_QUERY_KEYS = ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list")
 MBEIR_POOL_KEYS = ("did", "txt", "img_path", "modality")

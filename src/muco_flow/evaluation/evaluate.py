@@ -12,7 +12,7 @@ from PIL import Image
 
 from muco_flow.data.images import confined_path
 from muco_flow.evaluation.datasets import Item, RetrievalSet
-from muco_flow.evaluation.metrics import candidate_rank, hit_at_1, mrr, recall_at_k
+from muco_flow.evaluation.metrics import argmax_hit, candidate_rank, hit_at_1, mrr, recall_at_k
 from muco_flow.evaluation.retrieval import chunked_positive_ranks
 from muco_flow.modeling.embedder import MuCoEmbedder
 
@@ -48,16 +48,23 @@ class EncodingCache:
 
 
 def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache) -> list[list[int]]:
-    """Rank of each query's positives, among its own candidates (MMEB) or the whole pool."""
+    """Rank of each query's positives in the whole pool, ties against them (M-BEIR, M3T)."""
     queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
     candidates = cache.vectors(retrieval_set.candidates, retrieval_set.root)
-    if all(c is None for c in retrieval_set.candidate_lists):
-        return chunked_positive_ranks(queries, candidates, retrieval_set.positives)
-    ranks = []
+    return chunked_positive_ranks(queries, candidates, retrieval_set.positives)
+
+
+def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[bool], list[int]]:
+    """Per query: VLM2Vec's hit (argmax of its own list), and the correct one's tie-aware rank."""
+    queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
+    candidates = cache.vectors(retrieval_set.candidates, retrieval_set.root)
+    hits, ranks = [], []
     for query, own, positives in zip(queries, retrieval_set.candidate_lists, retrieval_set.positives, strict=True):
+        # the correct candidate is first in its list (evaluation.mmeb)
         scores = candidates[own] @ query
-        ranks.append([candidate_rank(scores, own.index(p)) for p in positives])
-    return ranks
+        hits.append(argmax_hit(scores))
+        ranks.append(candidate_rank(scores, own.index(positives[0])))
+    return hits, ranks
 
 
 def score_sets(
@@ -66,10 +73,12 @@ def score_sets(
     """Every metric for one model, as a JSON-ready dict."""
     datasets = {}
     for s in mmeb:
+        hits, ranks = mmeb_hits(s, cache)
         datasets[s.name] = {
             "meta_task": s.group,
             "queries": len(s.queries),
-            "hit@1": hit_at_1([r[0] for r in positive_ranks(s, cache)]),
+            "hit@1": sum(hits) / len(hits),
+            "hit@1_strict": hit_at_1(ranks),  # a tie with a wrong candidate is a miss
         }
     by_task: dict[str, list[float]] = {}
     for d in datasets.values():
@@ -79,6 +88,7 @@ def score_sets(
             "datasets": datasets,
             "meta_tasks": {task: mean(values) for task, values in sorted(by_task.items())},
             "average": mean(d["hit@1"] for d in datasets.values()) if datasets else None,
+            "average_strict": mean(d["hit@1_strict"] for d in datasets.values()) if datasets else None,
         }
     }
     curves: dict[str, dict[str, float]] = {}

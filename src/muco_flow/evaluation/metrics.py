@@ -1,7 +1,11 @@
-"""Retrieval metrics from ranks. A rank is 1-based; ties count against the correct item.
+"""Retrieval metrics from scores and ranks. A rank is 1-based.
 
-Scores within TIE_TOLERANCE are ties: the same two vectors can score a few
-ulps apart depending on which kernel computed the product.
+MMEB's headline hit@1 is VLM2Vec's: the argmax of the query's own candidate
+list, the correct one first, so a tie goes to it (TIGER-AI-Lab/VLM2Vec branch
+v1, eval.py lines 157-167 and evaluation/eval_utils.py lines 6-17). The
+stricter ranks here count ties against the correct item; scores within
+TIE_TOLERANCE are ties, since the same two vectors can score a few ulps apart
+depending on which kernel computed the product.
 """
 
 from __future__ import annotations
@@ -11,6 +15,11 @@ from collections.abc import Sequence
 import torch
 
 TIE_TOLERANCE = 1e-6
+
+
+def argmax_hit(scores: torch.Tensor) -> bool:
+    """VLM2Vec's hit: the first highest-scoring candidate is candidate 0 (the correct one)."""
+    return int(torch.argmax(scores)) == 0
 
 
 def candidate_rank(scores: torch.Tensor, correct: int = 0) -> int:

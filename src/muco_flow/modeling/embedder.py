@@ -22,7 +22,8 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import Backbone, add_muco_tokens
-from muco_flow.modeling.inputs import IMAGE_PLACEHOLDER, build_model_inputs
+from muco_flow.modeling.inputs import build_model_inputs
+from muco_flow.modeling.prompt import check_single_turn_template, single_turn_text
 
 EMBEDDER_FILE = "muco_embedder.json"
 
@@ -159,11 +160,13 @@ class MuCoEmbedder(nn.Module):
         batch_size: int = 32,
         progress: bool = True,
     ) -> torch.Tensor:
-        """One normalised vector per (text, optional image), as single-turn conversations.
+        """One normalised vector per (text, optional image), each its own one-turn conversation.
 
-        ``template`` is a whole conversation with ``{image}`` and ``{text}`` and
-        one ``<|emb|>``, e.g. the format templates rendered for one turn.
+        ``template`` is that conversation with one ``{text}`` slot and one
+        ``<|emb|>``; the text is put in as MuCo's evaluation does
+        (modeling.prompt.single_turn_text).
         """
+        check_single_turn_template(template)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -171,9 +174,7 @@ class MuCoEmbedder(nn.Module):
         try:
             for start in tqdm(range(0, len(items), batch_size), desc="encode", unit="batch", disable=not progress):
                 chunk = items[start : start + batch_size]
-                texts = [
-                    template.format(image=IMAGE_PLACEHOLDER if img is not None else "", text=t) for t, img in chunk
-                ]
+                texts = [single_turn_text(t, img is not None, template) for t, img in chunk]
                 batch = build_model_inputs(self.tokenizer, self.image_processor, texts, [img for _, img in chunk])
                 batch = {k: v.to(device) for k, v in batch.items()}
                 emb_index = (batch["input_ids"] == self.emb_token_id).nonzero()

@@ -17,14 +17,31 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from muco_flow.modeling import tokens
 
-IMAGE_PLACEHOLDER = f"{tokens.VISION_START}{tokens.IMAGE_PAD}{tokens.VISION_END}"
+
+def short_side_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
+    """(width, height) after scaling the short side to ``short_side`` (None: unchanged).
+
+    As MuCo's pre-training loader (naver-ai/muco src/loader.py lines 424-439):
+    the long side is truncated to an integer, and a square counts as landscape.
+    """
+    if short_side is None:
+        return width, height
+    if width < height:
+        return short_side, int(height * (short_side / width))
+    return int(width * (short_side / height)), short_side
+
+
+def resize_short_side(image: Image.Image, short_side: int | None) -> Image.Image:
+    size = short_side_size(*image.size, short_side)
+    return image if size == image.size else image.resize(size, resample=Image.Resampling.LANCZOS)
 
 
 def image_inputs(
-    image_processor: Qwen2VLImageProcessorPil, images: Sequence[Image.Image]
+    image_processor: Qwen2VLImageProcessorPil, images: Sequence[Image.Image], short_side: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Pixel patches, their (t, h, w) grids, and the LLM tokens each image takes."""
-    features = image_processor(images=list(images), return_tensors="pt")
+    images = [resize_short_side(image, short_side) for image in images]
+    features = image_processor(images=images, return_tensors="pt")
     grid = features["image_grid_thw"]
     merge = image_processor.merge_size**2
     return features["pixel_values"], grid, [int(n) // merge for n in grid.prod(dim=-1)]
@@ -65,7 +82,7 @@ def build_model_inputs(
     texts: Sequence[str],
     images: Sequence[Image.Image | None],
 ) -> dict[str, torch.Tensor]:
-    """A padded batch: ``texts[i]`` holds one ``IMAGE_PLACEHOLDER`` iff ``images[i]`` is set."""
+    """A padded batch: ``texts[i]`` holds one ``tokens.VISION_BLOCK`` iff ``images[i]`` is set."""
     if len(texts) != len(images):
         raise ValueError(f"got {len(texts)} texts but {len(images)} images")
     image_pad_id = tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)

@@ -15,6 +15,11 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
+# Qwen2-VL's vision block: the image processor's patches go where <|image_pad|> is.
+VISION_BLOCK = f"{VISION_START}{IMAGE_PAD}{VISION_END}"
+# Where the image goes in M3T phrasings and MMEB texts: Phi-3-V's spelling,
+# which MuCo's and VLM2Vec's loaders replace by the backbone's own.
+IMAGE_1 = "<|image_1|>"
 
 # In Qwen2-VL's vocabulary order, so the tiny preset's ids line up with the
 # real tokenizer's relative order.

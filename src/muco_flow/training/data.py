@@ -15,31 +15,22 @@ import random
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from muco_flow.data import schema
+from muco_flow.data.formatting import FORMATTED_SCHEMA, Conversation, assemble_conversations
 from muco_flow.data.ingest import MANIFEST_FILE
+from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import collate, image_inputs
 
 logger = logging.getLogger(__name__)
 
-RECORD_COLUMNS = [
-    "conversation_id",
-    "image_shard",
-    "image_row",
-    "image_tokens",
-    "turn_type",
-    "query_input_ids",
-    "query_emb_positions",
-    "target_input_ids",
-    "target_emb_positions",
-    "target_key",
-    "target_turn_lengths",
-]
+RECORD_COLUMNS = [f.name for f in FORMATTED_SCHEMA]
 
 
 class ImageStore:
@@ -93,7 +84,12 @@ class Batch:
 
 
 class ConversationBatches:
-    """Deterministic, rank-sharded batches over formatted conversation shards."""
+    """Deterministic, rank-sharded batches over formatted records.
+
+    The records stay one Arrow table (a few bytes per token, no Python object
+    per conversation); a batch's records are decoded when the batch is made,
+    and their conversations assembled for the batch's epoch.
+    """
 
     def __init__(
         self,
@@ -103,36 +99,45 @@ class ConversationBatches:
         *,
         pad_id: int,
         image_pad_id: int,
+        emb_id: int,
         batch_size: int,
         rank: int,
         world_size: int,
         seed: int,
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
-        self.independent_targets = manifest["settings"].get("target_layout") == "independent"
-        self.records: list[dict[str, Any]] = []
+        self.settings = manifest["settings"]
+        tables = []
         for shard in manifest["shards"]:
             path = Path(conversations_dir) / shard["file"]
             missing = sorted(set(RECORD_COLUMNS) - set(pq.read_schema(path).names))
-            if missing:
+            if missing or manifest.get("schema_version") != schema.SCHEMA_VERSION:
                 raise ValueError(
-                    f"{path} has no column {', '.join(missing)}: it was formatted by an older muco-flow; "
-                    "re-run the format pipeline"
+                    f"{path} was formatted by another muco-flow version (schema "
+                    f"{manifest.get('schema_version')}, this one reads {schema.SCHEMA_VERSION}"
+                    + (f"; no column {', '.join(missing)}" if missing else "")
+                    + "); re-run the format pipeline"
                 )
-            self.records.extend(pq.read_table(path, columns=RECORD_COLUMNS).to_pylist())
-        if not self.records:
+            tables.append(pq.read_table(path, columns=RECORD_COLUMNS, memory_map=True))
+        self.records = pa.concat_tables(tables) if tables else None
+        if self.records is None or self.records.num_rows == 0:
             raise ValueError(f"no conversations in {conversations_dir}; run the format pipeline first")
         self.images = ImageStore(shards_dir)
         self.image_processor = image_processor
-        self.pad_id, self.image_pad_id = pad_id, image_pad_id
+        self.pad_id, self.image_pad_id, self.emb_id = pad_id, image_pad_id, emb_id
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self._by_turns: dict[int, list[int]] = defaultdict(list)
-        for index, record in enumerate(self.records):
-            self._by_turns[len(record["turn_type"])].append(index)
-        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        # one unit per conversation: (record, part), grouped by its number of turns
+        parts = self.records.column("part_turns").to_pylist()
+        self._by_turns: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for index, turns in enumerate(parts):
+            for part, n in enumerate(turns):
+                if n:
+                    self._by_turns[n].append((index, part))
+        self.conversations = sum(len(units) for units in self._by_turns.values())
+        self._epoch_cache: tuple[int, list[list[tuple[int, int]]]] | None = None
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{len(self.records)} conversations give no full batch of {batch_size} per rank x {world_size} "
+                f"{self.conversations} conversations give no full batch of {batch_size} per rank x {world_size} "
                 "ranks; lower training.micro_batch_size or use more data"
             )
 
@@ -142,20 +147,20 @@ class ConversationBatches:
 
     @property
     def steps_per_epoch(self) -> int:
-        return sum(len(ids) // self.global_batch for ids in self._by_turns.values())
+        return sum(len(units) // self.global_batch for units in self._by_turns.values())
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The epoch's global batches (record indices), same on every rank."""
+    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """The epoch's global batches ((record, part) units), same on every rank."""
         if self._epoch_cache and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
         rng = random.Random(f"muco-train:{self.seed}:{epoch}")
         batches, left_out = [], 0
         for turns in sorted(self._by_turns):
-            ids = list(self._by_turns[turns])
-            rng.shuffle(ids)
-            full = len(ids) // self.global_batch * self.global_batch
-            left_out += len(ids) - full
-            batches.extend(ids[i : i + self.global_batch] for i in range(0, full, self.global_batch))
+            units = list(self._by_turns[turns])
+            rng.shuffle(units)
+            full = len(units) // self.global_batch * self.global_batch
+            left_out += len(units) - full
+            batches.extend(units[i : i + self.global_batch] for i in range(0, full, self.global_batch))
         rng.shuffle(batches)
         if left_out and epoch == 0 and self.rank == 0:
             # different conversations are left out each epoch, since the shuffle differs
@@ -167,67 +172,67 @@ class ConversationBatches:
         """This rank's part of global batch ``step`` (epochs continue one after another)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         members = self.epoch_batches(epoch)[index]
-        mine = [self.records[i] for i in members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]]
-        return self._collate(mine)
-
-    def _collate(self, records: list[dict[str, Any]]) -> Batch:
+        mine = members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        records = self.records.take([record for record, _ in mine]).to_pylist()
+        conversations = [
+            assemble_conversations(record, epoch, self.settings, self.image_pad_id)[part]
+            for record, (_, part) in zip(records, mine, strict=True)
+        ]
         images = [
-            Image.open(io.BytesIO(self.images.get(r["image_shard"], r["image_row"]))).convert("RGB") for r in records
+            None
+            if record["image_shard"] is None
+            else Image.open(io.BytesIO(self.images.get(record["image_shard"], record["image_row"]))).convert("RGB")
+            for record in records
         ]
         return collate_conversations(
-            records,
+            conversations,
             images,
+            [record["image_tokens"] for record in records],
             self.image_processor,
             pad_id=self.pad_id,
             image_pad_id=self.image_pad_id,
-            independent_targets=self.independent_targets,
+            emb_id=self.emb_id,
+            short_side=self.settings.get("image_short_side"),
         )
 
 
 def collate_conversations(
-    records: list[dict[str, Any]],
-    images: list[Image.Image],
+    conversations: list[Conversation],
+    images: list[Image.Image | None],
+    image_tokens: list[int],
     image_processor: Qwen2VLImageProcessorPil,
     *,
     pad_id: int,
     image_pad_id: int,
-    independent_targets: bool,
+    emb_id: int,
+    short_side: int | None = None,
 ) -> Batch:
-    """A batch from formatted conversation records (all with the same K) and each one's image.
+    """A batch from conversations (all with the same K) and each one's image (None: none).
 
-    With ``independent_targets`` (format.target_layout "independent") the
-    target side has one row per turn, B*K rows in sample-major order.
+    Embeddings are read at every ``<|emb|>`` in row order, which is
+    sample-major: query row b holds turns b*K..b*K+K-1; the target side has
+    one row per turn (B*K rows) or one per conversation.
     """
-    pixel_values, grid, counts = image_inputs(image_processor, images)
-    for record, count in zip(records, counts, strict=True):
-        if count != record["image_tokens"]:
+    query = collate([c.query_ids for c in conversations], pad_id, image_pad_id)
+    present = [(c, image, n) for c, image, n in zip(conversations, images, image_tokens, strict=True) if image]
+    if present:
+        pixel_values, grid, counts = image_inputs(image_processor, [image for _, image, _ in present], short_side)
+        for (conversation, _, expected), count in zip(present, counts, strict=True):
+            if count != expected:
+                raise ValueError(
+                    f"conversation {conversation.conversation_id}: the image gives {count} tokens but it was "
+                    f"formatted with {expected}; re-run the format pipeline with this backbone's image processor"
+                )
+        query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
+    query["emb_index"] = (query["input_ids"] == emb_id).nonzero()
+    target = collate([row for c in conversations for row in c.target_ids], pad_id, image_pad_id)
+    target["emb_index"] = (target["input_ids"] == emb_id).nonzero()
+    turns = len(conversations[0].turn_type)
+    for side, batch in (("query", query), ("target", target)):
+        if batch["emb_index"].shape[0] != len(conversations) * turns:
             raise ValueError(
-                f"conversation {record['conversation_id']}: the image gives {count} tokens but it was formatted "
-                f"with {record['image_tokens']}; re-run the format pipeline with this backbone's image processor"
+                f"the {side} side holds {batch['emb_index'].shape[0]} {tokens.EMB_TOKEN} for "
+                f"{len(conversations)} conversations of {turns} turns"
             )
-    query = collate([r["query_input_ids"] for r in records], pad_id, image_pad_id)
-    query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
-    query["emb_index"] = _emb_index(records, "query_emb_positions")
-    if independent_targets:
-        turns = [turn for r in records for turn in _split_turns(r)]
-        target = collate([ids for ids, _ in turns], pad_id, image_pad_id)
-        target["emb_index"] = torch.tensor([(row, emb) for row, (_, emb) in enumerate(turns)], dtype=torch.long)
-    else:
-        target = collate([r["target_input_ids"] for r in records], pad_id, image_pad_id)
-        target["emb_index"] = _emb_index(records, "target_emb_positions")
-    keys = torch.tensor([key for r in records for key in r["target_key"]], dtype=torch.long)
-    return Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records], keys)
-
-
-def _emb_index(records: list[dict[str, Any]], column: str) -> torch.Tensor:
-    """[B*K, 2] (row, position), sample-major: row b*K + k is conversation b, turn k."""
-    return torch.tensor([(row, pos) for row, r in enumerate(records) for pos in r[column]], dtype=torch.long)
-
-
-def _split_turns(record: dict[str, Any]) -> list[tuple[list[int], int]]:
-    """Each target turn's tokens and its ``<|emb|>`` position within them."""
-    turns, start = [], 0
-    for length, emb in zip(record["target_turn_lengths"], record["target_emb_positions"], strict=True):
-        turns.append((record["target_input_ids"][start : start + length], emb - start))
-        start += length
-    return turns
+    keys = torch.tensor([key for c in conversations for key in c.target_key], dtype=torch.long)
+    return Batch(query, target, turns, [c.conversation_id for c in conversations], keys)

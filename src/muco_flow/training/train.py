@@ -141,6 +141,7 @@ def train(config: dict[str, Any]) -> None:
         embedder.image_processor,
         pad_id=embedder.tokenizer.pad_token_id,
         image_pad_id=embedder.tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD),
+        emb_id=embedder.emb_token_id,
         batch_size=settings["micro_batch_size"],
         rank=rank,
         world_size=world,

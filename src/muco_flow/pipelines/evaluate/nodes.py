@@ -7,9 +7,10 @@ from typing import Any
 
 import pandas as pd
 
-from muco_flow.data.conversations import FormatConfig, single_turn_template
-from muco_flow.evaluation.datasets import RetrievalSet, read_m3t_heldout, read_mbeir, read_mmeb
+from muco_flow.data.conversations import FormatConfig
+from muco_flow.evaluation.datasets import RetrievalSet, read_m3t_heldout, read_mbeir
 from muco_flow.evaluation.evaluate import EncodingCache, chance_mmeb_average, score_sets
+from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
 from muco_flow.modeling.embedder import load_embedder
 
@@ -19,7 +20,7 @@ def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, li
     root = Path(data_root)
     sets: dict[str, list[RetrievalSet]] = {"mmeb": [], "pools": [], "m3t": []}
     if mmeb := params.get("mmeb"):
-        sets["mmeb"] = read_mmeb(root / mmeb["dir"], root / mmeb.get("image_root", "."), mmeb["meta_tasks"])
+        sets["mmeb"] = read_mmeb(root / mmeb["dir"], root / mmeb["image_root"], mmeb["datasets"])
     if mbeir := params.get("mbeir"):
         image_root = root / mbeir.get("image_root", ".")
         sets["pools"] = [read_mbeir(root / mbeir["queries"], root / mbeir["pool"], image_root)]
@@ -29,7 +30,7 @@ def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, li
 
 
 def _score(model_dir: str, sets: dict[str, list[RetrievalSet]], params: dict, format_params: dict) -> dict:
-    template = single_turn_template(FormatConfig.from_params(format_params).templates)
+    template = FormatConfig.from_params(format_params).templates.single_turn()
     embedder, template = load_embedder(model_dir, default_template=template)
     cache = EncodingCache(embedder, template, params["batch_size"])
     return score_sets(sets["mmeb"], sets["pools"], sets["m3t"], cache)

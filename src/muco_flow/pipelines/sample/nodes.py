@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from muco_flow.data.m3t_mini import MiniSampleConfig, generate_m3t_mini
+from muco_flow.sample.m3t_mini import MiniSampleConfig, generate_m3t_mini
 
 
 def generate_m3t_mini_sample(params: dict[str, Any]) -> dict[str, bytes]:

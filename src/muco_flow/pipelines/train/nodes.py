@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from muco_flow.data.conversations import FormatConfig, single_turn_template
+from muco_flow.data.conversations import FormatConfig
 from muco_flow.tracking import check_tracking_server, resolve_tracking_uri, source_commit
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.report import loss_curve_figure, read_metrics
@@ -32,7 +32,7 @@ def train_muco_model(
     config = resolve_run_config(
         training=training,
         backbone=backbone,
-        encode_template=single_turn_template(FormatConfig.from_params(format_params).templates),
+        encode_template=FormatConfig.from_params(format_params).templates.single_turn(),
         tracking_uri=tracking_uri,
         experiment=mlflow["experiment"],
         checkpoint=checkpoint,

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from muco_flow.data import schema
+from muco_flow.modeling import tokens
 
 SHAPE_COLOURS = {
     "red": (220, 40, 40),
@@ -81,15 +82,19 @@ QUERY_PHRASINGS: tuple[tuple[str, ...], ...] = (
     ),
 )
 
-# MMEB-format datasets the sample writes, and the meta-task of each.
+# MMEB-format datasets the sample writes: meta-task, the MuCo parser of the
+# Instruct layout (naver-ai/muco eval_configs/image.yaml), and the layout each
+# is written in, so that both published layouts are read by every run.
 MMEB_DATASETS = {
-    "MiniShapes-Cls": "classification",
-    "MiniShapes-Count": "vqa",
-    "MiniShapes-Color": "vqa",
-    "MiniShapes-I2T": "retrieval",
-    "MiniShapes-T2I": "retrieval",
-    "MiniShapes-Grounding": "visual_grounding",
+    "MiniShapes-Cls": {"meta_task": "classification", "parser": "image_cls", "layout": "instruct"},
+    "MiniShapes-Count": {"meta_task": "vqa", "parser": "image_qa", "layout": "instruct"},
+    "MiniShapes-Color": {"meta_task": "vqa", "parser": "image_qa", "layout": "v1"},
+    "MiniShapes-I2T": {"meta_task": "retrieval", "parser": "image_i2t", "layout": "v1"},
+    "MiniShapes-T2I": {"meta_task": "retrieval", "parser": "image_t2i", "layout": "instruct"},
+    "MiniShapes-Grounding": {"meta_task": "visual_grounding", "parser": "image_i2i_vg", "layout": "instruct"},
 }
+MMEB_DIR = "eval/mmeb"  # as the HF download: <Dataset>/test-00000-of-00001.parquet or <Dataset>/test/*.parquet
+MMEB_IMAGE_ROOT = "eval/mmeb/images"  # as images.zip unzipped; the parquet paths are relative to it
 
 
 @dataclass(frozen=True)
@@ -138,7 +143,6 @@ class MiniSampleConfig:
     heldout_images: int = 64
     eval_queries_per_dataset: int = 64
     eval_candidates: int = 10
-    image_url_base: str = "https://m3t-mini.invalid"
 
     def __post_init__(self) -> None:
         for name in ("train_images", "heldout_images", "eval_queries_per_dataset"):
@@ -294,19 +298,20 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _m3t_files(config: MiniSampleConfig, split: str, scenes: list[Seeded], meta_file: str) -> dict[str, bytes]:
+def _m3t_files(split: str, scenes: list[Seeded], meta_file: str) -> dict[str, bytes]:
+    """The published M3T columns and nothing else: no id column, phrasings with ``<|image_1|>\\n``."""
     files: dict[str, bytes] = {}
     rows: dict[str, list] = {f.name: [] for f in schema.M3T_ARROW_SCHEMA}
     for index, (rng, scene) in enumerate(scenes):
         image_path = f"images/{split}/{index:06d}.png"
         files[image_path] = png_bytes(render_scene(scene))
-        rows[schema.SAMPLE_ID].append(f"{split}-{index:06d}")
-        for column, value in m3t_turns(rng, scene).items():
+        turns = m3t_turns(rng, scene)
+        turns[schema.QRY] = [[f"{tokens.IMAGE_1}\n{p}" for p in phrasings] for phrasings in turns[schema.QRY]]
+        for column, value in turns.items():
             rows[column].append(value)
         rows[schema.QRY_SENTENCE].append(scene.describe())
         rows[schema.QRY_IMAGE_PATH].append(image_path)
-        rows[schema.POS_IMAGE_PATH].append([""] * schema.TURNS_PER_SAMPLE)
-        rows[schema.IMAGE_URL].append(f"{config.image_url_base.rstrip('/')}/{image_path}")
+        rows[schema.POS_IMAGE_PATH].append("")
     files[meta_file] = _parquet_bytes(pa.table(rows, schema=schema.M3T_ARROW_SCHEMA))
     return files
 
@@ -320,91 +325,120 @@ def _crop_bytes(scene: Scene, shape: Shape) -> bytes:
     return png_bytes(crop)
 
 
+def _mmeb_row(
+    layout: str, qry_inst: str, qry_text: str, qry_img: str, tgt_inst: str, tgt_text: list[str], tgt_img: list[str]
+) -> dict:
+    """A row in ``layout``: Instruct keeps the instructions apart; v1 folds them into the text, as published.
+
+    The v1 texts are what MuCo's Instruct parsers rebuild "to stay consistent
+    with v1 eval" (naver-ai/muco src/data/eval_dataset/image_*.py).
+    """
+    if layout == "instruct":
+        return {
+            "qry_inst": qry_inst,
+            "qry_text": qry_text,
+            "qry_img_path": qry_img,
+            "tgt_inst": tgt_inst,
+            "tgt_text": tgt_text,
+            "tgt_img_path": tgt_img,
+        }
+    joined = f"{qry_inst} {qry_text}".strip() + "\n"
+    targets = [f"{tgt_inst} {t}".strip() + "\n" if tgt_inst else t for t in tgt_text]
+    return {"qry_text": joined, "qry_img_path": qry_img, "tgt_text": targets, "tgt_img_path": tgt_img}
+
+
 def _mmeb_files(config: MiniSampleConfig, scenes: list[Seeded]) -> dict[str, bytes]:
     n = len(scenes)
     files: dict[str, bytes] = {}
-    image_paths = [f"images/eval/{i:06d}.png" for i in range(n)]
+    image_paths = [f"MiniShapes/{i:06d}.png" for i in range(n)]
     for path, (_, scene) in zip(image_paths, scenes, strict=True):
-        files[path] = png_bytes(render_scene(scene))
-    crop_paths = [f"images/eval_crops/{i:06d}.png" for i in range(n)]
+        files[f"{MMEB_IMAGE_ROOT}/{path}"] = png_bytes(render_scene(scene))
+    crop_paths = [f"MiniShapes-crops/{i:06d}.png" for i in range(n)]
     for path, (_, scene) in zip(crop_paths, scenes, strict=True):
-        files[path] = _crop_bytes(scene, scene.main)
+        files[f"{MMEB_IMAGE_ROOT}/{path}"] = _crop_bytes(scene, scene.main)
 
     labels = [f"{c} {s}" for c in SHAPE_COLOURS for s in SHAPES]
     rng = random.Random(f"m3t-mini:{config.seed}:mmeb")
     k = config.eval_candidates
+    image = tokens.IMAGE_1
 
     def distractors(correct: str, pool: list[str]) -> list[str]:
         return rng.sample([p for p in pool if p != correct], min(k - 1, len(pool) - 1))
 
-    records: dict[str, list[dict]] = {name: [] for name in MMEB_DATASETS}
+    def text_candidates(correct: str, pool: list[str]) -> tuple[list[str], list[str]]:
+        candidates = [correct, *distractors(correct, pool)]
+        return candidates, [""] * len(candidates)
+
+    # the instructions follow the wording of MMEB's own sets
+    rows: dict[str, list[tuple]] = {name: [] for name in MMEB_DATASETS}
     descriptions = [scene.describe() for _, scene in scenes]
     for i, (_, scene) in enumerate(scenes):
-        image = image_paths[i]
-        text_row = {"qry_img_path": image}
-
-        def text_candidates(correct: str, pool: list[str]) -> dict:
-            candidates = [correct, *distractors(correct, pool)]
-            return {"tgt_text": candidates, "tgt_img_path": [""] * len(candidates)}
-
-        records["MiniShapes-Cls"].append(
-            {
-                **text_row,
-                "qry_inst": "Classify the main object in the image.",
-                "qry_text": "",
-                **text_candidates(scene.main.label, labels),
-            }
+        path = image_paths[i]
+        rows["MiniShapes-Cls"].append(
+            (
+                f"{image}\nRepresent the given image for classification",
+                "",
+                path,
+                "",
+                *text_candidates(scene.main.label, labels),
+            )
         )
-        records["MiniShapes-Count"].append(
-            {
-                **text_row,
-                "qry_inst": "Answer the question about the image.",
-                "qry_text": "How many shapes are in the image?",
-                **text_candidates(NUMBER_WORDS[len(scene.shapes)], list(NUMBER_WORDS[1:])),
-            }
+        question = f"{image}\nRepresent the given image with the following question:"
+        rows["MiniShapes-Count"].append(
+            (
+                question,
+                "How many shapes are in the image?",
+                path,
+                "",
+                *text_candidates(NUMBER_WORDS[len(scene.shapes)], list(NUMBER_WORDS[1:])),
+            )
         )
-        records["MiniShapes-Color"].append(
-            {
-                **text_row,
-                "qry_inst": "Answer the question about the image.",
-                "qry_text": f"What color is the shape in the {scene.main.region}?",
-                **text_candidates(scene.main.colour, list(SHAPE_COLOURS)),
-            }
+        rows["MiniShapes-Color"].append(
+            (
+                question,
+                f"What color is the shape in the {scene.main.region}?",
+                path,
+                "",
+                *text_candidates(scene.main.colour, list(SHAPE_COLOURS)),
+            )
         )
-        records["MiniShapes-I2T"].append(
-            {
-                **text_row,
-                "qry_inst": "Find a caption that describes this image.",
-                "qry_text": "",
-                **text_candidates(descriptions[i], descriptions),
-            }
+        rows["MiniShapes-I2T"].append(
+            (
+                f"{image}\nFind a caption that describes this image.",
+                "",
+                path,
+                "",
+                *text_candidates(descriptions[i], descriptions),
+            )
         )
-        others = [p for p in image_paths if p != image]
-        t2i_candidates = [image, *rng.sample(others, k - 1)]
-        records["MiniShapes-T2I"].append(
-            {
-                "qry_inst": "Find the image that matches this caption.",
-                "qry_text": descriptions[i],
-                "qry_img_path": "",
-                "tgt_text": [""] * k,
-                "tgt_img_path": t2i_candidates,
-            }
+        others = [p for p in image_paths if p != path]
+        rows["MiniShapes-T2I"].append(
+            (
+                "Find me an everyday image that matches the given caption:",
+                descriptions[i],
+                "",
+                f"{image}\nRepresent the given image.",
+                [""] * k,
+                [path, *rng.sample(others, k - 1)],
+            )
         )
         other_crops = [p for j, p in enumerate(crop_paths) if j != i]
-        grounding_candidates = [crop_paths[i], *rng.sample(other_crops, k - 1)]
-        records["MiniShapes-Grounding"].append(
-            {
-                **text_row,
-                "qry_inst": f"Select the portion of the image that isolates the {scene.main.label}.",
-                "qry_text": "",
-                "tgt_text": [""] * k,
-                "tgt_img_path": grounding_candidates,
-            }
+        rows["MiniShapes-Grounding"].append(
+            (
+                f"{image}\nSelect the portion of the image that isolates the object labeled as",
+                scene.main.label,
+                path,
+                f"{image}\nRepresent the given cropped image of the object.",
+                [""] * k,
+                [crop_paths[i], *rng.sample(other_crops, k - 1)],
+            )
         )
-    for name, rows in records.items():
-        table = pa.Table.from_pylist(rows, schema=schema.MMEB_ARROW_SCHEMA)
-        files[f"{schema.MMEB_DIR}/{name}/test.parquet"] = _parquet_bytes(table)
-    files[f"{schema.MMEB_DIR}/meta_tasks.json"] = json.dumps(MMEB_DATASETS, indent=2).encode()
+    for name, dataset_rows in rows.items():
+        layout = MMEB_DATASETS[name]["layout"]
+        table = pa.Table.from_pylist([_mmeb_row(layout, *row) for row in dataset_rows])
+        # the two file layouts of the HF download
+        file = "test/0000.parquet" if layout == "instruct" else "test-00000-of-00001.parquet"
+        files[f"{MMEB_DIR}/{name}/{file}"] = _parquet_bytes(table)
     return files
 
 
@@ -470,8 +504,8 @@ def generate_m3t_mini(config: MiniSampleConfig) -> dict[str, bytes]:
     seen = frozenset(scene for _, scene in train)
     heldout = _scenes(config.seed, "heldout", config.heldout_images, exclude=seen)
     evaluation = _scenes(config.seed, "eval", config.eval_queries_per_dataset, exclude=seen)
-    files = _m3t_files(config, "train", train, schema.TRAIN_META_FILE)
-    files |= _m3t_files(config, "heldout", heldout, schema.HELDOUT_META_FILE)
+    files = _m3t_files("train", train, schema.TRAIN_META_FILE)
+    files |= _m3t_files("heldout", heldout, schema.HELDOUT_META_FILE)
     files |= _mmeb_files(config, evaluation)
     files |= _mbeir_files(evaluation)
     return files
