@@ -12,9 +12,9 @@ import pytest
 from kedro.config import OmegaConfigLoader
 
 from muco_flow import settings
-from muco_flow.sample.m3t_mini import MiniSampleConfig, generate_m3t_mini
 from muco_flow.datasets import FileTreeDataset
 from muco_flow.pipelines.backbone.nodes import build_tiny_backbone_preset, collect_tokenizer_corpus
+from muco_flow.sample.m3t_mini import MiniSampleConfig, generate_m3t_mini
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")

@@ -108,7 +108,16 @@ def control_token_in_text(row: Row, root: Path) -> None:
 
 
 def target_image(row: Row, root: Path) -> None:
-    row[schema.POS_IMAGE_PATH] = ["images/x.png", *row[schema.POS_IMAGE_PATH][1:]]
+    row[schema.POS_IMAGE_PATH] = "images/x.png"
+
+
+def second_image_marker(row: Row, root: Path) -> None:
+    row[schema.QRY][1] = ["<|image_2|>\nAnd in this other picture?"]
+
+
+def text_only_sample(row: Row, root: Path) -> None:
+    """Valid: a row with an empty qry_image_path is a sample without an image, as published rows may be."""
+    row[schema.QRY_IMAGE_PATH] = ""
 
 
 def nul_byte_path(row: Row, root: Path) -> None:
@@ -155,7 +164,9 @@ CORRUPTIONS: dict[Corruption, str | None] = {
     text_too_long: "TEXT_TOO_LONG",
     control_token_in_text: "SPECIAL_TOKEN_IN_TEXT",
     target_image: "TARGET_IMAGE_UNSUPPORTED",
+    second_image_marker: "IMAGE_PLACEHOLDER",
     tiny_image: None,
+    text_only_sample: None,
 }
 
 
@@ -172,10 +183,16 @@ COLUMN_CORRUPTIONS: dict[str, tuple[str, Callable[[int], pa.Array], str]] = {
 
 
 def retype_column(meta: Path, corruption: str) -> int:
-    """Rewrites the meta file with one column replaced as ``COLUMN_CORRUPTIONS[corruption]`` says; returns rows."""
+    """Rewrites the meta file with one column replaced (or added) as ``COLUMN_CORRUPTIONS[corruption]`` says.
+
+    Returns the number of rows.
+    """
     column, values, _ = COLUMN_CORRUPTIONS[corruption]
     table = pq.read_table(meta)
-    table = table.set_column(table.column_names.index(column), column, values(table.num_rows))
+    if column in table.column_names:
+        table = table.set_column(table.column_names.index(column), column, values(table.num_rows))
+    else:
+        table = table.append_column(column, values(table.num_rows))
     pq.write_table(table, meta)
     return table.num_rows
 
@@ -183,17 +200,22 @@ def retype_column(meta: Path, corruption: str) -> int:
 def corrupt_snapshot(source_root: Path, target_root: Path) -> dict[int, str | None]:
     """Copies the snapshot and applies each corruption to its own row (rows 1, 2, ...).
 
-    Returns {row index: expected reason}; unlisted rows are untouched.
+    The published columns get the two optional ones, an id (so that a
+    duplicate can be made) and an image URL (None, unless a corruption sets
+    one). Returns {row index: expected reason}; unlisted rows are untouched.
     """
     shutil.copytree(source_root, target_root)
     meta = target_root / schema.TRAIN_META_FILE
-    rows = pq.read_table(meta).to_pylist()
+    rows = [
+        {**row, schema.SAMPLE_ID: f"train-{i:06d}", schema.IMAGE_URL: None}
+        for i, row in enumerate(pq.read_table(meta).to_pylist())
+    ]
     if len(rows) <= len(CORRUPTIONS):
         raise ValueError(f"need more than {len(CORRUPTIONS)} rows to corrupt, the snapshot has {len(rows)}")
     expected = {}
     for index, (corrupt, reason) in enumerate(CORRUPTIONS.items(), start=1):
         corrupt(rows[index], target_root)
         expected[index] = reason
-    nullable = pa.schema([f.with_nullable(True) for f in schema.M3T_ARROW_SCHEMA])
-    pq.write_table(pa.Table.from_pylist(rows, schema=nullable), meta)
+    optional = [pa.field(schema.SAMPLE_ID, pa.string()), pa.field(schema.IMAGE_URL, pa.string())]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([*schema.M3T_ARROW_SCHEMA, *optional])), meta)
     return expected

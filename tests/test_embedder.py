@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from muco_flow.modeling.backbone import load_backbone
 from muco_flow.modeling import tokens
+from muco_flow.modeling.backbone import load_backbone
 from muco_flow.modeling.embedder import EmbedderSettings, LoraSettings, MuCoEmbedder
 from muco_flow.modeling.inputs import build_model_inputs
 
 TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>\n"
-ENCODE_TEMPLATE = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>\n"
+ENCODE_TEMPLATE = "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>"
 
 
 def embedder(directory, **settings) -> MuCoEmbedder:
@@ -87,5 +87,5 @@ def test_encode_and_the_merged_model_agree(tiny_backbone_dir, tmp_path):
 
 def test_encode_needs_one_emb_token_per_item(tiny_backbone_dir):
     model = embedder(tiny_backbone_dir)
-    with pytest.raises(ValueError, match="exactly one <\\|emb\\|>"):
-        model.encode([("x", None)], template="{image}{text}", progress=False)
+    with pytest.raises(ValueError, match="exactly one \\{text\\} and one <\\|emb\\|>"):
+        model.encode([("x", None)], template="<|im_start|>user\n{text}<|im_end|>", progress=False)

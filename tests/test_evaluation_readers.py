@@ -9,8 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muco_flow.sample.m3t_mini import MMEB_DATASETS
-from muco_flow.evaluation.datasets import EvaluationDataError, read_m3t_heldout, read_mbeir, read_mmeb
+from muco_flow.evaluation.datasets import EvaluationDataError, read_m3t_heldout, read_mbeir
+from muco_flow.evaluation.mmeb import read_mmeb
+from muco_flow.sample.m3t_mini import MMEB_DATASETS, MMEB_DIR, MMEB_IMAGE_ROOT
+
+DATASETS = {name: {"meta_task": d["meta_task"], "parser": d["parser"]} for name, d in MMEB_DATASETS.items()}
 
 
 @pytest.fixture
@@ -20,36 +23,40 @@ def sample(small_sample_root, tmp_path):
     return root
 
 
+def mmeb(root, datasets=None):
+    return read_mmeb(root / MMEB_DIR, root / MMEB_IMAGE_ROOT, datasets or DATASETS)
+
+
 def rewrite_mmeb(root, dataset, change):
-    path = root / "eval/mmeb" / dataset / "test.parquet"
+    (path,) = (root / MMEB_DIR / dataset).rglob("*.parquet")
     rows = pq.read_table(path).to_pylist()
     change(rows)
     pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
 
 
 def test_the_samples_sets_load(sample):
-    mmeb = read_mmeb(sample / "eval/mmeb", sample, MMEB_DATASETS)
-    assert {s.name: s.group for s in mmeb} == MMEB_DATASETS
-    count = next(s for s in mmeb if s.name == "MiniShapes-Count")
+    sets = mmeb(sample)
+    assert {s.name: s.group for s in sets} == {name: d["meta_task"] for name, d in DATASETS.items()}
+    count = next(s for s in sets if s.name == "MiniShapes-Count")
     assert len(count.candidates) == 4  # "one".."four": every query's candidates, encoded once
-    t2i = next(s for s in mmeb if s.name == "MiniShapes-T2I")
-    assert all(c.image and not c.text for c in t2i.candidates)
+    t2i = next(s for s in sets if s.name == "MiniShapes-T2I")
+    assert all(c.image and c.text == "<|image_pad|>\nRepresent the given image.\n" for c in t2i.candidates)
     pool = read_mbeir(sample / "eval/mbeir/queries.jsonl", sample / "eval/mbeir/cand_pool.jsonl", sample)
     assert len(pool.queries) == 12 and all(len(p) == 1 for p in pool.positives)
     turns = read_m3t_heldout(sample / "M3T_heldout/M3T.parquet", sample)
     assert [s.group for s in turns] == ["classification", "global_vqa", "local_vqa", "creative_vqa", "retrieval"]
     assert sum(len(s.queries) for s in turns) == 6 * 7
+    assert all(q.text.startswith("<|image_1|>\n") and q.image for s in turns for q in s.queries)
 
 
-def test_mmeb_placeholders_are_stripped_and_duplicate_candidates_merged(sample):
+def test_duplicate_candidates_are_merged(sample):
     def change(rows):
-        rows[0]["qry_text"] = "<|image_1|>\nRepresent the given image"
         rows[0]["tgt_text"] = [rows[0]["tgt_text"][0], *rows[0]["tgt_text"][:2]]  # the correct one twice
         rows[0]["tgt_img_path"] = [""] * 3
 
     rewrite_mmeb(sample, "MiniShapes-Cls", change)
-    dataset = next(s for s in read_mmeb(sample / "eval/mmeb", sample, MMEB_DATASETS) if s.name == "MiniShapes-Cls")
-    assert dataset.queries[0].text.endswith("\nRepresent the given image")
+    dataset = next(s for s in mmeb(sample) if s.name == "MiniShapes-Cls")
     assert len(dataset.candidate_lists[0]) == 2  # distinct: the duplicate of the answer counts once
 
 
@@ -58,11 +65,11 @@ def test_mmeb_placeholders_are_stripped_and_duplicate_candidates_merged(sample):
     [
         (
             lambda rows: rows[3].update(tgt_text=[], tgt_img_path=[]),
-            "MiniShapes-Cls, row 3: the candidate list is empty",
+            "MiniShapes-Cls, 0000.parquet row 3: the candidate list is empty",
         ),
         (
-            lambda rows: rows[5].update(qry_img_path="images/eval/missing.png"),
-            "row 5: image 'images/eval/missing.png' not found",
+            lambda rows: rows[5].update(qry_img_path="MiniShapes/missing.png"),
+            "row 5: image 'MiniShapes/missing.png' not found",
         ),
         (lambda rows: rows[2].update(tgt_img_path=["", ""]), "row 2: 5 candidate texts but 2 candidate images"),
         (
@@ -74,21 +81,22 @@ def test_mmeb_placeholders_are_stripped_and_duplicate_candidates_merged(sample):
 def test_malformed_mmeb_rows_are_named(sample, change, message):
     rewrite_mmeb(sample, "MiniShapes-Cls", change)
     with pytest.raises(EvaluationDataError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
-        read_mmeb(sample / "eval/mmeb", sample, MMEB_DATASETS)
+        mmeb(sample)
 
 
-def test_missing_columns_and_unknown_datasets_are_named(sample):
-    path = sample / "eval/mmeb/MiniShapes-Count/test.parquet"
+def test_missing_columns_parsers_and_datasets_are_named(sample):
+    path = rewrite_mmeb(sample, "MiniShapes-Count", lambda rows: None)
     pq.write_table(pq.read_table(path).drop_columns(["tgt_img_path"]), path)
     with pytest.raises(
-        EvaluationDataError, match=r"MiniShapes-Count: test.parquet has no column\(s\) \['tgt_img_path'\]"
+        EvaluationDataError, match=r"MiniShapes-Count: 0000.parquet has no column\(s\) \['tgt_img_path'\]"
     ):
-        read_mmeb(sample / "eval/mmeb", sample, MMEB_DATASETS)
+        mmeb(sample)
     with pytest.raises(EvaluationDataError, match=r"unknown meta-task\(s\) \['grounding'\]"):
-        read_mmeb(sample / "eval/mmeb", sample, {**MMEB_DATASETS, "MiniShapes-Grounding": "grounding"})
-    (sample / "eval/mmeb/Mystery").mkdir()
-    with pytest.raises(EvaluationDataError, match=r"no meta-task for dataset\(s\) \['Mystery'\]"):
-        read_mmeb(sample / "eval/mmeb", sample, MMEB_DATASETS)
+        mmeb(sample, {**DATASETS, "MiniShapes-Grounding": {"meta_task": "grounding", "parser": "image_i2i_vg"}})
+    with pytest.raises(EvaluationDataError, match=r"MiniShapes-Cls: 0000.parquet is in the Instruct layout.*parser"):
+        mmeb(sample, {**DATASETS, "MiniShapes-Cls": {"meta_task": "classification", "parser": "cls"}})
+    with pytest.raises(EvaluationDataError, match=r"none of the configured datasets is in .*MiniShapes-Cls"):
+        mmeb(sample, {"ImageNet-1K": {"meta_task": "classification", "parser": "image_cls"}})
 
 
 def test_malformed_mbeir_lines_are_named(sample):

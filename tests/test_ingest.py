@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -84,6 +85,9 @@ def test_counts_are_conserved_and_valid_rows_come_through_unchanged(corrupted, s
     for row in accepted:
         original = source[row["source_row"]]
         assert row["qry"] == original["qry"] and row["pos_text"] == original["pos_text"]
+        if not original["qry_image_path"]:  # a text-only sample
+            assert row["image_bytes"] is None and row["image_path"] == ""
+            continue
         assert row["image_sha256"] == hashlib.sha256(row["image_bytes"]).hexdigest()
         if not row["image_upscaled"]:
             assert row["image_bytes"] == (root / original["qry_image_path"]).read_bytes()
@@ -91,7 +95,7 @@ def test_counts_are_conserved_and_valid_rows_come_through_unchanged(corrupted, s
 
 def test_tiny_images_are_upscaled_to_28_px(corrupted):
     _, expected, manifest, out = corrupted
-    tiny_row = next(i for i, why in expected.items() if why is None)
+    tiny_row = next(i for i, why in expected.items() if why is None)  # tiny_image comes first
     row = next(r for r in shard_rows(out, manifest) if r["source_row"] == tiny_row)
     assert row["image_upscaled"] and (row["image_width"], row["image_height"]) == (28, 56)
     assert Image.open(__import__("io").BytesIO(row["image_bytes"])).size == (28, 56)
@@ -110,13 +114,33 @@ def test_shards_are_bounded_and_identical_for_the_same_input(small_sample_root, 
 
 def test_column_mapping_reads_differently_named_sources(small_sample_root, tmp_path):
     table = pq.read_table(small_sample_root / schema.TRAIN_META_FILE)
-    renamed = table.rename_columns(["id", "queries", *table.column_names[2:]])
+    renamed = table.rename_columns(["queries", *table.column_names[1:]])
+    renamed = renamed.append_column("id", pa.array([f"img-{i}" for i in range(table.num_rows)]))
     root, out = snapshot_with_meta(small_sample_root, renamed, tmp_path)
-    with pytest.raises(ValueError, match=r"no column 'qry' \(for qry\), 'sample_id' \(for sample_id\).*column_mapping"):
+    with pytest.raises(ValueError, match=r"no column 'qry' \(for qry\); it has .*column_mapping"):
         ingest(root, out)
     config = IngestConfig(column_mapping={"qry": "queries"}, id_column="id")
     manifest = ingest(root, out, config)
     assert manifest["counts"] == {"read": 24, "accepted": 24, "rejected": 0}
+    assert [r["sample_id"] for r in shard_rows(out, manifest)] == [f"img-{i}" for i in range(24)]
+
+
+def test_without_an_id_column_ids_come_from_position_and_content(small_sample_root, tmp_path):
+    """The published M3T has no id column; the default settings derive one, stable across runs."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    ids = [[r["sample_id"] for r in shard_rows(out, ingest(small_sample_root, out))] for out in (first, second)]
+    assert ids[0] == ids[1] and len(set(ids[0])) == 24
+    source = read_rows(small_sample_root / schema.TRAIN_META_FILE)
+    # row position first, then 12 hex digits that change with the row's content
+    assert [i.split("-")[0] for i in ids[0]] == [f"{n:09d}" for n in range(24)]
+    edited = pq.read_table(small_sample_root / schema.TRAIN_META_FILE)
+    texts = [row["pos_text"] for row in source]
+    texts[3] = ["changed", *texts[3][1:]]
+    edited = edited.set_column(edited.column_names.index("pos_text"), "pos_text", pa.array(texts))
+    root, out = snapshot_with_meta(small_sample_root, edited, tmp_path)
+    changed = [r["sample_id"] for r in shard_rows(out, ingest(root, out))]
+    assert [a == b for a, b in zip(changed, ids[0], strict=True)] == [n != 3 for n in range(24)]
 
 
 @pytest.mark.parametrize("corruption", COLUMN_CORRUPTIONS)

@@ -14,25 +14,33 @@ from PIL import Image
 from muco_flow.sample.m3t_mini import BACKGROUNDS, SHAPE_COLOURS, MiniSampleConfig, generate_m3t_mini
 from tests.conftest import SMALL_SAMPLE
 
-# The published M3T columns (plus our id and URL), written out independently
-# of muco_flow.data.schema.
+# The published M3T columns and nothing else (naver-ai/muco src/loader.py
+# lines 205-307 read them), written out independently of muco_flow.data.schema.
 M3T_COLUMNS = {
-    "sample_id": pa.string(),
     "qry": pa.list_(pa.list_(pa.string())),
+    "qry_image_path": pa.string(),
     "pos_text": pa.list_(pa.string()),
+    "pos_image_path": pa.string(),
     "pos_sentence": pa.list_(pa.string()),
     "neg_text": pa.list_(pa.string()),
     "qry_sentence": pa.string(),
-    "qry_image_path": pa.string(),
-    "pos_image_path": pa.list_(pa.string()),
-    "image_url": pa.string(),
 }
-MMEB_COLUMNS = {
-    "qry_inst": pa.string(),
+# TIGER-Lab/MMEB-eval (v1) and ziyjiang/MMEB_Test_Instruct (VLM2Vec v1
+# eval.py lines 84-97; naver-ai/muco src/data/eval_dataset/image_cls_dataset.py line 20)
+MMEB_V1_COLUMNS = {
     "qry_text": pa.string(),
     "qry_img_path": pa.string(),
     "tgt_text": pa.list_(pa.string()),
     "tgt_img_path": pa.list_(pa.string()),
+}
+MMEB_INSTRUCT_COLUMNS = {"qry_inst": pa.string(), **MMEB_V1_COLUMNS, "tgt_inst": pa.string()}
+MMEB_FILES = {
+    "MiniShapes-Cls": "test/0000.parquet",
+    "MiniShapes-Count": "test/0000.parquet",
+    "MiniShapes-Color": "test-00000-of-00001.parquet",
+    "MiniShapes-I2T": "test-00000-of-00001.parquet",
+    "MiniShapes-T2I": "test/0000.parquet",
+    "MiniShapes-Grounding": "test/0000.parquet",
 }
 
 
@@ -75,11 +83,13 @@ def test_m3t_meta_file_follows_the_published_layout(small_sample_files, meta_fil
     assert table.num_rows == rows
     for row in table.to_pylist():
         assert len(row["qry"]) == 7 and all(len(phrasings) >= 2 for phrasings in row["qry"])
-        for column in ("pos_text", "pos_sentence", "neg_text", "pos_image_path"):
+        # every phrasing opens with the image marker, as the published ones do
+        assert all(p.startswith("<|image_1|>\n") for phrasings in row["qry"] for p in phrasings)
+        for column in ("pos_text", "pos_sentence", "neg_text"):
             assert len(row[column]) == 7
+        assert row["pos_image_path"] == ""
         assert all(text.strip() for text in row["pos_text"] + row["pos_sentence"] + row["neg_text"])
         assert all(pos != neg for pos, neg in zip(row["pos_text"], row["neg_text"], strict=True))
-        assert row["image_url"].endswith("/" + row["qry_image_path"])
         img = image(small_sample_files, row["qry_image_path"])
         assert all(112 <= side <= 224 for side in img.size)
 
@@ -94,12 +104,12 @@ def test_answers_follow_what_is_drawn(small_sample_files):
         assert f"on a {background_name(img)} background" in row["qry_sentence"]
 
 
-def test_mmeb_sets_cover_four_meta_tasks_with_the_answer_first(small_sample_files):
-    meta_tasks = json.loads(small_sample_files["eval/mmeb/meta_tasks.json"])
-    assert set(meta_tasks.values()) == {"classification", "vqa", "retrieval", "visual_grounding"}
-    for dataset in meta_tasks:
-        table = read_table(small_sample_files, f"eval/mmeb/{dataset}/test.parquet")
-        assert {f.name: f.type for f in table.schema} == MMEB_COLUMNS
+def test_mmeb_sets_follow_both_published_layouts_with_the_answer_first(small_sample_files):
+    images = "eval/mmeb/images/"
+    for dataset, file in MMEB_FILES.items():
+        table = read_table(small_sample_files, f"eval/mmeb/{dataset}/{file}")
+        expected = MMEB_INSTRUCT_COLUMNS if file.startswith("test/") else MMEB_V1_COLUMNS
+        assert {f.name: f.type for f in table.schema} == expected
         assert table.num_rows == SMALL_SAMPLE.eval_queries_per_dataset
         for row in table.to_pylist():
             # Small answer spaces (four counts) give fewer candidates than asked for.
@@ -107,16 +117,27 @@ def test_mmeb_sets_cover_four_meta_tasks_with_the_answer_first(small_sample_file
             assert 2 <= len(row["tgt_text"]) <= SMALL_SAMPLE.eval_candidates
             assert len(set(zip(row["tgt_text"], row["tgt_img_path"], strict=True))) == len(row["tgt_text"])
             for path in [row["qry_img_path"], *row["tgt_img_path"]]:
-                assert not path or path in small_sample_files
+                assert not path or images + path in small_sample_files
+
     # The first candidate is correct, checked against the pixels.
-    for row in read_table(small_sample_files, "eval/mmeb/MiniShapes-Cls/test.parquet").to_pylist():
-        assert row["tgt_text"][0].split()[0] == dominant_shape_colour(image(small_sample_files, row["qry_img_path"]))
-    for row in read_table(small_sample_files, "eval/mmeb/MiniShapes-T2I/test.parquet").to_pylist():
-        bg = background_name(image(small_sample_files, row["tgt_img_path"][0]))
+    def rows(dataset):
+        return read_table(small_sample_files, f"eval/mmeb/{dataset}/{MMEB_FILES[dataset]}").to_pylist()
+
+    for row in rows("MiniShapes-Cls"):
+        colour = dominant_shape_colour(image(small_sample_files, images + row["qry_img_path"]))
+        assert row["tgt_text"][0].split()[0] == colour
+    for row in rows("MiniShapes-T2I"):
+        bg = background_name(image(small_sample_files, images + row["tgt_img_path"][0]))
         assert f"on a {bg} background" in row["qry_text"]
-    for row in read_table(small_sample_files, "eval/mmeb/MiniShapes-Grounding/test.parquet").to_pylist():
-        colour = dominant_shape_colour(image(small_sample_files, row["tgt_img_path"][0]))
-        assert f"isolates the {colour} " in row["qry_inst"]
+    for row in rows("MiniShapes-Grounding"):
+        colour = dominant_shape_colour(image(small_sample_files, images + row["tgt_img_path"][0]))
+        assert row["qry_text"].startswith(f"{colour} ")
+    # v1 folds the instruction into the text, with the image marker, as TIGER-Lab/MMEB-eval does
+    for row in rows("MiniShapes-Color"):
+        assert row["qry_text"].startswith(
+            "<|image_1|>\nRepresent the given image with the following question: What color is the shape in the "
+        )
+        assert row["qry_text"].endswith("?\n")
 
 
 def test_mbeir_queries_point_into_the_pool(small_sample_files):

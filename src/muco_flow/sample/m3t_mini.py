@@ -452,7 +452,7 @@ def _mbeir_files(scenes: list[Seeded]) -> dict[str, bytes]:
     pool, queries = [], []
     half = len(scenes) // 2
     for i, (_, scene) in enumerate(scenes):
-        image = f"images/eval/{i:06d}.png"
+        image = f"{MMEB_IMAGE_ROOT}/MiniShapes/{i:06d}.png"  # the MMEB sets' images
         if i < half:
             did = f"9:img-{i}"
             pool.append({"did": did, "txt": "", "img_path": image, "modality": "image"})
