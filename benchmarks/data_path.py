@@ -72,6 +72,7 @@ def run(args: Any) -> dict[str, Any]:
             embedder.image_processor,
             pad_id=embedder.tokenizer.pad_token_id,
             image_pad_id=embedder.tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD),
+            emb_id=embedder.emb_token_id,
             batch_size=batch_size,
             rank=0,
             world_size=1,

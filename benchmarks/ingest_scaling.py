@@ -42,13 +42,15 @@ def build_snapshot(root: Path, rows: int) -> None:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             (root / name).write_bytes(data)
     (root / "M3T_train").mkdir(parents=True)
-    writer = pq.ParquetWriter(root / schema.TRAIN_META_FILE, schema.M3T_ARROW_SCHEMA)
+    # the published columns, and an id column, since repeated rows would otherwise share content
+    with_id = schema.M3T_ARROW_SCHEMA.append(pa.field(schema.SAMPLE_ID, pa.string()))
+    writer = pq.ParquetWriter(root / schema.TRAIN_META_FILE, with_id)
     for start in range(0, rows, 10_000):
         chunk = [
             {**base[i % len(base)], schema.SAMPLE_ID: f"synthetic-{i:08d}"}
             for i in range(start, min(rows, start + 10_000))
         ]
-        writer.write_table(pa.Table.from_pylist(chunk, schema=schema.M3T_ARROW_SCHEMA), row_group_size=5_000)
+        writer.write_table(pa.Table.from_pylist(chunk, schema=with_id), row_group_size=5_000)
     writer.close()
 
 

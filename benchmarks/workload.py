@@ -20,8 +20,9 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from muco_flow.data import schema
-from muco_flow.data.conversations import MODES, FormatConfig, plan_conversations
-from muco_flow.data.formatting import ConversationTokenizer, image_token_count
+from muco_flow.data.conversations import MODES, FormatConfig
+from muco_flow.data.formatting import TurnTokenizer, assemble_conversations, image_token_count
+from muco_flow.modeling import tokens
 from muco_flow.modeling.embedder import MuCoEmbedder, build_training_embedder
 from muco_flow.training.data import Batch, collate_conversations
 from muco_flow.training.deepspeed_config import training_deepspeed_config
@@ -68,33 +69,32 @@ def conversation_batch(
 
     multi_turn: one conversation per image holding its K turns; single_turn:
     K conversations per image, one turn each. Both take the sample's turns in
-    the order and phrasing the format pipeline draws, so they hold the same pairs.
+    the order and phrasing training draws for epoch 0, so they hold the same pairs.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
     config = FormatConfig.from_params({**format_params, "mode": mode, "turns_per_conversation": turns})
-    conversation_tokenizer = ConversationTokenizer(embedder.tokenizer, config)
-    plans, plan_images = [], []
-    for sample, image in zip(samples, images, strict=True):
-        planned = plan_conversations(sample[schema.SAMPLE_ID], sample[schema.QRY], sample[config.target_field], config)
-        chosen = planned[:turns] if mode == "single_turn" else planned[:1]
-        if sum(len(plan.turn_index) for plan in chosen) != turns:
-            raise ValueError(f"sample {sample[schema.SAMPLE_ID]} has fewer than {turns} turns")
-        plans += chosen
-        plan_images += [image] * len(chosen)
-    image_tokens = [image_token_count(image_processor, *image.size) for image in plan_images]
-    records = []
-    for record, count in zip(conversation_tokenizer.tokenize(plans, image_tokens), image_tokens, strict=True):
-        if record is None or record["dropped_turns"]:
-            raise ValueError(f"a conversation does not fit format.max_length={config.max_length}")
-        records.append(record | {"image_tokens": count})
+    turn_tokenizer = TurnTokenizer(embedder.tokenizer, config)
+    image_pad_id = embedder.tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)
+    conversations, conversation_images, image_tokens = [], [], []
+    for index, (sample, image) in enumerate(zip(samples, images, strict=True)):
+        count = image_token_count(image_processor, *image.size)
+        record = turn_tokenizer.record(f"bench-{index}", sample[schema.QRY], sample[config.target_field], count)
+        parts = assemble_conversations(record, 0, config.settings(), image_pad_id)
+        chosen = parts[:turns] if mode == "single_turn" else parts[:1]
+        if sum(len(c.turn_index) for c in chosen) != turns:
+            raise ValueError(f"sample {index} gives fewer than {turns} turns within format.max_length")
+        conversations += chosen
+        conversation_images += [image] * len(chosen)
+        image_tokens += [count] * len(chosen)
     return collate_conversations(
-        records,
-        plan_images,
+        conversations,
+        conversation_images,
+        image_tokens,
         image_processor,
         pad_id=embedder.tokenizer.pad_token_id,
-        image_pad_id=conversation_tokenizer.image_pad_id,
-        independent_targets=config.target_layout == "independent",
+        image_pad_id=image_pad_id,
+        emb_id=embedder.emb_token_id,
     )
 
 

@@ -117,7 +117,7 @@ def test_ingest_downloads_images_missing_on_disk(small_sample_root, tmp_path, se
     shutil.copytree(small_sample_root, root)
     table = pq.read_table(root / schema.TRAIN_META_FILE)
     urls = [f"{server}/{p}" for p in table.column(schema.QRY_IMAGE_PATH).to_pylist()]
-    table = table.set_column(table.column_names.index(schema.IMAGE_URL), schema.IMAGE_URL, pa.array(urls))
+    table = table.append_column(schema.IMAGE_URL, pa.array(urls))  # an optional column of our own
     pq.write_table(table, root / schema.TRAIN_META_FILE)
     shutil.rmtree(root / "images" / "train")  # every training image now has to come over HTTP
     out = tmp_path / "out"

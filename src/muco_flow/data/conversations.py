@@ -96,6 +96,20 @@ class FormatConfig:
     def chunk_size(self) -> int | None:
         return 1 if self.mode == "single_turn" else self.turns_per_conversation
 
+    def settings(self) -> dict[str, Any]:
+        """What training needs to assemble conversations, as the format manifest records it."""
+        return {
+            "mode": self.mode,
+            "turns_per_conversation": self.turns_per_conversation,
+            "target_field": self.target_field,
+            "target_layout": self.target_layout,
+            "max_length": self.max_length,
+            "image_short_side": self.image_short_side,
+            "seed": self.seed,
+            "shuffle_turns": self.shuffle_turns,
+            "resample_each_epoch": self.resample_each_epoch,
+        }
+
 
 def query_turn_content(phrasing: str, first: bool, has_image: bool, image: str) -> str:
     """A phrasing as the user text of a turn: the image in the first turn only."""

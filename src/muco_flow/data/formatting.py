@@ -125,6 +125,17 @@ class TurnTokenizer:
             "target_key": [target_key(x) for x in targets],
         }
 
+    def record(self, sample_id: str, qry: list[list[str]], targets: list[str], image_tokens: int) -> dict[str, Any]:
+        """A sample's formatted record, less the reference to its image."""
+        record = self.tokenize(sample_id, qry, targets, has_image=image_tokens > 0)
+        types = schema.M3T_TURN_TYPES if len(qry) == len(schema.M3T_TURN_TYPES) else None
+        fitting = self.fitting_turns(record, image_tokens)
+        return record | {
+            "image_tokens": image_tokens,
+            "turn_type": [int(types[k]) if types else UNKNOWN_TURN_TYPE for k in range(len(qry))],
+            "part_turns": part_turns(len(qry), self.config.chunk_size, fitting),
+        }
+
     def fitting_turns(self, record: dict[str, Any], image_tokens: int) -> int:
         """The most turns per conversation that fit ``max_length`` whatever order and phrasings are drawn."""
         limit, system = self.config.max_length, len(self.system_ids)
@@ -180,8 +191,8 @@ def format_m3t_shards(
                         else 0
                     )
                     qry, targets = sample[schema.QRY], sample[config.target_field]
-                    record = turn_tokenizer.tokenize(sample[schema.SAMPLE_ID], qry, targets, has_image)
-                    parts = part_turns(len(qry), config.chunk_size, turn_tokenizer.fitting_turns(record, n_image))
+                    record = turn_tokenizer.record(sample[schema.SAMPLE_ID], qry, targets, n_image)
+                    parts = record["part_turns"]
                     kept = sum(parts)
                     counts["turns"] += len(qry)
                     counts["turns_dropped"] += len(qry) - kept
@@ -189,17 +200,8 @@ def format_m3t_shards(
                     counts["conversations_dropped"] += sum(1 for n in parts if not n)
                     if not kept:
                         continue
-                    types = schema.M3T_TURN_TYPES if len(qry) == len(schema.M3T_TURN_TYPES) else None
-                    records.append(
-                        record
-                        | {
-                            "image_shard": shard["file"] if has_image else None,
-                            "image_row": row + offset if has_image else None,
-                            "image_tokens": n_image,
-                            "turn_type": [int(types[k]) if types else UNKNOWN_TURN_TYPE for k in range(len(qry))],
-                            "part_turns": parts,
-                        }
-                    )
+                    reference = (shard["file"], row + offset) if has_image else (None, None)
+                    records.append(record | dict(zip(("image_shard", "image_row"), reference, strict=True)))
                 writer.write(records)
                 counts["samples"] += batch.num_rows
                 row += batch.num_rows
@@ -212,17 +214,7 @@ def format_m3t_shards(
             k: counts[k] for k in ("samples", "conversations", "conversations_dropped", "turns", "turns_dropped")
         },
         "shards": writer.shards,
-        "settings": {
-            "mode": config.mode,
-            "turns_per_conversation": config.turns_per_conversation,
-            "target_field": config.target_field,
-            "target_layout": config.target_layout,
-            "max_length": config.max_length,
-            "image_short_side": config.image_short_side,
-            "seed": config.seed,
-            "shuffle_turns": config.shuffle_turns,
-            "resample_each_epoch": config.resample_each_epoch,
-        },
+        "settings": config.settings(),
     }
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     logging.getLogger(__name__).info("format: %s", manifest["counts"])
