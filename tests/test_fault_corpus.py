@@ -123,3 +123,23 @@ def test_a_damaged_meta_file_fails_with_one_message_naming_it(small_sample_root,
         ingest_m3t_snapshot(LocalSnapshot(root, schema.TRAIN_META_FILE), out, CONFIG)
     message = str(failure.value)
     assert message.startswith(f"{root}/{schema.TRAIN_META_FILE}: ") and FILE_FAULTS[fault] in message
+
+
+@pytest.mark.slow
+def test_kedro_ingest_of_a_damaged_meta_file_ends_in_one_line_and_leaves_no_output(project, small_sample_files):
+    """Through `kedro run`: the message names the input file and the problem, no traceback, no shards."""
+    from muco_flow.datasets import FileTreeDataset
+    from tests.conftest import kedro_run
+    from tests.fault_corpus import two_files_joined
+
+    raw = project / "data/01_raw/m3t_mini"
+    FileTreeDataset(str(raw)).save(small_sample_files)
+    meta = raw / schema.TRAIN_META_FILE
+    meta.write_bytes(two_files_joined(meta.read_bytes()))
+    result = kedro_run(project, "--pipeline=ingest", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"ingest failed: data/01_raw/m3t_mini/{schema.TRAIN_META_FILE}: bytes " in output, output[-3000:]
+    assert "two parquet files joined" in output and "Traceback" not in output
+    layer = project / "data/02_intermediate"
+    assert not (layer / "m3t_shards").exists() and not list(layer.glob(".m3t_shards.*"))
