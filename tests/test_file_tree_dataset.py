@@ -41,3 +41,28 @@ def test_empty_trees_and_missing_roots_are_errors(tmp_path):
         dataset.save({})
     with pytest.raises(DatasetError, match="does not exist; run the pipeline"):
         dataset.load()
+
+
+def test_trees_left_by_killed_writers_are_removed_by_the_next_save(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    root = tmp_path / "m3t_shards"
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid is that of a writer that died
+    host = socket.gethostname()
+    stale = [
+        tmp_path / f".m3t_shards.tmp-{finished.pid}@{host}-0123abcd",
+        tmp_path / f".m3t_shards.old-{finished.pid}@{host}-deadbeef",
+    ]
+    kept = [
+        tmp_path / f".m3t_shards.tmp-{os.getpid()}@{host}-0123abcd",  # a live writer (this process)
+        tmp_path / f".m3t_shards.tmp-{finished.pid}@another-host-0123abcd",  # another machine's writer
+        tmp_path / ".other.tmp-1@x-0123abcd",  # another dataset's
+    ]
+    for path in stale + kept:
+        (path / "shards").mkdir(parents=True)
+    FileTreeDataset(str(root)).save({"manifest.json": b"{}"})
+    assert [p.exists() for p in stale] == [False, False] and all(p.exists() for p in kept)
+    assert files_under(root) == {"manifest.json": b"{}"}

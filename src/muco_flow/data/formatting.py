@@ -177,7 +177,7 @@ def format_m3t_shards(
     with tqdm(total=total, desc="format", unit="sample", disable=total < 2000) as progress:
         for shard in ingest_manifest["shards"]:
             row = 0
-            for batch in pq.ParquetFile(shards_dir / shard["file"]).iter_batches(
+            for batch in pq.ParquetFile(shards_dir / shard["file"], page_checksum_verification=True).iter_batches(
                 batch_size=batch_rows, columns=columns
             ):
                 records = []

@@ -104,8 +104,10 @@ def check_image(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPE
         raise ImageDecodeError(
             "IMAGE_TOO_LARGE", f"image exceeds the decompression-bomb limit of {max_pixels} pixels ({err})"
         ) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        # PIL reports unknown formats, truncation and corrupt streams as these
-        raise ImageDecodeError("IMAGE_UNDECODABLE", f"image cannot be decoded: {err}") from None
+    except Exception as err:
+        # Pillow parses hostile bytes with many decoders, and they fail in many ways: OSError,
+        # SyntaxError, ValueError, but also RuntimeError (AVIF), NotImplementedError (DDS),
+        # struct.error, IndexError, MemoryError... Whatever it is, these bytes are not an image we can use.
+        raise ImageDecodeError("IMAGE_UNDECODABLE", f"image cannot be decoded: {type(err).__name__}: {err}") from None
     _check_aspect_ratio(width, height, max_aspect_ratio)  # rounding in the upscale can push it over
     return CheckedImage(data=data, width=width, height=height, upscaled=small)

@@ -34,8 +34,23 @@ from muco_flow.data.images import (
     check_image,
     confined_key,
 )
+from muco_flow.data.meta_file import MetaFileError, UndecodableRow, decode_rows, iter_batches, open_parquet
+from muco_flow.data.row_checks import (
+    Reject,
+    check_limit_settings,
+    check_row_limits,
+    internal_error,
+    is_blank,
+    normalise_sample_id,
+)
 from muco_flow.data.shards import ShardWriter
-from muco_flow.data.sources import ImageMissingError, SnapshotSource, file_sha256
+from muco_flow.data.sources import (
+    ImageMissingError,
+    ImageUnreadableError,
+    SnapshotSource,
+    SourceError,
+    file_sha256,
+)
 from muco_flow.modeling import tokens
 
 logger = logging.getLogger(__name__)
@@ -49,8 +64,11 @@ REJECT_REASONS = {
     "WRONG_TYPE": "a field has the wrong type (for example a number where text belongs)",
     "TURN_COUNT_MISMATCH": "qry, pos_text, pos_sentence (and neg_text) have different numbers of turns",
     "IMAGE_PLACEHOLDER": f"a text holds an image placeholder other than one {tokens.IMAGE_1} (one image per sample)",
-    "EMPTY_TEXT": "a query phrasing or target is empty",
-    "TEXT_TOO_LONG": "a text is longer than ingest.max_text_chars",
+    "EMPTY_TEXT": "a query phrasing or target is empty or only invisible characters (zero-width, whitespace)",
+    "TEXT_TOO_LONG": "a text, id or path is longer than ingest.max_text_chars, max_id_chars or max_path_chars",
+    "TOO_MANY_TURNS": "the row has more turns than ingest.max_turns",
+    "TOO_MANY_PHRASINGS": "a turn has more query phrasings than ingest.max_phrasings_per_turn",
+    "UNDECODABLE_VALUE": "a value cannot be decoded (for example invalid UTF-8 in a string column)",
     "SPECIAL_TOKEN_IN_TEXT": "a text contains a chat or MuCo control token such as <|emb|> or <|im_start|>",
     "DUPLICATE_ID": "the sample id was already accepted earlier in the file",
     "UNSAFE_PATH": "the image path is absolute, contains '..' or leaves the root through a symlink",
@@ -58,9 +76,12 @@ REJECT_REASONS = {
     "DOWNLOAD_FAILED": "the image was not on disk and its URL did not give an image",
     "EMPTY_IMAGE": "the image file has 0 bytes",
     "IMAGE_UNDECODABLE": "the image is truncated or not an image",
-    "IMAGE_TOO_LARGE": "the image exceeds the decompression-bomb pixel limit",
+    "IMAGE_TOO_LARGE": "the image exceeds the decompression-bomb pixel limit, or ingest.max_image_bytes",
+    "IMAGE_NOT_A_FILE": "the image path is a FIFO, socket, device or symlink loop, not a regular file",
+    "IMAGE_UNREADABLE": "the image file exists but cannot be read (permissions, an I/O error)",
     "IMAGE_ASPECT_RATIO": "the image's long side is more than ingest.max_aspect_ratio times its short side",
     "TARGET_IMAGE_UNSUPPORTED": "a target has an image (pos_image_path); stage 1 ingests text targets only",
+    "INTERNAL_ERROR": "a check failed in a way nobody foresaw (the message names the exception); please report it",
 }
 
 REQUIRED = (schema.QRY, schema.POS_TEXT, schema.POS_SENTENCE, schema.QRY_IMAGE_PATH)
@@ -106,7 +127,12 @@ class IngestConfig:
     rows_per_shard: int = 5000
     batch_rows: int = 256
     max_text_chars: int = 2000
+    max_id_chars: int = 256
+    max_path_chars: int = 4096  # image paths and URLs
+    max_turns: int = 32  # M3T has 7
+    max_phrasings_per_turn: int = 256  # each is tokenized twice by format
     max_image_pixels: int = 40_000_000
+    max_image_bytes: int = 50_000_000
     max_aspect_ratio: float = MAX_ASPECT_RATIO  # Qwen2-VL's image processor refuses more
     max_reject_fraction: float = 0.05
     image_workers: int = 8
@@ -117,6 +143,7 @@ class IngestConfig:
             raise ValueError("ingest: rows_per_shard, batch_rows and image_workers must be at least 1")
         if not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError(f"ingest.max_reject_fraction must be within [0, 1], got {self.max_reject_fraction}")
+        check_limit_settings(self.max_turns, self.max_phrasings_per_turn)
         if not 1.0 <= self.max_aspect_ratio <= MAX_ASPECT_RATIO:
             raise ValueError(
                 f"ingest.max_aspect_ratio must be within [1, {MAX_ASPECT_RATIO:g}] (Qwen2-VL's limit), "
@@ -136,12 +163,6 @@ class IngestConfig:
         if ours == schema.SAMPLE_ID and self.id_column:
             return self.id_column
         return self.column_mapping.get(ours, ours)
-
-
-class Reject(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class IngestQualityError(RuntimeError):
@@ -175,8 +196,8 @@ PLACEHOLDER_PATTERN = re.compile(r"<\|image_\d+\|>")
 
 
 def _check_text(text: str, name: str, limit: int) -> None:
-    if not text.replace(tokens.IMAGE_1, "").strip():
-        raise Reject("EMPTY_TEXT", f"{name} is empty")
+    if is_blank(text.replace(tokens.IMAGE_1, "")):
+        raise Reject("EMPTY_TEXT", f"{name} is empty or only invisible characters")
     placeholders = PLACEHOLDER_PATTERN.findall(text)
     if len(placeholders) > 1 or any(p != tokens.IMAGE_1 for p in placeholders):
         raise Reject("IMAGE_PLACEHOLDER", f"{name} holds {', '.join(placeholders)}; at most one {tokens.IMAGE_1}")
@@ -270,7 +291,7 @@ def load_checked_image(
     try:
         confined_key(fields["image_path"])
         try:
-            data = source.read_image(fields["image_path"])
+            data = source.read_image(fields["image_path"], max_bytes=config.max_image_bytes)
         except ImageMissingError as missing:
             if not fields["image_url"]:
                 raise Reject("IMAGE_MISSING", f"{missing}, and the row has no image URL") from None
@@ -281,7 +302,7 @@ def load_checked_image(
         return check_image(data, config.max_image_pixels, config.max_aspect_ratio)
     except UnsafePathError as err:
         raise Reject("UNSAFE_PATH", str(err)) from None
-    except ImageDecodeError as err:
+    except (ImageDecodeError, ImageUnreadableError) as err:
         raise Reject(err.code, str(err)) from None
 
 
@@ -301,10 +322,32 @@ def _reject_record(index: int, sample_id: str | None, reject: Reject) -> dict[st
     return {"source_row": index, "sample_id": sample_id, "reason": reject.code, "message": reject.message}
 
 
-def _map_columns(batch: pa.RecordBatch, config: IngestConfig, wanted: list[str]) -> list[dict[str, Any]]:
-    rows = batch.to_pylist()
+def _map_columns(
+    batch: pa.RecordBatch, config: IngestConfig, wanted: list[str]
+) -> list[dict[str, Any] | UndecodableRow]:
     renames = {config.source_column(ours): ours for ours in wanted}
-    return [{renames[k]: v for k, v in row.items() if k in renames} for row in rows]
+    return [
+        row if isinstance(row, UndecodableRow) else {renames[k]: v for k, v in row.items() if k in renames}
+        for row in decode_rows(batch)
+    ]
+
+
+def check_row(
+    row: dict[str, Any], index: int, config: IngestConfig, has_id_column: bool
+) -> tuple[str, dict[str, Any]]:
+    """The row's normalised sample id and validated fields, or Reject; layout-independent limits included."""
+    sample_id = normalise_sample_id(sample_id_of(row, index, config, has_id_column), config.max_id_chars)
+    fields = validate_text_fields(row, config)
+    check_row_limits(
+        fields,
+        query_field=schema.QRY,
+        path_fields=("image_path", "image_url"),
+        max_text_chars=config.max_text_chars,
+        max_path_chars=config.max_path_chars,
+        max_turns=config.max_turns,
+        max_phrasings_per_turn=config.max_phrasings_per_turn,
+    )
+    return sample_id, fields
 
 
 def _columns_to_read(meta: pq.ParquetFile, config: IngestConfig) -> list[str]:
@@ -323,8 +366,12 @@ def _columns_to_read(meta: pq.ParquetFile, config: IngestConfig) -> list[str]:
 def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: IngestConfig) -> dict[str, Any]:
     """Validates every row of ``source`` and writes shards, rejects and a manifest into ``output_dir``."""
     output_dir = Path(output_dir)
-    meta = pq.ParquetFile(source.meta_path())
-    wanted = _columns_to_read(meta, config)
+    label = f"{source.uri.rstrip('/')}/{source.meta_file}"
+    meta = open_parquet(source.meta_path(), label)
+    try:
+        wanted = _columns_to_read(meta, config)
+    except ValueError as err:
+        raise MetaFileError(f"{label}: {err}") from None
     has_id_column = schema.SAMPLE_ID in wanted
     if not has_id_column:
         logger.info(
@@ -332,8 +379,12 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
             f" '{config.id_column}'" if config.id_column else "",
         )
     total = meta.metadata.num_rows
+    if total == 0:
+        raise MetaFileError(f"{label}: the meta file has no rows (columns {meta.schema_arrow.names})")
     shards = ShardWriter(output_dir / SHARDS_DIR, INGESTED_SCHEMA, config.rows_per_shard)
-    rejects_writer = pq.ParquetWriter(output_dir / REJECTS_FILE, REJECTS_SCHEMA, compression="zstd")
+    rejects_writer = pq.ParquetWriter(
+        output_dir / REJECTS_FILE, REJECTS_SCHEMA, compression="zstd", write_page_checksum=True
+    )
     reasons: Counter[str] = Counter()
     seen_ids: set[bytes] = set()  # 16-byte digests: memory per row stays small
     read = accepted = 0
@@ -346,13 +397,17 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
             return load_checked_image(source, candidate[2], session, config)
         except Reject as reject:
             return reject
+        except SourceError:
+            raise  # the store itself failed (S3 retries exhausted): the run stops, naming the object
+        except Exception as err:
+            return internal_error(err)
 
     with (
         requests.Session() as session,
         ThreadPoolExecutor(config.image_workers) as pool,
         tqdm(total=total, desc="ingest", unit="row", disable=total < 2000) as progress,
     ):
-        for batch in meta.iter_batches(batch_size=config.batch_rows, columns=columns):
+        for batch in iter_batches(meta, label, batch_size=config.batch_rows, columns=columns):
             rows = _map_columns(batch, config, wanted)
             rejects: list[dict[str, Any]] = []
             candidates: list[tuple[int, str, dict[str, Any]]] = []
@@ -360,8 +415,9 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
                 index = read + offset
                 sample_id = None
                 try:
-                    sample_id = sample_id_of(row, index, config, has_id_column)
-                    fields = validate_text_fields(row, config)
+                    if isinstance(row, UndecodableRow):
+                        raise Reject("UNDECODABLE_VALUE", row.message)
+                    sample_id, fields = check_row(row, index, config, has_id_column)
                     digest = hashlib.blake2b(sample_id.encode(), digest_size=16).digest()
                     if digest in seen_ids:
                         raise Reject("DUPLICATE_ID", f"sample id '{sample_id}' appeared earlier in the file")
@@ -369,6 +425,8 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
                     candidates.append((index, sample_id, fields))
                 except Reject as reject:
                     rejects.append(_reject_record(index, sample_id, reject))
+                except Exception as err:  # no row ends the run
+                    rejects.append(_reject_record(index, sample_id, internal_error(err)))
 
             good: list[dict[str, Any]] = []
             for (index, sample_id, fields), image in zip(candidates, pool.map(image_of, candidates), strict=True):
@@ -416,6 +474,8 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
 def check_reject_budget(manifest: dict[str, Any], max_reject_fraction: float, where: str) -> None:
     """Raises IngestQualityError with a per-reason summary if too many rows were rejected."""
     counts = manifest["counts"]
+    if counts["read"] == 0:
+        raise IngestQualityError(f"ingest read no rows: the source has no rows; nothing to train on ({where})")
     fraction = counts["rejected"] / counts["read"] if counts["read"] else 1.0
     if counts["read"] == 0 or fraction > max_reject_fraction:
         by_reason = "\n".join(

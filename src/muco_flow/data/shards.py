@@ -25,7 +25,9 @@ class ShardWriter:
         self.close()
         name = f"part-{len(self.shards):05d}.parquet"
         self.shards.append({"file": f"{self.directory.name}/{name}", "rows": 0})
-        self._writer = pq.ParquetWriter(self.directory / name, self.schema, compression="zstd")
+        self._writer = pq.ParquetWriter(
+            self.directory / name, self.schema, compression="zstd", write_page_checksum=True
+        )
         self._rows = 0
 
     def write(self, rows: list[dict[str, Any]]) -> None:

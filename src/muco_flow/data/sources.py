@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,13 +34,75 @@ class SourceError(RuntimeError):
     """The snapshot could not be read (permissions, network, a bad URI)."""
 
 
+class ImageUnreadableError(Exception):
+    """One image that is there but cannot be taken; ``code`` is its reject reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_FILE_KINDS = (
+    (stat.S_ISFIFO, "FIFO (named pipe)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def read_regular_file(path: Path, shown: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``.
+
+    Opened without blocking and checked on the open descriptor, so a FIFO,
+    a socket or a device is refused without a single read (reading a FIFO
+    would wait for a writer for ever, a device could stream for ever).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageMissingError(f"no image file at '{shown}'") from None
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise ImageMissingError(f"no image file can exist at '{shown}': {err.strerror}") from None
+        if err.errno == errno.ELOOP:
+            raise ImageUnreadableError("IMAGE_NOT_A_FILE", f"image path '{shown}' is a symlink loop") from None
+        if err.errno == errno.ENXIO:  # what open() says of a Unix socket
+            raise ImageUnreadableError("IMAGE_NOT_A_FILE", f"image path '{shown}' is a socket, not a file") from None
+        raise ImageUnreadableError("IMAGE_UNREADABLE", f"cannot read image file '{shown}': {err.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageMissingError(f"no image file at '{shown}' (a directory)")
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "special file")
+            raise ImageUnreadableError("IMAGE_NOT_A_FILE", f"image path '{shown}' is a {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        limit = max_bytes if max_bytes is not None else 1 << 62
+        parts, size = [], 0
+        while size <= limit:
+            block = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not block:
+                break
+            parts.append(block)
+            size += len(block)
+        if size > limit:
+            raise ImageUnreadableError(
+                "IMAGE_TOO_LARGE", f"image file '{shown}' is larger than ingest.max_image_bytes = {limit}"
+            )
+        return b"".join(parts)
+    except OSError as err:
+        raise ImageUnreadableError("IMAGE_UNREADABLE", f"cannot read image file '{shown}': {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 class SnapshotSource(Protocol):
     uri: str
     meta_file: str
 
     def meta_path(self) -> Path: ...
 
-    def read_image(self, relative: str) -> bytes: ...
+    def read_image(self, relative: str, max_bytes: int | None = None) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -63,16 +126,8 @@ class LocalSnapshot:
     def meta_path(self) -> Path:
         return self._meta
 
-    def read_image(self, relative: str) -> bytes:
-        path = confined_path(self.root, relative)
-        try:
-            return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ImageMissingError(f"no image file at '{relative}'") from None
-        except OSError as err:
-            if err.errno == errno.ENAMETOOLONG:
-                raise ImageMissingError(f"no image file can exist at '{relative}': {err.strerror}") from None
-            raise SourceError(f"cannot read image file '{path}': {err.strerror}") from None
+    def read_image(self, relative: str, max_bytes: int | None = None) -> bytes:
+        return read_regular_file(confined_path(self.root, relative), relative, max_bytes)
 
     def close(self) -> None:
         pass
@@ -262,13 +317,20 @@ class S3Snapshot:
     def meta_path(self) -> Path:
         return self._meta
 
-    def read_image(self, relative: str) -> bytes:
+    def read_image(self, relative: str, max_bytes: int | None = None) -> bytes:
         key = self._key(relative)
         if len(key.encode()) > MAX_KEY_BYTES:
             raise ImageMissingError(f"no object can exist at '{relative}': its key is longer than 1024 bytes")
 
         def attempt() -> bytes:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
+            if max_bytes is not None and response["ContentLength"] > max_bytes:
+                response["Body"].close()
+                raise ImageUnreadableError(
+                    "IMAGE_TOO_LARGE",
+                    f"{self._url(key)} is {response['ContentLength']} bytes, "
+                    f"more than ingest.max_image_bytes = {max_bytes}",
+                )
             body = response["Body"].read()  # botocore checks the length, and the CRC when there is one
             if len(body) != response["ContentLength"]:
                 raise IncompleteObjectError(f"got {len(body)} of {response['ContentLength']} bytes")

@@ -9,7 +9,10 @@ tree lands. Loading returns the directory's path, because what reads it
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -26,6 +29,38 @@ def _safe_relative(name: str) -> PurePosixPath:
 
 
 TreeWriter = Callable[[Path], object]
+
+
+def _owned_name(root: Path, kind: str) -> Path:
+    """A sibling of ``root`` named for the process that writes it: ``.<name>.<kind>-<pid>@<host>-<random>``."""
+    return root.with_name(f".{root.name}.{kind}-{os.getpid()}@{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_siblings(root: Path) -> list[Path]:
+    """Removes the staging and retired trees of ``root`` left by writers that died (killed runs).
+
+    A tree is stale when the process its name records ran on this host and is
+    gone; trees of live processes, or of other hosts sharing the filesystem,
+    are left alone. Returns what was removed.
+    """
+    pattern = re.compile(rf"^\.{re.escape(root.name)}\.(?:tmp|old)-(\d+)@(.+)-[0-9a-f]{{8}}$")
+    removed = []
+    for candidate in root.parent.glob(f".{root.name}.*-*"):
+        match = pattern.match(candidate.name)
+        if match and match.group(2) == socket.gethostname() and not _alive(int(match.group(1))):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
 
 
 class FileTreeDataset(AbstractDataset[dict[str, bytes] | TreeWriter, str]):
@@ -48,7 +83,8 @@ class FileTreeDataset(AbstractDataset[dict[str, bytes] | TreeWriter, str]):
         if not data:
             raise DatasetError(f"FileTreeDataset: refusing to replace '{self._root}' with an empty tree")
         self._root.parent.mkdir(parents=True, exist_ok=True)
-        staging = self._root.with_name(f".{self._root.name}.tmp-{uuid.uuid4().hex[:8]}")
+        remove_stale_siblings(self._root)
+        staging = _owned_name(self._root, "tmp")
         try:
             if callable(data):
                 staging.mkdir()
@@ -58,7 +94,7 @@ class FileTreeDataset(AbstractDataset[dict[str, bytes] | TreeWriter, str]):
                     target = staging / _safe_relative(name)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(content)
-            retired = self._root.with_name(f".{self._root.name}.old-{uuid.uuid4().hex[:8]}")
+            retired = _owned_name(self._root, "old")
             if self._root.exists():
                 self._root.rename(retired)
             staging.rename(self._root)

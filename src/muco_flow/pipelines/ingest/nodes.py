@@ -13,6 +13,7 @@ from muco_flow.data.ingest import (
     check_reject_budget,
     ingest_m3t_snapshot,
 )
+from muco_flow.data.meta_file import MetaFileError
 from muco_flow.data.sources import SnapshotSource
 from muco_flow.datasets.file_tree import TreeWriter
 
@@ -22,8 +23,12 @@ def plan_ingest(source: SnapshotSource, params: dict[str, Any]) -> TreeWriter:
     config = IngestConfig.from_params(params)
 
     def write(directory: Path) -> None:
+        # A damaged input file is a verdict on the data: one line naming the file and the
+        # problem, not a traceback; the dataset then removes the half-written output.
         try:
             ingest_m3t_snapshot(source, directory, config)
+        except MetaFileError as err:
+            raise SystemExit(f"ingest failed: {err}") from None
         finally:
             source.close()
 
