@@ -304,7 +304,8 @@ def faulty_snapshot(source_root: Path, target_root: Path, url: str) -> dict[int,
     """
     shutil.copytree(source_root, target_root)
     meta = target_root / schema.TRAIN_META_FILE
-    rows = pq.read_table(meta).to_pylist()
+    # the published columns, plus the optional id (the id faults need it) and image URL
+    rows = [{**row, schema.SAMPLE_ID: f"train-{i:06d}"} for i, row in enumerate(pq.read_table(meta).to_pylist())]
     originals = len(rows)
     expected: dict[int, str | None] = dict.fromkeys(range(originals))
     for n, (fault, reason) in enumerate(ROW_FAULTS.items()):
@@ -323,7 +324,8 @@ def faulty_snapshot(source_root: Path, target_root: Path, url: str) -> dict[int,
 def _write_meta(rows: list[Row], meta: Path) -> None:
     """Writes rows whose strings may be bytes (invalid UTF-8) as string columns, unvalidated."""
     columns = {}
-    for field in schema.M3T_ARROW_SCHEMA:
+    optional = [pa.field(schema.SAMPLE_ID, pa.string()), pa.field(schema.IMAGE_URL, pa.string())]
+    for field in [*schema.M3T_ARROW_SCHEMA, *optional]:
         values = [row.get(field.name) for row in rows]
         binary_type = _as_binary(field.type)
         encoded = [_encode(v) for v in values]

@@ -22,7 +22,7 @@ def test_an_unexpected_exception_in_a_row_check_is_that_rows_internal_error(smal
     real = ingest_module.validate_text_fields
 
     def broken_for_row_5(row, config):
-        if row[schema.SAMPLE_ID] == "train-000005":
+        if row[schema.QRY_IMAGE_PATH] == "images/train/000005.png":
             raise KeyError("a key nobody expected")
         return real(row, config)
 

@@ -82,9 +82,11 @@ def meta_tables(draw, image_paths: list[str]) -> pa.Table:
     and mostly plausible values, so that rows pass and reach format.
     """
     wild = draw(st.booleans())
+    # the published columns, and the two optional ones ingest reads when present
+    optional = [pa.field(schema.SAMPLE_ID, pa.string()), pa.field(schema.IMAGE_URL, pa.string())]
     types = {
         f.name: f.type if not wild or draw(st.integers(0, 9)) else draw(st.sampled_from(OTHER_TYPES))
-        for f in schema.M3T_ARROW_SCHEMA
+        for f in [*schema.M3T_ARROW_SCHEMA, *optional]
     }
     paths = st.sampled_from(image_paths)
     if wild:
