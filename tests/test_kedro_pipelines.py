@@ -17,7 +17,8 @@ def test_default_pipeline_writes_the_sample_and_a_loadable_backbone(project):
     train = pq.read_table(snapshot / "M3T_train/M3T.parquet")
     assert train.num_rows == 16
     assert all((snapshot / p).is_file() for p in train.column("qry_image_path").to_pylist())
-    assert len(list((snapshot / "eval/mmeb").glob("*/*.parquet")) + list((snapshot / "eval/mmeb").glob("*/test/*"))) == 6
+    mmeb = snapshot / "eval/mmeb"
+    assert len(list(mmeb.glob("*/*.parquet")) + list(mmeb.glob("*/test/*.parquet"))) == 6  # both HF file layouts
 
     backbone = load_backbone(str(project / "data/06_models/tiny-qwen2-vl"))
     assert backbone.model.config.text_config.hidden_size == 128
