@@ -65,7 +65,7 @@ def dvc_stages() -> dict[str, StageSpec]:
 
 
 def kedro_pipeline(stage: str):
-    match = re.fullmatch(r"kedro run --pipeline=(\w+)", dvc_stages()[stage].cmd)
+    match = re.fullmatch(r"kedro run --pipelines=(\w+)", dvc_stages()[stage].cmd)
     assert match, f"stage {stage} runs {dvc_stages()[stage].cmd!r}, not one Kedro pipeline"
     return importlib.import_module(f"muco_flow.pipelines.{match.group(1)}").create_pipeline()
 
@@ -142,7 +142,7 @@ def strings_in(value: Any) -> list[str]:
 def test_the_chain_runs_one_kedro_pipeline_per_stage():
     assert [name for name in dvc_stages() if name in CHAIN] == CHAIN
     for name in CHAIN:
-        assert dvc_stages()[name].cmd == f"kedro run --pipeline={name}"
+        assert dvc_stages()[name].cmd == f"kedro run --pipelines={name}"
         assert kedro_pipeline(name).nodes
 
 
@@ -433,7 +433,7 @@ def test_m3t_snapshot_through_an_s3_remote_and_repro_from_its_tag(clone, small_s
         upload_tree(client, snapshot, "m3t-raw", "v1")
         project = new_project(tmp_path / "project")
         outputs.append(
-            kedro_run(project, "--pipeline=ingest", "--params=m3t_source_uri=s3://m3t-raw/v1", env=s3_env(endpoint))
+            kedro_run(project, "--pipelines=ingest", "--params=m3t_source_uri=s3://m3t-raw/v1", env=s3_env(endpoint))
         )
 
     assert stages_run(reproduced) == CHAIN

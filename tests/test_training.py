@@ -1,4 +1,4 @@
-"""`kedro run --pipeline=train`: real torchrun, 2 DeepSpeed ZeRO-2 processes, MLflow, checkpoints."""
+"""`kedro run --pipelines=train`: real torchrun, 2 DeepSpeed ZeRO-2 processes, MLflow, checkpoints."""
 
 from __future__ import annotations
 
@@ -44,10 +44,10 @@ def prepared(tmp_path_factory):
     """A project with the small sample ingested and formatted, and one finished 12-step run."""
 
     root = new_project(tmp_path_factory.mktemp("train") / "project")
-    kedro_run(root, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
-    kedro_run(root, "--pipeline=backbone")
-    kedro_run(root, "--pipeline=data")
-    result = kedro_run(root, "--pipeline=train", train_params("data/06_models/run-a"))
+    kedro_run(root, "--pipelines=sample", f"--params={SMALL_RUN_PARAMS}")
+    kedro_run(root, "--pipelines=backbone")
+    kedro_run(root, "--pipelines=data")
+    result = kedro_run(root, "--pipelines=train", train_params("data/06_models/run-a"))
     return root, result
 
 
@@ -97,9 +97,9 @@ def test_checkpoints_are_readable_by_deepspeeds_own_tools(prepared):
 
 def test_the_same_seed_gives_the_same_loss_curve(prepared):
     project, _ = prepared
-    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-b"))
+    kedro_run(project, "--pipelines=train", train_params("data/06_models/run-b"))
     assert losses(project, "data/06_models/run-b") == pytest.approx(losses(project, "data/06_models/run-a"), abs=1e-6)
-    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-c", **{"training.seed": 1}))
+    kedro_run(project, "--pipelines=train", train_params("data/06_models/run-c", **{"training.seed": 1}))
     assert losses(project, "data/06_models/run-c") != pytest.approx(losses(project, "data/06_models/run-a"), abs=1e-6)
 
 
@@ -131,7 +131,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
     # checkpoints every 3 steps here, every 4 in run-a: how often it saves must not change the result
     run = subprocess.Popen(
-        [KEDRO, "run", "--pipeline=train", train_params(out, **{"training.save_every": 3})],
+        [KEDRO, "run", "--pipelines=train", train_params(out, **{"training.save_every": 3})],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -162,7 +162,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     victim_file = next((project / out / f"checkpoints/step-{newest:08d}").glob("zero_pp_rank_*_optim_states.pt"))
     victim_file.write_bytes(victim_file.read_bytes()[:100])
 
-    resumed = kedro_run(project, "--pipeline=train", train_params(out, **{"training.save_every": 3}))
+    resumed = kedro_run(project, "--pipelines=train", train_params(out, **{"training.save_every": 3}))
     log = resumed.stdout + resumed.stderr
     assert f"skipping checkpoint {out}/checkpoints/step-{newest:08d}" in log and "truncated" in log, scenario
     assert f"resumed from checkpoint step-{newest - 3:08d} (step {newest - 3})" in log, scenario
@@ -202,8 +202,8 @@ def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger
 
 def test_evaluate_scores_the_trained_model_and_the_baseline_into_the_training_run(prepared):
     project, _ = prepared
-    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-a"))  # train_run.json -> run-a again
-    kedro_run(project, "--pipeline=evaluate")
+    kedro_run(project, "--pipelines=train", train_params("data/06_models/run-a"))  # train_run.json -> run-a again
+    kedro_run(project, "--pipelines=evaluate")
     metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
     assert set(metrics["model"]["mmeb"]["datasets"]) == {
         "MiniShapes-Cls", "MiniShapes-Count", "MiniShapes-Color", "MiniShapes-I2T", "MiniShapes-T2I",
@@ -258,15 +258,15 @@ def test_register_and_promote_pipelines(prepared):
     import hashlib
 
     project, _ = prepared
-    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-a"))  # train_run.json -> run-a
-    kedro_run(project, "--pipeline=evaluate")
+    kedro_run(project, "--pipelines=train", train_params("data/06_models/run-a"))  # train_run.json -> run-a
+    kedro_run(project, "--pipelines=evaluate")
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run(["git", "add", "conf"], cwd=project, check=True)
     identity = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run(["git", *identity, "commit", "-qm", "conf"], cwd=project, check=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, text=True, capture_output=True).stdout.strip()
-    kedro_run(project, "--pipeline=register")
-    kedro_run(project, "--pipeline=register")  # idempotent
+    kedro_run(project, "--pipelines=register")
+    kedro_run(project, "--pipelines=register")  # idempotent
 
     record = json.loads((project / "data/06_models/train_run.json").read_text())
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -289,8 +289,8 @@ def test_register_and_promote_pipelines(prepared):
     registration = json.loads((project / "data/08_reporting/registration.json").read_text())
     assert registration["version"] == int(version.version)
 
-    kedro_run(project, "--pipeline=promote")
+    kedro_run(project, "--pipelines=promote")
     decision = json.loads((project / "data/08_reporting/promotion.json").read_text())
     assert decision["promoted"] is False and "promote_first is not set" in decision["reason"]
-    kedro_run(project, "--pipeline=promote", "--params=registry.promotion.promote_first=true")
+    kedro_run(project, "--pipelines=promote", "--params=registry.promotion.promote_first=true")
     assert client.get_model_version_by_alias("muco-embedder", "champion").version == version.version

@@ -346,7 +346,7 @@ def promote_challenger(tracking_uri: str, name: str, policy: PromotionPolicy) ->
     client = MlflowClient(tracking_uri)
     challenger = _version_by_alias(client, name, CHALLENGER)
     if challenger is None:
-        raise RegistryError(f"model '{name}' has no '{CHALLENGER}' version: run `kedro run --pipeline=register` first")
+        raise RegistryError(f"model '{name}' has no '{CHALLENGER}' version: run `kedro run --pipelines=register` first")
     champion = _version_by_alias(client, name, CHAMPION)
     if champion is not None and champion.version == challenger.version:
         promote, reason = False, f"version {challenger.version} is already the champion"

@@ -20,7 +20,7 @@ def register_trained_model(
     if evaluation_metrics.get("mlflow_run_id") != run_id:
         raise RegistryError(
             f"metrics.json is from run {evaluation_metrics.get('mlflow_run_id')}, but the trained model is run "
-            f"{run_id}: run `kedro run --pipeline=evaluate` before registering"
+            f"{run_id}: run `kedro run --pipelines=evaluate` before registering"
         )
     run = MlflowClient(tracking_uri).get_run(run_id)
     trained_at = run.data.tags.get("mlflow.source.git.commit", UNKNOWN_COMMIT)
