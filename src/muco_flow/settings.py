@@ -2,10 +2,11 @@
 
 from kedro.config import OmegaConfigLoader
 
-from muco_flow.hooks import TrackingServerCheck
+from muco_flow.hooks import KedroRunContext, TrackingServerCheck
 
-# Before any node runs: the MLflow server a run will log to must answer.
-HOOKS = (TrackingServerCheck(),)
+# Before any node runs: the MLflow server a run will log to must answer; and
+# nodes that record the run learn which `kedro run` it is.
+HOOKS = (TrackingServerCheck(), KedroRunContext())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
