@@ -301,6 +301,7 @@ def test_register_and_promote_pipelines(prepared):
     assert client.get_model_version_by_alias("muco-embedder", "champion").version == version.version
 
 
+@pytest.mark.timeout(1800)  # registers first (three kedro runs), then starts `mlflow ui`
 def test_the_mlflow_ui_shows_a_named_described_run_with_its_curves_first_and_a_version_with_few_tags(prepared):
     """Headless Chromium on `mlflow ui` over the project's store, as a person opens it after `make run`."""
     from playwright.sync_api import sync_playwright
