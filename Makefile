@@ -44,8 +44,8 @@ test: install $(CHROMIUM)
 # tiny backbone (built first if missing); JSON and report.md in
 # data/08_reporting/benchmarks/, the tables copied into docs/performance.md.
 bench: install
-	test -f data/01_raw/m3t_mini/M3T_train/M3T.parquet || $(BIN)/kedro run --pipeline=sample
-	test -f data/06_models/tiny-qwen2-vl/config.json || $(BIN)/kedro run --pipeline=backbone
+	test -f data/01_raw/m3t_mini/M3T_train/M3T.parquet || $(BIN)/kedro run --pipelines=sample
+	test -f data/06_models/tiny-qwen2-vl/config.json || $(BIN)/kedro run --pipelines=backbone
 	DS_ACCELERATOR=cpu $(BIN)/python -m benchmarks --update-docs
 
 lint: install

@@ -3,7 +3,7 @@
 Conversations are planned, tokenized and collated by the library's own
 formatting and batching, and a step is the training loop's own
 ``forward_backward`` and ``engine.step()`` under DeepSpeed, so what is timed
-here is what `kedro run --pipeline=train` runs, minus the logging.
+here is what `kedro run --pipelines=train` runs, minus the logging.
 """
 
 from __future__ import annotations

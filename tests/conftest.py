@@ -9,10 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from kedro.config import OmegaConfigLoader
 
 from muco_flow import settings
+from muco_flow.data.conversations import FormatConfig
 from muco_flow.datasets import FileTreeDataset
+from muco_flow.modeling.backbone import load_backbone
+from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder
 from muco_flow.pipelines.backbone.nodes import build_tiny_backbone_preset, collect_tokenizer_corpus
 from muco_flow.sample.m3t_mini import MiniSampleConfig, generate_m3t_mini
 
@@ -58,6 +62,20 @@ def tiny_backbone_dir(small_sample_root, tiny_preset, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models") / "tiny-qwen2-vl"
     FileTreeDataset(str(root)).save(build_tiny_backbone_preset(corpus, tiny_preset))
     return root
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_backbone_dir, tmp_path_factory) -> Path:
+    """A model directory as training writes it: LoRA merged, muco_embedder.json with the encode template."""
+    torch.manual_seed(0)
+    model = MuCoEmbedder(load_backbone(str(tiny_backbone_dir)), EmbedderSettings())
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters change the vectors
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    directory = tmp_path_factory.mktemp("trained") / "model"
+    model.save_merged(directory, FormatConfig.from_params(load_params()["format"]).templates.single_turn())
+    return directory
 
 
 KEDRO = str(Path(sys.executable).with_name("kedro"))

@@ -1,4 +1,4 @@
-"""`kedro run --pipeline=data` on the bundled sample, and on an s3:// copy behind a real S3 server."""
+"""`kedro run --pipelines=data` on the bundled sample, and on an s3:// copy behind a real S3 server."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def shard_hashes(project, layer: str) -> list[str]:
 
 
 def test_data_pipeline_local_then_s3_gives_identical_shards(project, s3_endpoint):
-    kedro_run(project, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
-    kedro_run(project, "--pipeline=backbone")
-    kedro_run(project, "--pipeline=data")
+    kedro_run(project, "--pipelines=sample", f"--params={SMALL_RUN_PARAMS}")
+    kedro_run(project, "--pipelines=backbone")
+    kedro_run(project, "--pipelines=data")
     local_shards = shard_hashes(project, "data/02_intermediate/m3t_shards")
     local_conversations = shard_hashes(project, "data/05_model_input/m3t_conversations")
     report = json.loads((project / "data/08_reporting/ingest_report.json").read_text())
@@ -36,7 +36,7 @@ def test_data_pipeline_local_then_s3_gives_identical_shards(project, s3_endpoint
     env = s3_env(s3_endpoint)
     client = s3_client_for(s3_endpoint)
     upload_tree(client, project / "data/01_raw/m3t_mini", "m3t", "snapshots/v1")
-    result = kedro_run(project, "--pipeline=data", "--params=m3t_source_uri=s3://m3t/snapshots/v1", env=env)
+    result = kedro_run(project, "--pipelines=data", "--params=m3t_source_uri=s3://m3t/snapshots/v1", env=env)
 
     manifest = json.loads((project / "data/02_intermediate/m3t_shards/manifest.json").read_text())
     assert manifest["source"]["uri"] == "s3://m3t/snapshots/v1"
@@ -46,7 +46,7 @@ def test_data_pipeline_local_then_s3_gives_identical_shards(project, s3_endpoint
 
 
 def test_s3_credentials_from_conf_local_and_errors_that_name_the_object(project, s3_endpoint):
-    kedro_run(project, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
+    kedro_run(project, "--pipelines=sample", f"--params={SMALL_RUN_PARAMS}")
     client = s3_client_for(s3_endpoint)
     upload_tree(client, project / "data/01_raw/m3t_mini", "m3t-conf", "v2")
     (project / "conf/local/credentials.yml").write_text(
@@ -57,12 +57,12 @@ def test_s3_credentials_from_conf_local_and_errors_that_name_the_object(project,
         f"  endpoint_url: {s3_endpoint}\n"
     )
     clean_env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_ENDPOINT_URL": ""}
-    ok = kedro_run(project, "--pipeline=ingest", "--params=m3t_source_uri=s3://m3t-conf/v2", env=clean_env)
+    ok = kedro_run(project, "--pipelines=ingest", "--params=m3t_source_uri=s3://m3t-conf/v2", env=clean_env)
     rows = sum(pq.read_metadata(p).num_rows for p in (project / "data/02_intermediate/m3t_shards/shards").glob("*"))
     assert rows == 24
 
     missing = kedro_run(
-        project, "--pipeline=ingest", "--params=m3t_source_uri=s3://m3t-conf/nope", env=clean_env, check=False
+        project, "--pipelines=ingest", "--params=m3t_source_uri=s3://m3t-conf/nope", env=clean_env, check=False
     )
     assert missing.returncode != 0
     output = missing.stdout + missing.stderr

@@ -28,7 +28,6 @@ import pytest
 import yaml
 
 from muco_flow.datasets import FileTreeDataset
-from muco_flow.evaluation.report import recall_curve_table
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, config_loader, kedro_run, new_project
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for, s3_env, upload_tree
 
@@ -65,7 +64,7 @@ def dvc_stages() -> dict[str, StageSpec]:
 
 
 def kedro_pipeline(stage: str):
-    match = re.fullmatch(r"kedro run --pipeline=(\w+)", dvc_stages()[stage].cmd)
+    match = re.fullmatch(r"kedro run --pipelines=(\w+)", dvc_stages()[stage].cmd)
     assert match, f"stage {stage} runs {dvc_stages()[stage].cmd!r}, not one Kedro pipeline"
     return importlib.import_module(f"muco_flow.pipelines.{match.group(1)}").create_pipeline()
 
@@ -142,7 +141,7 @@ def strings_in(value: Any) -> list[str]:
 def test_the_chain_runs_one_kedro_pipeline_per_stage():
     assert [name for name in dvc_stages() if name in CHAIN] == CHAIN
     for name in CHAIN:
-        assert dvc_stages()[name].cmd == f"kedro run --pipeline={name}"
+        assert dvc_stages()[name].cmd == f"kedro run --pipelines={name}"
         assert kedro_pipeline(name).nodes
 
 
@@ -203,17 +202,14 @@ def test_stage_data_deps_are_its_inputs_written_by_earlier_stages(stage):
     assert all(any(covers(out, dep) for out in earlier) for dep in data_deps), data_deps
 
 
-def test_metrics_and_plots_are_declared_with_their_columns():
+def test_metrics_are_the_compact_headline_and_plots_are_static_images():
     evaluate, train = dvc_stages()["evaluate"].outs, dvc_stages()["train"].outs
-    assert [p for p, out in {**train, **evaluate}.items() if out.metric] == ["data/08_reporting/metrics.json"]
-    assert train["data/08_reporting/train_loss.csv"].plot == {"x": "step", "y": "loss"}
-    recall = evaluate["data/08_reporting/recall_at_k.csv"].plot
-    assert (recall["x"], recall["y"]) == ("k", "recall")
-    # the template draws one line per set and model: columns the evaluate pipeline writes
-    template = json.loads((PROJECT_ROOT / ".dvc/plots" / f"{recall['template']}.json").read_text())
-    table = recall_curve_table({"recall_curves": {"M-BEIR": {1: 0.5}}}, {"recall_curves": {"M-BEIR": {1: 0.2}}})
-    fields = {f for f in re.findall(r'"field": "([^"<]+)"', json.dumps(template)) if f != "rev"}
-    assert fields == {"set", "model"} and fields | {"k", "recall"} <= set(table.columns)
+    outs = {**train, **evaluate}
+    assert [p for p, out in outs.items() if out.metric] == ["data/08_reporting/headline_metrics.json"]
+    assert "data/08_reporting/metrics.json" in evaluate  # the full results stay an output
+    # images only: `dvc plots show` draws Vega plots with a library it loads from a CDN, blank offline
+    plots = sorted(p for p, out in outs.items() if out.plot)
+    assert plots == [f"data/08_reporting/{n}" for n in ("mmeb_hit_at_1.png", "recall_at_k.png", "train_loss.png")]
 
 
 # --- the real commands in a clone ----------------------------------------------------------------
@@ -319,27 +315,21 @@ def test_repro_on_a_fresh_clone_runs_the_whole_chain(clone):
 def test_metrics_show_and_plots_show(clone):
     root = clone.root
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
-    metrics = shown[""]["data"]["data/08_reporting/metrics.json"]["data"]
-    assert metrics == json.loads((root / "data/08_reporting/metrics.json").read_text())
-    assert 0.0 <= metrics["headline"]["mmeb/average"] <= 1.0
+    headline = shown[""]["data"]["data/08_reporting/headline_metrics.json"]["data"]
+    assert headline == json.loads((root / "data/08_reporting/headline_metrics.json").read_text())
+    full = json.loads((root / "data/08_reporting/metrics.json").read_text())["headline"]
+    assert headline["mmeb/average"] == full["mmeb/average"] and 0.0 <= headline["mmeb/average"] <= 1.0
+    table = dvc(root, "metrics", "show").stdout
+    assert "mmeb/average" in table and max(len(line) for line in table.splitlines()) <= 200, table
 
     plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
-    reporting = "data/08_reporting/"
-    assert set(plots) == {
-        reporting + name
-        for name in ("train_loss.csv", "train_loss.png", "recall_at_k.csv", "recall_at_k.png", "mmeb_hit_at_1.png")
-    }
-    loss = plots[reporting + "train_loss.csv"][0]["content"]
-    assert [float(p["step"]) for p in loss["data"]["values"]] == [1, 2, 3, 4]
-    assert {"step", "loss"} <= set(re.findall(r'"field": "([^"]+)"', json.dumps(loss)))
-    recall = plots[reporting + "recall_at_k.csv"][0]["content"]
-    rows = (root / reporting / "recall_at_k.csv").read_text().splitlines()
-    assert len(recall["data"]["values"]) == len(rows) - 1
-    assert (recall["encoding"]["color"]["field"], recall["encoding"]["strokeDash"]["field"]) == ("set", "model")
-    assert plots[reporting + "train_loss.png"][0]["type"] == "image"
+    images = {"train_loss.png", "recall_at_k.png", "mmeb_hit_at_1.png"}
+    assert set(plots) == {f"data/08_reporting/{name}" for name in images}
+    assert {plot[0]["type"] for plot in plots.values()} == {"image"}
 
     dvc(root, "plots", "show")
-    assert (root / "dvc_plots/index.html").is_file()
+    page = (root / "dvc_plots/index.html").read_text()
+    assert "<img" in page and "vega" not in page.lower()  # nothing to fetch from a CDN
     assert untracked_or_changed(root) == ["?? dvc.lock"]
 
 
@@ -433,7 +423,7 @@ def test_m3t_snapshot_through_an_s3_remote_and_repro_from_its_tag(clone, small_s
         upload_tree(client, snapshot, "m3t-raw", "v1")
         project = new_project(tmp_path / "project")
         outputs.append(
-            kedro_run(project, "--pipeline=ingest", "--params=m3t_source_uri=s3://m3t-raw/v1", env=s3_env(endpoint))
+            kedro_run(project, "--pipelines=ingest", "--params=m3t_source_uri=s3://m3t-raw/v1", env=s3_env(endpoint))
         )
 
     assert stages_run(reproduced) == CHAIN

@@ -140,7 +140,7 @@ def test_kedro_ingest_of_a_damaged_meta_file_ends_in_one_line_and_leaves_no_outp
     FileTreeDataset(str(raw)).save(small_sample_files)
     meta = raw / schema.TRAIN_META_FILE
     meta.write_bytes(two_files_joined(meta.read_bytes()))
-    result = kedro_run(project, "--pipeline=ingest", check=False)
+    result = kedro_run(project, "--pipelines=ingest", check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"ingest failed: data/01_raw/m3t_mini/{schema.TRAIN_META_FILE}: bytes " in output, output[-3000:]

@@ -50,6 +50,14 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, PNG)
         elif self.path == "/flaky.png":  # two 503s, then the image
             self._send(503, b"busy", "text/plain") if Handler.hits[self.path] <= 2 else self._send(200, PNG)
+        elif self.path == "/throttled.png":  # a 429 that says when to come back, then the image
+            if Handler.hits[self.path] == 1:
+                self.send_response(429)
+                self.send_header("Retry-After", "7")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self._send(200, PNG)
         elif self.path == "/slow.png":
             time.sleep(1.5)
             self._send(200, PNG)
@@ -74,7 +82,9 @@ def server():
     httpd.shutdown()
 
 
-CONFIG = FetchConfig(max_workers=4, timeout_s=0.5, retries=2, backoff_s=0.01, max_bytes=len(PNG) * 2)
+CONFIG = FetchConfig(
+    max_workers=4, timeout_s=0.5, retries=2, backoff_s=0.01, backoff_jitter_s=0.0, max_bytes=len(PNG) * 2
+)
 
 
 def test_fetches_concurrently_and_keeps_order(server):
@@ -88,7 +98,29 @@ def test_transient_errors_are_retried_with_backoff(server):
     waits: list[float] = []
     with requests.Session() as session:
         assert fetch_url(session, f"{server}/flaky.png", CONFIG, sleep=waits.append) == PNG
-    assert waits == [0.01, 0.02]  # doubled each time
+    assert waits == [0.0, 0.02]  # urllib3's backoff: the first retry at once, then backoff_s * 2, * 4...
+
+
+def test_the_backoff_has_jitter_within_its_bound(server):
+    jittery = FetchConfig(timeout_s=0.5, retries=3, backoff_s=0.01, backoff_jitter_s=0.5)
+    waits: list[float] = []
+    with requests.Session() as session, pytest.raises(FetchError, match=r"HTTP 500 \(after 4 tries\)"):
+        fetch_url(session, f"{server}/error.png", jittery, sleep=waits.append)
+    assert waits[0] == 0.0
+    assert 0.02 <= waits[1] <= 0.02 + 0.5 and 0.04 <= waits[2] <= 0.04 + 0.5
+    assert waits[1:] != [0.02, 0.04]  # jittered (the chance of drawing exactly 0 twice is nil)
+
+
+def test_a_servers_retry_after_is_respected_up_to_the_longest_wait(server):
+    waits: list[float] = []
+    with requests.Session() as session:
+        assert fetch_url(session, f"{server}/throttled.png", CONFIG, sleep=waits.append) == PNG
+    assert waits == [7.0]  # what the server asked for, not the backoff's 0
+    Handler.hits.pop("/throttled.png")
+    capped = FetchConfig(timeout_s=0.5, retries=2, max_backoff_s=3)
+    with requests.Session() as session:
+        assert fetch_url(session, f"{server}/throttled.png", capped, sleep=waits.append) == PNG
+    assert waits == [7.0, 3.0]
 
 
 @pytest.mark.parametrize(

@@ -27,12 +27,12 @@ def test_default_pipeline_writes_the_sample_and_a_loadable_backbone(project):
 def test_sample_pipeline_alone_and_a_bad_parameter_is_named(project):
     kedro_run(
         project,
-        "--pipeline=sample",
+        "--pipelines=sample",
         "--params=m3t_mini.train_images=4,m3t_mini.eval_queries_per_dataset=4,m3t_mini.eval_candidates=3",
     )
     assert (project / "data/01_raw/m3t_mini/M3T_train/M3T.parquet").is_file()
     assert not (project / "data/06_models/tiny-qwen2-vl").exists()
 
-    failed = kedro_run(project, "--pipeline=sample", "--params=m3t_mini.train_images=0", check=False)
+    failed = kedro_run(project, "--pipelines=sample", "--params=m3t_mini.train_images=0", check=False)
     assert failed.returncode != 0
     assert "train_images must be at least 1" in failed.stdout + failed.stderr

@@ -13,13 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from muco_flow.data.conversations import FormatConfig
 from muco_flow.modeling.backbone import load_backbone
-from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder, load_embedder
+from muco_flow.modeling.embedder import load_embedder
 from muco_flow.registry import (
     CHALLENGER,
     CHAMPION,
@@ -31,7 +29,7 @@ from muco_flow.registry import (
     promote_challenger,
     register_model_version,
 )
-from tests.conftest import PROJECT_ROOT, load_params
+from tests.conftest import PROJECT_ROOT
 from tests.servers import background_server, free_port
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"  # screenshots: kept for people to look at, git-ignored
@@ -86,9 +84,18 @@ def test_bad_records_are_named_with_the_problem(record, message):
         parse_records(pd.DataFrame([{"text": "fine", "image": None}, record]))
 
 
-def test_unknown_columns_are_refused():
-    with pytest.raises(ModelInputError, match=r"got columns \['caption'\]"):
+def test_unknown_columns_are_refused_naming_the_expected_and_the_given_columns():
+    with pytest.raises(ModelInputError, match=r"columns 'text' and/or 'image'; got columns \['caption'\]"):
         parse_records(pd.DataFrame([{"caption": "x"}]))
+
+
+def test_a_bad_record_is_an_mlflow_invalid_parameter_error():
+    """So that `mlflow models serve` answers 400 with the message, not a generic error."""
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as raised:
+        parse_records(pd.DataFrame([{"text": 3}]))
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE" and raised.value.get_http_status_code() == 400
 
 
 # ---------------------------------------------------------------- promotion rule (no server)
@@ -129,20 +136,6 @@ def tracking_server(tmp_path_factory):
         yield uri
 
 
-@pytest.fixture(scope="module")
-def model_dir(tiny_backbone_dir, tmp_path_factory) -> Path:
-    """A model directory as training writes it: LoRA merged, muco_embedder.json with the encode template."""
-    torch.manual_seed(0)
-    model = MuCoEmbedder(load_backbone(str(tiny_backbone_dir)), EmbedderSettings())
-    with torch.no_grad():  # LoRA B starts at zero: make the adapters change the vectors
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
-    directory = tmp_path_factory.mktemp("trained") / "model"
-    model.save_merged(directory, FormatConfig.from_params(load_params()["format"]).templates.single_turn())
-    return directory
-
-
 def new_run(uri: str) -> str:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("registry-tests") or client.get_experiment(
@@ -155,7 +148,12 @@ def new_run(uri: str) -> str:
 
 
 def tags_with_score(run_id: str, score: float) -> dict[str, str]:
-    return {"run_id": run_id, "git_commit": "abc123", "metric.mmeb/average": repr(score)}
+    return {
+        "run_id": run_id,
+        "git_commit": "abc123",
+        "primary_metric": "mmeb/average",
+        "primary_metric_value": repr(score),
+    }
 
 
 def versions_of(uri: str, name: str) -> list:
@@ -197,7 +195,7 @@ def test_registration_is_idempotent_and_a_retry_after_a_failure_makes_one_versio
     assert first["version"] == again["version"] == 1
     version = MlflowClient(tracking_server).get_model_version_by_alias(name, CHALLENGER)
     assert version.version == "1" and version.run_id == run_id
-    assert version.tags["metric.mmeb/average"] == "0.3" and version.tags["git_commit"] == "abc123"
+    assert version.tags["primary_metric_value"] == "0.3" and version.tags["git_commit"] == "abc123"
 
 
 def test_promotion_with_no_champion_a_better_and_a_worse_challenger(tracking_server, model_dir):
@@ -214,7 +212,7 @@ def test_promotion_with_no_champion_a_better_and_a_worse_challenger(tracking_ser
     first = register(0.30)
     decision = promote_challenger(tracking_server, name, cautious)
     assert decision == {**decision, "promoted": False, "champion": None}
-    assert client.get_model_version(name, str(first)).tags["promotion.decision"] == "not_promoted"
+    assert client.get_model_version(name, str(first)).tags["promotion"] == "not_promoted"
     assert CHAMPION not in client.get_registered_model(name).aliases
 
     decision = promote_challenger(tracking_server, name, PromotionPolicy("mmeb/average", 0.005, promote_first=True))
@@ -223,18 +221,15 @@ def test_promotion_with_no_champion_a_better_and_a_worse_challenger(tracking_ser
     better = register(0.40)
     assert promote_challenger(tracking_server, name, cautious)["promoted"]
     assert client.get_model_version_by_alias(name, CHAMPION).version == str(better)
-    tags = client.get_model_version(name, str(better)).tags
-    assert tags["promotion.decision"] == "promoted" and tags["promotion.compared_with"] == f"version {first}"
+    promoted = client.get_model_version(name, str(better))
+    assert promoted.tags["promotion"] == "promoted" and f"compared with version {first}" in promoted.description
 
     worse = register(0.402)  # higher, but not by the margin
     decision = promote_challenger(tracking_server, name, cautious)
     assert not decision["promoted"] and decision["champion"] == better
     assert client.get_model_version_by_alias(name, CHAMPION).version == str(better)
     assert client.get_model_version_by_alias(name, CHALLENGER).version == str(worse)
-    assert (
-        "does not beat the champion by the margin"
-        in client.get_model_version(name, str(worse)).tags["promotion.reason"]
-    )
+    assert "does not beat the champion by the margin" in client.get_model_version(name, str(worse)).description
 
 
 def probe_records() -> list[dict[str, str]]:
@@ -287,10 +282,17 @@ def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion
         assert vectors.shape == (3, hidden)
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
-        bad = {"dataframe_records": [{"text": "x", "image": "not base64 !!"}]}
+        bad = {"dataframe_records": [{"text": "x"}, {"text": "x", "image": "not base64 !!"}]}
         response = requests.post(f"{url}/invocations", json=bad, timeout=60)
-        assert response.status_code >= 400
-        assert "record 0: 'image' is neither base64" in response.text
+        assert response.status_code == 400
+        assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "record 1: 'image' is neither base64" in response.json()["message"]
+
+        misspelt = {"dataframe_records": [{"txt": "a red circle"}]}
+        response = requests.post(f"{url}/invocations", json=misspelt, timeout=60)
+        assert response.status_code == 400
+        message = response.json()["message"]
+        assert "expected records with columns 'text' and/or 'image'" in message and "txt" in message
 
 
 def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tracking_server, champion):

@@ -47,8 +47,8 @@ def runs(tmp_path_factory):
     project = new_project(tmp_path_factory.mktemp("secrets") / "project")
     shutil.copy(PROJECT_ROOT / ".gitignore", project)
     git(project, "init", "-q")
-    kedro_run(project, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
-    kedro_run(project, "--pipeline=backbone")
+    kedro_run(project, "--pipelines=sample", f"--params={SMALL_RUN_PARAMS}")
+    kedro_run(project, "--pipelines=backbone")
     outputs = []
     with moto_server() as endpoint, faulty_proxy(endpoint) as proxy:
         upload_tree(s3_client_for(endpoint), project / "data/01_raw/m3t_mini", "m3t-private", "v1")
@@ -63,12 +63,12 @@ def runs(tmp_path_factory):
         proxy.inject(f"v1/{schema.TRAIN_META_FILE}", Fault("status", 503))
         proxy.inject("images/train/000003.png", Fault("reset"))
         source = "--params=m3t_source_uri=s3://m3t-private/v1"
-        ingest = kedro_run(project, "--pipeline=data", source, env=NO_AWS_ENV)
+        ingest = kedro_run(project, "--pipelines=data", source, env=NO_AWS_ENV)
         assert "attempt 2 of 5" in ingest.stdout + ingest.stderr
         assert proxy.gets("images/train/000003.png") == 2
         outputs.append(ingest)
         missing = kedro_run(
-            project, "--pipeline=ingest", "--params=m3t_source_uri=s3://m3t-private/v2", env=NO_AWS_ENV, check=False
+            project, "--pipelines=ingest", "--params=m3t_source_uri=s3://m3t-private/v2", env=NO_AWS_ENV, check=False
         )
         assert missing.returncode != 0
         assert "s3://m3t-private/v2/M3T_train/M3T.parquet: NoSuchKey" in missing.stdout + missing.stderr
@@ -78,7 +78,7 @@ def runs(tmp_path_factory):
         f"training.{k}={v}" for k, v in {"max_steps": 4, "save_every": 2, "micro_batch_size": 4}.items()
     )
     aws_env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET}
-    outputs.append(kedro_run(project, "--pipeline=train", train, env=aws_env))
+    outputs.append(kedro_run(project, "--pipelines=train", train, env=aws_env))
     return project, [o.stdout + o.stderr for o in outputs]
 
 

@@ -36,7 +36,7 @@ def test_train_fails_fast_naming_an_unreachable_tracking_server(project):
     # The project has no data at all: failing on the tracking server first shows nothing was loaded before.
     uri = dead_uri()
     began = time.monotonic()
-    result = kedro_run(project, "--pipeline=train", env={"MLFLOW_TRACKING_URI": uri}, check=False)
+    result = kedro_run(project, "--pipelines=train", env={"MLFLOW_TRACKING_URI": uri}, check=False)
     assert time.monotonic() - began < 120  # Kedro's start-up; the check itself takes milliseconds
     assert_failed_before_loading_anything(result, uri, project)
 
@@ -48,7 +48,7 @@ def test_evaluate_fails_fast_when_the_training_runs_server_is_unreachable(projec
     (project / "data/06_models/train_run.json").write_text(
         json.dumps({"mlflow_run_id": "0" * 32, "tracking_uri": uri, "model_dir": "data/06_models/muco/model"})
     )
-    result = kedro_run(project, "--pipeline=evaluate", check=False)  # mlflow.tracking_uri is the local SQLite store
+    result = kedro_run(project, "--pipelines=evaluate", check=False)  # mlflow.tracking_uri is the local SQLite store
     assert_failed_before_loading_anything(result, uri, project)
 
 

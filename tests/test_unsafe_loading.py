@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
+import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -214,3 +217,60 @@ def test_a_checkpoint_file_that_would_run_code_is_refused(saved_checkpoint, tmp_
 
     TorchCheckpointEngine().load(str(victim))
     assert marker.exists()
+
+
+# --- the registered pyfunc ---------------------------------------------------------------------
+
+_unpickled: list[str] | None = None  # while a list: every class a pickle asks for lands in it
+
+
+def _watch_pickle(event: str, args: tuple) -> None:
+    # audit hooks cannot be removed: this one records only inside watching_pickle()
+    if event == "pickle.find_class" and _unpickled is not None:
+        _unpickled.append(".".join(map(str, args)))
+
+
+@contextlib.contextmanager
+def watching_pickle():
+    """Records every class any unpickler (pickle, cloudpickle, torch.load) resolves inside the block."""
+    global _unpickled
+    if not getattr(watching_pickle, "installed", False):
+        sys.addaudithook(_watch_pickle)
+        watching_pickle.installed = True
+    _unpickled = []
+    try:
+        yield _unpickled
+    finally:
+        _unpickled = None
+
+
+def test_the_audit_hook_sees_what_an_unpickler_resolves():
+    """The watch below would prove nothing if it missed a real unpickling."""
+    payload = pickle.dumps(Path("somewhere"))
+    with watching_pickle() as unpickled:
+        pickle.loads(payload)
+    assert unpickled and any("PosixPath" in name for name in unpickled)
+
+
+def test_loading_the_registered_model_unpickles_nothing(model_dir, tmp_path, monkeypatch):
+    """The pyfunc is models-from-code: loading it by alias resolves no class from a pickle."""
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.registry import CHALLENGER, fluent_tracking_uri, register_model_version
+
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifact root is relative to the working directory
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("unsafe-loading"))
+    register_model_version(uri, name="watched", run_id=run.info.run_id, model_dir=str(model_dir), tags={})
+    with fluent_tracking_uri(uri):
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/watched@{CHALLENGER}", dst_path=str(tmp_path / "m")))
+    assert not list(local.rglob("*.pkl")) and not list(local.rglob("*.pickle")), sorted(local.rglob("*"))
+
+    with watching_pickle() as unpickled, fluent_tracking_uri(uri):
+        model = mlflow.pyfunc.load_model(f"models:/watched@{CHALLENGER}")
+        vectors = model.predict(pd.DataFrame([{"text": "a red circle"}]))
+    assert unpickled == []
+    assert vectors.shape[0] == 1

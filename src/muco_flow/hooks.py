@@ -11,6 +11,26 @@ from muco_flow.tracking import check_tracking_server, resolve_tracking_uri
 # Nodes that talk to MLflow carry this tag; a run that includes one checks
 # the tracking server before anything else happens.
 MLFLOW_TAG = "mlflow"
+# A memory dataset: which `kedro run` this is (pipelines, environment, the
+# command), for the MLflow run's name and context tags.
+KEDRO_RUN = "kedro_run"
+
+
+class KedroRunContext:
+    """Puts what `kedro run` was asked to do into the catalog as ``kedro_run``, for nodes that record it."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if KEDRO_RUN not in pipeline.inputs():
+            return
+        names = run_params.get("pipeline_names") or ["__default__"]
+        command = "kedro run" + ("" if names == ["__default__"] else f" --pipelines={','.join(names)}")
+        catalog[KEDRO_RUN] = {
+            "pipelines": ",".join(names),
+            "env": run_params.get("env") or "local",
+            "command": command + (f" --env={run_params['env']}" if run_params.get("env") else ""),
+            "project_path": run_params.get("project_path", "."),
+        }
 
 
 class TrackingServerCheck:

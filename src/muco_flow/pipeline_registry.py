@@ -9,6 +9,6 @@ from kedro.pipeline import Pipeline
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
     # Kedro orders nodes by their datasets, so the sum runs in data order.
-    # Promotion is a decision, made in the MLflow UI or with --pipeline=promote.
+    # Promotion is a decision, made in the MLflow UI or with --pipelines=promote.
     pipelines["__default__"] = sum(p for name, p in pipelines.items() if name != "promote")
     return pipelines

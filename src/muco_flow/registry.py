@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -29,14 +29,17 @@ from urllib.parse import unquote, urlparse
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
+
+from muco_flow.tracking import canonical_hash
 
 logger = logging.getLogger(__name__)
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 MODEL_DIR_ARTIFACT = "model_dir"
-METRIC_TAG_PREFIX = "metric."
 IMAGE_FORMATS = ("PNG", "JPEG")
 MAX_IMAGE_PIXELS = 40_000_000  # far above any real photo; a decompression bomb is refused
 # What the pyfunc needs at load time, pinned to the versions that trained it.
@@ -44,8 +47,15 @@ RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensor
                     "pandas", "requests", "tqdm")  # fmt: skip
 
 
-class ModelInputError(ValueError):
-    """A record the embedding model cannot encode; the message names the record and the problem."""
+class ModelInputError(MlflowException, ValueError):
+    """A record the embedding model cannot encode; the message names the record and the problem.
+
+    An MlflowException with INVALID_PARAMETER_VALUE, so that `mlflow models serve`
+    answers HTTP 400 with this message (other exceptions become a generic 400).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class RegistryError(RuntimeError):
@@ -111,9 +121,10 @@ def parse_records(frame: pd.DataFrame) -> list[tuple[str, Image.Image | None]]:
     """(text, image) per row of a frame with `text` and/or `image` columns."""
     unknown = set(frame.columns) - {"text", "image"}
     if unknown or frame.empty or not ({"text", "image"} & set(frame.columns)):
+        # served, the model's signature has already dropped columns it does not name: say so
         raise ModelInputError(
-            f"expected records with 'text' and an optional 'image'; got columns {sorted(frame.columns)}"
-            f" and {len(frame)} rows"
+            f"expected records with columns 'text' and/or 'image'; got columns {sorted(frame.columns)}"
+            f" and {len(frame)} rows (a misspelt column name is dropped before the model sees it)"
         )
     items = []
     for record, row in enumerate(frame.to_dict("records")):
@@ -181,28 +192,40 @@ def pinned_requirements() -> list[str]:
 # ---------------------------------------------------------------- lineage
 
 
-def canonical_hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def metric_tags(headline: Mapping[str, float]) -> dict[str, str]:
-    """Evaluation metrics as version tags (MLflow keys may not hold '@')."""
-    return {f"{METRIC_TAG_PREFIX}{k.replace('@', '_at_')}": repr(float(v)) for k, v in headline.items()}
+PRIMARY_METRIC_TAG = "primary_metric"
+PRIMARY_METRIC_VALUE_TAG = "primary_metric_value"
 
 
 def lineage_tags(
     *, run_id: str, run_params: Mapping[str, str], git_commit: str, data_manifest: Mapping[str, Any],
-    training_fingerprint: str, headline_metrics: Mapping[str, float],
+    training_fingerprint: str, primary_metric: str, headline_metrics: Mapping[str, float],
 ) -> dict[str, str]:  # fmt: skip
-    """Everything a version is tagged with to lead back to what made it."""
+    """The few tags a version carries (promotion reads the last two); the rest is in its description."""
+    if primary_metric not in headline_metrics:
+        raise RegistryError(f"registry.primary_metric {primary_metric!r} is not a key of metrics.json's headline")
     return {
         "run_id": run_id,
         "git_commit": git_commit,
         "data_fingerprint": canonical_hash(data_manifest),
         "params_hash": canonical_hash(dict(run_params)),
         "training_fingerprint": training_fingerprint,
-        **metric_tags(headline_metrics),
+        PRIMARY_METRIC_TAG: primary_metric,
+        PRIMARY_METRIC_VALUE_TAG: repr(float(headline_metrics[primary_metric])),
     }
+
+
+def version_description(run_id: str, headline: Mapping[str, float], delta: Mapping[str, float]) -> str:
+    """Markdown for the version page: where it comes from and every headline metric against the baseline."""
+    lines = [
+        f"MuCo embedder from training run `{run_id}` (its page has the parameters, curves and the full "
+        "evaluation). Input: records with `text` and an optional `image`; output: one L2-normalised vector each.",
+        "",
+        "| metric | trained | vs baseline |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {key} | {value:.4f} | {delta[key]:+.4f} |" if key in delta else f"| {key} | {value:.4f} | |"
+              for key, value in headline.items()]  # fmt: skip
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- registration
@@ -239,8 +262,12 @@ def find_version_for_run(client, name: str, run_id: str):
     return versions[0] if versions else None
 
 
+# models-from-code: the file MLflow logs as the model and runs at load time
+PYFUNC_MODEL_MODULE = "muco_flow.pyfunc_model"
+
+
 def register_model_version(
-    tracking_uri: str, *, name: str, run_id: str, model_dir: str, tags: Mapping[str, str]
+    tracking_uri: str, *, name: str, run_id: str, model_dir: str, tags: Mapping[str, str], description: str = ""
 ) -> dict[str, Any]:
     """Logs the pyfunc to ``run_id`` and registers it under ``name`` with ``tags`` and alias `challenger`.
 
@@ -261,7 +288,8 @@ def register_model_version(
         with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="embedding_model",
-                python_model=MuCoEmbeddingModel(),
+                # models-from-code: the model is this file's source, run at load time; nothing is pickled
+                python_model=importlib.util.find_spec(PYFUNC_MODEL_MODULE).origin,
                 artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
                 signature=model_signature(hidden_size),
                 input_example=input_example(),
@@ -275,6 +303,8 @@ def register_model_version(
         logger.info("%s version %s already holds run %s; not registering again", name, version.version, run_id)
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
+    if description:
+        client.update_model_version(name, version.version, description=description)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return {
         "name": name,
@@ -333,10 +363,14 @@ def _version_by_alias(client, name: str, alias: str):
 
 
 def _metric_of(version, metric: str) -> float:
-    key = next(iter(metric_tags({metric: 0.0})))
-    if key not in version.tags:
-        raise RegistryError(f"version {version.version} of '{version.name}' has no tag {key}: it was not evaluated")
-    return float(version.tags[key])
+    tagged = version.tags.get(PRIMARY_METRIC_TAG)
+    if tagged is None or PRIMARY_METRIC_VALUE_TAG not in version.tags:
+        raise RegistryError(f"version {version.version} of '{version.name}' has no {metric} tag: it was not evaluated")
+    if tagged != metric:
+        raise RegistryError(
+            f"version {version.version} of '{version.name}' is tagged with {tagged}, but promotion compares {metric}"
+        )
+    return float(version.tags[PRIMARY_METRIC_VALUE_TAG])
 
 
 def promote_challenger(tracking_uri: str, name: str, policy: PromotionPolicy) -> dict[str, Any]:
@@ -346,7 +380,7 @@ def promote_challenger(tracking_uri: str, name: str, policy: PromotionPolicy) ->
     client = MlflowClient(tracking_uri)
     challenger = _version_by_alias(client, name, CHALLENGER)
     if challenger is None:
-        raise RegistryError(f"model '{name}' has no '{CHALLENGER}' version: run `kedro run --pipeline=register` first")
+        raise RegistryError(f"model '{name}' has no '{CHALLENGER}' version: run `kedro run --pipelines=register` first")
     champion = _version_by_alias(client, name, CHAMPION)
     if champion is not None and champion.version == challenger.version:
         promote, reason = False, f"version {challenger.version} is already the champion"
@@ -355,14 +389,14 @@ def promote_challenger(tracking_uri: str, name: str, policy: PromotionPolicy) ->
         promote, reason = decide_promotion(_metric_of(challenger, policy.primary_metric), champion_score, policy)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, challenger.version)
-    decision = {
-        "promotion.decision": "promoted" if promote else "not_promoted",
-        "promotion.reason": reason,
-        "promotion.compared_with": f"version {champion.version}" if champion is not None else "none",
-        "promotion.decided_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    for key, value in decision.items():
-        client.set_model_version_tag(name, challenger.version, key, value)
+    # one tag (the version keeps few); the why, when and against what go into its description
+    outcome = "promoted" if promote else "not_promoted"
+    client.set_model_version_tag(name, challenger.version, "promotion", outcome)
+    compared = f"version {champion.version}" if champion is not None else "no champion"
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    record = f"**Promotion** ({when}, compared with {compared}): {outcome}: {reason}"
+    previous = client.get_model_version(name, challenger.version).description or ""
+    client.update_model_version(name, challenger.version, description=f"{previous}\n\n{record}".strip())
     logger.info("%s version %s: %s", name, challenger.version, reason)
     champion_now = challenger.version if promote else (champion.version if champion is not None else None)
     return {

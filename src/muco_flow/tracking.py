@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
+import getpass
+import hashlib
+import json
 import logging
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -14,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 UNKNOWN_COMMIT = "unknown"
-MAX_PARAM_LENGTH = 500  # MLflow rejects longer parameter values
+MAX_PARAM_LENGTH = 6000  # MLflow rejects longer parameter values (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -56,6 +60,11 @@ def source_commit(directory: str | Path = ".") -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def canonical_hash(value: Any) -> str:
+    """sha256 of ``value`` as sorted JSON: the same for equal manifests and parameter sets."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested parameters as MLflow params: dotted keys, values cut to MLflow's limit."""
     flat: dict[str, str] = {}
@@ -66,6 +75,60 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)[:MAX_PARAM_LENGTH]
     return flat
+
+
+def run_name(template: str, values: Mapping[str, Any]) -> str:
+    """``template`` (str.format fields: dotted keys of ``values``) filled in; names the missing key if one is."""
+    import string
+
+    flat = {**flatten(values)}
+    fields = [field for _, field, _, _ in string.Formatter().parse(template) if field]
+    missing = [f for f in fields if f not in flat]
+    if missing:
+        raise ValueError(f"training.run_name {template!r} names {missing}, which are not parameters of the run")
+    for field in fields:  # dotted names are not format() identifiers: filled in one by one
+        template = template.replace("{" + field + "}", flat[field])
+    return template
+
+
+def context_tags(*, source: str, git_commit: str, pipeline: str, env: str) -> dict[str, str]:
+    """MLflow's standard tags (its UI's Source, Created by and version columns) and the Kedro context."""
+    return {
+        "mlflow.source.name": source,
+        "mlflow.source.type": "PROJECT",
+        "mlflow.source.git.commit": git_commit,
+        "mlflow.user": getpass.getuser(),
+        "kedro.pipeline": pipeline,
+        "kedro.env": env,
+    }
+
+
+def select_metrics(values: Mapping[str, float], patterns: Iterable[str]) -> dict[str, float]:
+    """The ``values`` whose key matches one of ``patterns`` (fnmatch: `*` spans `/`), in the patterns' order."""
+    patterns = list(patterns)
+    return (
+        {key: values[key] for pattern in patterns for key in values if fnmatch.fnmatchcase(key, pattern)}
+        if patterns
+        else {}
+    )
+
+
+def metrics_table(headline: Mapping[str, float], delta: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One row per headline metric: its section, name, the trained model's value, the baseline's and the gain."""
+    rows = []
+    for key, value in headline.items():
+        section, _, name = key.partition("/")
+        gain = delta.get(key)
+        rows.append(
+            {
+                "section": section,
+                "metric": name,
+                "trained": float(value),
+                "baseline": float(value) - gain if gain is not None else None,
+                "delta": gain,
+            }
+        )
+    return rows
 
 
 class MetricBuffer:

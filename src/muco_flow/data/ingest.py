@@ -332,9 +332,7 @@ def _map_columns(
     ]
 
 
-def check_row(
-    row: dict[str, Any], index: int, config: IngestConfig, has_id_column: bool
-) -> tuple[str, dict[str, Any]]:
+def check_row(row: dict[str, Any], index: int, config: IngestConfig, has_id_column: bool) -> tuple[str, dict[str, Any]]:
     """The row's normalised sample id and validated fields, or Reject; layout-independent limits included."""
     sample_id = normalise_sample_id(sample_id_of(row, index, config, has_id_column), config.max_id_chars)
     fields = validate_text_fields(row, config)

@@ -164,7 +164,7 @@ def resolve_checkpoint(name_or_path: str) -> tuple[str, bool]:
         return name_or_path, False
     raise FileNotFoundError(
         f"backbone '{name_or_path}' is neither a local model directory nor a hub id (org/name); "
-        "run `kedro run --pipeline=backbone` to build the tiny preset"
+        "run `kedro run --pipelines=backbone` to build the tiny preset"
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +52,9 @@ def resolve_run_config(
     # What decides the weights: a checkpoint made under another fingerprint is not resumed.
     decisive = {k: config[k] for k in ("checkpoint", "backbone", "deepspeed", "encode_template")} | {
         "training": {
-            k: v for k, v in training.items() if k not in ("save_every", "keep_last", "log_every", "launcher")
+            k: v
+            for k, v in training.items()
+            if k not in ("save_every", "keep_last", "log_every", "launcher", "run_name")
         },
         "data": _data_fingerprint(conversations_dir),
     }
@@ -66,30 +67,31 @@ def _data_fingerprint(conversations_dir: str) -> str:
     return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else "missing"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_command(config_path: Path, launcher: dict[str, Any]) -> list[str]:
-    """torchrun with static rendezvous: one process per GPU (or per `processes_per_node` on CPU).
+    """torchrun: one process per GPU (or per `processes_per_node` on CPU).
 
-    A single node with no master_port takes a free one, so that two runs on
-    one machine never collide; several nodes must agree on a port.
+    A single node with no master_port uses torchrun's `--standalone`
+    rendezvous, which binds a free port itself and keeps it (choosing one here
+    and closing it would race with other runs on the machine). Several nodes
+    must agree on an address and port: a static rendezvous on them.
     """
     port = launcher.get("master_port")
+    nodes = launcher.get("nodes", 1)
+    if port is None and nodes > 1:
+        raise ValueError("training.launcher.master_port must be set when training on several nodes")
     if port is None:
-        if launcher.get("nodes", 1) > 1:
-            raise ValueError("training.launcher.master_port must be set when training on several nodes")
-        port = free_port()
+        rendezvous = ["--standalone", "--nnodes=1"]
+    else:
+        rendezvous = [
+            f"--nnodes={nodes}",
+            f"--node_rank={launcher.get('node_rank', 0)}",
+            f"--master_addr={launcher.get('master_addr', '127.0.0.1')}",
+            f"--master_port={port}",
+        ]
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={launcher['processes_per_node']}",
-        f"--nnodes={launcher.get('nodes', 1)}",
-        f"--node_rank={launcher.get('node_rank', 0)}",
-        f"--master_addr={launcher.get('master_addr', '127.0.0.1')}",
-        f"--master_port={port}",
+        *rendezvous,
         "-m", "muco_flow.training.train", str(config_path),
     ]  # fmt: skip
 

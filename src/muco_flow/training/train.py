@@ -221,6 +221,17 @@ def train(config: dict[str, Any]) -> None:
             tracker.log(step + 1, metrics)
             progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             progress.update()
+        if (step + 1) % settings["log_every"] == 0 or step + 1 == total_steps:
+            # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
+            logger.info(
+                "step %d/%d loss %.4f lr %.3g grad_norm %.3g pairs/s %.1f",
+                step + 1,
+                total_steps,
+                metrics["loss"],
+                metrics["learning_rate"],
+                metrics["grad_norm"],
+                metrics["pairs_per_second"],
+            )
         if (step + 1) % settings["save_every"] == 0 or step + 1 == total_steps:
             save_checkpoint(
                 engine,
@@ -266,11 +277,11 @@ def _write_final_model(embedder: Any, target: Path, encode_template: str) -> Non
 
 
 def _start_tracking(config: dict[str, Any], output_dir: Path):
-    """Starts (or, after a restart, resumes) the MLflow run; returns a metric buffer."""
+    """Starts (or, after a restart, resumes) the MLflow run, with system metrics on; returns a metric buffer."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from muco_flow.tracking import UNKNOWN_COMMIT, MetricBuffer, flatten
+    from muco_flow.tracking import MetricBuffer, flatten
 
     settings = config["mlflow"]
     mlflow.set_tracking_uri(settings["tracking_uri"])
@@ -281,14 +292,17 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
         previous = json.loads(run_file.read_text())
         if previous.get("fingerprint") == config["fingerprint"]:
             run_id = previous["mlflow_run_id"]
-    if run_id is None:
+    if run_id is not None:
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+    else:
         experiment = mlflow.set_experiment(settings["experiment"])
-        run = client.create_run(
-            experiment.experiment_id,
-            run_name=settings.get("run_name"),
-            tags={"muco_flow.stage": "train", "mlflow.source.git.commit": config.get("git_commit", UNKNOWN_COMMIT)},
-        )
-        run_id = run.info.run_id
+        run_id = mlflow.start_run(
+            experiment_id=experiment.experiment_id,
+            run_name=settings["run_name"],
+            description=settings["description"],
+            tags={"muco_flow.stage": "train", **settings["tags"]},
+            log_system_metrics=True,
+        ).info.run_id
         params = flatten({k: config[k] for k in ("training", "backbone")}) | {"checkpoint": config["checkpoint"]}
         items = list(params.items())
         for i in range(0, len(items), 100):
@@ -297,6 +311,7 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
             client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
         client.log_dict(run_id, config["deepspeed"], "config/deepspeed.json")
         client.log_dict(run_id, config, "config/run_config.json")
+        _log_training_data(config)
     run_file.write_text(
         json.dumps(
             {"mlflow_run_id": run_id, "fingerprint": config["fingerprint"], "tracking_uri": settings["tracking_uri"]},
@@ -306,14 +321,29 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
     return MetricBuffer(client, run_id, every=config["training"]["log_every"])
 
 
+def _log_training_data(config: dict[str, Any]) -> None:
+    """The shards trained on, as the run's "training" dataset: where they are and their fingerprint."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    shards = Path(config["shards_dir"])
+    fingerprint = config["mlflow"]["data_fingerprint"]
+    # MLflow keeps 36 characters of a digest; the version tag data_fingerprint has all 64
+    dataset = MetaDataset(resolve_dataset_source(str(shards.resolve())), name=shards.name, digest=fingerprint[:36])
+    mlflow.log_input(dataset, context="training", tags={"data_fingerprint": fingerprint})
+
+
 def _finish_tracking(config: dict[str, Any], output_dir: Path, tracker: Any) -> None:
+    import mlflow
+
     from muco_flow.training.report import loss_curve_figure, read_metrics
 
     history = read_metrics(output_dir / "metrics.jsonl")
     figure = loss_curve_figure(history)
     tracker.client.log_figure(tracker.run_id, figure, "plots/loss_curve.png")
     tracker.client.log_artifact(tracker.run_id, str(output_dir / "metrics.jsonl"), "metrics")
-    tracker.client.set_terminated(tracker.run_id)
+    mlflow.end_run()  # FINISHED, and the system metrics monitor stops
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from muco_flow.evaluation.evaluate import EncodingCache, chance_mmeb_average, sc
 from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
 from muco_flow.modeling.embedder import load_embedder
+from muco_flow.tracking import metrics_table, select_metrics
 
 
 def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, list[RetrievalSet]]:
@@ -66,18 +67,30 @@ def build_evaluation_report(
     return metrics, curves, mmeb_bar_figure(model, baseline, chance), recall_figure(curves), report
 
 
+def select_headline_metrics(metrics: dict[str, Any], params: dict[str, Any]) -> dict[str, float]:
+    """headline_metrics.json: the trained model's values of ``evaluate.dvc_metrics`` (DVC's metrics file)."""
+    return select_metrics(metrics["headline"], params["dvc_metrics"])
+
+
 def log_evaluation_to_mlflow(
-    metrics: dict[str, Any], curves: pd.DataFrame, report: str, train_run: dict[str, Any]
+    metrics: dict[str, Any], curves: pd.DataFrame, report: str, train_run: dict[str, Any], params: dict[str, Any]
 ) -> None:
-    """Adds the evaluation to the training run: eval/* metrics, plots, report and metrics.json."""
+    """Adds the evaluation to the training run.
+
+    Metrics: the headline values ``evaluate.mlflow_metrics`` names (eval/*) and their gain over the baseline
+    (eval_delta/*); every value in the evaluation/results table; plots, report and metrics.json as artifacts.
+    """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(train_run["tracking_uri"])
     run_id = train_run["mlflow_run_id"]
-    values = {f"eval/{k}": v for k, v in metrics["headline"].items()}
-    values |= {f"eval_delta/{k}": v for k, v in metrics["delta_vs_baseline"].items()}
+    chosen = select_metrics(metrics["headline"], params["mlflow_metrics"])
+    values = {f"eval/{k}": v for k, v in chosen.items()}
+    values |= {f"eval_delta/{k}": metrics["delta_vs_baseline"][k] for k in chosen if k in metrics["delta_vs_baseline"]}
     client.log_batch(run_id, metrics=[Metric(k.replace("@", "_at_"), float(v), 0, 0) for k, v in values.items()])
+    table = pd.DataFrame(metrics_table(metrics["headline"], metrics["delta_vs_baseline"]))
+    client.log_table(run_id, table, "evaluation/results.json")
     client.log_dict(run_id, metrics, "evaluation/metrics.json")
     client.log_text(run_id, report, "evaluation/report.md")
     # figures are rebuilt here: Kedro's MatplotlibDataset can save but not load them

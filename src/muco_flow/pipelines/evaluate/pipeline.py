@@ -7,6 +7,7 @@ from muco_flow.pipelines.evaluate.nodes import (
     evaluate_trained_model,
     load_evaluation_sets,
     log_evaluation_to_mlflow,
+    select_headline_metrics,
 )
 
 
@@ -25,9 +26,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ["evaluation_metrics", "recall_at_k", "mmeb_hit_at_1_plot", "recall_at_k_plot", "evaluation_report"],
                 name="build_evaluation_report",
             ),
+            node(select_headline_metrics, ["evaluation_metrics", "params:evaluate"], "headline_metrics",
+                 name="select_headline_metrics"),
             node(
                 log_evaluation_to_mlflow,
-                ["evaluation_metrics", "recall_at_k", "evaluation_report", "train_run"],
+                ["evaluation_metrics", "recall_at_k", "evaluation_report", "train_run", "params:evaluate"],
                 None,
                 name="log_evaluation_to_mlflow",
                 tags=[MLFLOW_TAG],

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from muco_flow.registry import RegistryError, lineage_tags, register_model_version
+from muco_flow.registry import RegistryError, lineage_tags, register_model_version, version_description
 from muco_flow.tracking import UNKNOWN_COMMIT, source_commit
 
 
@@ -20,7 +20,7 @@ def register_trained_model(
     if evaluation_metrics.get("mlflow_run_id") != run_id:
         raise RegistryError(
             f"metrics.json is from run {evaluation_metrics.get('mlflow_run_id')}, but the trained model is run "
-            f"{run_id}: run `kedro run --pipeline=evaluate` before registering"
+            f"{run_id}: run `kedro run --pipelines=evaluate` before registering"
         )
     run = MlflowClient(tracking_uri).get_run(run_id)
     trained_at = run.data.tags.get("mlflow.source.git.commit", UNKNOWN_COMMIT)
@@ -31,8 +31,15 @@ def register_trained_model(
         git_commit=trained_at if trained_at != UNKNOWN_COMMIT else source_commit(),
         data_manifest=manifest,
         training_fingerprint=train_run["fingerprint"],
+        primary_metric=registry["primary_metric"],
         headline_metrics=evaluation_metrics["headline"],
     )
+    description = version_description(run_id, evaluation_metrics["headline"], evaluation_metrics["delta_vs_baseline"])
     return register_model_version(
-        tracking_uri, name=registry["model_name"], run_id=run_id, model_dir=train_run["model_dir"], tags=tags
+        tracking_uri,
+        name=registry["model_name"],
+        run_id=run_id,
+        model_dir=train_run["model_dir"],
+        tags=tags,
+        description=description,
     )

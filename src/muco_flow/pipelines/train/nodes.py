@@ -9,7 +9,14 @@ from typing import Any
 import pandas as pd
 
 from muco_flow.data.conversations import FormatConfig
-from muco_flow.tracking import check_tracking_server, resolve_tracking_uri, source_commit
+from muco_flow.tracking import (
+    canonical_hash,
+    check_tracking_server,
+    context_tags,
+    resolve_tracking_uri,
+    run_name,
+    source_commit,
+)
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.report import loss_curve_figure, read_metrics
 
@@ -22,6 +29,7 @@ def train_muco_model(
     backbone: dict[str, Any],
     format_params: dict[str, Any],
     mlflow: dict[str, Any],
+    kedro_run: dict[str, Any],
 ) -> tuple[dict[str, Any], pd.DataFrame, Any]:
     """Trains on every configured process; returns the run record, loss history and loss plot.
 
@@ -39,7 +47,9 @@ def train_muco_model(
         conversations_dir=conversations_dir,
         shards_dir=shards_dir,
     )
-    config["git_commit"] = source_commit()  # lineage only: not part of the resume fingerprint
+    # lineage and the MLflow run's name, description and tags: not part of the resume fingerprint
+    config["git_commit"] = source_commit()
+    config["mlflow"] |= describe_run(config, kedro_run)
     launch_training(config)
     output_dir = Path(training["output_dir"])
     history = read_metrics(output_dir / "metrics.jsonl")
@@ -55,3 +65,36 @@ def train_muco_model(
         "fingerprint": config["fingerprint"],
     }
     return record, history, loss_curve_figure(history)
+
+
+def describe_run(config: dict[str, Any], kedro_run: dict[str, Any]) -> dict[str, Any]:
+    """The MLflow run's name (``training.run_name``), description, context tags and data fingerprint."""
+    training = config["training"]
+    pipelines = kedro_run["pipelines"].replace("__default__", "default")
+    checkpoint = Path(config["checkpoint"]).name
+    values = {"training": training, "backbone": config["backbone"], "pipelines": pipelines, "checkpoint": checkpoint}
+    manifest = Path(config["shards_dir"]) / "manifest.json"
+    fingerprint = canonical_hash(json.loads(manifest.read_text())) if manifest.is_file() else "missing"
+    launcher = training["launcher"]
+    length = f"{training['max_steps']} steps" if training.get("max_steps") else f"{training['epochs']} epochs"
+    description = (
+        f"MuCo embedder trained from `{config['checkpoint']}` on `{config['shards_dir']}` "
+        f"(data fingerprint {fingerprint[:12]}): {length}, learning rate {training['learning_rate']}, "
+        f"{training['micro_batch_size']} conversations x {launcher['processes_per_node']} processes "
+        f"x {launcher.get('nodes', 1)} nodes per step, temperature {training['temperature']}. "
+        f"Started by `{kedro_run['command']}` at commit {config['git_commit']}."
+    )
+    return {
+        "run_name": run_name(training.get("run_name") or DEFAULT_RUN_NAME, values),
+        "description": description,
+        "tags": context_tags(
+            source=kedro_run["command"],
+            git_commit=config["git_commit"],
+            pipeline=kedro_run["pipelines"],
+            env=kedro_run["env"],
+        ),
+        "data_fingerprint": fingerprint,
+    }
+
+
+DEFAULT_RUN_NAME = "{pipelines}-{checkpoint}-lr{training.learning_rate}"

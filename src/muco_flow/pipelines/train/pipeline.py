@@ -1,6 +1,6 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
-from muco_flow.hooks import MLFLOW_TAG
+from muco_flow.hooks import KEDRO_RUN, MLFLOW_TAG
 from muco_flow.pipelines.train.nodes import train_muco_model
 
 
@@ -17,6 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:backbone",
                     "params:format",
                     "params:mlflow",
+                    KEDRO_RUN,
                 ],
                 ["train_run", "train_loss_history", "train_loss_plot"],
                 name="train_muco_model",
