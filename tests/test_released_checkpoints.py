@@ -24,7 +24,7 @@ from muco_flow.modeling.backbone import BackboneConfig, PixelLimits, load_backbo
 from muco_flow.modeling.embedder import EmbedderSettings, LoraSettings, MuCoEmbedder, load_embedder
 from muco_flow.modeling.inputs import image_inputs
 from muco_flow.pipelines.evaluate.nodes import evaluate_baseline, evaluate_trained_model, load_evaluation_sets
-from tests.conftest import PROJECT_ROOT, load_params
+from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, load_params, new_project
 from tests.released_checkpoints import QWEN_SPECIAL_TOKENS, write_muco, write_qwen2_vl_instruct
 
 INFERENCE = EmbedderSettings(lora=LoraSettings(enabled=False))
@@ -190,6 +190,17 @@ def test_an_incomplete_download_is_named(qwen_dir, tmp_path):
         load_backbone(str(partial))
 
 
+def test_an_unmerged_adapter_is_named(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    save_file({"base_model.model.lora_A.weight": torch.zeros(2, 2)}, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(DatasetError, match="is a PEFT adapter, not a model"):
+        PretrainedCheckpointDataset(str(adapter)).load()
+    with pytest.raises(ValueError, match="is a PEFT adapter, not a model"):
+        load_backbone(str(adapter))
+
+
 def test_a_weight_the_files_lack_is_an_error_not_a_random_init(qwen_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(qwen_dir[0], broken)
@@ -219,3 +230,31 @@ def test_evaluate_scores_a_release_as_model_and_as_baseline(small_sample_root, q
         assert set(metrics["mmeb"]["datasets"]) == {"MiniShapes-Color", "MiniShapes-T2I"}
         assert 0.0 <= metrics["mmeb"]["average"] <= 1.0
     assert model != baseline  # two different checkpoints were scored
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_from_a_downloaded_qwen2_vl(tmp_path, tiny_preset):
+    """The README's recipe: conf/local points backbone_checkpoint at a download; data, train, evaluate."""
+    download = tmp_path / "models" / "Qwen2-VL-2B-Instruct"
+    write_qwen2_vl_instruct(download, tiny_preset)
+    project = new_project(tmp_path / "project")
+    (project / "conf/local/catalog.yml").write_text(
+        f"backbone_checkpoint:\n  type: muco_flow.datasets.PretrainedCheckpointDataset\n  name_or_path: {download}\n"
+    )
+    pixels = "backbone.image.min_pixels=3136,backbone.image.max_pixels=12544"  # 4..16 visual tokens: fast
+    kedro_run(project, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
+    kedro_run(project, "--pipeline=data", f"--params={pixels}")
+    training = "training.max_steps=3,training.micro_batch_size=4,training.warmup_steps=1,training.save_every=3"
+    kedro_run(project, "--pipeline=train", f"--params={pixels},{training}")
+    kedro_run(project, "--pipeline=evaluate", f"--params={pixels}")
+
+    record = json.loads((project / "data/06_models/train_run.json").read_text())
+    assert record["steps"] == 3
+    ids = written_ids(download)
+    trained = load_backbone(str(project / record["model_dir"]))
+    assert trained.tokenizer.convert_tokens_to_ids("<|emb|>") == ids["<|video_pad|>"] + 1
+    assert trained.image_processor.size["longest_edge"] == 12544  # the limits training used travel with the model
+    metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
+    assert 0.0 <= metrics["model"]["mmeb"]["average"] <= 1.0
+    assert 0.0 <= metrics["baseline"]["mmeb"]["average"] <= 1.0
+    assert f"Model: `{record['model_dir']}`" in (project / "data/08_reporting/evaluation_report.md").read_text()

@@ -211,6 +211,11 @@ def missing_weight_files(directory: Path) -> list[str]:
 
     A download cut short (one shard of two) is caught here, with the file's name.
     """
+    if (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file():
+        raise ValueError(
+            f"{directory} is a PEFT adapter, not a model: merge it into its base model first "
+            "(naver-ai/muco's src/merge.py writes such a merged directory)"
+        )
     if (directory / "model.safetensors").is_file():
         return []
     index = directory / SHARD_INDEX
@@ -225,7 +230,8 @@ def missing_weight_files(directory: Path) -> list[str]:
 
 def missing_checkpoint_files(directory: Path) -> list[str]:
     """Files a local Hugging Face Qwen2-VL directory needs and lacks (empty: complete)."""
-    return [name for name in PROCESSOR_FILES if not (directory / name).is_file()] + missing_weight_files(directory)
+    weights = missing_weight_files(directory)
+    return [name for name in PROCESSOR_FILES if not (directory / name).is_file()] + weights
 
 
 def add_muco_tokens(tokenizer: PreTrainedTokenizerFast) -> int:
