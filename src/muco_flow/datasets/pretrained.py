@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
-from muco_flow.modeling.backbone import resolve_checkpoint
+from muco_flow.modeling.backbone import missing_checkpoint_files, resolve_checkpoint
 
 
 class PretrainedCheckpointDataset(AbstractDataset[None, str]):
-    """Loads as ``name_or_path`` once checked: an existing directory or an ``org/name`` hub id.
+    """Loads as ``name_or_path`` once checked: a complete model directory or an ``org/name`` hub id.
+
+    A directory is checked for the files loading reads (config, tokenizer,
+    image processor, every weight shard), so a partial download fails here.
 
     The `cluster` environment declares ``backbone_checkpoint`` with this type,
     where `base` declares the tiny preset that the `backbone` pipeline writes.
@@ -22,9 +26,15 @@ class PretrainedCheckpointDataset(AbstractDataset[None, str]):
 
     def load(self) -> str:
         try:
-            resolve_checkpoint(self._name_or_path)
-        except FileNotFoundError as err:
+            source, local_only = resolve_checkpoint(self._name_or_path)
+            missing = missing_checkpoint_files(Path(source)) if local_only else []
+        except (FileNotFoundError, ValueError) as err:
             raise DatasetError(str(err)) from None
+        if missing:
+            raise DatasetError(
+                f"backbone_checkpoint '{self._name_or_path}' is not a complete Qwen2-VL model directory; "
+                f"missing: {', '.join(missing)}"
+            )
         return self._name_or_path
 
     def save(self, data: None) -> None:

@@ -7,16 +7,18 @@ loads it is the code that loads ``Qwen/Qwen2-VL-2B-Instruct`` on a cluster.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from muco_flow.modeling import tokens
@@ -134,6 +136,7 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     trust_remote_code: bool = False,
+    image_limits: PixelLimits | None = None,
 ) -> Backbone:
     """Loads model, tokenizer and image processor from a directory or a hub id.
 
@@ -141,18 +144,49 @@ def load_backbone(
     form ``org/model`` that is not a local path may reach the hub. Weights
     load from safetensors only: a checkpoint that has only pickled weights
     (``pytorch_model.bin``) is refused rather than unpickled.
+
+    Any Qwen2-VL layout loads: this preset's, the published
+    ``Qwen/Qwen2-VL-2B-Instruct`` (flat config, sharded safetensors under the
+    legacy key names ``model.layers.*``/``visual.*``, which transformers maps
+    to its modules) and a merged MuCo release. A weight the checkpoint lacks
+    is an error, not a random initialisation.
     """
     source, local_only = resolve_checkpoint(name_or_path)
-    tokenizer, image_processor = load_processors(name_or_path, trust_remote_code=trust_remote_code)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
+    if local_only and (missing := missing_weight_files(Path(source))):
+        raise FileNotFoundError(f"checkpoint '{name_or_path}' lacks its weights: {', '.join(missing)}")
+    tokenizer, image_processor = load_processors(
+        name_or_path, trust_remote_code=trust_remote_code, image_limits=image_limits
+    )
+    model, loading = Qwen2VLForConditionalGeneration.from_pretrained(
         source,
         dtype=dtype,
         attn_implementation=attn_implementation,
         local_files_only=local_only,
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
+        output_loading_info=True,
     )
+    _check_loading(name_or_path, loading)
     return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor)
+
+
+def _check_loading(name_or_path: str, loading: dict[str, Any]) -> None:
+    """Refuses weights that were missing or of the wrong shape; logs unused ones.
+
+    The LM head is exempt: embeddings are hidden states, and Qwen2-VL-2B ties
+    it to the input embeddings (its safetensors hold no ``lm_head.weight``).
+    """
+    missing = sorted(k for k in loading["missing_keys"] if not k.startswith("lm_head."))
+    mismatched = sorted(str(k) for k in loading["mismatched_keys"])
+    if missing or mismatched:
+        raise ValueError(
+            f"checkpoint '{name_or_path}' does not fit Qwen2VLForConditionalGeneration: "
+            f"{len(missing)} weights missing (first: {missing[:5]}), "
+            f"{len(mismatched)} of another shape (first: {mismatched[:5]})"
+        )
+    if loading["unexpected_keys"]:
+        unexpected = sorted(loading["unexpected_keys"])
+        logger.warning("checkpoint '%s': %d weights unused (first: %s)", name_or_path, len(unexpected), unexpected[:5])
 
 
 def resolve_checkpoint(name_or_path: str) -> tuple[str, bool]:
@@ -168,25 +202,112 @@ def resolve_checkpoint(name_or_path: str) -> tuple[str, bool]:
     )
 
 
+PROCESSOR_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def missing_weight_files(directory: Path) -> list[str]:
+    """Weight files a local model directory lacks: ``model.safetensors``, or the index and every shard it names.
+
+    A download cut short (one shard of two) is caught here, with the file's name.
+    """
+    if (directory / "adapter_config.json").is_file() and not (directory / "config.json").is_file():
+        raise ValueError(
+            f"{directory} is a PEFT adapter, not a model: merge it into its base model first "
+            "(naver-ai/muco's src/merge.py writes such a merged directory)"
+        )
+    if (directory / "model.safetensors").is_file():
+        return []
+    index = directory / SHARD_INDEX
+    if not index.is_file():
+        return [f"model.safetensors (or {SHARD_INDEX} and its shards)"]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{index} is not a safetensors index (a JSON object with weight_map): {err}") from None
+    return [name for name in shards if not (directory / name).is_file()]
+
+
+def missing_checkpoint_files(directory: Path) -> list[str]:
+    """Files a local Hugging Face Qwen2-VL directory needs and lacks (empty: complete)."""
+    weights = missing_weight_files(directory)
+    return [name for name in PROCESSOR_FILES if not (directory / name).is_file()] + weights
+
+
 def add_muco_tokens(tokenizer: PreTrainedTokenizerFast) -> int:
-    """Adds <|emb|> and <|mask|> where missing (a stock Qwen2-VL tokenizer); returns how many."""
+    """Adds <|emb|> and <|mask|> where missing (a stock Qwen2-VL tokenizer); returns how many.
+
+    A MuCo release already has both (after <|video_pad|>); they stay where they are.
+    """
     missing = [t for t in tokens.MUCO_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     return len(missing)
 
 
+@dataclass(frozen=True)
+class PixelLimits:
+    """The `backbone.image` parameters: pixels per image after resizing; None keeps the checkpoint's.
+
+    Qwen2-VL resizes each image to between ``min_pixels`` and ``max_pixels``
+    (sides multiples of 28); one visual token is 28 x 28 pixels, so MuCo's
+    256 to 1280 visual tokens are 200704 to 1003520 pixels.
+    """
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 28 * 28):
+                raise ValueError(f"backbone.image.{name} must be an integer of at least 784 (28 x 28), got {value!r}")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"backbone.image.min_pixels ({self.min_pixels}) is larger than max_pixels ({self.max_pixels})"
+            )
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> PixelLimits:
+        params = params or {}
+        unknown = set(params) - {"min_pixels", "max_pixels"}
+        if unknown:
+            raise ValueError(f"backbone.image has unknown keys {sorted(unknown)}; known: min_pixels, max_pixels")
+        return cls(**params)
+
+    def apply(self, image_processor: Qwen2VLImageProcessorPil) -> None:
+        size = image_processor.size
+        shortest = self.min_pixels if self.min_pixels is not None else size["shortest_edge"]
+        longest = self.max_pixels if self.max_pixels is not None else size["longest_edge"]
+        if shortest > longest:
+            raise ValueError(
+                f"backbone.image: min_pixels {shortest} would exceed max_pixels {longest} (the checkpoint's)"
+            )
+        image_processor.size = SizeDict(shortest_edge=shortest, longest_edge=longest)
+
+
 def load_processors(
-    name_or_path: str, *, trust_remote_code: bool = False
+    name_or_path: str, *, trust_remote_code: bool = False, image_limits: PixelLimits | None = None
 ) -> tuple[PreTrainedTokenizerFast, Qwen2VLImageProcessorPil]:
-    """Tokenizer (with MuCo's tokens) and image processor, without the model weights."""
+    """Tokenizer (with MuCo's tokens) and image processor, without the model weights.
+
+    ``image_limits`` overrides the checkpoint's pixel range where set.
+    """
     source, local_only = resolve_checkpoint(name_or_path)
     common = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
     tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **common)
-    add_muco_tokens(tokenizer)
+    if added := add_muco_tokens(tokenizer):
+        logger.info(
+            "checkpoint '%s' has no MuCo tokens: added %d (%s), whose embedding rows are untrained",
+            name_or_path,
+            added,
+            ", ".join(f"{t} = {tokenizer.convert_tokens_to_ids(t)}" for t in tokens.MUCO_TOKENS),
+        )
     # The PIL backend, whatever class the checkpoint names: the torchvision
     # backend cannot run on every machine, and both give the same pixels.
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, **common)
+    if image_limits is not None:
+        image_limits.apply(image_processor)
     return tokenizer, image_processor
 
 
@@ -204,6 +325,7 @@ class BackboneConfig:
     precision: str = "fp32"
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
+    image: PixelLimits = field(default_factory=PixelLimits)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -216,7 +338,7 @@ class BackboneConfig:
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> BackboneConfig:
         known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        return cls(**{**known, "image": PixelLimits.from_params(params.get("image"))})
 
     @property
     def dtype(self) -> torch.dtype:

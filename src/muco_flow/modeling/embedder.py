@@ -8,6 +8,7 @@ one forward pass.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,11 @@ from tqdm.auto import tqdm
 from transformers.masking_utils import create_bidirectional_mask
 
 from muco_flow.modeling import tokens
-from muco_flow.modeling.backbone import Backbone, add_muco_tokens
+from muco_flow.modeling.backbone import Backbone, PixelLimits, add_muco_tokens
 from muco_flow.modeling.inputs import build_model_inputs
 from muco_flow.modeling.prompt import check_single_turn_template, single_turn_text
+
+logger = logging.getLogger(__name__)
 
 EMBEDDER_FILE = "muco_embedder.json"
 
@@ -66,7 +69,12 @@ class MuCoEmbedder(nn.Module):
         self.tokenizer, self.image_processor = backbone.tokenizer, backbone.image_processor
         model = backbone.model
         add_muco_tokens(self.tokenizer)
-        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
+        # As MuCo does: resize only past the end of the matrix. Qwen2-VL's is
+        # padded (151936 rows for 151657 tokens), so the added tokens take
+        # rows it already has; a MuCo release keeps its trained rows.
+        rows = model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > rows:
+            logger.info("embedding matrix resized from %d to %d rows for MuCo's tokens", rows, len(self.tokenizer))
             model.resize_token_embeddings(len(self.tokenizer))
         self.emb_token_id = self.tokenizer.convert_tokens_to_ids(tokens.EMB_TOKEN)
         self.special_token_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens.MUCO_TOKENS]
@@ -218,6 +226,7 @@ def build_training_embedder(
         dtype=settings.dtype,
         attn_implementation=resolve_attn_implementation(settings.attn_implementation),
         trust_remote_code=settings.trust_remote_code,
+        image_limits=settings.image,
     )
     torch.manual_seed(seed)
     return MuCoEmbedder(loaded, EmbedderSettings.from_params(embedder))
@@ -237,17 +246,22 @@ def load_embedder(
     default_template: str,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
+    image_limits: PixelLimits | None = None,
 ) -> tuple[MuCoEmbedder, str]:
-    """An embedder for inference from a saved model directory, and its encode template.
+    """An embedder for inference from a model directory, and its encode template.
 
-    A directory written by training says how it encodes (muco_embedder.json);
-    a plain backbone (the untrained baseline) uses ``default_template``, causal.
+    A directory written by training says how it encodes (muco_embedder.json).
+    Any other (the untrained baseline, a stock Qwen2-VL, a released MuCo such
+    as naver-ai/MuCo-2B) uses ``default_template`` with causal attention,
+    pooling the last hidden state at ``<|emb|>``: how MuCo's eval_mmeb.py
+    encodes with its released models (no ``--use_bidirectional``; pooling at
+    the ``<|emb|>`` id). ``image_limits`` overrides the directory's pixel range.
     """
     from muco_flow.modeling.backbone import load_backbone
 
     metadata_file = Path(directory) / EMBEDDER_FILE
     metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
     settings = EmbedderSettings(bidirectional=metadata.get("bidirectional", False), lora=LoraSettings(enabled=False))
-    backbone = load_backbone(directory, dtype=dtype, attn_implementation=attn_implementation)
+    backbone = load_backbone(directory, dtype=dtype, attn_implementation=attn_implementation, image_limits=image_limits)
     embedder = MuCoEmbedder(backbone, settings).eval()
     return embedder, metadata.get("encode_template", default_template)

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.evaluation.datasets import RetrievalSet, read_m3t_heldout, read_mbeir
 from muco_flow.evaluation.evaluate import EncodingCache, chance_mmeb_average, score_sets
 from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
+from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation
 from muco_flow.modeling.embedder import load_embedder
 from muco_flow.tracking import metrics_table, select_metrics
 
@@ -30,26 +32,42 @@ def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, li
     return sets
 
 
-def _score(model_dir: str, sets: dict[str, list[RetrievalSet]], params: dict, format_params: dict) -> dict:
+def _score(
+    model_dir: str, sets: dict[str, list[RetrievalSet]], params: dict, format_params: dict, backbone: dict
+) -> dict:
+    """Every metric for one model directory, loaded with the `backbone` settings (precision, attention, pixels)."""
     template = FormatConfig.from_params(format_params).templates.single_turn()
-    embedder, template = load_embedder(model_dir, default_template=template)
+    settings = BackboneConfig.from_params(backbone)
+    embedder, template = load_embedder(
+        model_dir,
+        default_template=template,
+        dtype=settings.dtype,
+        attn_implementation=resolve_attn_implementation(settings.attn_implementation),
+        image_limits=settings.image,
+    )
+    embedder.to("cuda" if torch.cuda.is_available() else "cpu")
     cache = EncodingCache(embedder, template, params["batch_size"])
     return score_sets(sets["mmeb"], sets["pools"], sets["m3t"], cache)
 
 
+def evaluated_model_dir(train_run: dict[str, Any], params: dict[str, Any]) -> str:
+    """`evaluate.model`: null for the model the `train` pipeline wrote, or a model directory (a release)."""
+    return params.get("model") or train_run["model_dir"]
+
+
 def evaluate_trained_model(
-    sets: dict[str, list[RetrievalSet]], train_run: dict[str, Any], params: dict, format_params: dict
+    sets: dict[str, list[RetrievalSet]], train_run: dict[str, Any], params: dict, format_params: dict, backbone: dict
 ) -> dict[str, Any]:
-    """All metrics for the model the `train` pipeline wrote."""
-    return _score(train_run["model_dir"], sets, params, format_params)
+    """All metrics for the evaluated model: the one training wrote, or the directory in ``model``."""
+    return _score(evaluated_model_dir(train_run, params), sets, params, format_params, backbone)
 
 
 def evaluate_baseline(
-    sets: dict[str, list[RetrievalSet]], backbone_checkpoint: str, params: dict, format_params: dict
+    sets: dict[str, list[RetrievalSet]], backbone_checkpoint: str, params: dict, format_params: dict, backbone: dict
 ) -> dict[str, Any]:
     """All metrics for the baseline: the untrained backbone, or the model directory in ``baseline``."""
     source = params.get("baseline", "backbone")
-    return _score(backbone_checkpoint if source == "backbone" else source, sets, params, format_params)
+    return _score(backbone_checkpoint if source == "backbone" else source, sets, params, format_params, backbone)
 
 
 def build_evaluation_report(
@@ -63,7 +81,7 @@ def build_evaluation_report(
     chance = chance_mmeb_average(sets["mmeb"]) if sets["mmeb"] else 0.0
     metrics = compare(model, baseline, chance) | {"mlflow_run_id": train_run["mlflow_run_id"]}
     curves = recall_curve_table(model, baseline)
-    report = markdown_report(metrics, train_run["model_dir"], params.get("baseline", "backbone"))
+    report = markdown_report(metrics, evaluated_model_dir(train_run, params), params.get("baseline", "backbone"))
     return metrics, curves, mmeb_bar_figure(model, baseline, chance), recall_figure(curves), report
 
 

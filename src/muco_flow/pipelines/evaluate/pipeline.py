@@ -16,9 +16,11 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(load_evaluation_sets, ["m3t_mini_snapshot", "params:evaluate"], "evaluation_sets",
                  name="load_evaluation_sets"),
-            node(evaluate_trained_model, ["evaluation_sets", "train_run", "params:evaluate", "params:format"],
+            node(evaluate_trained_model,
+                 ["evaluation_sets", "train_run", "params:evaluate", "params:format", "params:backbone"],
                  "trained_model_results", name="evaluate_trained_model"),
-            node(evaluate_baseline, ["evaluation_sets", "backbone_checkpoint", "params:evaluate", "params:format"],
+            node(evaluate_baseline,
+                 ["evaluation_sets", "backbone_checkpoint", "params:evaluate", "params:format", "params:backbone"],
                  "baseline_results", name="evaluate_baseline"),
             node(
                 build_evaluation_report,

@@ -17,5 +17,7 @@ def format_conversations(
     """A writer that tokenizes every ingested sample into conversations when saved."""
     config = FormatConfig.from_params(params)
     settings = BackboneConfig.from_params(backbone)
-    tokenizer, image_processor = load_processors(checkpoint, trust_remote_code=settings.trust_remote_code)
+    tokenizer, image_processor = load_processors(
+        checkpoint, trust_remote_code=settings.trust_remote_code, image_limits=settings.image
+    )
     return lambda directory: format_m3t_shards(Path(shards_dir), directory, tokenizer, image_processor, config)
