@@ -453,7 +453,10 @@ def ingest_snapshot(
                         continue
                     kept = {k: v for k, v in fields.items() if k in output_names}
                     columns_of_images = row_format.image_columns(fields, images)
-                    good.append({schema.SAMPLE_ID: sample_id, "source_row": index, **kept, **columns_of_images})
+                    named = {"dataset": part.dataset} if "dataset" in output_names else {}
+                    good.append(
+                        {schema.SAMPLE_ID: sample_id, "source_row": index, **named, **kept, **columns_of_images}
+                    )
                 shards.write(good)
                 rejects.sort(key=lambda r: r["source_row"])
                 if rejects:
