@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from muco_flow.data import mmeb_train, schema
+from muco_flow.data import mmeb_train, mmeb_train_ingest, schema
 from muco_flow.data.finetune_formatting import RECORD_COLUMNS as STAGE2_RECORD_COLUMNS
 from muco_flow.data.finetune_formatting import assemble_finetune_sample
 from muco_flow.data.formatting import FORMATTED_SCHEMA, Conversation, assemble_conversations
@@ -260,12 +260,12 @@ def _stage2_row(
 
     row_images = {
         "query": image(record["query_image_tokens"], "image_bytes"),
-        "target": image(record["target_image_tokens"], f"{mmeb_train.TARGET_IMAGE_PREFIX}image_bytes"),
+        "target": image(record["target_image_tokens"], f"{mmeb_train_ingest.TARGET_IMAGE_PREFIX}image_bytes"),
     }
     if sample.negative is not None:
         row_images["negative"] = image(
             record["negative_image_tokens"][sample.negative],
-            f"{mmeb_train.NEGATIVE_IMAGE_PREFIX}image_bytes",
+            f"{mmeb_train_ingest.NEGATIVE_IMAGE_PREFIX}image_bytes",
             record["negative_source"][sample.negative],
         )
     return sample.conversation, row_images
