@@ -144,10 +144,10 @@ class FinetuneTokenizer:
         pieces = self._ids_many([lead + words[0], *(" " + w for w in words[1:])])
         mask_ids = self._ids_many([lead + tokens.MASK_TOKEN, " " + tokens.MASK_TOKEN])
         prefix_ids = self._ids(prefix)
-        for draw in _check_draws(len(words)):
-            joined = prefix_ids + answer_ids(pieces, mask_ids, draw) + self.suffix_ids
-            text = before + masked_answer(answer, draw) + self.tail
-            if joined != self._ids(text):
+        draws = _check_draws(len(words))
+        whole = self._ids_many([before + masked_answer(answer, draw) + self.tail for draw in draws])
+        for draw, expected in zip(draws, whole, strict=True):
+            if prefix_ids + answer_ids(pieces, mask_ids, draw) + self.suffix_ids != expected:
                 raise PieceMismatch(f"the answer {answer!r} does not split into word pieces at its spaces")
         if prefix_ids.count(self.emb_id) + self.suffix_ids.count(self.emb_id) != len(EMBEDDINGS):
             raise ValueError(f"a stage-2 conversation does not hold {len(EMBEDDINGS)} {tokens.EMB_TOKEN}")
