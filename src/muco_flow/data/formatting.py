@@ -231,6 +231,7 @@ class Conversation:
     turn_index: list[int]  # M3T turn of each position
     turn_type: list[int]
     target_key: list[int]
+    negative_ids: list[int] | None = None  # a hard negative's one-turn sequence (stage 2)
 
 
 def assemble_conversations(

@@ -14,8 +14,10 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +174,7 @@ class IngestQualityError(RuntimeError):
 # --- row checks ---------------------------------------------------------------
 
 
-def _strings(value: Any, name: str) -> list[str]:
+def string_list(value: Any, name: str) -> list[str]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise Reject("WRONG_TYPE", f"{name} must be a list of strings, got {type(value).__name__}")
     return list(value)
@@ -182,10 +184,10 @@ def _phrasings(value: Any) -> list[list[str]]:
     if not isinstance(value, list | tuple):
         raise Reject("WRONG_TYPE", f"qry must be a list of turns, got {type(value).__name__}")
     # a turn is a list of phrasings; a bare string is one phrasing
-    return [[turn] if isinstance(turn, str) else _strings(turn, "qry turn") for turn in value]
+    return [[turn] if isinstance(turn, str) else string_list(turn, "qry turn") for turn in value]
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
@@ -195,8 +197,9 @@ CONTROL_TOKENS = (*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS)
 PLACEHOLDER_PATTERN = re.compile(r"<\|image_\d+\|>")
 
 
-def _check_text(text: str, name: str, limit: int) -> None:
-    if is_blank(text.replace(tokens.IMAGE_1, "")):
+def check_text(text: str, name: str, limit: int, *, allow_empty: bool = False) -> None:
+    """Reject if ``text`` cannot be put into a conversation; ``allow_empty``: an image may stand alone."""
+    if not allow_empty and is_blank(text.replace(tokens.IMAGE_1, "")):
         raise Reject("EMPTY_TEXT", f"{name} is empty or only invisible characters")
     placeholders = PLACEHOLDER_PATTERN.findall(text)
     if len(placeholders) > 1 or any(p != tokens.IMAGE_1 for p in placeholders):
@@ -212,22 +215,22 @@ def _check_text(text: str, name: str, limit: int) -> None:
 
 def _target_image_path(value: Any) -> str:
     """pos_image_path as one string: the published file's string (or the first path of a list of them)."""
-    if _is_missing(value):
+    if is_missing(value):
         return ""
     if isinstance(value, str):
         return value
-    return next((p for p in _strings(value, schema.POS_IMAGE_PATH) if p), "")
+    return next((p for p in string_list(value, schema.POS_IMAGE_PATH) if p), "")
 
 
 def validate_text_fields(row: dict[str, Any], config: IngestConfig) -> dict[str, Any]:
     """The row's fields in our schema, or Reject with the first problem found."""
     for name in REQUIRED:
-        if _is_missing(row.get(name)):
+        if is_missing(row.get(name)):
             raise Reject("MISSING_FIELD", f"{name} is missing")
     qry = _phrasings(row[schema.QRY])
-    pos_text = _strings(row[schema.POS_TEXT], schema.POS_TEXT)
-    pos_sentence = _strings(row[schema.POS_SENTENCE], schema.POS_SENTENCE)
-    neg_text = None if _is_missing(row.get(schema.NEG_TEXT)) else _strings(row[schema.NEG_TEXT], schema.NEG_TEXT)
+    pos_text = string_list(row[schema.POS_TEXT], schema.POS_TEXT)
+    pos_sentence = string_list(row[schema.POS_SENTENCE], schema.POS_SENTENCE)
+    neg_text = None if is_missing(row.get(schema.NEG_TEXT)) else string_list(row[schema.NEG_TEXT], schema.NEG_TEXT)
     counts = {"qry": len(qry), "pos_text": len(pos_text), "pos_sentence": len(pos_sentence)}
     if neg_text is not None:
         counts["neg_text"] = len(neg_text)
@@ -237,17 +240,17 @@ def validate_text_fields(row: dict[str, Any], config: IngestConfig) -> dict[str,
         if not phrasings:
             raise Reject("EMPTY_TEXT", f"qry turn {k} has no phrasing")
         for p in phrasings:
-            _check_text(p, f"qry turn {k}", config.max_text_chars)
+            check_text(p, f"qry turn {k}", config.max_text_chars)
     for name, texts in (("pos_text", pos_text), ("pos_sentence", pos_sentence), ("neg_text", neg_text or [])):
         for k, text in enumerate(texts):
-            _check_text(text, f"{name} turn {k}", config.max_text_chars)
+            check_text(text, f"{name} turn {k}", config.max_text_chars)
     image_path = row[schema.QRY_IMAGE_PATH]
     if not isinstance(image_path, str):
         raise Reject("WRONG_TYPE", f"qry_image_path must be a string, got {type(image_path).__name__}")
     if _target_image_path(row.get(schema.POS_IMAGE_PATH)):
         raise Reject("TARGET_IMAGE_UNSUPPORTED", "pos_image_path names a target image")
     sentence = row.get(schema.QRY_SENTENCE)
-    if not _is_missing(sentence) and not isinstance(sentence, str):
+    if not is_missing(sentence) and not isinstance(sentence, str):
         raise Reject("WRONG_TYPE", f"qry_sentence must be a string, got {type(sentence).__name__}")
     url = row.get(schema.IMAGE_URL)
     return {
@@ -255,7 +258,7 @@ def validate_text_fields(row: dict[str, Any], config: IngestConfig) -> dict[str,
         schema.POS_TEXT: pos_text,
         schema.POS_SENTENCE: pos_sentence,
         schema.NEG_TEXT: neg_text,
-        schema.QRY_SENTENCE: None if _is_missing(sentence) else sentence,
+        schema.QRY_SENTENCE: None if is_missing(sentence) else sentence,
         "image_path": image_path,
         "image_url": url if isinstance(url, str) and url else None,
     }
@@ -277,7 +280,7 @@ def sample_id_of(row: dict[str, Any], index: int, config: IngestConfig, has_id_c
     if not has_id_column:
         return derived_sample_id(index, row)
     value = row.get(schema.SAMPLE_ID)
-    if _is_missing(value):
+    if is_missing(value):
         raise Reject("MISSING_FIELD", f"sample id column '{config.id_column}' is missing")
     if not isinstance(value, str | int) or isinstance(value, bool):
         raise Reject("WRONG_TYPE", f"sample id must be a string or integer, got {type(value).__name__}")
@@ -285,20 +288,20 @@ def sample_id_of(row: dict[str, Any], index: int, config: IngestConfig, has_id_c
 
 
 def load_checked_image(
-    source: SnapshotSource, fields: dict[str, Any], session: requests.Session, config: IngestConfig
+    source: SnapshotSource, path: str, url: str | None, session: requests.Session, config: IngestConfig
 ) -> CheckedImage:
-    """The row's image from the snapshot, else from its URL, checked and decoded."""
+    """The image at ``path`` in the snapshot, else from ``url``, checked and decoded."""
     try:
-        confined_key(fields["image_path"])
+        confined_key(path)
         try:
-            data = source.read_image(fields["image_path"], max_bytes=config.max_image_bytes)
+            data = source.read_image(path, max_bytes=config.max_image_bytes)
         except ImageMissingError as missing:
-            if not fields["image_url"]:
+            if not url:
                 raise Reject("IMAGE_MISSING", f"{missing}, and the row has no image URL") from None
             try:
-                data = fetch_url(session, fields["image_url"], config.download)
+                data = fetch_url(session, url, config.download)
             except FetchError as err:
-                raise Reject("DOWNLOAD_FAILED", f"{missing}; fetching {fields['image_url']} failed: {err}") from None
+                raise Reject("DOWNLOAD_FAILED", f"{missing}; fetching {url} failed: {err}") from None
         return check_image(data, config.max_image_pixels, config.max_aspect_ratio)
     except UnsafePathError as err:
         raise Reject("UNSAFE_PATH", str(err)) from None
@@ -306,16 +309,15 @@ def load_checked_image(
         raise Reject(err.code, str(err)) from None
 
 
-def _image_columns(image: CheckedImage | None) -> dict[str, Any]:
+IMAGE_FIELDS = ("image_bytes", "image_sha256", "image_width", "image_height", "image_upscaled")
+
+
+def image_columns(image: CheckedImage | None, prefix: str = "") -> dict[str, Any]:
+    """The stored columns of one image (all null without one), named ``prefix`` + IMAGE_FIELDS."""
     if image is None:
-        return dict.fromkeys(("image_bytes", "image_sha256", "image_width", "image_height", "image_upscaled"))
-    return {
-        "image_bytes": image.data,
-        "image_sha256": hashlib.sha256(image.data).hexdigest(),
-        "image_width": image.width,
-        "image_height": image.height,
-        "image_upscaled": image.upscaled,
-    }
+        return {prefix + name: None for name in IMAGE_FIELDS}
+    values = (image.data, hashlib.sha256(image.data).hexdigest(), image.width, image.height, image.upscaled)
+    return {prefix + name: value for name, value in zip(IMAGE_FIELDS, values, strict=True)}
 
 
 def _reject_record(index: int, sample_id: str | None, reject: Reject) -> dict[str, Any]:
@@ -332,14 +334,56 @@ def _map_columns(
     ]
 
 
-def check_row(row: dict[str, Any], index: int, config: IngestConfig, has_id_column: bool) -> tuple[str, dict[str, Any]]:
-    """The row's normalised sample id and validated fields, or Reject; layout-independent limits included."""
-    sample_id = normalise_sample_id(sample_id_of(row, index, config, has_id_column), config.max_id_chars)
-    fields = validate_text_fields(row, config)
+@dataclass(frozen=True)
+class RowFormat:
+    """One kind of meta file: its columns, how a row is checked, and what a shard row holds.
+
+    ``validate`` turns a row (our column names) into the shard row's text
+    fields, or raises Reject; ``image_paths`` lists the images those fields
+    name, each with a label for messages ("" = the row's only image, which may
+    come from its URL); ``image_columns`` turns the loaded images (None where
+    a path is "") into the shard row's image columns.
+    """
+
+    schema_version: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    output_schema: pa.Schema
+    validate: Callable[[dict[str, Any], IngestConfig], dict[str, Any]]
+    image_paths: Callable[[dict[str, Any]], list[tuple[str, str]]]
+    image_columns: Callable[[dict[str, Any], list[CheckedImage | None]], dict[str, Any]]
+    # for the layout-independent limits (row_checks.check_row_limits): the
+    # field holding turns of phrasings (None: no turns), and the path/URL fields
+    turns_field: str | None = None
+    path_fields: tuple[str, ...] = ()
+
+
+M3T_ROW_FORMAT = RowFormat(
+    schema_version=schema.SCHEMA_VERSION,
+    required=REQUIRED,
+    optional=OPTIONAL,
+    output_schema=INGESTED_SCHEMA,
+    validate=validate_text_fields,
+    image_paths=lambda fields: [("", fields["image_path"])],
+    image_columns=lambda fields, images: image_columns(images[0]),
+    turns_field=schema.QRY,
+    path_fields=("image_path", "image_url"),
+)
+
+
+def check_row(
+    row: dict[str, Any], position: int, prefix: str, config: IngestConfig, has_id_column: bool, row_format: RowFormat
+) -> tuple[str, dict[str, Any]]:
+    """The row's normalised sample id and validated fields, or Reject; layout-independent limits included.
+
+    ``position`` is the row's index in its own file, ``prefix`` names the file's dataset (MMEB-train).
+    """
+    sample_id = normalise_sample_id(prefix + sample_id_of(row, position, config, has_id_column), config.max_id_chars)
+    fields = row_format.validate(row, config)
     check_row_limits(
         fields,
-        query_field=schema.QRY,
-        path_fields=("image_path", "image_url"),
+        query_field=row_format.turns_field,
+        path_fields=row_format.path_fields,
         max_text_chars=config.max_text_chars,
         max_path_chars=config.max_path_chars,
         max_turns=config.max_turns,
@@ -348,108 +392,169 @@ def check_row(row: dict[str, Any], index: int, config: IngestConfig, has_id_colu
     return sample_id, fields
 
 
-def _columns_to_read(meta: pq.ParquetFile, config: IngestConfig) -> list[str]:
+@dataclass(frozen=True)
+class MetaPart:
+    """One meta file of a snapshot; ``dataset`` names it when a snapshot has several (MMEB-train)."""
+
+    source: SnapshotSource
+    dataset: str | None = None
+
+
+def _columns_to_read(meta: pq.ParquetFile, config: IngestConfig, row_format: RowFormat) -> list[str]:
     """Our names of the columns to read; a missing required column is a setup error, not row rejects."""
     available = set(meta.schema_arrow.names)
-    missing = [f"'{config.source_column(c)}' (for {c})" for c in REQUIRED if config.source_column(c) not in available]
+    missing = [
+        f"'{config.source_column(c)}' (for {c})"
+        for c in row_format.required
+        if config.source_column(c) not in available
+    ]
     if missing:
         raise ValueError(
             f"the meta file has no column {', '.join(missing)}; it has {sorted(available)}. "
             "Map the source's names to ours with ingest.column_mapping."
         )
-    optional = [*OPTIONAL, schema.SAMPLE_ID] if config.id_column else list(OPTIONAL)
-    return list(REQUIRED) + [c for c in optional if config.source_column(c) in available]
+    optional = [*row_format.optional, schema.SAMPLE_ID] if config.id_column else list(row_format.optional)
+    return list(row_format.required) + [c for c in optional if config.source_column(c) in available]
 
 
 def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: IngestConfig) -> dict[str, Any]:
     """Validates every row of ``source`` and writes shards, rejects and a manifest into ``output_dir``."""
+    return ingest_snapshot([MetaPart(source)], output_dir, config, M3T_ROW_FORMAT)
+
+
+def ingest_snapshot(
+    parts: Sequence[MetaPart], output_dir: Path, config: IngestConfig, row_format: RowFormat
+) -> dict[str, Any]:
+    """Validates every row of every part in ``row_format`` and writes shards, rejects and a manifest.
+
+    ``source_row`` counts rows across the parts in their order; the manifest
+    gives each part's first row.
+    """
     output_dir = Path(output_dir)
-    label = f"{source.uri.rstrip('/')}/{source.meta_file}"
-    meta = open_parquet(source.meta_path(), label)
-    try:
-        wanted = _columns_to_read(meta, config)
-    except ValueError as err:
-        raise MetaFileError(f"{label}: {err}") from None
-    has_id_column = schema.SAMPLE_ID in wanted
-    if not has_id_column:
-        logger.info(
-            "ingest: the meta file has no id column%s; each id is the row's position and a hash of its content",
-            f" '{config.id_column}'" if config.id_column else "",
-        )
-    total = meta.metadata.num_rows
+    labels = [f"{part.source.uri.rstrip('/')}/{part.source.meta_file}" for part in parts]
+    metas = [open_parquet(part.source.meta_path(), label) for part, label in zip(parts, labels, strict=True)]
+    total = sum(meta.metadata.num_rows for meta in metas)
     if total == 0:
-        raise MetaFileError(f"{label}: the meta file has no rows (columns {meta.schema_arrow.names})")
-    shards = ShardWriter(output_dir / SHARDS_DIR, INGESTED_SCHEMA, config.rows_per_shard)
+        raise MetaFileError(f"{', '.join(labels)}: the meta file has no rows (columns {metas[0].schema_arrow.names})")
+    shards = ShardWriter(output_dir / SHARDS_DIR, row_format.output_schema, config.rows_per_shard)
     rejects_writer = pq.ParquetWriter(
         output_dir / REJECTS_FILE, REJECTS_SCHEMA, compression="zstd", write_page_checksum=True
     )
     reasons: Counter[str] = Counter()
     seen_ids: set[bytes] = set()  # 16-byte digests: memory per row stays small
     read = accepted = 0
-    columns = [config.source_column(c) for c in wanted]
+    part_entries: list[dict[str, Any]] = []
+    id_columns: set[str | None] = set()
+    output_names = set(row_format.output_schema.names)
 
-    def image_of(candidate: tuple[int, str, dict[str, Any]]) -> CheckedImage | Reject | None:
-        if not candidate[2]["image_path"]:
-            return None  # a text-only sample, as the published rows with an empty qry_image_path
-        try:
-            return load_checked_image(source, candidate[2], session, config)
-        except Reject as reject:
-            return reject
-        except SourceError:
-            raise  # the store itself failed (S3 retries exhausted): the run stops, naming the object
-        except Exception as err:
-            return internal_error(err)
+    def images_of(
+        source: SnapshotSource, candidate: tuple[int, str, dict[str, Any]]
+    ) -> list[CheckedImage | None] | Reject:
+        fields = candidate[2]
+        loaded: list[CheckedImage | None] = []
+        for label, path in row_format.image_paths(fields):
+            if not path:
+                loaded.append(None)  # no image here, as the published rows with an empty path
+                continue
+            try:
+                url = fields.get("image_url") if not label else None
+                loaded.append(load_checked_image(source, path, url, session, config))
+            except Reject as reject:
+                return Reject(reject.code, f"{label}: {reject.message}") if label else reject
+            except SourceError:
+                raise  # the store itself failed (S3 retries exhausted): the run stops, naming the object
+            except Exception as err:
+                return internal_error(err)
+        return loaded
 
     with (
         requests.Session() as session,
         ThreadPoolExecutor(config.image_workers) as pool,
         tqdm(total=total, desc="ingest", unit="row", disable=total < 2000) as progress,
     ):
-        for batch in iter_batches(meta, label, batch_size=config.batch_rows, columns=columns):
-            rows = _map_columns(batch, config, wanted)
-            rejects: list[dict[str, Any]] = []
-            candidates: list[tuple[int, str, dict[str, Any]]] = []
-            for offset, row in enumerate(rows):
-                index = read + offset
-                sample_id = None
-                try:
-                    if isinstance(row, UndecodableRow):
-                        raise Reject("UNDECODABLE_VALUE", row.message)
-                    sample_id, fields = check_row(row, index, config, has_id_column)
-                    digest = hashlib.blake2b(sample_id.encode(), digest_size=16).digest()
-                    if digest in seen_ids:
-                        raise Reject("DUPLICATE_ID", f"sample id '{sample_id}' appeared earlier in the file")
-                    seen_ids.add(digest)
-                    candidates.append((index, sample_id, fields))
-                except Reject as reject:
-                    rejects.append(_reject_record(index, sample_id, reject))
-                except Exception as err:  # no row ends the run
-                    rejects.append(_reject_record(index, sample_id, internal_error(err)))
+        for part, meta, label in zip(parts, metas, labels, strict=True):
+            source = part.source
+            try:
+                wanted = _columns_to_read(meta, config, row_format)
+            except ValueError as err:
+                raise MetaFileError(f"{label}: {err}") from None
+            has_id_column = schema.SAMPLE_ID in wanted
+            id_columns.add(config.id_column if has_id_column else None)
+            if not has_id_column:
+                logger.info(
+                    "ingest: %s has no id column%s; each id is the row's position and a hash of its content",
+                    label,
+                    f" '{config.id_column}'" if config.id_column else "",
+                )
+            first_row = read
+            prefix = f"{part.dataset}/" if part.dataset else ""
+            columns = [config.source_column(c) for c in wanted]
+            for batch in iter_batches(meta, label, batch_size=config.batch_rows, columns=columns):
+                rows = _map_columns(batch, config, wanted)
+                rejects: list[dict[str, Any]] = []
+                candidates: list[tuple[int, str, dict[str, Any]]] = []
+                for offset, row in enumerate(rows):
+                    index = read + offset
+                    sample_id = None
+                    try:
+                        if isinstance(row, UndecodableRow):
+                            raise Reject("UNDECODABLE_VALUE", row.message)
+                        sample_id, fields = check_row(row, index - first_row, prefix, config, has_id_column, row_format)
+                        digest = hashlib.blake2b(sample_id.encode(), digest_size=16).digest()
+                        if digest in seen_ids:
+                            raise Reject("DUPLICATE_ID", f"sample id '{sample_id}' appeared earlier in the file")
+                        seen_ids.add(digest)
+                        candidates.append((index, sample_id, fields))
+                    except Reject as reject:
+                        rejects.append(_reject_record(index, sample_id, reject))
+                    except Exception as err:  # no row ends the run
+                        rejects.append(_reject_record(index, sample_id, internal_error(err)))
 
-            good: list[dict[str, Any]] = []
-            for (index, sample_id, fields), image in zip(candidates, pool.map(image_of, candidates), strict=True):
-                if isinstance(image, Reject):
-                    rejects.append(_reject_record(index, sample_id, image))
-                    continue
-                fields = {k: v for k, v in fields.items() if k != "image_url"}
-                good.append({schema.SAMPLE_ID: sample_id, "source_row": index, **fields, **_image_columns(image)})
-            shards.write(good)
-            rejects.sort(key=lambda r: r["source_row"])
-            if rejects:
-                rejects_writer.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
-            reasons.update(r["reason"] for r in rejects)
-            read += len(rows)
-            accepted += len(good)
-            progress.update(len(rows))
+                good: list[dict[str, Any]] = []
+                for (index, sample_id, fields), images in zip(
+                    candidates, pool.map(partial(images_of, source), candidates), strict=True
+                ):
+                    if isinstance(images, Reject):
+                        rejects.append(_reject_record(index, sample_id, images))
+                        continue
+                    kept = {k: v for k, v in fields.items() if k in output_names}
+                    columns_of_images = row_format.image_columns(fields, images)
+                    named = {"dataset": part.dataset} if "dataset" in output_names else {}
+                    good.append(
+                        {schema.SAMPLE_ID: sample_id, "source_row": index, **named, **kept, **columns_of_images}
+                    )
+                shards.write(good)
+                rejects.sort(key=lambda r: r["source_row"])
+                if rejects:
+                    rejects_writer.write_table(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA))
+                reasons.update(r["reason"] for r in rejects)
+                read += len(rows)
+                accepted += len(good)
+                progress.update(len(rows))
+            part_entries.append(
+                {
+                    "meta_file": source.meta_file,
+                    "sha256": file_sha256(source.meta_path()),
+                    **({"dataset": part.dataset} if part.dataset else {}),
+                    "first_row": first_row,
+                    "rows": read - first_row,
+                }
+            )
     shards.close()
     rejects_writer.close()
 
     rejected = sum(reasons.values())
     if read != accepted + rejected or read != total:
         raise AssertionError(f"ingest lost rows: read {read} of {total}, accepted {accepted}, rejected {rejected}")
+    uri = parts[0].source.uri if parts else ""
+    if len(parts) == 1 and not parts[0].dataset:
+        described = {"uri": uri, "meta_file": part_entries[0]["meta_file"], "sha256": part_entries[0]["sha256"]}
+    else:
+        described = {"uri": uri, "meta_files": part_entries}
+    used_id_columns = id_columns - {None}
     manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "source": {"uri": source.uri, "meta_file": source.meta_file, "sha256": file_sha256(source.meta_path())},
+        "schema_version": row_format.schema_version,
+        "source": described,
         "counts": {"read": read, "accepted": accepted, "rejected": rejected},
         "rejects_by_reason": dict(sorted(reasons.items())),
         "invariant_read_equals_accepted_plus_rejected": True,
@@ -457,7 +562,7 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
         "rejects_file": REJECTS_FILE,
         "settings": {
             "column_mapping": config.column_mapping,
-            "id_column": config.id_column if has_id_column else None,
+            "id_column": next(iter(used_id_columns)) if used_id_columns else None,
             "rows_per_shard": config.rows_per_shard,
             "max_text_chars": config.max_text_chars,
             "max_image_pixels": config.max_image_pixels,
@@ -469,15 +574,17 @@ def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: Ingest
     return manifest
 
 
-def check_reject_budget(manifest: dict[str, Any], max_reject_fraction: float, where: str) -> None:
-    """Raises IngestQualityError with a per-reason summary if too many rows were rejected."""
+def check_reject_budget(
+    manifest: dict[str, Any], max_reject_fraction: float, where: str, reasons: dict[str, str] = REJECT_REASONS
+) -> None:
+    """Raises IngestQualityError with a per-reason summary if too many rows were rejected (``reasons``: codes)."""
     counts = manifest["counts"]
     if counts["read"] == 0:
         raise IngestQualityError(f"ingest read no rows: the source has no rows; nothing to train on ({where})")
     fraction = counts["rejected"] / counts["read"] if counts["read"] else 1.0
     if counts["read"] == 0 or fraction > max_reject_fraction:
         by_reason = "\n".join(
-            f"  {code:<26} {n:>8}  {REJECT_REASONS.get(code, '')}"
+            f"  {code:<26} {n:>8}  {reasons.get(code, '')}"
             for code, n in sorted(manifest["rejects_by_reason"].items(), key=lambda kv: -kv[1])
         )
         raise IngestQualityError(

@@ -76,7 +76,7 @@ def _texts(value: Any, name: str) -> Iterator[tuple[str, str]]:
 def check_row_limits(
     fields: dict[str, Any],
     *,
-    query_field: str,
+    query_field: str | None,
     path_fields: tuple[str, ...],
     max_text_chars: int,
     max_path_chars: int,

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from muco_flow.data import schema
+from muco_flow.data import mmeb_train, schema
 from muco_flow.modeling import tokens
 
 SHAPE_COLOURS = {
@@ -143,9 +143,10 @@ class MiniSampleConfig:
     heldout_images: int = 64
     eval_queries_per_dataset: int = 64
     eval_candidates: int = 10
+    mmeb_train_rows: int = 128  # per MMEB-train-format dataset, at most train_images
 
     def __post_init__(self) -> None:
-        for name in ("train_images", "heldout_images", "eval_queries_per_dataset"):
+        for name in ("train_images", "heldout_images", "eval_queries_per_dataset", "mmeb_train_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"M3T-mini config: {name} must be at least 1, got {getattr(self, name)}")
         if not 2 <= self.eval_candidates <= self.eval_queries_per_dataset:
@@ -442,6 +443,82 @@ def _mmeb_files(config: MiniSampleConfig, scenes: list[Seeded]) -> dict[str, byt
     return files
 
 
+# MMEB-train-format datasets (stage 2), one per kind of MMEB training set; the
+# hard negatives are stored in each of the shapes MuCo's loader reads.
+MMEB_TRAIN_DATASETS = {
+    "MiniShapes-Cls": "list",  # neg_* as list columns (numpy arrays in pandas)
+    "MiniShapes-VQA": "python",  # neg_* as Python list literals in a string column
+    "MiniShapes-I2T": "json",  # neg_* as JSON lists in a string column
+    "MiniShapes-T2I": "list",  # images on the target and negative sides
+}
+
+
+def _mmeb_train_files(config: MiniSampleConfig, scenes: list[Seeded]) -> dict[str, bytes]:
+    """Stage-2 data in MuCo's MMEB-train layout, on the training images (no new image files)."""
+    rng = random.Random(f"m3t-mini:{config.seed}:mmeb-train")
+    count = min(config.mmeb_train_rows, len(scenes))
+    paths = [f"images/train/{i:06d}.png" for i in range(len(scenes))]  # as _m3t_files writes them
+    labels = [f"{c} {s}" for c in SHAPE_COLOURS for s in SHAPES]
+    image = tokens.IMAGE_1
+    rows: dict[str, list[dict]] = {name: [] for name in MMEB_TRAIN_DATASETS}
+    for i, (_, scene) in enumerate(scenes[:count]):
+        description = scene.describe()
+        other = rng.choice([j for j in range(len(scenes)) if j != i]) if len(scenes) > 1 else i
+        n = len(scene.shapes)
+        common = {
+            mmeb_train.QRY_IMAGE_PATH: paths[i],
+            mmeb_train.POS_IMAGE_PATH: "",
+            mmeb_train.QRY_SENTENCE: description,
+        }
+        rows["MiniShapes-Cls"].append(
+            common
+            | {
+                mmeb_train.QRY: f"{image}\nRepresent the given image for classification\n",
+                mmeb_train.POS_TEXT: scene.main.label,
+                mmeb_train.POS_SENTENCE: f"The main object is {scene.main.a_label}.",
+                mmeb_train.NEG_TEXT: rng.sample([x for x in labels if x != scene.main.label], 2),
+                mmeb_train.NEG_IMAGE_PATH: [""],
+            }
+        )
+        rows["MiniShapes-VQA"].append(
+            common
+            | {
+                mmeb_train.QRY: f"{image}\nRepresent the given image with the following question: "
+                "How many shapes are in the image?\n",
+                mmeb_train.POS_TEXT: NUMBER_WORDS[n],
+                mmeb_train.POS_SENTENCE: f"There are {NUMBER_WORDS[n]} shapes in the image.",
+                mmeb_train.NEG_TEXT: repr(rng.sample([w for w in NUMBER_WORDS[1:] if w != NUMBER_WORDS[n]], 2)),
+                mmeb_train.NEG_IMAGE_PATH: repr([""]),
+            }
+        )
+        rows["MiniShapes-I2T"].append(
+            common
+            | {
+                mmeb_train.QRY: f"{image}\nFind a caption that describes this image.\n",
+                mmeb_train.POS_TEXT: description,
+                mmeb_train.POS_SENTENCE: description,
+                mmeb_train.NEG_TEXT: json.dumps([scenes[other][1].describe()]),
+                mmeb_train.NEG_IMAGE_PATH: json.dumps([""]),
+            }
+        )
+        rows["MiniShapes-T2I"].append(
+            {
+                mmeb_train.QRY: f"Find me an everyday image that matches the given caption: {description}\n",
+                mmeb_train.QRY_IMAGE_PATH: "",
+                mmeb_train.QRY_SENTENCE: "",
+                mmeb_train.POS_TEXT: f"{image}\nRepresent the given image.\n",
+                mmeb_train.POS_IMAGE_PATH: paths[i],
+                mmeb_train.POS_SENTENCE: description,
+                mmeb_train.NEG_TEXT: [f"{image}\nRepresent the given image.\n"],
+                mmeb_train.NEG_IMAGE_PATH: [paths[other]],
+            }
+        )
+    return {
+        mmeb_train.META_GLOB.replace("*/*", f"{name}/{name}"): _parquet_bytes(pa.Table.from_pylist(dataset_rows))
+        for name, dataset_rows in rows.items()
+    }
+
+
 def _mbeir_files(scenes: list[Seeded]) -> dict[str, bytes]:
     """One global pool (images and captions) with text-to-image and image-to-text queries.
 
@@ -505,6 +582,7 @@ def generate_m3t_mini(config: MiniSampleConfig) -> dict[str, bytes]:
     heldout = _scenes(config.seed, "heldout", config.heldout_images, exclude=seen)
     evaluation = _scenes(config.seed, "eval", config.eval_queries_per_dataset, exclude=seen)
     files = _m3t_files("train", train, schema.TRAIN_META_FILE)
+    files |= _mmeb_train_files(config, train)
     files |= _m3t_files("heldout", heldout, schema.HELDOUT_META_FILE)
     files |= _mmeb_files(config, evaluation)
     files |= _mbeir_files(evaluation)

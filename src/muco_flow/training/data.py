@@ -4,6 +4,10 @@ A global step maps to one batch through a seeded per-epoch shuffle, so the
 data position of a resumed run is just its step. Each batch holds
 conversations with the same number of turns K (the loss's B*K layout needs
 it) and the same number B on every rank (all_gather needs it).
+
+Two kinds of formatted data are read, told apart by the format manifest's
+schema version: stage 1's M3T conversations and stage 2's MMEB-train samples
+(``RECORD_KINDS``). A stage-2 batch has the same fields, with K = 2 (see Batch).
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import json
 import logging
 import random
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +28,9 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from muco_flow.data import schema
+from muco_flow.data import mmeb_train, mmeb_train_ingest, schema
+from muco_flow.data.finetune_formatting import RECORD_COLUMNS as STAGE2_RECORD_COLUMNS
+from muco_flow.data.finetune_formatting import assemble_finetune_sample
 from muco_flow.data.formatting import FORMATTED_SCHEMA, Conversation, assemble_conversations
 from muco_flow.data.ingest import MANIFEST_FILE
 from muco_flow.modeling import tokens
@@ -39,7 +47,7 @@ class ImageStore:
     def __init__(self, shards_dir: Path, cached_row_groups: int = 8) -> None:
         self.shards_dir = Path(shards_dir)
         self._files: dict[str, tuple[pq.ParquetFile, list[int]]] = {}
-        self._cache: OrderedDict[tuple[str, int], list[bytes]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int, str], list[Any]] = OrderedDict()
         self._capacity = cached_row_groups
 
     def _file(self, shard: str) -> tuple[pq.ParquetFile, list[int]]:
@@ -52,12 +60,13 @@ class ImageStore:
             self._files[shard] = (parquet, starts)
         return self._files[shard]
 
-    def get(self, shard: str, row: int) -> bytes:
+    def get(self, shard: str, row: int, column: str = "image_bytes") -> Any:
+        """The row's value in ``column``: bytes, or a list of them for the hard negatives' column."""
         parquet, starts = self._file(shard)
         group = max(i for i, start in enumerate(starts) if start <= row)
-        key = (shard, group)
+        key = (shard, group, column)
         if key not in self._cache:
-            self._cache[key] = parquet.read_row_group(group, columns=["image_bytes"]).column(0).to_pylist()
+            self._cache[key] = parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
             if len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
@@ -66,13 +75,27 @@ class ImageStore:
 
 @dataclass
 class Batch:
-    """One rank's share of a global batch: B conversations of K turns each."""
+    """One rank's share of a global batch: B conversations of K turns each.
+
+    Each side is the model's inputs (input_ids, attention_mask,
+    mm_token_type_ids, and pixel_values with image_grid_thw when a row has an
+    image) plus ``emb_index`` ([n, 2]: row, position of each ``<|emb|>``, in
+    row order), so the embedder returns one vector per ``<|emb|>`` in that order.
+
+    Stage 1: the query side has B rows of K turns; the target side B*K rows
+    (independent layout) or B rows of K. Stage 2 (MMEB-train): K = 2, the query
+    and target sides have B rows each with two ``<|emb|>``, so their embeddings
+    come as [main_0, auxiliary_0, main_1, auxiliary_1, ...] (the official
+    ``qry_reps``/``qry_reps2`` are ``[0::2]``/``[1::2]``); ``negative`` has B
+    rows, one hard negative each with one ``<|emb|>`` (None without hard negatives).
+    """
 
     query: dict[str, torch.Tensor]
     target: dict[str, torch.Tensor]
     turns: int
     conversation_ids: list[str]
     target_keys: torch.Tensor  # [B*K], sample-major; equal for equal target texts
+    negative: dict[str, torch.Tensor] | None = None
 
     @property
     def pairs(self) -> int:
@@ -80,7 +103,12 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return int(self.query["attention_mask"].sum() + self.target["attention_mask"].sum())
+        sides = [self.query, self.target] + ([self.negative] if self.negative is not None else [])
+        return int(sum(side["attention_mask"].sum() for side in sides))
+
+
+# A side's images in a batch: one per row (None: none), and the tokens each was formatted with.
+SideImages = tuple[Sequence[Image.Image | None], Sequence[int]]
 
 
 class ConversationBatches:
@@ -107,18 +135,19 @@ class ConversationBatches:
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
         self.settings = manifest["settings"]
+        self.kind = RECORD_KINDS.get(manifest.get("schema_version"))
         tables = []
         for shard in manifest["shards"]:
             path = Path(conversations_dir) / shard["file"]
-            missing = sorted(set(RECORD_COLUMNS) - set(pq.read_schema(path).names))
-            if missing or manifest.get("schema_version") != schema.SCHEMA_VERSION:
+            missing = sorted(set(self.kind.columns) - set(pq.read_schema(path).names)) if self.kind else []
+            if missing or self.kind is None:
                 raise ValueError(
                     f"{path} was formatted by another muco-flow version (schema "
-                    f"{manifest.get('schema_version')}, this one reads {schema.SCHEMA_VERSION}"
+                    f"{manifest.get('schema_version')}, this one reads {', '.join(RECORD_KINDS)}"
                     + (f"; no column {', '.join(missing)}" if missing else "")
                     + "); re-run the format pipeline"
                 )
-            tables.append(pq.read_table(path, columns=RECORD_COLUMNS, memory_map=True))
+            tables.append(pq.read_table(path, columns=self.kind.columns, memory_map=True))
         self.records = pa.concat_tables(tables) if tables else None
         if self.records is None or self.records.num_rows == 0:
             raise ValueError(f"no conversations in {conversations_dir}; run the format pipeline first")
@@ -127,7 +156,7 @@ class ConversationBatches:
         self.pad_id, self.image_pad_id, self.emb_id = pad_id, image_pad_id, emb_id
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         # one unit per conversation: (record, part), grouped by its number of turns
-        parts = self.records.column("part_turns").to_pylist()
+        parts = self.kind.parts(self.records)
         self._by_turns: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for index, turns in enumerate(parts):
             for part, n in enumerate(turns):
@@ -174,65 +203,160 @@ class ConversationBatches:
         members = self.epoch_batches(epoch)[index]
         mine = members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         records = self.records.take([record for record, _ in mine]).to_pylist()
-        conversations = [
-            assemble_conversations(record, epoch, self.settings, self.image_pad_id)[part]
+        rows = [
+            self.kind.row(record, part, epoch, self.settings, self.image_pad_id, self.images)
             for record, (_, part) in zip(records, mine, strict=True)
         ]
-        images = [
-            None
-            if record["image_shard"] is None
-            else Image.open(io.BytesIO(self.images.get(record["image_shard"], record["image_row"]))).convert("RGB")
-            for record in records
-        ]
+        conversations = [conversation for conversation, _ in rows]
+
+        def side(name: str) -> SideImages | None:
+            if name not in rows[0][1]:
+                return None
+            return [images[name][0] for _, images in rows], [images[name][1] for _, images in rows]
+
+        query_images, query_tokens = side("query")
         return collate_conversations(
             conversations,
-            images,
-            [record["image_tokens"] for record in records],
+            query_images,
+            query_tokens,
             self.image_processor,
             pad_id=self.pad_id,
             image_pad_id=self.image_pad_id,
             emb_id=self.emb_id,
             short_side=self.settings.get("image_short_side"),
+            target_images=side("target"),
+            negative_images=side("negative"),
         )
+
+
+def _open_image(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+# One record in one epoch: its conversation, and each side's (image or None, formatted image tokens).
+RowImages = dict[str, tuple[Image.Image | None, int]]
+
+
+def _stage1_row(
+    record: dict[str, Any], part: int, epoch: int, settings: dict[str, Any], image_pad_id: int, images: ImageStore
+) -> tuple[Conversation, RowImages]:
+    conversation = assemble_conversations(record, epoch, settings, image_pad_id)[part]
+    shard = record["image_shard"]
+    image = None if shard is None else _open_image(images.get(shard, record["image_row"]))
+    return conversation, {"query": (image, record["image_tokens"])}
+
+
+def _stage2_row(
+    record: dict[str, Any], part: int, epoch: int, settings: dict[str, Any], image_pad_id: int, images: ImageStore
+) -> tuple[Conversation, RowImages]:
+    sample = assemble_finetune_sample(record, epoch, settings, image_pad_id)
+    shard, row = record["image_shard"], record["image_row"]
+
+    def image(tokens_: int, column: str, index: int | None = None) -> tuple[Image.Image | None, int]:
+        if not tokens_:
+            return None, 0
+        value = images.get(shard, row, column)
+        return _open_image(value if index is None else value[index]), tokens_
+
+    row_images = {
+        "query": image(record["query_image_tokens"], "image_bytes"),
+        "target": image(record["target_image_tokens"], f"{mmeb_train_ingest.TARGET_IMAGE_PREFIX}image_bytes"),
+    }
+    if sample.negative is not None:
+        row_images["negative"] = image(
+            record["negative_image_tokens"][sample.negative],
+            f"{mmeb_train_ingest.NEGATIVE_IMAGE_PREFIX}image_bytes",
+            record["negative_source"][sample.negative],
+        )
+    return sample.conversation, row_images
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """One kind of formatted data: its record columns, its conversations per record, and how one is made."""
+
+    columns: list[str]
+    parts: Callable[[pa.Table], list[list[int]]]  # per record: turns of each of its conversations (0: left out)
+    row: Callable[[dict[str, Any], int, int, dict[str, Any], int, ImageStore], tuple[Conversation, RowImages]]
+
+
+RECORD_KINDS = {
+    schema.SCHEMA_VERSION: RecordKind(
+        RECORD_COLUMNS, lambda records: records.column("part_turns").to_pylist(), _stage1_row
+    ),
+    # one conversation per sample, with the main and the auxiliary <|emb|>
+    mmeb_train.SCHEMA_VERSION: RecordKind(STAGE2_RECORD_COLUMNS, lambda records: [[2]] * records.num_rows, _stage2_row),
+}
+
+
+def _with_images(
+    side: dict[str, torch.Tensor],
+    images: SideImages,
+    conversation_ids: list[str],
+    name: str,
+    image_processor: Qwen2VLImageProcessorPil,
+    short_side: int | None,
+) -> dict[str, torch.Tensor]:
+    """``side`` with the pixel inputs of its rows' images; each image must give the tokens it was formatted with."""
+    present = [(cid, image, n) for cid, image, n in zip(conversation_ids, images[0], images[1], strict=True) if image]
+    if not present:
+        return side
+    pixel_values, grid, counts = image_inputs(image_processor, [image for _, image, _ in present], short_side)
+    for (conversation_id, _, expected), count in zip(present, counts, strict=True):
+        if count != expected:
+            raise ValueError(
+                f"conversation {conversation_id}: the {name} image gives {count} tokens but it was "
+                f"formatted with {expected}; re-run the format pipeline with this backbone's image processor"
+            )
+    return side | {"pixel_values": pixel_values, "image_grid_thw": grid}
 
 
 def collate_conversations(
     conversations: list[Conversation],
-    images: list[Image.Image | None],
-    image_tokens: list[int],
+    images: Sequence[Image.Image | None],
+    image_tokens: Sequence[int],
     image_processor: Qwen2VLImageProcessorPil,
     *,
     pad_id: int,
     image_pad_id: int,
     emb_id: int,
     short_side: int | None = None,
+    target_images: SideImages | None = None,
+    negative_images: SideImages | None = None,
 ) -> Batch:
     """A batch from conversations (all with the same K) and each one's image (None: none).
 
     Embeddings are read at every ``<|emb|>`` in row order, which is
     sample-major: query row b holds turns b*K..b*K+K-1; the target side has
-    one row per turn (B*K rows) or one per conversation.
+    one row per turn (B*K rows) or one per conversation. ``target_images``
+    gives each target row's image (stage 2); the conversations' hard
+    negatives, when they have them, become the ``negative`` side, with
+    ``negative_images``.
     """
+    ids_ = [c.conversation_id for c in conversations]
     query = collate([c.query_ids for c in conversations], pad_id, image_pad_id)
-    present = [(c, image, n) for c, image, n in zip(conversations, images, image_tokens, strict=True) if image]
-    if present:
-        pixel_values, grid, counts = image_inputs(image_processor, [image for _, image, _ in present], short_side)
-        for (conversation, _, expected), count in zip(present, counts, strict=True):
-            if count != expected:
-                raise ValueError(
-                    f"conversation {conversation.conversation_id}: the image gives {count} tokens but it was "
-                    f"formatted with {expected}; re-run the format pipeline with this backbone's image processor"
-                )
-        query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
+    query = _with_images(query, (images, image_tokens), ids_, "query", image_processor, short_side)
     query["emb_index"] = (query["input_ids"] == emb_id).nonzero()
     target = collate([row for c in conversations for row in c.target_ids], pad_id, image_pad_id)
+    if target_images is not None:
+        target = _with_images(target, target_images, ids_, "target", image_processor, short_side)
     target["emb_index"] = (target["input_ids"] == emb_id).nonzero()
     turns = len(conversations[0].turn_type)
-    for side, batch in (("query", query), ("target", target)):
-        if batch["emb_index"].shape[0] != len(conversations) * turns:
+    counts = {"query": (query, len(conversations) * turns), "target": (target, len(conversations) * turns)}
+    negative = None
+    if conversations[0].negative_ids is not None:
+        if any(c.negative_ids is None for c in conversations):
+            raise ValueError("some conversations of the batch have a hard negative and some have none")
+        negative = collate([c.negative_ids for c in conversations], pad_id, image_pad_id)
+        if negative_images is not None:
+            negative = _with_images(negative, negative_images, ids_, "hard negative", image_processor, short_side)
+        negative["emb_index"] = (negative["input_ids"] == emb_id).nonzero()
+        counts["hard negative"] = (negative, len(conversations))
+    for side, (batch, expected) in counts.items():
+        if batch["emb_index"].shape[0] != expected:
             raise ValueError(
                 f"the {side} side holds {batch['emb_index'].shape[0]} {tokens.EMB_TOKEN} for "
                 f"{len(conversations)} conversations of {turns} turns"
             )
     keys = torch.tensor([key for c in conversations for key in c.target_key], dtype=torch.long)
-    return Batch(query, target, turns, [c.conversation_id for c in conversations], keys)
+    return Batch(query, target, turns, ids_, keys, negative)

@@ -8,6 +8,7 @@ from typing import Any
 
 from muco_flow.data.ingest import (
     MANIFEST_FILE,
+    REJECT_REASONS,
     IngestConfig,
     IngestQualityError,
     check_reject_budget,
@@ -35,7 +36,9 @@ def plan_ingest(source: SnapshotSource, params: dict[str, Any]) -> TreeWriter:
     return write
 
 
-def check_ingest_quality(shards_dir: str, params: dict[str, Any]) -> dict[str, Any]:
+def check_ingest_quality(
+    shards_dir: str, params: dict[str, Any], reasons: dict[str, str] = REJECT_REASONS
+) -> dict[str, Any]:
     """The manifest as a report; fails the run if too many rows were rejected.
 
     Too many rejects is a verdict on the data, not a bug: the run ends with
@@ -43,7 +46,9 @@ def check_ingest_quality(shards_dir: str, params: dict[str, Any]) -> dict[str, A
     """
     manifest = json.loads((Path(shards_dir) / MANIFEST_FILE).read_text())
     try:
-        check_reject_budget(manifest, IngestConfig.from_params(params).max_reject_fraction, where=shards_dir)
+        check_reject_budget(
+            manifest, IngestConfig.from_params(params).max_reject_fraction, where=shards_dir, reasons=reasons
+        )
     except IngestQualityError as err:
         raise SystemExit(f"ingest failed: {err}") from None
     return manifest
