@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,7 +28,8 @@ def test_an_unexpected_exception_in_a_row_check_is_that_rows_internal_error(smal
             raise KeyError("a key nobody expected")
         return real(row, config)
 
-    monkeypatch.setattr(ingest_module, "validate_text_fields", broken_for_row_5)
+    broken_format = dataclasses.replace(ingest_module.M3T_ROW_FORMAT, validate=broken_for_row_5)
+    monkeypatch.setattr(ingest_module, "M3T_ROW_FORMAT", broken_format)
     manifest = ingest_m3t_snapshot(LocalSnapshot(small_sample_root, schema.TRAIN_META_FILE), tmp_path, FAST)
     assert manifest["counts"] == {"read": 24, "accepted": 23, "rejected": 1}
     code, message = reasons(tmp_path)[5]

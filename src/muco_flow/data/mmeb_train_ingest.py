@@ -244,9 +244,9 @@ class ImagesUnder:
     def meta_path(self) -> Path:
         return self._source.meta_path()
 
-    def read_image(self, relative: str) -> bytes:
+    def read_image(self, relative: str, max_bytes: int | None = None) -> bytes:
         confined_key(relative)  # a path may not climb out of the image root either
-        return self._source.read_image(f"{self._root}/{relative}" if self._root else relative)
+        return self._source.read_image(f"{self._root}/{relative}" if self._root else relative, max_bytes)
 
     def close(self) -> None:
         self._source.close()
