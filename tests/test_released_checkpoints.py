@@ -242,11 +242,11 @@ def test_train_and_evaluate_from_a_downloaded_qwen2_vl(tmp_path, tiny_preset):
         f"backbone_checkpoint:\n  type: muco_flow.datasets.PretrainedCheckpointDataset\n  name_or_path: {download}\n"
     )
     pixels = "backbone.image.min_pixels=3136,backbone.image.max_pixels=12544"  # 4..16 visual tokens: fast
-    kedro_run(project, "--pipeline=sample", f"--params={SMALL_RUN_PARAMS}")
-    kedro_run(project, "--pipeline=data", f"--params={pixels}")
+    kedro_run(project, "--pipelines=sample", f"--params={SMALL_RUN_PARAMS}")
+    kedro_run(project, "--pipelines=data", f"--params={pixels}")
     training = "training.max_steps=3,training.micro_batch_size=4,training.warmup_steps=1,training.save_every=3"
-    kedro_run(project, "--pipeline=train", f"--params={pixels},{training}")
-    kedro_run(project, "--pipeline=evaluate", f"--params={pixels}")
+    kedro_run(project, "--pipelines=train", f"--params={pixels},{training}")
+    kedro_run(project, "--pipelines=evaluate", f"--params={pixels}")
 
     record = json.loads((project / "data/06_models/train_run.json").read_text())
     assert record["steps"] == 3
