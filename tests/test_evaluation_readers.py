@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pyarrow as pa
@@ -10,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from muco_flow.data.m3t_mini import MMEB_DATASETS
-from muco_flow.evaluation.datasets import EvaluationDataError, read_m3t_heldout, read_mbeir, read_mmeb
+from muco_flow.evaluation.datasets import EvaluationDataError, read_m3t_heldout, read_mmeb
 
 
 @pytest.fixture
@@ -34,8 +33,6 @@ def test_the_samples_sets_load(sample):
     assert len(count.candidates) == 4  # "one".."four": every query's candidates, encoded once
     t2i = next(s for s in mmeb if s.name == "MiniShapes-T2I")
     assert all(c.image and not c.text for c in t2i.candidates)
-    pool = read_mbeir(sample / "eval/mbeir/queries.jsonl", sample / "eval/mbeir/cand_pool.jsonl", sample)
-    assert len(pool.queries) == 12 and all(len(p) == 1 for p in pool.positives)
     turns = read_m3t_heldout(sample / "M3T_heldout/M3T.parquet", sample)
     assert [s.group for s in turns] == ["classification", "global_vqa", "local_vqa", "creative_vqa", "retrieval"]
     assert sum(len(s.queries) for s in turns) == 6 * 7
@@ -89,17 +86,3 @@ def test_missing_columns_and_unknown_datasets_are_named(sample):
     (sample / "eval/mmeb/Mystery").mkdir()
     with pytest.raises(EvaluationDataError, match=r"no meta-task for dataset\(s\) \['Mystery'\]"):
         read_mmeb(sample / "eval/mmeb", sample, MMEB_DATASETS)
-
-
-def test_malformed_mbeir_lines_are_named(sample):
-    queries = sample / "eval/mbeir/queries.jsonl"
-    lines = queries.read_text().splitlines()
-    record = json.loads(lines[4])
-    lines[4] = json.dumps({**record, "pos_cand_list": ["9:nowhere"]})
-    queries.write_text("\n".join(lines) + "\n")
-    with pytest.raises(EvaluationDataError, match=r"line 5 \(qid .*\): positive\(s\) \['9:nowhere'\] are not in the"):
-        read_mbeir(queries, sample / "eval/mbeir/cand_pool.jsonl", sample)
-    lines[4] = json.dumps({k: v for k, v in record.items() if k != "query_modality"})
-    queries.write_text("\n".join(lines) + "\n")
-    with pytest.raises(EvaluationDataError, match=r"line 5: missing \['query_modality'\]"):
-        read_mbeir(queries, sample / "eval/mbeir/cand_pool.jsonl", sample)

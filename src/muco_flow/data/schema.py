@@ -18,8 +18,6 @@ TRAIN_META_FILE = "M3T_train/M3T.parquet"
 HELDOUT_META_FILE = "M3T_heldout/M3T.parquet"
 MMEB_DIR = "eval/mmeb"
 MBEIR_DIR = "eval/mbeir"
-MBEIR_QUERIES_FILE = "queries.jsonl"
-MBEIR_POOL_FILE = "cand_pool.jsonl"
 
 TURNS_PER_SAMPLE = 7
 
@@ -84,6 +82,3 @@ MMEB_ARROW_SCHEMA = pa.schema(
         pa.field("tgt_img_path", pa.list_(pa.string()), nullable=False),
     ]
 )
-
-MBEIR_QUERY_KEYS = ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list")
-MBEIR_POOL_KEYS = ("did", "txt", "img_path", "modality")

@@ -8,42 +8,43 @@ from typing import Any
 import pandas as pd
 
 from muco_flow.data.conversations import FormatConfig, single_turn_template
-from muco_flow.evaluation.datasets import RetrievalSet, read_m3t_heldout, read_mbeir, read_mmeb
+from muco_flow.evaluation.datasets import read_m3t_heldout, read_mmeb
 from muco_flow.evaluation.evaluate import EncodingCache, chance_mmeb_average, score_sets
+from muco_flow.evaluation.mbeir import read_mbeir
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
 from muco_flow.modeling.embedder import load_embedder
 
 
-def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, list[RetrievalSet]]:
+def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, Any]:
     """Reads (and checks) every configured set; paths are relative to ``data_root`` unless absolute."""
     root = Path(data_root)
-    sets: dict[str, list[RetrievalSet]] = {"mmeb": [], "pools": [], "m3t": []}
+    sets: dict[str, Any] = {"mmeb": [], "mbeir": None, "m3t": []}
     if mmeb := params.get("mmeb"):
         sets["mmeb"] = read_mmeb(root / mmeb["dir"], root / mmeb.get("image_root", "."), mmeb["meta_tasks"])
     if mbeir := params.get("mbeir"):
-        image_root = root / mbeir.get("image_root", ".")
-        sets["pools"] = [read_mbeir(root / mbeir["queries"], root / mbeir["pool"], image_root)]
+        options = {k: v for k, v in mbeir.items() if k not in ("root", "tasks")}
+        sets["mbeir"] = read_mbeir(root / mbeir["root"], mbeir["tasks"], **options)
     if m3t := params.get("m3t_heldout"):
         sets["m3t"] = read_m3t_heldout(root / m3t["meta_file"], root / m3t.get("image_root", "."))
     return sets
 
 
-def _score(model_dir: str, sets: dict[str, list[RetrievalSet]], params: dict, format_params: dict) -> dict:
+def _score(model_dir: str, sets: dict[str, Any], params: dict, format_params: dict) -> dict:
     template = single_turn_template(FormatConfig.from_params(format_params).templates)
     embedder, template = load_embedder(model_dir, default_template=template)
     cache = EncodingCache(embedder, template, params["batch_size"])
-    return score_sets(sets["mmeb"], sets["pools"], sets["m3t"], cache)
+    return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache)
 
 
 def evaluate_trained_model(
-    sets: dict[str, list[RetrievalSet]], train_run: dict[str, Any], params: dict, format_params: dict
+    sets: dict[str, Any], train_run: dict[str, Any], params: dict, format_params: dict
 ) -> dict[str, Any]:
     """All metrics for the model the `train` pipeline wrote."""
     return _score(train_run["model_dir"], sets, params, format_params)
 
 
 def evaluate_baseline(
-    sets: dict[str, list[RetrievalSet]], backbone_checkpoint: str, params: dict, format_params: dict
+    sets: dict[str, Any], backbone_checkpoint: str, params: dict, format_params: dict
 ) -> dict[str, Any]:
     """All metrics for the baseline: the untrained backbone, or the model directory in ``baseline``."""
     source = params.get("baseline", "backbone")
@@ -53,7 +54,7 @@ def evaluate_baseline(
 def build_evaluation_report(
     model: dict[str, Any],
     baseline: dict[str, Any],
-    sets: dict[str, list[RetrievalSet]],
+    sets: dict[str, Any],
     train_run: dict[str, Any],
     params: dict[str, Any],
 ) -> tuple[dict[str, Any], pd.DataFrame, Any, Any, str]:
