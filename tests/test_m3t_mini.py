@@ -130,7 +130,7 @@ def test_the_mbeir_download_has_uniirs_layout_and_tasks(small_sample_files):
     def jsonl(name):
         return [json.loads(line) for line in small_sample_files[f"eval/mbeir/{name}"].decode().splitlines()]
 
-    pools = {task: jsonl(f"cand_pool/local/mbeir_{pool}_cand_pool.jsonl") for task, pool in MBEIR_TASKS.items()}
+    pools = {task: jsonl(f"cand_pool/local/mbeir_{task}_cand_pool.jsonl") for task in MBEIR_TASKS}
     union = jsonl("cand_pool/global/mbeir_union_test_cand_pool.jsonl")
     assert union == [c for pool in pools.values() for c in pool]
     assert len({c["did"] for c in union}) == len(union)

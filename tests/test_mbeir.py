@@ -87,7 +87,8 @@ INFOSEEK_ROW = (
     '{"txt": "Chrysler Building (New York City)", "img_path": null, "modality": "text", "did": "6:200", '
     '"src_content": null}\n'
 )
-TASKS = {"mscoco_task0": "mscoco_task0_test", "mscoco_task3": "mscoco_task3_test", "oven_task6": "oven_task6"}
+TASKS = ["mscoco_task0", "mscoco_task3", "oven_task6"]
+LOCAL_POOLS = {"mscoco_task0": "mscoco_task0_test", "mscoco_task3": "mscoco_task3_test"}
 
 
 def write_download(root: Path) -> Path:
@@ -119,7 +120,7 @@ def download(tmp_path) -> Path:
 
 
 def test_every_row_is_read_with_uniirs_instruction_and_normalisation(download):
-    benchmark = read_mbeir(download, TASKS)
+    benchmark = read_mbeir(download, TASKS, local_pools=LOCAL_POOLS)
     t2i, i2t, oven = benchmark.tasks
     assert (t2i.task_id, i2t.task_id, oven.task_id) == (0, 3, 6)
     assert t2i.queries == [
@@ -163,11 +164,11 @@ def test_the_prompt_is_fixed_by_the_seed_and_the_qid(download):
         rng = random.Random(f"{seed}:5:10")
         rng.choice(["5:100"])
         expected = f"{rng.choice(prompts)} what is the name of this building?"
-        task = read_mbeir(download, {"oven_task6": "oven_task6"}, instruction_seed=seed, pools=["local"]).tasks[0]
+        task = read_mbeir(download, ["oven_task6"], instruction_seed=seed, pools=["local"]).tasks[0]
         assert task.queries[0].text == expected
         texts.add(expected)
     assert len(texts) == 2
-    plain = read_mbeir(download, TASKS, instructions=None).tasks
+    plain = read_mbeir(download, TASKS, local_pools=LOCAL_POOLS, instructions=None).tasks
     assert [q.text for q in plain[0].queries] == [
         "A man with a red helmet on a small moped on a dirt road.",
         "Two dogs playing in the snow.",
@@ -270,18 +271,18 @@ def test_bad_files_are_named_with_line_and_problem(download, file, line, replace
     lines[line - 1] = replacement
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(EvaluationDataError, match=message):
-        read_mbeir(download, TASKS)
+        read_mbeir(download, TASKS, local_pools=LOCAL_POOLS)
 
 
 def test_bad_configuration_is_named(download):
     with pytest.raises(EvaluationDataError, match=r"query/test/mbeir_webqa_task1_test.jsonl does not exist"):
         shutil.copy(download / "cand_pool/local/mbeir_oven_task6_cand_pool.jsonl",
                     download / "cand_pool/local/mbeir_webqa_task1_cand_pool.jsonl")  # fmt: skip
-        read_mbeir(download, {"webqa_task1": "webqa_task1"})
+        read_mbeir(download, ["webqa_task1"])
     with pytest.raises(EvaluationDataError, match=r"pools must be some of \['local', 'global'\], got \['union'\]"):
-        read_mbeir(download, TASKS, pools=["union"])
+        read_mbeir(download, TASKS, local_pools=LOCAL_POOLS, pools=["union"])
     with pytest.raises(EvaluationDataError, match=r"mscoco_task0: average_k 5 is not among its recall_ks \[10, 20\]"):
-        read_mbeir(download, TASKS, recall_ks={"mscoco_task0": [10, 20]})
+        read_mbeir(download, TASKS, local_pools=LOCAL_POOLS, recall_ks={"mscoco_task0": [10, 20]})
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
@@ -307,7 +308,9 @@ def vectors_by_item(table: dict[Item, list[float]]):
 
 def test_hand_cases_local_and_global_pools(download):
     """Ties, an exact duplicate, five positives, and a positive that only the union pool holds."""
-    benchmark = read_mbeir(download, TASKS, recall_ks={"default": [1, 2, 5]}, average_k={"default": 1})
+    benchmark = read_mbeir(
+        download, TASKS, local_pools=LOCAL_POOLS, recall_ks={"default": [1, 2, 5]}, average_k={"default": 1}
+    )
     t2i, i2t, oven = benchmark.tasks
     pools = benchmark.local_pools
     captions = pools["mscoco_task3_test"].items
@@ -368,7 +371,7 @@ def test_hand_cases_local_and_global_pools(download):
 
 
 def test_a_query_without_positive_in_the_pool_counts_as_a_miss(download, caplog):
-    benchmark = read_mbeir(download, {"oven_task6": "oven_task6"})
+    benchmark = read_mbeir(download, ["oven_task6"])
     pool = benchmark.local_pools["oven_task6"]
     # as if the local pool held only the InfoSeek did: nothing to hit, the query still counts
     emptied = MBeirBenchmark(
@@ -419,7 +422,7 @@ def test_scores_equal_the_reference_on_random_pools_with_many_ties():
 
 def test_the_configured_sample_tasks_load_through_the_node(small_sample_root):
     params = load_params()["evaluate"]
-    assert params["mbeir"]["tasks"] == MBEIR_TASKS
+    assert params["mbeir"]["tasks"] == list(MBEIR_TASKS)
     benchmark = load_evaluation_sets(str(small_sample_root), params)["mbeir"]
     assert [t.task_id for t in benchmark.tasks] == [0, 3, 6]
     assert benchmark.pools == ("local", "global")

@@ -92,8 +92,8 @@ MMEB_DATASETS = {
     "MiniShapes-Grounding": "visual_grounding",
 }
 
-# M-BEIR tasks the sample writes: query-file name -> local pool name (as in evaluate.mbeir.tasks)
-MBEIR_TASKS = {name: name for name in ("minishapes_task0", "minishapes_task3", "minishapes_task6")}
+# M-BEIR tasks the sample writes (evaluate.mbeir.tasks); each local pool has its task's name
+MBEIR_TASKS = ("minishapes_task0", "minishapes_task3", "minishapes_task6")
 MBEIR_DATASET_ID = 10  # after UniIR's ten, 0 VisualNews .. 9 MSCOCO
 # The instruction file's prompts by (query modality, candidate modality); image -> text asks as M3T's retrieval turn
 MBEIR_PROMPTS = {
@@ -493,7 +493,7 @@ def _mbeir_files(scenes: list[Seeded]) -> dict[str, bytes]:
 
     for name, pool in pools.items():
         files[f"{schema.MBEIR_DIR}/{mbeir.query_file(name)}"] = jsonl(queries[name])
-        files[f"{schema.MBEIR_DIR}/{mbeir.local_pool_file(MBEIR_TASKS[name])}"] = jsonl(pool)
+        files[f"{schema.MBEIR_DIR}/{mbeir.local_pool_file(name)}"] = jsonl(pool)
     files[f"{schema.MBEIR_DIR}/{mbeir.GLOBAL_POOL_FILE}"] = jsonl([c for pool in pools.values() for c in pool])
     header = [*mbeir.INSTRUCTION_COLUMNS, *(f"prompt_{n}" for n in range(1, 5))]
     lines = [header] + [

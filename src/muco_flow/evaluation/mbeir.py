@@ -290,8 +290,9 @@ def _read_task(
 
 def read_mbeir(
     root: Path,
-    tasks: Mapping[str, str],
+    tasks: Sequence[str],
     *,
+    local_pools: Mapping[str, str] | None = None,
     split: str = "test",
     instructions: str | None = INSTRUCTIONS_FILE,
     instruction_seed: int = 2023,
@@ -300,9 +301,11 @@ def read_mbeir(
     recall_ks: Mapping[str, Sequence[int]] | None = None,
     average_k: Mapping[str, int] | None = None,
 ) -> MBeirBenchmark:
-    """The configured tasks (query-file name -> local pool name) of an M-BEIR download at ``root``.
+    """The configured tasks (query-file names) of an M-BEIR download at ``root``.
 
-    ``recall_ks`` and ``average_k`` map a task to its cut-offs and to the one
+    A task's local pool has the task's name unless ``local_pools`` names
+    another (MSCOCO's carry a ``_test`` suffix). ``recall_ks`` and
+    ``average_k`` map a task to its cut-offs and to the one
     the M-BEIR average takes, with a ``default`` entry; ``instructions`` None
     scores the queries without prompts (UniIR's enable_query_instruct false).
     """
@@ -315,18 +318,21 @@ def read_mbeir(
     recall_ks = {"default": (1, 5, 10), **(recall_ks or {})}
     average_k = {"default": 5, **(average_k or {})}
     prompts = read_instructions(root / instructions) if instructions else None
-    local_pools: dict[str, CandidatePool] = {}
+    if len(set(tasks)) != len(tasks):
+        raise EvaluationDataError(f"M-BEIR: a task is listed twice in {list(tasks)}")
+    pools_read: dict[str, CandidatePool] = {}
     read_tasks = []
-    for name, pool_name in tasks.items():
-        if pool_name not in local_pools:
-            local_pools[pool_name] = read_pool(root, root / local_pool_file(pool_name), pool_name)
+    for name in tasks:
+        pool_name = (local_pools or {}).get(name, name)
+        if pool_name not in pools_read:
+            pools_read[pool_name] = read_pool(root, root / local_pool_file(pool_name), pool_name)
         ks = tuple(sorted(recall_ks.get(name, recall_ks["default"])))
         k = average_k.get(name, average_k["default"])
         if k not in ks:
             raise EvaluationDataError(f"M-BEIR task {name}: average_k {k} is not among its recall_ks {list(ks)}")
-        read_tasks.append(_read_task(root, name, split, local_pools[pool_name], prompts, instruction_seed, ks, k))
+        read_tasks.append(_read_task(root, name, split, pools_read[pool_name], prompts, instruction_seed, ks, k))
     union = read_pool(root, root / global_pool, "global") if "global" in pools else None
-    return MBeirBenchmark(root, read_tasks, tuple(pools), local_pools, union)
+    return MBeirBenchmark(root, read_tasks, tuple(pools), pools_read, union)
 
 
 def score_mbeir(

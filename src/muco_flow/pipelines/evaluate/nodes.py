@@ -23,7 +23,7 @@ def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, An
         sets["mmeb"] = read_mmeb(root / mmeb["dir"], root / mmeb.get("image_root", "."), mmeb["meta_tasks"])
     if mbeir := params.get("mbeir"):
         options = {k: v for k, v in mbeir.items() if k not in ("root", "tasks")}
-        sets["mbeir"] = read_mbeir(root / mbeir["root"], mbeir["tasks"], **options)
+        sets["mbeir"] = read_mbeir(root / mbeir["root"], list(mbeir["tasks"]), **options)
     if m3t := params.get("m3t_heldout"):
         sets["m3t"] = read_m3t_heldout(root / m3t["meta_file"], root / m3t.get("image_root", "."))
     return sets
