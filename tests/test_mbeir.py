@@ -434,3 +434,34 @@ def test_the_configured_sample_tasks_load_through_the_node(small_sample_root):
         "Which sentence describes this image?",
     }
     assert all(len(p) == 2 for p in i2t.positives)
+
+
+def test_rows_and_averages_reach_the_headline_and_the_report(download):
+    from muco_flow.evaluation.report import compare, headline, markdown_report, recall_curve_table, recall_figure
+
+    benchmark = read_mbeir(download, TASKS, local_pools=LOCAL_POOLS)
+    items = [*benchmark.global_pool.items, *(q for t in benchmark.tasks for q in t.queries)]
+    results = {}
+    for label, seed in (("model", 0), ("baseline", 1)):
+        generator = torch.Generator().manual_seed(seed)
+        table = {item: torch.randn(4, generator=generator).tolist() for item in items}
+        mbeir, curves = score_mbeir(benchmark, vectors_by_item(table), curve_ks=(1, 2))
+        mmeb = {"datasets": {"X": {"meta_task": "vqa", "queries": 1, "hit@1": 1.0}}, "meta_tasks": {"vqa": 1.0}}
+        results[label] = {
+            "mmeb": mmeb | {"average": 1.0}, "mbeir": mbeir, "m3t_heldout": {}, "recall_curves": curves,
+        }  # fmt: skip
+    flat = headline(results["model"])
+    assert flat["mbeir/local/average"] == results["model"]["mbeir"]["average"]["local"]
+    assert (
+        flat["mbeir/global/oven_task6/recall@10"]
+        == results["model"]["mbeir"]["rows"]["global"]["oven_task6"]["recall@10"]
+    )
+    assert not any(key.endswith(("/queries", "/candidates")) for key in flat)
+    metrics = compare(results["model"], results["baseline"], chance=0.5)
+    report = markdown_report(metrics, "model", "backbone")
+    assert "| mscoco_task3 | 3 | local: mscoco_task3_test | 1 | 6 |" in report
+    assert "| oven_task6 | 6 | global: global | 1 | 11 |" in report
+    assert "**M-BEIR average (global)**" in report
+    table = recall_curve_table(results["model"], results["baseline"])
+    assert set(table["set"]) == {f"M-BEIR {t} ({kind})" for t in TASKS for kind in ("local", "global")}
+    recall_figure(table)

@@ -84,7 +84,8 @@ def recall_figure(curves: pd.DataFrame):
     for i, name in enumerate(sets):
         for label, style in (("trained", "-"), ("baseline", ":")):
             part = curves[(curves["set"] == name) & (curves["model"] == label)].sort_values("k")
-            ax.plot(part["k"], part["recall"], style, color=f"C{i}", label=f"{name} ({label})")
+            # tab20: M-BEIR's rows (task x pool) and M3T's turn types make more sets than the 10 default colours
+            ax.plot(part["k"], part["recall"], style, color=plt.get_cmap("tab20")(i % 20), label=f"{name} ({label})")
     ax.set(xlabel="k", ylabel="recall@k", ylim=(0, 1.02), title="Retrieval recall@k (solid: trained, dotted: baseline)")
     ax.legend(fontsize=7, ncol=2)
     figure.tight_layout()
