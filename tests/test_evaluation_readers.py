@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muco_flow.evaluation.datasets import EvaluationDataError, read_m3t_heldout, read_mbeir
+from muco_flow.evaluation.datasets import EvaluationDataError, read_m3t_heldout
 from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.sample.m3t_mini import MMEB_DATASETS, MMEB_DIR, MMEB_IMAGE_ROOT
 
@@ -42,8 +41,6 @@ def test_the_samples_sets_load(sample):
     assert len(count.candidates) == 4  # "one".."four": every query's candidates, encoded once
     t2i = next(s for s in sets if s.name == "MiniShapes-T2I")
     assert all(c.image and c.text == "<|image_pad|>\nRepresent the given image.\n" for c in t2i.candidates)
-    pool = read_mbeir(sample / "eval/mbeir/queries.jsonl", sample / "eval/mbeir/cand_pool.jsonl", sample)
-    assert len(pool.queries) == 12 and all(len(p) == 1 for p in pool.positives)
     turns = read_m3t_heldout(sample / "M3T_heldout/M3T.parquet", sample)
     assert [s.group for s in turns] == ["classification", "global_vqa", "local_vqa", "creative_vqa", "retrieval"]
     assert sum(len(s.queries) for s in turns) == 6 * 7

@@ -11,7 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from muco_flow.sample.m3t_mini import BACKGROUNDS, SHAPE_COLOURS, MiniSampleConfig, generate_m3t_mini
+from muco_flow.sample.m3t_mini import (
+    BACKGROUNDS,
+    MBEIR_TASKS,
+    QUERY_PHRASINGS,
+    SHAPE_COLOURS,
+    MiniSampleConfig,
+    generate_m3t_mini,
+)
 from tests.conftest import SMALL_SAMPLE
 
 # The published M3T columns and nothing else (naver-ai/muco src/loader.py
@@ -140,27 +147,44 @@ def test_mmeb_sets_follow_both_published_layouts_with_the_answer_first(small_sam
         assert row["qry_text"].endswith("?\n")
 
 
-def test_mbeir_queries_point_into_the_pool(small_sample_files):
+def test_the_mbeir_download_has_uniirs_layout_and_tasks(small_sample_files):
     def jsonl(name):
-        return [json.loads(line) for line in small_sample_files[name].decode().splitlines()]
+        return [json.loads(line) for line in small_sample_files[f"eval/mbeir/{name}"].decode().splitlines()]
 
-    queries, pool = jsonl("eval/mbeir/queries.jsonl"), jsonl("eval/mbeir/cand_pool.jsonl")
-    assert all(set(q) == {"qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list"} for q in queries)
-    assert all(set(c) == {"did", "txt", "img_path", "modality"} for c in pool)
-    by_did = {c["did"]: c for c in pool}
-    assert len(by_did) == len(pool) and len({q["qid"] for q in queries}) == len(queries)
-    for q in queries:
-        assert q["pos_cand_list"] and all(did in by_did for did in q["pos_cand_list"])
-        if q["query_modality"] == "image":
-            assert q["query_img_path"] in small_sample_files
-        else:
-            assert q["query_txt"]
-    for c in pool:
-        assert (c["img_path"] in small_sample_files) if c["modality"] == "image" else bool(c["txt"])
-    # No query is itself a pool item: it would be its own best match and outrank the positive.
-    pool_items = {(c["txt"], c["img_path"]) for c in pool}
-    assert not any((q["query_txt"], q["query_img_path"]) in pool_items for q in queries)
-    assert {q["query_modality"] for q in queries} == {"text", "image"}
+    pools = {task: jsonl(f"cand_pool/local/mbeir_{task}_cand_pool.jsonl") for task in MBEIR_TASKS}
+    union = jsonl("cand_pool/global/mbeir_union_test_cand_pool.jsonl")
+    assert union == [c for pool in pools.values() for c in pool]
+    assert len({c["did"] for c in union}) == len(union)
+    for c in union:
+        assert list(c) == ["txt", "img_path", "modality", "did", "src_content"]
+        assert c["img_path"] is None or c["img_path"].startswith("mbeir_images/")
+
+    def image_bytes(path):
+        return small_sample_files[f"eval/mbeir/{path}"]
+
+    pool_texts = {c["txt"] for c in union if c["txt"]}
+    pool_images = {image_bytes(c["img_path"]) for c in union if c["img_path"]}
+    header, *rows = small_sample_files["eval/mbeir/instructions/query_instructions.tsv"].decode().splitlines()
+    assert header.split("\t")[:4] == ["query_modality", "cand_modality", "dataset_name", "dataset_id"]
+    keys = {tuple(row.split("\t")[:2]) for row in rows}
+    for task, pool in pools.items():
+        queries = jsonl(f"query/test/mbeir_{task}_test.jsonl")
+        assert len(queries) == SMALL_SAMPLE.eval_queries_per_dataset
+        by_did = {c["did"]: c for c in pool}
+        for q in queries:
+            assert list(q) == [
+                "qid", "query_txt", "query_img_path", "query_modality", "query_src_content", "pos_cand_list",
+                "neg_cand_list", "task_id",
+            ]  # fmt: skip
+            assert q["task_id"] == int(task.removeprefix("minishapes_task"))
+            assert q["pos_cand_list"] and all(did in by_did for did in q["pos_cand_list"])
+            assert (q["query_modality"], by_did[q["pos_cand_list"][0]]["modality"]) in keys
+            assert q["query_img_path"] is None or f"eval/mbeir/{q['query_img_path']}" in small_sample_files
+            # no query is an item of the global pool: it would be its own best match
+            assert q["query_txt"] not in pool_texts
+            assert q["query_img_path"] is None or image_bytes(q["query_img_path"]) not in pool_images
+    # the image -> text task asks as M3T's retrieval turn, which training teaches
+    assert any(row.split("\t")[4:7] == list(QUERY_PHRASINGS[6]) for row in rows)
 
 
 def test_evaluation_images_are_never_training_images(small_sample_files):

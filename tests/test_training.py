@@ -201,6 +201,9 @@ def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger
     # Issue 5 asks for 3x the untrained backbone; seed 0 gives about 3.2x, another seed 2.9x.
     # With all targets in one conversation (format.target_layout=conversation) it stays near 2.2x.
     assert metrics["model"]["mmeb"]["average"] >= 2.5 * metrics["baseline"]["mmeb"]["average"]
+    # M-BEIR's local average (recall@5 per task, UniIR's instructions): 0.54 against 0.15 on seed 0
+    trained, baseline = metrics["model"]["mbeir"]["average"]["local"], metrics["baseline"]["mbeir"]["average"]["local"]
+    assert trained >= 2 * baseline and trained >= baseline + 0.2
 
 
 def test_evaluate_scores_the_trained_model_and_the_baseline_into_the_training_run(prepared):

@@ -17,8 +17,6 @@ SCHEMA_VERSION = "m3t/2"
 TRAIN_META_FILE = "M3T_train/M3T.parquet"
 HELDOUT_META_FILE = "M3T_heldout/M3T.parquet"
 MBEIR_DIR = "eval/mbeir"
-MBEIR_QUERIES_FILE = "queries.jsonl"
-MBEIR_POOL_FILE = "cand_pool.jsonl"
 
 TURNS_PER_SAMPLE = 7
 
@@ -71,7 +69,3 @@ M3T_ARROW_SCHEMA = pa.schema(
         pa.field(QRY_SENTENCE, pa.string()),
     ]
 )
-
-
-MBEIR_QUERY_KEYS = ("qid", "query_txt", "query_img_path", "query_modality", "pos_cand_list")
-MBEIR_POOL_KEYS = ("did", "txt", "img_path", "modality")

@@ -1,18 +1,16 @@
-"""Retrieval sets, the common shape of every evaluation format, and held-out M3T.
+"""Retrieval sets, the common shape of the evaluation formats, and held-out M3T.
 
 Every set becomes queries, a list of distinct candidates (each encoded once)
-and, per query, which candidates count: for MMEB (evaluation.mmeb) a query's
-own candidate list with the first one correct; for M-BEIR and M3T the whole
-pool with its positives. A malformed file fails with the dataset, the row and
-the problem.
+and, per query, which candidates count: for MMEB (evaluation/mmeb.py) a
+query's own candidate list with the first one correct; for M3T the whole pool
+with its positives (M-BEIR: evaluation/mbeir.py). A malformed file fails with
+the dataset, the row and the problem.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -39,7 +37,7 @@ class Item:
 @dataclass
 class RetrievalSet:
     name: str
-    group: str  # MMEB meta-task, M3T turn type, or "mbeir"
+    group: str  # MMEB meta-task or M3T turn type
     root: Path
     queries: list[Item] = field(default_factory=list)
     candidates: list[Item] = field(default_factory=list)
@@ -61,55 +59,6 @@ def check_image(root: Path, path: str, where: str) -> None:
         raise EvaluationDataError(f"{where}: {err}") from None
     if not resolved.is_file():
         raise EvaluationDataError(f"{where}: image '{path}' not found under {root}")
-
-
-def _jsonl(path: Path, keys: tuple[str, ...], what: str) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvaluationDataError(f"M-BEIR {what} {path.name}, line {number + 1}: not JSON ({err})") from None
-        missing = [k for k in keys if k not in record]
-        if missing:
-            raise EvaluationDataError(f"M-BEIR {what} {path.name}, line {number + 1}: missing {missing}")
-        records.append(record)
-    return records
-
-
-def read_mbeir(queries_file: Path, pool_file: Path, root: Path, name: str = "M-BEIR") -> RetrievalSet:
-    """Queries scored against one global candidate pool."""
-    pool = _jsonl(pool_file, schema.MBEIR_POOL_KEYS, "pool")
-    queries = _jsonl(queries_file, schema.MBEIR_QUERY_KEYS, "queries")
-    result = RetrievalSet(name=name, group="mbeir", root=root)
-    seen: dict[Item, int] = {}
-    by_did: dict[str, int] = {}
-    for number, c in enumerate(pool):
-        item = Item(c["txt"] or "", c["img_path"] or None)
-        where = f"M-BEIR pool {pool_file.name}, line {number + 1} (did {c['did']})"
-        if item.image:
-            check_image(root, item.image, where)
-        elif not item.text:
-            raise EvaluationDataError(f"{where}: the candidate has neither text nor image")
-        by_did[c["did"]] = result.candidate_index(item, seen)
-    for number, q in enumerate(queries):
-        where = f"M-BEIR queries {queries_file.name}, line {number + 1} (qid {q['qid']})"
-        if not q["pos_cand_list"]:
-            raise EvaluationDataError(f"{where}: pos_cand_list is empty")
-        unknown = [d for d in q["pos_cand_list"] if d not in by_did]
-        if unknown:
-            raise EvaluationDataError(f"{where}: positive(s) {unknown} are not in the candidate pool")
-        item = Item(q["query_txt"] or "", q["query_img_path"] or None)
-        if item.image:
-            check_image(root, item.image, where)
-        elif not item.text:
-            raise EvaluationDataError(f"{where}: the query has neither text nor image")
-        result.queries.append(item)
-        result.candidate_lists.append(None)
-        result.positives.append(sorted({by_did[d] for d in q["pos_cand_list"]}))
-    return result
 
 
 def read_m3t_heldout(meta_file: Path, root: Path) -> list[RetrievalSet]:

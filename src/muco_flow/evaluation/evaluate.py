@@ -12,6 +12,7 @@ from PIL import Image
 
 from muco_flow.data.images import confined_path
 from muco_flow.evaluation.datasets import Item, RetrievalSet
+from muco_flow.evaluation.mbeir import MBeirBenchmark, score_mbeir
 from muco_flow.evaluation.metrics import argmax_hit, candidate_rank, hit_at_1, mrr, recall_at_k
 from muco_flow.evaluation.retrieval import chunked_positive_ranks
 from muco_flow.modeling.embedder import MuCoEmbedder
@@ -68,7 +69,7 @@ def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[b
 
 
 def score_sets(
-    mmeb: list[RetrievalSet], pools: list[RetrievalSet], m3t: list[RetrievalSet], cache: EncodingCache
+    mmeb: list[RetrievalSet], mbeir: MBeirBenchmark | None, m3t: list[RetrievalSet], cache: EncodingCache
 ) -> dict[str, Any]:
     """Every metric for one model, as a JSON-ready dict."""
     datasets = {}
@@ -92,18 +93,20 @@ def score_sets(
         }
     }
     curves: dict[str, dict[str, float]] = {}
-    for key, sets in (("mbeir", pools), ("m3t_heldout", m3t)):
-        section = {}
-        for s in sets:
-            ranks = positive_ranks(s, cache)
-            section[s.group if key == "m3t_heldout" else s.name] = {
-                **{f"recall@{k}": recall_at_k(ranks, k) for k in RECALL_KS},
-                "mrr@10": mrr(ranks, cutoff=10),
-                "queries": len(ranks),
-                "candidates": len(s.candidates),
-            }
-            curves[s.name] = {str(k): recall_at_k(ranks, k) for k in CURVE_KS}
-        results[key] = section
+    results["mbeir"] = None
+    if mbeir is not None:
+        results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, CURVE_KS)
+    section = {}
+    for s in m3t:
+        ranks = positive_ranks(s, cache)
+        section[s.group] = {
+            **{f"recall@{k}": recall_at_k(ranks, k) for k in RECALL_KS},
+            "mrr@10": mrr(ranks, cutoff=10),
+            "queries": len(ranks),
+            "candidates": len(s.candidates),
+        }
+        curves[s.name] = {str(k): recall_at_k(ranks, k) for k in CURVE_KS}
+    results["m3t_heldout"] = section
     results["recall_curves"] = curves
     return results
 

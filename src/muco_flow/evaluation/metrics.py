@@ -51,3 +51,14 @@ def mrr(positive_ranks: Sequence[Sequence[int]], cutoff: int | None = None) -> f
         best = min(ranks)
         total += 0.0 if cutoff is not None and best > cutoff else 1.0 / best
     return total / len(positive_ranks)
+
+
+def any_hit_recall_at_k(positive_ranks: Sequence[Sequence[int]], k: int) -> float:
+    """UniIR's recall@k: the share of queries with any positive in the top k.
+
+    A query whose positives are all absent from the pool (no ranks) is a miss
+    that still counts in the denominator, as in UniIR.
+    """
+    if not positive_ranks:
+        raise ValueError("recall of no queries")
+    return sum(bool(ranks) and min(ranks) <= k for ranks in positive_ranks) / len(positive_ranks)

@@ -14,9 +14,13 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
         flat["mmeb/average"] = results["mmeb"]["average"]
         flat |= {f"mmeb/{task}": v for task, v in results["mmeb"]["meta_tasks"].items()}
         flat |= {f"mmeb/{name}": d["hit@1"] for name, d in results["mmeb"]["datasets"].items()}
-    for section in ("mbeir", "m3t_heldout"):
-        for name, values in results[section].items():
-            flat |= {f"{section}/{name}/{k}": v for k, v in values.items() if "@" in k}
+    if results.get("mbeir"):
+        flat |= {f"mbeir/{kind}/average": v for kind, v in results["mbeir"]["average"].items()}
+        for kind, rows in results["mbeir"]["rows"].items():
+            for task, row in rows.items():
+                flat |= {f"mbeir/{kind}/{task}/{k}": v for k, v in row.items() if "@" in k}
+    for name, values in results["m3t_heldout"].items():
+        flat |= {f"m3t_heldout/{name}/{k}": v for k, v in values.items() if "@" in k}
     return flat
 
 
@@ -80,7 +84,8 @@ def recall_figure(curves: pd.DataFrame):
     for i, name in enumerate(sets):
         for label, style in (("trained", "-"), ("baseline", ":")):
             part = curves[(curves["set"] == name) & (curves["model"] == label)].sort_values("k")
-            ax.plot(part["k"], part["recall"], style, color=f"C{i}", label=f"{name} ({label})")
+            # tab20: M-BEIR's rows (task x pool) and M3T's turn types make more sets than the 10 default colours
+            ax.plot(part["k"], part["recall"], style, color=plt.get_cmap("tab20")(i % 20), label=f"{name} ({label})")
     ax.set(xlabel="k", ylabel="recall@k", ylim=(0, 1.02), title="Retrieval recall@k (solid: trained, dotted: baseline)")
     ax.legend(fontsize=7, ncol=2)
     figure.tight_layout()
@@ -119,18 +124,48 @@ def markdown_report(metrics: dict[str, Any], model_name: str, baseline_name: str
         "![recall@k](recall_at_k.png)",
         "",
     ]
-    for section, title in (("mbeir", "M-BEIR format"), ("m3t_heldout", "Held-out M3T, per turn type")):
-        lines += [
-            f"## {title}",
-            "",
-            "| set | recall@1 | recall@5 | recall@10 | MRR@10 | baseline R@1 |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for name, v in model[section].items():
-            b = baseline[section][name]["recall@1"]
-            lines.append(
-                f"| {name} | {v['recall@1']:.3f} | {v['recall@5']:.3f} | {v['recall@10']:.3f} | "
-                f"{v['mrr@10']:.3f} | {b:.3f} |"
-            )
-        lines.append("")
+    if model.get("mbeir"):
+        lines += _mbeir_table(model["mbeir"], baseline["mbeir"])
+    lines += [
+        "## Held-out M3T, per turn type",
+        "",
+        "| set | recall@1 | recall@5 | recall@10 | MRR@10 | baseline R@1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, v in model["m3t_heldout"].items():
+        b = baseline["m3t_heldout"][name]["recall@1"]
+        lines.append(
+            f"| {name} | {v['recall@1']:.3f} | {v['recall@5']:.3f} | {v['recall@10']:.3f} | "
+            f"{v['mrr@10']:.3f} | {b:.3f} |"
+        )
+    lines.append("")
     return "\n".join(lines)
+
+
+def _mbeir_table(model: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    """A row per task and pool kind with its own cut-offs, and the M-BEIR average per pool kind."""
+
+    def recalls(row: dict[str, Any]) -> str:
+        return ", ".join(f"R@{k.split('@')[1]} {v:.3f}" for k, v in row.items() if k.startswith("recall@"))
+
+    lines = [
+        "## M-BEIR (UniIR's recall@k: any positive in the top k)",
+        "",
+        "| task | task id | pool | queries | candidates | trained | baseline |",
+        "| --- | ---: | --- | ---: | ---: | --- | --- |",
+    ]
+    for kind, rows in model["rows"].items():
+        for task, row in rows.items():
+            lines.append(
+                f"| {task} | {row['task_id']} | {kind}: {row['pool']} | {row['queries']} | {row['candidates']} | "
+                f"{recalls(row)} | {recalls(baseline['rows'][kind][task])} |"
+            )
+    metrics = sorted(set(model["average_metrics"].values()), key=lambda m: int(m.split("@")[1]))
+    for kind, value in model["average"].items():
+        b = baseline["average"][kind]
+        lines.append(f"| **M-BEIR average ({kind})** | | | | | **{value:.3f}** | {b:.3f} (delta {value - b:+.3f}) |")
+    lines += [
+        "",
+        f"The average is the mean over tasks of each task's {' or '.join(metrics)}, as UniIR's tables report.",
+    ]
+    return [*lines, ""]

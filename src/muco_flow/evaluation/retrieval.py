@@ -60,12 +60,16 @@ def chunked_positive_ranks(
     *,
     query_chunk: int = 1024,
     pool_chunk: int = 65536,
+    ignore_other_positives: bool = False,
 ) -> list[list[int]]:
     """The 1-based rank of each positive of each query in the whole pool.
 
     A tie counts against the positive: its rank is 1 + the number of other
     pool rows scoring at least as high (within TIE_TOLERANCE). A model that gives every candidate the
-    same vector then ranks its positives last, not first.
+    same vector then ranks its positives last, not first. With
+    ``ignore_other_positives`` only the query's non-positive rows count, so
+    positives never push each other down (UniIR's any-positive recall needs
+    just the best one's rank).
     """
     ranks: list[list[int]] = []
     for q in range(0, queries.shape[0], query_chunk):
@@ -77,13 +81,23 @@ def chunked_positive_ranks(
             ranks.extend([] for _ in block_positives)
             continue
         positive_scores = (block[rows] * pool[cols]).sum(dim=1)
+        # (entry, column) pairs that never count against an entry: its own column,
+        # whatever rounding says, and with ignore_other_positives its query's other positives
+        if ignore_other_positives:
+            pairs, entry = [], 0
+            for pos in block_positives:
+                pairs += [(entry + j, c) for j in range(len(pos)) for c in pos]
+                entry += len(pos)
+            skip_entries = torch.tensor([e for e, _ in pairs], dtype=torch.long)
+            skip_cols = torch.tensor([c for _, c in pairs], dtype=torch.long)
+        else:
+            skip_entries, skip_cols = torch.arange(rows.shape[0]), cols
         others_at_least = torch.zeros(rows.shape[0], dtype=torch.long)
         for p in range(0, pool.shape[0], pool_chunk):
             scores = block @ pool[p : p + pool_chunk].T
             hits = scores[rows] >= positive_scores[:, None] - TIE_TOLERANCE
-            # the positive's own column is not an "other" row, whatever rounding says
-            own = ((cols >= p) & (cols < p + scores.shape[1])).nonzero().squeeze(1)
-            hits[own, cols[own] - p] = False
+            inside = ((skip_cols >= p) & (skip_cols < p + scores.shape[1])).nonzero().squeeze(1)
+            hits[skip_entries[inside], skip_cols[inside] - p] = False
             others_at_least += hits.sum(dim=1)
         flat = (others_at_least + 1).tolist()
         it = iter(flat)

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from muco_flow.data import mmeb_train, schema
+from muco_flow.evaluation import mbeir
 from muco_flow.modeling import tokens
 
 SHAPE_COLOURS = {
@@ -95,6 +96,22 @@ MMEB_DATASETS = {
 }
 MMEB_DIR = "eval/mmeb"  # as the HF download: <Dataset>/test-00000-of-00001.parquet or <Dataset>/test/*.parquet
 MMEB_IMAGE_ROOT = "eval/mmeb/images"  # as images.zip unzipped; the parquet paths are relative to it
+
+# M-BEIR tasks the sample writes (evaluate.mbeir.tasks); each local pool has its task's name
+MBEIR_TASKS = ("minishapes_task0", "minishapes_task3", "minishapes_task6")
+MBEIR_DATASET_ID = 10  # after UniIR's ten, 0 VisualNews .. 9 MSCOCO
+# The instruction file's prompts by (query modality, candidate modality); image -> text asks as M3T's retrieval turn
+MBEIR_PROMPTS = {
+    (mbeir.TEXT, mbeir.IMAGE): (
+        "Find the image that matches this caption.",
+        "Retrieve the picture this caption describes.",
+    ),
+    (mbeir.IMAGE, mbeir.TEXT): QUERY_PHRASINGS[6],
+    (mbeir.IMAGE_TEXT, mbeir.TEXT): (
+        "Answer the question about the image.",
+        "Look at the image and answer the question.",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -520,48 +537,82 @@ def _mmeb_train_files(config: MiniSampleConfig, scenes: list[Seeded]) -> dict[st
 
 
 def _mbeir_files(scenes: list[Seeded]) -> dict[str, bytes]:
-    """One global pool (images and captions) with text-to-image and image-to-text queries.
+    """An M-BEIR download (evaluation/mbeir.py's layout) of three tasks over ``scenes``, a third each.
 
-    As in M-BEIR, no query is itself in the pool: t2i queries are paraphrases
-    of captions and ask for the first half's images; i2t queries are the second
-    half's images and ask for their captions.
+    Task 0 (text -> image) asks for an image by its caption; task 3
+    (image -> text) asks for either of an image's two captions; task 6
+    (image, text -> text) asks a question about an image, answered from a
+    pool of every possible short answer. The tasks use separate scenes, so
+    no query is itself an item of the global pool.
     """
-    pool, queries = [], []
-    half = len(scenes) // 2
-    for i, (_, scene) in enumerate(scenes):
-        image = f"{MMEB_IMAGE_ROOT}/MiniShapes/{i:06d}.png"  # the MMEB sets' images
-        if i < half:
-            did = f"9:img-{i}"
-            pool.append({"did": did, "txt": "", "img_path": image, "modality": "image"})
-            queries.append(
-                {
-                    "qid": f"9:t2i-{i}",
-                    "query_txt": _paraphrase(scene),
-                    "query_img_path": None,
-                    "query_modality": "text",
-                    "pos_cand_list": [did],
-                }
-            )
-        else:
-            did = f"9:txt-{i}"
-            pool.append({"did": did, "txt": scene.describe(), "img_path": None, "modality": "text"})
-            queries.append(
-                {
-                    "qid": f"9:i2t-{i}",
-                    "query_txt": "",
-                    "query_img_path": image,
-                    "query_modality": "image",
-                    "pos_cand_list": [did],
-                }
-            )
+    per_task = len(scenes) // len(MBEIR_TASKS)
+    task0, task3, task6 = (scenes[i * per_task : (i + 1) * per_task] for i in range(len(MBEIR_TASKS)))
+    files: dict[str, bytes] = {}
+    pools: dict[str, list[dict]] = {name: [] for name in MBEIR_TASKS}  # by task: each has its own pool
+    queries: dict[str, list[dict]] = {name: [] for name in MBEIR_TASKS}
+    # qids and dids are "<dataset id>:<index>", each in its own numbering
+    dids, qids = iter(range(1, 1_000_000)), iter(range(1, 1_000_000))
+
+    def image(name: str, index: int, scene: Scene) -> str:
+        path = f"{mbeir.IMAGES_DIR}/minishapes_images/{name}/{index:06d}.png"
+        files[f"{schema.MBEIR_DIR}/{path}"] = png_bytes(render_scene(scene))
+        return path
+
+    def candidate(pool: str, txt: str | None, img_path: str | None) -> str:
+        did = f"{MBEIR_DATASET_ID}:{next(dids)}"
+        modality = ",".join(m for m, v in ((mbeir.IMAGE, img_path), (mbeir.TEXT, txt)) if v)
+        pools[pool].append({"txt": txt, "img_path": img_path, "modality": modality, "did": did, "src_content": None})
+        return did
+
+    def query(task: str, txt: str | None, img_path: str | None, positives: list[str]) -> None:
+        modality = ",".join(m for m, v in ((mbeir.IMAGE, img_path), (mbeir.TEXT, txt)) if v)
+        cand_modality = next(c["modality"] for c in pools[task] if c["did"] == positives[0])
+        queries[task].append(
+            {
+                "qid": f"{MBEIR_DATASET_ID}:{next(qids)}",
+                "query_txt": txt,
+                "query_img_path": img_path,
+                "query_modality": modality,
+                "query_src_content": None,
+                "pos_cand_list": positives,
+                "neg_cand_list": [],
+                "task_id": mbeir.TASK_IDS[(modality, cand_modality)],
+            }
+        )
+
+    name0, name3, name6 = MBEIR_TASKS
+    for i, (_, scene) in enumerate(task0):
+        did = candidate(name0, None, image(name0, i, scene))
+        query(name0, scene.describe(), None, [did])
+    for i, (_, scene) in enumerate(task3):
+        captions = [candidate(name3, text, None) for text in (scene.describe(), _paraphrase(scene))]
+        query(name3, None, image(name3, i, scene), captions)
+    answers = [*NUMBER_WORDS[1:], *BACKGROUNDS, *SHAPE_COLOURS, *SHAPES]
+    answer_dids = {answer: candidate(name6, answer, None) for answer in answers}
+    for i, (rng, scene) in enumerate(task6):
+        shape = scene.shapes[rng.randrange(len(scene.shapes))]
+        question, answer = (
+            (QUERY_PHRASINGS[1][0], NUMBER_WORDS[len(scene.shapes)]),
+            (QUERY_PHRASINGS[2][0], scene.background),
+            (QUERY_PHRASINGS[3][0].format(region=shape.region), shape.colour),
+            (QUERY_PHRASINGS[4][0].format(region=shape.region), shape.kind),
+        )[i % 4]
+        query(name6, question, image(name6, i, scene), [answer_dids[answer]])
 
     def jsonl(records: list[dict]) -> bytes:
-        return "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+        return "".join(json.dumps(r) + "\n" for r in records).encode()
 
-    return {
-        f"{schema.MBEIR_DIR}/{schema.MBEIR_QUERIES_FILE}": jsonl(queries),
-        f"{schema.MBEIR_DIR}/{schema.MBEIR_POOL_FILE}": jsonl(pool),
-    }
+    for name, pool in pools.items():
+        files[f"{schema.MBEIR_DIR}/{mbeir.query_file(name)}"] = jsonl(queries[name])
+        files[f"{schema.MBEIR_DIR}/{mbeir.local_pool_file(name)}"] = jsonl(pool)
+    files[f"{schema.MBEIR_DIR}/{mbeir.GLOBAL_POOL_FILE}"] = jsonl([c for pool in pools.values() for c in pool])
+    header = [*mbeir.INSTRUCTION_COLUMNS, *(f"prompt_{n}" for n in range(1, 5))]
+    lines = [header] + [
+        [query_modality, cand_modality, "MiniShapes", str(MBEIR_DATASET_ID), *prompts, *[""] * (4 - len(prompts))]
+        for (query_modality, cand_modality), prompts in MBEIR_PROMPTS.items()
+    ]
+    files[f"{schema.MBEIR_DIR}/{mbeir.INSTRUCTIONS_FILE}"] = "".join("\t".join(line) + "\n" for line in lines).encode()
+    return files
 
 
 def _paraphrase(scene: Scene) -> str:
@@ -585,5 +636,7 @@ def generate_m3t_mini(config: MiniSampleConfig) -> dict[str, bytes]:
     files |= _mmeb_train_files(config, train)
     files |= _m3t_files("heldout", heldout, schema.HELDOUT_META_FILE)
     files |= _mmeb_files(config, evaluation)
-    files |= _mbeir_files(evaluation)
+    files |= _mbeir_files(
+        _scenes(config.seed, "mbeir", len(MBEIR_TASKS) * config.eval_queries_per_dataset, exclude=seen)
+    )
     return files

@@ -9,8 +9,9 @@ import pandas as pd
 import torch
 
 from muco_flow.data.conversations import FormatConfig
-from muco_flow.evaluation.datasets import RetrievalSet, read_m3t_heldout, read_mbeir
+from muco_flow.evaluation.datasets import read_m3t_heldout
 from muco_flow.evaluation.evaluate import EncodingCache, chance_mmeb_average, score_sets
+from muco_flow.evaluation.mbeir import read_mbeir
 from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
 from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation
@@ -18,23 +19,21 @@ from muco_flow.modeling.embedder import load_embedder
 from muco_flow.tracking import metrics_table, select_metrics
 
 
-def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, list[RetrievalSet]]:
+def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, Any]:
     """Reads (and checks) every configured set; paths are relative to ``data_root`` unless absolute."""
     root = Path(data_root)
-    sets: dict[str, list[RetrievalSet]] = {"mmeb": [], "pools": [], "m3t": []}
+    sets: dict[str, Any] = {"mmeb": [], "mbeir": None, "m3t": []}
     if mmeb := params.get("mmeb"):
         sets["mmeb"] = read_mmeb(root / mmeb["dir"], root / mmeb["image_root"], mmeb["datasets"])
     if mbeir := params.get("mbeir"):
-        image_root = root / mbeir.get("image_root", ".")
-        sets["pools"] = [read_mbeir(root / mbeir["queries"], root / mbeir["pool"], image_root)]
+        options = {k: v for k, v in mbeir.items() if k not in ("root", "tasks")}
+        sets["mbeir"] = read_mbeir(root / mbeir["root"], list(mbeir["tasks"]), **options)
     if m3t := params.get("m3t_heldout"):
         sets["m3t"] = read_m3t_heldout(root / m3t["meta_file"], root / m3t.get("image_root", "."))
     return sets
 
 
-def _score(
-    model_dir: str, sets: dict[str, list[RetrievalSet]], params: dict, format_params: dict, backbone: dict
-) -> dict:
+def _score(model_dir: str, sets: dict[str, Any], params: dict, format_params: dict, backbone: dict) -> dict:
     """Every metric for one model directory, loaded with the `backbone` settings (precision, attention, pixels)."""
     template = FormatConfig.from_params(format_params).templates.single_turn()
     settings = BackboneConfig.from_params(backbone)
@@ -47,7 +46,7 @@ def _score(
     )
     embedder.to("cuda" if torch.cuda.is_available() else "cpu")
     cache = EncodingCache(embedder, template, params["batch_size"])
-    return score_sets(sets["mmeb"], sets["pools"], sets["m3t"], cache)
+    return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache)
 
 
 def evaluated_model_dir(train_run: dict[str, Any], params: dict[str, Any]) -> str:
@@ -56,14 +55,14 @@ def evaluated_model_dir(train_run: dict[str, Any], params: dict[str, Any]) -> st
 
 
 def evaluate_trained_model(
-    sets: dict[str, list[RetrievalSet]], train_run: dict[str, Any], params: dict, format_params: dict, backbone: dict
+    sets: dict[str, Any], train_run: dict[str, Any], params: dict, format_params: dict, backbone: dict
 ) -> dict[str, Any]:
     """All metrics for the evaluated model: the one training wrote, or the directory in ``model``."""
     return _score(evaluated_model_dir(train_run, params), sets, params, format_params, backbone)
 
 
 def evaluate_baseline(
-    sets: dict[str, list[RetrievalSet]], backbone_checkpoint: str, params: dict, format_params: dict, backbone: dict
+    sets: dict[str, Any], backbone_checkpoint: str, params: dict, format_params: dict, backbone: dict
 ) -> dict[str, Any]:
     """All metrics for the baseline: the untrained backbone, or the model directory in ``baseline``."""
     source = params.get("baseline", "backbone")
@@ -73,7 +72,7 @@ def evaluate_baseline(
 def build_evaluation_report(
     model: dict[str, Any],
     baseline: dict[str, Any],
-    sets: dict[str, list[RetrievalSet]],
+    sets: dict[str, Any],
     train_run: dict[str, Any],
     params: dict[str, Any],
 ) -> tuple[dict[str, Any], pd.DataFrame, Any, Any, str]:
