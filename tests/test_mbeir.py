@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from muco_flow.data.m3t_mini import MBEIR_TASKS
+from muco_flow.sample.m3t_mini import MBEIR_TASKS
 from PIL import Image
 
 from muco_flow.evaluation.datasets import EvaluationDataError, Item
