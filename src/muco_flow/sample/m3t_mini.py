@@ -44,32 +44,40 @@ REGIONS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 SIDE_CHOICES = (112, 140, 168, 196, 224)  # multiples of 28, Qwen2-VL's patch grid
 
-# Query phrasings per M3T turn, in turn order. `{region}` is filled in.
+# Query phrasings per M3T turn, in turn order. `{region}` is filled in. The
+# last phrasing of turns 0-4 is worded as MMEB's instructions are (the sample's
+# MMEB sets ask with them), as MMEB-style instructions are among the phrasings
+# a real training set would hold.
 QUERY_PHRASINGS: tuple[tuple[str, ...], ...] = (
     (
         "What is the main object in the image?",
         "Classify the largest object in this picture.",
         "Name the most prominent object shown.",
+        "Represent the given image for classification",
     ),
     (
         "How many shapes are in the image?",
         "Count the objects in this picture.",
         "What is the number of shapes shown?",
+        "Represent the given image with the following question: How many shapes are in the image?",
     ),
     (
         "What color is the background?",
         "Describe the background color of the image.",
         "Which color fills the background?",
+        "Represent the given image with the following question: What color is the background?",
     ),
     (
         "What color is the shape in the {region}?",
         "In the {region} of the image, what color is the object?",
         "Tell me the color of the object located in the {region}.",
+        "Represent the given image with the following question: What color is the shape in the {region}?",
     ),
     (
         "What shape is in the {region}?",
         "Which kind of shape appears in the {region}?",
         "Identify the shape located in the {region}.",
+        "Represent the given image with the following question: What shape is in the {region}?",
     ),
     (
         "Write a short title for this picture.",
