@@ -59,6 +59,7 @@ class FormatConfig:
     turns_per_conversation: int | None = None  # None: all K turns in one conversation
     target_field: str = "pos_text"
     target_layout: str = "independent"
+    hard_negatives: bool = False  # also tokenize neg_text, each as its own one-turn target conversation
     shuffle_turns: bool = True
     max_length: int = 2048
     seed: int = 0
@@ -96,12 +97,22 @@ class ConversationPlan:
     queries: tuple[str, ...]
     targets: tuple[str, ...]
     phrasing: tuple[int, ...] = field(default=())
+    negatives: tuple[str, ...] = ()  # a wrong answer per turn, in the same order (hard negatives)
 
 
 def plan_conversations(
-    sample_id: str, qry: Sequence[Sequence[str]], targets: Sequence[str], config: FormatConfig
+    sample_id: str,
+    qry: Sequence[Sequence[str]],
+    targets: Sequence[str],
+    config: FormatConfig,
+    negatives: Sequence[str] | None = None,
 ) -> list[ConversationPlan]:
-    """The sample's conversations: turns shuffled, one phrasing each, split into chunks."""
+    """The sample's conversations: turns shuffled, one phrasing each, split into chunks.
+
+    ``negatives`` (M3T's ``neg_text``, one per turn) follow their turns.
+    """
+    if negatives is not None and len(negatives) != len(qry):
+        raise ValueError(f"sample {sample_id}: {len(negatives)} hard negatives for {len(qry)} turns")
     rng = random.Random(f"muco-format:{config.seed}:{sample_id}")
     order = list(range(len(qry)))
     if config.shuffle_turns:
@@ -122,6 +133,7 @@ def plan_conversations(
                 queries=tuple(qry[k][p] for k, p in zip(turns, chosen, strict=True)),
                 targets=tuple(targets[k] for k in turns),
                 phrasing=tuple(chosen),
+                negatives=tuple(negatives[k] for k in turns) if negatives is not None else (),
             )
         )
     return plans
@@ -165,6 +177,11 @@ def query_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
 def target_segments(plan: ConversationPlan, t: ChatTemplates, independent: bool = False) -> list[str]:
     """The target side: text only, in the query side's turn order; ``independent``: one conversation each."""
     return _segments([t.target.format(target=x) for x in plan.targets], t, system_every_turn=independent)
+
+
+def negative_segments(plan: ConversationPlan, t: ChatTemplates) -> list[str]:
+    """The hard negatives, each its own one-turn conversation, as independent targets are."""
+    return _segments([t.target.format(target=x) for x in plan.negatives], t, system_every_turn=True)
 
 
 def single_turn_template(t: ChatTemplates) -> str:

@@ -23,6 +23,7 @@ from muco_flow.data import schema
 from muco_flow.data.conversations import (
     ConversationPlan,
     FormatConfig,
+    negative_segments,
     plan_conversations,
     query_segments,
     target_key,
@@ -55,6 +56,20 @@ FORMATTED_SCHEMA = pa.schema(
         pa.field("target_turn_lengths", pa.list_(pa.int32()), nullable=False),
     ]
 )
+# With format.hard_negatives: each turn's wrong answer, a one-turn conversation like an independent target.
+NEGATIVE_FIELDS = [
+    pa.field("negative_input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("negative_emb_positions", pa.list_(pa.int32()), nullable=False),
+    pa.field("negative_key", pa.list_(pa.int64()), nullable=False),
+    pa.field("negative_turn_lengths", pa.list_(pa.int32()), nullable=False),
+]
+
+
+def formatted_schema(hard_negatives: bool) -> pa.Schema:
+    schema_ = FORMATTED_SCHEMA
+    for negative_field in NEGATIVE_FIELDS if hard_negatives else []:
+        schema_ = schema_.append(negative_field)
+    return schema_
 
 
 def image_token_count(image_processor: Qwen2VLImageProcessorPil, width: int, height: int) -> int:
@@ -83,7 +98,8 @@ class ConversationTokenizer:
         query_segs = [query_segments(p, t) for p in plans]
         independent = self.config.target_layout == "independent"
         target_segs = [target_segments(p, t, independent) for p in plans]
-        flat = [s for segs in query_segs + target_segs for s in segs]
+        negative_segs = [negative_segments(p, t) for p in plans] if self.config.hard_negatives else []
+        flat = [s for segs in query_segs + target_segs + negative_segs for s in segs]
         ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"])
         results: list[dict[str, Any] | None] = []
         for plan, q_segs, n_image in zip(plans, query_segs, image_tokens, strict=True):
@@ -91,7 +107,9 @@ class ConversationTokenizer:
             results.append({"plan": plan, "query": query})
         for result, t_segs in zip(results, target_segs, strict=True):
             result["target"] = [next(ids) for _ in t_segs]
-        return [self._fit(r["plan"], r["query"], r["target"]) for r in results]
+        for result, n_segs in zip(results, negative_segs, strict=False):
+            result["negative"] = [next(ids) for _ in n_segs]
+        return [self._fit(r["plan"], r["query"], r["target"], r.get("negative")) for r in results]
 
     def _expand_image(self, ids: list[int], n_image: int) -> list[int]:
         if ids.count(self.image_pad_id) != 1:
@@ -99,13 +117,21 @@ class ConversationTokenizer:
         at = ids.index(self.image_pad_id)
         return ids[:at] + [self.image_pad_id] * n_image + ids[at + 1 :]
 
-    def _fit(self, plan: ConversationPlan, query: list[list[int]], target: list[list[int]]) -> dict[str, Any] | None:
+    def _fit(
+        self,
+        plan: ConversationPlan,
+        query: list[list[int]],
+        target: list[list[int]],
+        negative: list[list[int]] | None = None,
+    ) -> dict[str, Any] | None:
         kept, q_len, t_len = 0, 0, 0
         independent = self.config.target_layout == "independent"
-        for q, tg in zip(query, target, strict=True):
+        for turn, (q, tg) in enumerate(zip(query, target, strict=True)):
             # independent targets are separate sequences: each one must fit, not their sum
             t_need = len(tg) if independent else t_len + len(tg)
             if q_len + len(q) > self.config.max_length or t_need > self.config.max_length:
+                break
+            if negative is not None and len(negative[turn]) > self.config.max_length:
                 break
             kept, q_len, t_len = kept + 1, q_len + len(q), t_len + len(tg)
         if kept == 0:
@@ -119,7 +145,21 @@ class ConversationTokenizer:
                 f"sample {plan.sample_id}: {len(q_emb)} query and {len(t_emb)} target {tokens.EMB_TOKEN} tokens "
                 f"for {kept} turns; the templates or the text hold extra {tokens.EMB_TOKEN} tokens"
             )
-        return {
+        negative_columns = {}
+        if negative is not None:
+            negative_ids = [i for seg in negative[:kept] for i in seg]
+            negative_columns = {
+                "negative_input_ids": negative_ids,
+                "negative_emb_positions": [i for i, tok in enumerate(negative_ids) if tok == self.emb_id],
+                "negative_key": [target_key(text) for text in plan.negatives[:kept]],
+                "negative_turn_lengths": [len(seg) for seg in negative[:kept]],
+            }
+            if len(negative_columns["negative_emb_positions"]) != kept:
+                raise ValueError(
+                    f"sample {plan.sample_id}: the hard negatives hold extra {tokens.EMB_TOKEN} tokens "
+                    f"({len(negative_columns['negative_emb_positions'])} for {kept} turns)"
+                )
+        return negative_columns | {
             "conversation_id": f"{plan.sample_id}#{plan.part}",
             schema.SAMPLE_ID: plan.sample_id,
             "turn_index": list(plan.turn_index[:kept]),
@@ -149,9 +189,10 @@ def format_m3t_shards(
     shards_dir, output_dir = Path(shards_dir), Path(output_dir)
     ingest_manifest = json.loads((shards_dir / MANIFEST_FILE).read_text())
     conv_tokenizer = ConversationTokenizer(tokenizer, config)
-    writer = ShardWriter(output_dir / CONVERSATIONS_DIR, FORMATTED_SCHEMA, config.rows_per_shard)
+    writer = ShardWriter(output_dir / CONVERSATIONS_DIR, formatted_schema(config.hard_negatives), config.rows_per_shard)
     counts: Counter[str] = Counter()
     columns = [schema.SAMPLE_ID, schema.QRY, config.target_field, "image_width", "image_height"]
+    columns += [schema.NEG_TEXT] if config.hard_negatives else []
     total = ingest_manifest["counts"]["accepted"]
     with tqdm(total=total, desc="format", unit="sample", disable=total < 2000) as progress:
         for shard in ingest_manifest["shards"]:
@@ -162,8 +203,9 @@ def format_m3t_shards(
                 plans, images, refs = [], [], []
                 for offset, sample in enumerate(batch.to_pylist()):
                     n_image = image_token_count(image_processor, sample["image_width"], sample["image_height"])
+                    negatives = _hard_negatives(sample) if config.hard_negatives else None
                     for plan in plan_conversations(
-                        sample[schema.SAMPLE_ID], sample[schema.QRY], sample[config.target_field], config
+                        sample[schema.SAMPLE_ID], sample[schema.QRY], sample[config.target_field], config, negatives
                     ):
                         plans.append(plan)
                         images.append(n_image)
@@ -197,6 +239,7 @@ def format_m3t_shards(
             "turns_per_conversation": config.turns_per_conversation,
             "target_field": config.target_field,
             "target_layout": config.target_layout,
+            "hard_negatives": config.hard_negatives,
             "max_length": config.max_length,
             "seed": config.seed,
             "shuffle_turns": config.shuffle_turns,
@@ -205,3 +248,13 @@ def format_m3t_shards(
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     logging.getLogger(__name__).info("format: %s", manifest["counts"])
     return manifest
+
+
+def _hard_negatives(sample: dict[str, Any]) -> list[str]:
+    negatives = sample.get(schema.NEG_TEXT)
+    if not negatives:
+        raise ValueError(
+            f"sample {sample[schema.SAMPLE_ID]} has no {schema.NEG_TEXT}: format.hard_negatives needs one wrong "
+            "answer per turn; set it to false or ingest a source that has them"
+        )
+    return negatives

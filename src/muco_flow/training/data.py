@@ -40,6 +40,8 @@ RECORD_COLUMNS = [
     "target_key",
     "target_turn_lengths",
 ]
+# read with training.hard_negatives (formatted with format.hard_negatives)
+NEGATIVE_COLUMNS = ["negative_input_ids", "negative_emb_positions", "negative_key", "negative_turn_lengths"]
 
 
 class ImageStore:
@@ -82,6 +84,8 @@ class Batch:
     turns: int
     conversation_ids: list[str]
     target_keys: torch.Tensor  # [B*K], sample-major; equal for equal target texts
+    negative: dict[str, torch.Tensor] | None = None  # hard negatives, one one-turn conversation per turn
+    negative_keys: torch.Tensor | None = None  # [B*K], the target_keys of the negatives' texts
 
     @property
     def pairs(self) -> int:
@@ -89,7 +93,8 @@ class Batch:
 
     @property
     def tokens(self) -> int:
-        return int(self.query["attention_mask"].sum() + self.target["attention_mask"].sum())
+        sides = [self.query, self.target] + ([self.negative] if self.negative is not None else [])
+        return int(sum(side["attention_mask"].sum() for side in sides))
 
 
 class ConversationBatches:
@@ -107,19 +112,27 @@ class ConversationBatches:
         rank: int,
         world_size: int,
         seed: int,
+        hard_negatives: bool = False,
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
         self.independent_targets = manifest["settings"].get("target_layout") == "independent"
+        self.hard_negatives = hard_negatives
+        if hard_negatives and not manifest["settings"].get("hard_negatives"):
+            raise ValueError(
+                f"training.hard_negatives is set but {conversations_dir} was formatted without them; "
+                "re-run the format pipeline with format.hard_negatives: true"
+            )
+        columns = RECORD_COLUMNS + (NEGATIVE_COLUMNS if hard_negatives else [])
         self.records: list[dict[str, Any]] = []
         for shard in manifest["shards"]:
             path = Path(conversations_dir) / shard["file"]
-            missing = sorted(set(RECORD_COLUMNS) - set(pq.read_schema(path).names))
+            missing = sorted(set(columns) - set(pq.read_schema(path).names))
             if missing:
                 raise ValueError(
                     f"{path} has no column {', '.join(missing)}: it was formatted by an older muco-flow; "
                     "re-run the format pipeline"
                 )
-            self.records.extend(pq.read_table(path, columns=RECORD_COLUMNS).to_pylist())
+            self.records.extend(pq.read_table(path, columns=columns).to_pylist())
         if not self.records:
             raise ValueError(f"no conversations in {conversations_dir}; run the format pipeline first")
         self.images = ImageStore(shards_dir)
@@ -165,10 +178,17 @@ class ConversationBatches:
 
     def batch(self, step: int) -> Batch:
         """This rank's part of global batch ``step`` (epochs continue one after another)."""
+        return self._collate(self._members(step))
+
+    def batch_chunks(self, step: int, chunk_size: int) -> list[Batch]:
+        """The same conversations as ``batch(step)``, in order, as batches of at most ``chunk_size`` (GradCache)."""
+        mine = self._members(step)
+        return [self._collate(mine[i : i + chunk_size]) for i in range(0, len(mine), chunk_size)]
+
+    def _members(self, step: int) -> list[dict[str, Any]]:
         epoch, index = divmod(step, self.steps_per_epoch)
         members = self.epoch_batches(epoch)[index]
-        mine = [self.records[i] for i in members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]]
-        return self._collate(mine)
+        return [self.records[i] for i in members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]]
 
     def _collate(self, records: list[dict[str, Any]]) -> Batch:
         images = [
@@ -181,6 +201,7 @@ class ConversationBatches:
             pad_id=self.pad_id,
             image_pad_id=self.image_pad_id,
             independent_targets=self.independent_targets,
+            hard_negatives=self.hard_negatives,
         )
 
 
@@ -192,11 +213,13 @@ def collate_conversations(
     pad_id: int,
     image_pad_id: int,
     independent_targets: bool,
+    hard_negatives: bool = False,
 ) -> Batch:
     """A batch from formatted conversation records (all with the same K) and each one's image.
 
     With ``independent_targets`` (format.target_layout "independent") the
-    target side has one row per turn, B*K rows in sample-major order.
+    target side has one row per turn, B*K rows in sample-major order; so has
+    the hard negative side, with ``hard_negatives``.
     """
     pixel_values, grid, counts = image_inputs(image_processor, images)
     for record, count in zip(records, counts, strict=True):
@@ -209,14 +232,26 @@ def collate_conversations(
     query |= {"pixel_values": pixel_values, "image_grid_thw": grid}
     query["emb_index"] = _emb_index(records, "query_emb_positions")
     if independent_targets:
-        turns = [turn for r in records for turn in _split_turns(r)]
-        target = collate([ids for ids, _ in turns], pad_id, image_pad_id)
-        target["emb_index"] = torch.tensor([(row, emb) for row, (_, emb) in enumerate(turns)], dtype=torch.long)
+        target = _one_turn_conversations(records, "target", pad_id, image_pad_id)
     else:
         target = collate([r["target_input_ids"] for r in records], pad_id, image_pad_id)
         target["emb_index"] = _emb_index(records, "target_emb_positions")
     keys = torch.tensor([key for r in records for key in r["target_key"]], dtype=torch.long)
-    return Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records], keys)
+    batch = Batch(query, target, len(records[0]["turn_type"]), [r["conversation_id"] for r in records], keys)
+    if hard_negatives:
+        batch.negative = _one_turn_conversations(records, "negative", pad_id, image_pad_id)
+        batch.negative_keys = torch.tensor([key for r in records for key in r["negative_key"]], dtype=torch.long)
+    return batch
+
+
+def _one_turn_conversations(
+    records: list[dict[str, Any]], side: str, pad_id: int, image_pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The ``side`` ("target" or "negative") as one row per turn, sample-major, each row its own conversation."""
+    turns = [turn for r in records for turn in _split_turns(r, side)]
+    inputs = collate([ids for ids, _ in turns], pad_id, image_pad_id)
+    inputs["emb_index"] = torch.tensor([(row, emb) for row, (_, emb) in enumerate(turns)], dtype=torch.long)
+    return inputs
 
 
 def _emb_index(records: list[dict[str, Any]], column: str) -> torch.Tensor:
@@ -224,10 +259,10 @@ def _emb_index(records: list[dict[str, Any]], column: str) -> torch.Tensor:
     return torch.tensor([(row, pos) for row, r in enumerate(records) for pos in r[column]], dtype=torch.long)
 
 
-def _split_turns(record: dict[str, Any]) -> list[tuple[list[int], int]]:
-    """Each target turn's tokens and its ``<|emb|>`` position within them."""
+def _split_turns(record: dict[str, Any], side: str = "target") -> list[tuple[list[int], int]]:
+    """Each ``side`` turn's tokens and its ``<|emb|>`` position within them."""
     turns, start = [], 0
-    for length, emb in zip(record["target_turn_lengths"], record["target_emb_positions"], strict=True):
-        turns.append((record["target_input_ids"][start : start + length], emb - start))
+    for length, emb in zip(record[f"{side}_turn_lengths"], record[f"{side}_emb_positions"], strict=True):
+        turns.append((record[f"{side}_input_ids"][start : start + length], emb - start))
         start += length
     return turns
