@@ -66,10 +66,7 @@ NEGATIVE_FIELDS = [
 
 
 def formatted_schema(hard_negatives: bool) -> pa.Schema:
-    schema_ = FORMATTED_SCHEMA
-    for negative_field in NEGATIVE_FIELDS if hard_negatives else []:
-        schema_ = schema_.append(negative_field)
-    return schema_
+    return pa.schema([*FORMATTED_SCHEMA, *NEGATIVE_FIELDS]) if hard_negatives else FORMATTED_SCHEMA
 
 
 def image_token_count(image_processor: Qwen2VLImageProcessorPil, width: int, height: int) -> int:
@@ -107,8 +104,9 @@ class ConversationTokenizer:
             results.append({"plan": plan, "query": query})
         for result, t_segs in zip(results, target_segs, strict=True):
             result["target"] = [next(ids) for _ in t_segs]
-        for result, n_segs in zip(results, negative_segs, strict=False):
-            result["negative"] = [next(ids) for _ in n_segs]
+        if negative_segs:
+            for result, n_segs in zip(results, negative_segs, strict=True):
+                result["negative"] = [next(ids) for _ in n_segs]
         return [self._fit(r["plan"], r["query"], r["target"], r.get("negative")) for r in results]
 
     def _expand_image(self, ids: list[int], n_image: int) -> list[int]:
