@@ -21,13 +21,21 @@ from pathlib import Path
 
 from benchmarks import common
 
-BENCHMARKS = ("training_throughput", "data_path", "ingest_scaling", "retrieval_scaling", "zero_memory")
+BENCHMARKS = (
+    "training_throughput",
+    "data_path",
+    "ingest_scaling",
+    "retrieval_scaling",
+    "zero_memory",
+    "grad_cache_memory",
+)
 TITLES = {
     "training_throughput": "Multi-turn against single-turn training throughput",
     "data_path": "Data path against training's consumption",
     "ingest_scaling": "Ingest scaling",
     "retrieval_scaling": "Retrieval scoring scaling (chunked top-k)",
     "zero_memory": "ZeRO memory per rank, 2 processes (bytes measured, theory in parentheses)",
+    "grad_cache_memory": "GradCache memory: bounded by the chunk, not the batch",
 }
 DOCS = common.PROJECT_ROOT / "docs/performance.md"
 DOCS_BEGIN = "<!-- benchmark results: begin -->"

@@ -148,9 +148,9 @@ def training_step(engine: Any, batch: Batch, training: dict[str, Any]) -> float:
     """One full step (forward, backward, optimizer) as train.py takes it; returns the loss."""
     from muco_flow.training.train import forward_backward
 
-    loss = forward_backward(
+    loss, _ = forward_backward(
         engine,
-        batch,
+        [batch],
         CPU,
         temperature=training["temperature"],
         symmetric_loss=training["symmetric_loss"],

@@ -182,7 +182,7 @@ def measure_stage(stage: str, params: dict[str, Any], backbone: Path, batch_args
     ]
     forward_backward(
         engine,
-        batch,
+        [batch],
         workload.CPU,
         temperature=training["temperature"],
         symmetric_loss=training["symmetric_loss"],

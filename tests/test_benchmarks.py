@@ -247,6 +247,20 @@ def test_zero_memory_quick_matches_the_theory(results_dir, small_sample_root, ti
                 assert rank_bytes[category] == pytest.approx(theory, rel=0.01), (stage, category)
 
 
+def test_grad_cache_memory_quick(results_dir, small_sample_root, tiny_backbone_dir):
+    document = run_benchmark(
+        "grad_cache_memory", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)
+    )
+    parameters = document["parameters"]
+    results = {(r["chunk"], r["batch"]): r for r in document["results"]}
+    assert set(results) == {(c, b) for c in (None, parameters["chunk"]) for b in parameters["batches"]}
+    for (chunk, batch), result in results.items():
+        # one backward per chunk with GradCache, one for the whole batch without
+        assert result["backward_passes"] == (-(-batch // chunk) if chunk else 1)
+        assert result["graph_peak_bytes"] > 0 and result["peak_rss_mib"] > result["step_peak_rss_over_start_mib"]
+    assert [g["goal"].split(":")[0] for g in document["goals"]] == [f"GradCache (chunk {parameters['chunk']})"] * 2
+
+
 def test_the_report_holds_every_table_and_goal(results_dir, tmp_path):
     ran = [name for name in BENCHMARKS if (results_dir / f"{name}.json").exists()]
     assert ran, "the quick benchmarks above write their JSON here"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from muco_flow.sample.m3t_mini import MBEIR_TASKS
 from PIL import Image
 
 from muco_flow.evaluation.datasets import EvaluationDataError, Item
@@ -29,6 +28,7 @@ from muco_flow.evaluation.mbeir import (
 )
 from muco_flow.evaluation.retrieval import chunked_positive_ranks
 from muco_flow.pipelines.evaluate.nodes import load_evaluation_sets
+from muco_flow.sample.m3t_mini import MBEIR_TASKS
 from tests.conftest import load_params
 
 COCO_IMAGE = "mbeir_images/mscoco_images/val2014/COCO_val2014_000000391895.jpg"

@@ -284,7 +284,7 @@ def test_unmasked_conversations_decode_to_template_train(ingested, processors, t
     assert decode(tokenizer, cls.conversation.target_ids[0]) == train_conversation(
         "red square\n", "Image description: A red square.\nRepresent the given image for classification\n"
     )
-    assert decode(tokenizer, cls.conversation.negative_ids) in {
+    assert decode(tokenizer, cls.conversation.negative_ids[0]) in {
         base_conversation("blue circle\n"),
         base_conversation("green square\n"),
     }
@@ -297,7 +297,7 @@ def test_unmasked_conversations_decode_to_template_train(ingested, processors, t
     assert decode(tokenizer, t2i.conversation.target_ids[0]) == train_conversation(
         f"{VISION}\nRepresent the given image.\n", caption
     )
-    assert decode(tokenizer, t2i.conversation.negative_ids) == base_conversation(
+    assert decode(tokenizer, t2i.conversation.negative_ids[0]) == base_conversation(
         f"{VISION}\nRepresent the given image.\n"
     )
 
@@ -311,7 +311,7 @@ def test_a_row_without_negatives_gets_the_empty_negative(ingested, processors, t
     sample = assemble_finetune_sample(
         record, 5, manifest["settings"], tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)
     )
-    assert decode(tokenizer, sample.conversation.negative_ids) == base_conversation("\n")
+    assert decode(tokenizer, sample.conversation.negative_ids[0]) == base_conversation("\n")
 
 
 def test_wholly_masked_answers(ingested, processors, tmp_path):
@@ -375,7 +375,7 @@ def test_texts_and_token_pieces_agree_on_many_draws(ingested, processors, tmp_pa
             built = assemble_finetune_sample(record, epoch, manifest["settings"], image_pad).conversation
             assert decode(tokenizer, built.query_ids) == texts.query
             assert decode(tokenizer, built.target_ids[0]) == texts.target
-            assert decode(tokenizer, built.negative_ids) == texts.negative
+            assert decode(tokenizer, built.negative_ids[0]) == texts.negative
 
 
 # --- masking -----------------------------------------------------------------------------------

@@ -361,3 +361,39 @@ def test_the_mlflow_ui_shows_a_named_described_run_with_its_curves_first_and_a_v
     assert "eval/" not in charts[:first_training], charts[:2000]
     shown_tags = [key for key in version.tags if key in version_page]
     assert len(shown_tags) == len(version.tags) <= 8
+
+
+def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepared):
+    """GradCache in chunks of 2 (2 forwards per side and step) under ZeRO-2, SIGKILLed mid-run and resumed."""
+    project, _ = prepared
+    grad_cache = {"training.grad_cache.chunk_size": 2, "training.save_every": 3}
+    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-gc", **grad_cache))
+    out = "data/06_models/run-gc-killed"
+    metrics = project / out / "metrics.jsonl"
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    run = subprocess.Popen(
+        [KEDRO, "run", "--pipeline=train", train_params(out, **grad_cache)],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 7):
+        assert run.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    victim = _training_process(psutil.Process(run.pid), rank="1")
+    assert victim is not None
+    victim.send_signal(signal.SIGKILL)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode != 0 and "training failed" in output
+    assert len(metrics.read_text().splitlines()) < STEPS
+
+    resumed = kedro_run(project, "--pipeline=train", train_params(out, **grad_cache))
+    assert "resumed from checkpoint step-00000006 (step 6)" in resumed.stdout + resumed.stderr
+    reference = losses(project, "data/06_models/run-gc")
+    assert losses(project, out) == pytest.approx(reference, abs=1e-5)
+    expected, got = final_weights(project, "data/06_models/run-gc"), final_weights(project, out)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

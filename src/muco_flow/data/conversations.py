@@ -68,6 +68,8 @@ class FormatConfig:
     # True: turn order and phrasing drawn anew each epoch (MuCo's loader);
     # False: one draw per sample for the whole run
     resample_each_epoch: bool = True
+    # also tokenize neg_text, one hard negative per turn (training.hard_negatives)
+    hard_negatives: bool = False
     max_length: int = 2048
     # None: images at their own size; n: the short side resized to n first (MuCo: 640)
     image_short_side: int | None = None
@@ -108,6 +110,7 @@ class FormatConfig:
             "seed": self.seed,
             "shuffle_turns": self.shuffle_turns,
             "resample_each_epoch": self.resample_each_epoch,
+            "hard_negatives": self.hard_negatives,
         }
 
 

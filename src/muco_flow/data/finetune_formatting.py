@@ -352,6 +352,6 @@ def assemble_finetune_sample(
         turn_index=list(range(len(EMBEDDINGS))),
         turn_type=[UNKNOWN_TURN_TYPE] * len(EMBEDDINGS),
         target_key=[record["target_key"]] * len(EMBEDDINGS),
-        negative_ids=negative_ids,
+        negative_ids=[negative_ids] if negative_ids is not None else None,
     )
     return Stage2Sample(conversation, negative, plan)

@@ -60,6 +60,9 @@ FORMATTED_SCHEMA = pa.schema(
         pa.field("target_ids", pa.list_(ids), nullable=False),  # [turn], without the system block
         pa.field("separator_ids", ids, nullable=False),
         pa.field("target_key", pa.list_(pa.int64()), nullable=False),
+        # [turn]: neg_text as one-turn pieces like the targets (empty unless format.hard_negatives)
+        pa.field("negative_ids", pa.list_(ids), nullable=False),
+        pa.field("negative_key", pa.list_(pa.int64()), nullable=False),
         # turns in each of the sample's conversations, at most what fits max_length for any draw
         pa.field("part_turns", pa.list_(pa.int32()), nullable=False),
     ]
@@ -97,19 +100,29 @@ class TurnTokenizer:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def tokenize(self, sample_id: str, qry: list[list[str]], targets: list[str], has_image: bool) -> dict[str, Any]:
+    def tokenize(
+        self,
+        sample_id: str,
+        qry: list[list[str]],
+        targets: list[str],
+        has_image: bool,
+        negatives: list[str] | None = None,
+    ) -> dict[str, Any]:
         t = self.config.templates
+        negatives = negatives or []
         first = [[render_turn(query_turn_content(p, True, has_image, t.image), t, first=True) for p in q] for q in qry]
         later = [
             [render_turn(query_turn_content(p, False, has_image, t.image), t, first=False) for p in q] for q in qry
         ]
-        target_texts = [render_turn(target_turn_content(x), t, first=True) for x in targets]
+        target_texts = [render_turn(target_turn_content(x), t, first=True) for x in targets + negatives]
         flat = [text for turn in first + later for text in turn] + target_texts
         encoded = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"])
         first_ids = [[next(encoded) for _ in turn] for turn in first]
         later_ids = [[next(encoded) for _ in turn] for turn in later]
         target_ids = [next(encoded) for _ in targets]
-        for name, pieces in (("query", [i for turn in first_ids + later_ids for i in turn]), ("target", target_ids)):
+        negative_ids = [next(encoded) for _ in negatives]
+        query_pieces = [i for turn in first_ids + later_ids for i in turn]
+        for name, pieces in (("query", query_pieces), ("target", target_ids), ("hard negative", negative_ids)):
             if any(piece.count(self.emb_id) != 1 for piece in pieces):
                 raise ValueError(
                     f"sample {sample_id}: a {name} turn does not hold exactly one {tokens.EMB_TOKEN}; "
@@ -123,11 +136,20 @@ class TurnTokenizer:
             "target_ids": target_ids,
             "separator_ids": self.separator_ids,
             "target_key": [target_key(x) for x in targets],
+            "negative_ids": negative_ids,
+            "negative_key": [target_key(x) for x in negatives],
         }
 
-    def record(self, sample_id: str, qry: list[list[str]], targets: list[str], image_tokens: int) -> dict[str, Any]:
+    def record(
+        self,
+        sample_id: str,
+        qry: list[list[str]],
+        targets: list[str],
+        image_tokens: int,
+        negatives: list[str] | None = None,
+    ) -> dict[str, Any]:
         """A sample's formatted record, less the reference to its image."""
-        record = self.tokenize(sample_id, qry, targets, has_image=image_tokens > 0)
+        record = self.tokenize(sample_id, qry, targets, image_tokens > 0, negatives)
         types = schema.M3T_TURN_TYPES if len(qry) == len(schema.M3T_TURN_TYPES) else None
         fitting = self.fitting_turns(record, image_tokens)
         return record | {
@@ -141,6 +163,8 @@ class TurnTokenizer:
         limit, system = self.config.max_length, len(self.system_ids)
         first = max(len(p) for turn in record["query_first_ids"] for p in turn)
         later = [max(len(p) for p in turn) for turn in record["query_later_ids"]]
+        # a hard negative is a one-turn sequence of its own, as an independent target
+        negative = max((len(x) for x in record["negative_ids"]), default=0)
         targets = [len(x) for x in record["target_ids"]]
         independent = self.config.target_layout == "independent"
         image = max(image_tokens - 1, 0)  # the one <|image_pad|> is already counted
@@ -152,7 +176,7 @@ class TurnTokenizer:
                 if independent
                 else system + _top_sum(targets, m) + (m - 1) * len(self.separator_ids)
             )
-            if query > limit or target > limit:
+            if query > limit or target > limit or system + negative > limit:
                 break
             best = m
         return best
@@ -173,6 +197,7 @@ def format_m3t_shards(
     writer = ShardWriter(output_dir / CONVERSATIONS_DIR, FORMATTED_SCHEMA, config.rows_per_shard)
     counts: Counter[str] = Counter()
     columns = [schema.SAMPLE_ID, schema.QRY, config.target_field, "image_width", "image_height"]
+    columns += [schema.NEG_TEXT] if config.hard_negatives else []
     total = ingest_manifest["counts"]["accepted"]
     with tqdm(total=total, desc="format", unit="sample", disable=total < 2000) as progress:
         for shard in ingest_manifest["shards"]:
@@ -191,7 +216,15 @@ def format_m3t_shards(
                         else 0
                     )
                     qry, targets = sample[schema.QRY], sample[config.target_field]
-                    record = turn_tokenizer.record(sample[schema.SAMPLE_ID], qry, targets, n_image)
+                    negatives = None
+                    if config.hard_negatives:
+                        negatives = sample[schema.NEG_TEXT]
+                        if not negatives:
+                            raise ValueError(
+                                f"format.hard_negatives is set but sample {sample[schema.SAMPLE_ID]} has no neg_text; "
+                                "set format.hard_negatives: false or ingest a snapshot with neg_text"
+                            )
+                    record = turn_tokenizer.record(sample[schema.SAMPLE_ID], qry, targets, n_image, negatives)
                     parts = record["part_turns"]
                     kept = sum(parts)
                     counts["turns"] += len(qry)
@@ -231,7 +264,9 @@ class Conversation:
     turn_index: list[int]  # M3T turn of each position
     turn_type: list[int]
     target_key: list[int]
-    negative_ids: list[int] | None = None  # a hard negative's one-turn sequence (stage 2)
+    # hard negatives' one-turn sequences: one per turn (stage 1) or one per sample (stage 2)
+    negative_ids: list[list[int]] | None = None
+    negative_key: list[int] | None = None  # stage 1: the negatives' texts as target_key
 
 
 def assemble_conversations(
@@ -268,6 +303,7 @@ def assemble_conversations(
             for position, k in enumerate(turns):
                 joined.extend((separator if position else []) + record["target_ids"][k])
             targets = [joined]
+        negatives = settings.get("hard_negatives") and record["negative_ids"]
         conversations.append(
             Conversation(
                 conversation_id=f"{sample_id}#{part}",
@@ -276,6 +312,8 @@ def assemble_conversations(
                 turn_index=turns,
                 turn_type=[record["turn_type"][k] for k in turns],
                 target_key=[record["target_key"][k] for k in turns],
+                negative_ids=[system + record["negative_ids"][k] for k in turns] if negatives else None,
+                negative_key=[record["negative_key"][k] for k in turns] if negatives else None,
             )
         )
     return conversations

@@ -12,9 +12,15 @@ Short answers repeat across samples ("red", "three"). With ``target_keys``
 (one id per target text), a target with the same text as the positive is
 masked out too: encoded on its own, as evaluation encodes it, an answer embeds
 the same wherever it comes from, so it cannot be its twin's negative.
+
+``four_way_contrastive_loss`` is MuCo's second-stage (MMEB fine-tuning)
+loss: one turn per sample, and each side has a main and an auxiliary
+embedding, so queries and targets meet in four combinations.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +53,7 @@ def _info_nce(
     keys: torch.Tensor | None = None,
     extra: torch.Tensor | None = None,
     extra_offset: int = 0,
+    extra_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of each anchor against all candidates; the positive is column ``offset + i``."""
     rows = anchors.shape[0]
@@ -58,6 +65,10 @@ def _info_nce(
         # Hard negatives: the anchor's own turn's negative, and any of other samples.
         extra_logits = anchors @ extra.T / temperature
         extra_same = _not_negative_mask(rows, extra.shape[0], turns, extra_offset, anchors.device)
+        if keys is not None and extra_keys is not None:
+            # a "wrong" answer with the positive's text is no negative either
+            positive = torch.arange(rows, device=anchors.device) + offset
+            extra_same = extra_same | (keys[positive][:, None] == extra_keys[None, :])
         logits = torch.cat([logits, extra_logits.masked_fill(extra_same, float("-inf"))], dim=1)
     labels = torch.arange(rows, device=anchors.device) + offset
     return F.cross_entropy(logits, labels)
@@ -73,6 +84,7 @@ def multi_turn_contrastive_loss(
     gathered_query: torch.Tensor | None = None,
     hard_negatives: torch.Tensor | None = None,
     target_keys: torch.Tensor | None = None,
+    negative_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE of local queries against gathered targets, same-sample turns masked.
 
@@ -85,10 +97,15 @@ def multi_turn_contrastive_loss(
         gathered_query: all ranks' queries [world*B*K, d]; when given, the
             symmetric target->query term is added and the two are averaged.
         hard_negatives: embeddings of wrong answers (M3T's ``neg_text``),
-            sample-major like ``target``, appended as extra columns.
+            sample-major like ``target``, appended as extra columns. Query
+            (b, k) keeps its own turn's negative and every other sample's;
+            the negatives of the other turns of its sample are masked, as
+            those turns' targets are.
         target_keys: one integer per row of ``target`` that is equal for equal
             target texts; targets equal to a query's positive are then not
             its negatives (nor, in the symmetric term, their queries).
+        negative_keys: the same ids for the rows of ``hard_negatives``; with
+            ``target_keys``, a hard negative with the positive's text is masked.
     """
     local = query.shape[0]
     if local % turns or target.shape[0] % local:
@@ -109,7 +126,13 @@ def multi_turn_contrastive_loss(
                 f"hard_negatives must have {local} or {target.shape[0]} rows, got {hard_negatives.shape[0]}"
             )
         negative_offset = 0 if hard_negatives.shape[0] == local else offset
-    loss = _info_nce(query, target, turns, offset, temperature, target_keys, hard_negatives, negative_offset)
+        if negative_keys is not None and negative_keys.shape != (hard_negatives.shape[0],):
+            raise ValueError(
+                f"negative_keys must have shape ({hard_negatives.shape[0]},), got {tuple(negative_keys.shape)}"
+            )
+    loss = _info_nce(
+        query, target, turns, offset, temperature, target_keys, hard_negatives, negative_offset, negative_keys
+    )
     if gathered_query is None:
         return loss
     if gathered_query.shape != target.shape:
@@ -117,3 +140,86 @@ def multi_turn_contrastive_loss(
     own_targets = target[offset : offset + local]
     # a query is keyed by its positive's text, so the same keys mask this direction
     return (loss + _info_nce(own_targets, gathered_query, turns, offset, temperature, target_keys)) / 2
+
+
+@dataclass(frozen=True)
+class FourWayLoss:
+    """The four-way loss and its terms, each a cross-entropy averaged over this rank's queries."""
+
+    query_target: torch.Tensor
+    query_target_aux: torch.Tensor
+    query_aux_target: torch.Tensor
+    query_aux_target_aux: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.query_target + self.query_target_aux + self.query_aux_target + self.query_aux_target_aux
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        """The terms by name, e.g. for logging as ``loss/<name>``."""
+        return {
+            "query_target": self.query_target,
+            "query_target_aux": self.query_target_aux,
+            "query_aux_target": self.query_aux_target,
+            "query_aux_target_aux": self.query_aux_target_aux,
+        }
+
+
+def four_way_contrastive_loss(
+    query: torch.Tensor,
+    query_aux: torch.Tensor,
+    target: torch.Tensor,
+    target_aux: torch.Tensor,
+    temperature: float = DEFAULT_TEMPERATURE,
+    rank: int = 0,
+    *,
+    hard_negatives: torch.Tensor | None = None,
+) -> FourWayLoss:
+    """MuCo's stage-2 InfoNCE: both query embeddings against both target embeddings.
+
+    Args:
+        query, query_aux: this rank's main and auxiliary query embeddings, [B, d].
+        target, target_aux: all ranks' main and auxiliary target embeddings,
+            [world*B, d], rank blocks in rank order; local query i's positive
+            is row ``rank*B + i``.
+        temperature: the softmax temperature (MuCo uses 0.02).
+        rank: this rank's index, which places its block inside the targets.
+        hard_negatives: embeddings of wrong targets, [n, d] (all ranks'
+            negatives, gathered like the targets). Every row is a negative of
+            every query: the terms against ``target`` and ``target_aux``
+            append the main query's similarities to them, the terms of
+            ``query_aux`` the auxiliary query's, as MuCo pairs them.
+
+    One turn per sample means no same-sample masking: every target but the
+    positive is a negative. ``.total`` is the sum of the four terms.
+    """
+    if query.ndim != 2 or query_aux.shape != query.shape:
+        raise ValueError(
+            f"query and query_aux must both be [B, d]; got {tuple(query.shape)} and {tuple(query_aux.shape)}"
+        )
+    if target.ndim != 2 or target_aux.shape != target.shape:
+        raise ValueError(
+            f"target and target_aux must both be [world*B, d]; got {tuple(target.shape)} and {tuple(target_aux.shape)}"
+        )
+    local, dim = query.shape
+    if target.shape[1] != dim or target.shape[0] % local:
+        raise ValueError(
+            f"target {tuple(target.shape)} does not fit query {tuple(query.shape)}: expected [world*{local}, {dim}]"
+        )
+    if target.shape[0] < (rank + 1) * local:
+        raise ValueError(f"rank {rank} has no block in a target of {target.shape[0]} rows ({local} per rank)")
+    if hard_negatives is not None and (hard_negatives.ndim != 2 or hard_negatives.shape[1] != dim):
+        raise ValueError(f"hard_negatives must be [n, {dim}], got {tuple(hard_negatives.shape)}")
+    labels = torch.arange(local, device=query.device) + rank * local
+
+    def term(anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        if hard_negatives is not None:
+            candidates = torch.cat([candidates, hard_negatives])
+        return F.cross_entropy(anchors @ candidates.T / temperature, labels)
+
+    return FourWayLoss(
+        query_target=term(query, target),
+        query_target_aux=term(query, target_aux),
+        query_aux_target=term(query_aux, target),
+        query_aux_target_aux=term(query_aux, target_aux),
+    )

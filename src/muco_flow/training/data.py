@@ -96,6 +96,7 @@ class Batch:
     conversation_ids: list[str]
     target_keys: torch.Tensor  # [B*K], sample-major; equal for equal target texts
     negative: dict[str, torch.Tensor] | None = None
+    negative_keys: torch.Tensor | None = None  # stage 1: [B*K], the negatives' texts as target_keys
 
     @property
     def pairs(self) -> int:
@@ -132,10 +133,19 @@ class ConversationBatches:
         rank: int,
         world_size: int,
         seed: int,
+        hard_negatives: bool = False,
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
-        self.settings = manifest["settings"]
         self.kind = RECORD_KINDS.get(manifest.get("schema_version"))
+        # stage 1 reads the formatted hard negatives only when training asks for them
+        self.settings = manifest["settings"]
+        if self.kind is RECORD_KINDS.get(schema.SCHEMA_VERSION):
+            if hard_negatives and not self.settings.get("hard_negatives"):
+                raise ValueError(
+                    f"training.hard_negatives is set but {conversations_dir} was formatted without them; "
+                    "re-run the format pipeline with format.hard_negatives: true"
+                )
+            self.settings = {**self.settings, "hard_negatives": hard_negatives}
         tables = []
         for shard in manifest["shards"]:
             path = Path(conversations_dir) / shard["file"]
@@ -199,9 +209,17 @@ class ConversationBatches:
 
     def batch(self, step: int) -> Batch:
         """This rank's part of global batch ``step`` (epochs continue one after another)."""
+        (whole,) = self.batch_chunks(step, self.batch_size)
+        return whole
+
+    def batch_chunks(self, step: int, chunk_size: int) -> list[Batch]:
+        """The conversations of ``batch(step)``, in order, as batches of at most ``chunk_size`` (GradCache)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         members = self.epoch_batches(epoch)[index]
         mine = members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return [self._collate(mine[i : i + chunk_size], epoch) for i in range(0, len(mine), chunk_size)]
+
+    def _collate(self, mine: list[tuple[int, int]], epoch: int) -> Batch:
         records = self.records.take([record for record, _ in mine]).to_pylist()
         rows = [
             self.kind.row(record, part, epoch, self.settings, self.image_pad_id, self.images)
@@ -343,15 +361,19 @@ def collate_conversations(
     target["emb_index"] = (target["input_ids"] == emb_id).nonzero()
     turns = len(conversations[0].turn_type)
     counts = {"query": (query, len(conversations) * turns), "target": (target, len(conversations) * turns)}
-    negative = None
+    negative = negative_keys = None
     if conversations[0].negative_ids is not None:
         if any(c.negative_ids is None for c in conversations):
             raise ValueError("some conversations of the batch have a hard negative and some have none")
-        negative = collate([c.negative_ids for c in conversations], pad_id, image_pad_id)
+        # one row per hard negative: one per turn (stage 1) or per sample (stage 2, with its image)
+        rows = [row for c in conversations for row in c.negative_ids]
+        negative = collate(rows, pad_id, image_pad_id)
         if negative_images is not None:
             negative = _with_images(negative, negative_images, ids_, "hard negative", image_processor, short_side)
         negative["emb_index"] = (negative["input_ids"] == emb_id).nonzero()
-        counts["hard negative"] = (negative, len(conversations))
+        counts["hard negative"] = (negative, len(rows))
+        if conversations[0].negative_key is not None:
+            negative_keys = torch.tensor([key for c in conversations for key in c.negative_key], dtype=torch.long)
     for side, (batch, expected) in counts.items():
         if batch["emb_index"].shape[0] != expected:
             raise ValueError(
@@ -359,4 +381,4 @@ def collate_conversations(
                 f"{len(conversations)} conversations of {turns} turns"
             )
     keys = torch.tensor([key for c in conversations for key in c.target_key], dtype=torch.long)
-    return Batch(query, target, turns, ids_, keys, negative)
+    return Batch(query, target, turns, ids_, keys, negative, negative_keys)

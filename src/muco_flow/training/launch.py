@@ -38,6 +38,7 @@ def resolve_run_config(
     cpu = on_cpu()
     deepspeed = training_deepspeed_config(training, on_cpu=cpu)
     validate_deepspeed_config(deepspeed)
+    validate_grad_cache(training, deepspeed)
     config = {
         "output_dir": training["output_dir"],
         "checkpoint": checkpoint,
@@ -60,6 +61,24 @@ def resolve_run_config(
     }
     config["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
     return config
+
+
+def validate_grad_cache(training: dict[str, Any], deepspeed: dict[str, Any]) -> None:
+    """Raises ValueError naming the setting if `training.grad_cache` cannot run with the others."""
+    chunk_size = (training.get("grad_cache") or {}).get("chunk_size")
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"training.grad_cache.chunk_size must be a positive integer or null, got {chunk_size!r}")
+    if training["gradient_accumulation_steps"] != 1:
+        # DeepSpeed coalesces the chunks' gradient reduction within one step only
+        raise ValueError(
+            "training.grad_cache replaces gradient accumulation: set training.gradient_accumulation_steps to 1 "
+            f"(it is {training['gradient_accumulation_steps']}) and raise training.micro_batch_size instead, "
+            "which also makes every conversation a negative of the others"
+        )
+    if deepspeed["zero_optimization"]["stage"] == 0:
+        raise ValueError("training.grad_cache needs ZeRO stage 1, 2 or 3 (training.deepspeed.config has stage 0)")
 
 
 def _data_fingerprint(conversations_dir: str) -> str:

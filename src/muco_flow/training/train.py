@@ -4,8 +4,10 @@
 
 Read it top to bottom: set up the process group, build the model and data,
 resume from the newest complete checkpoint, then loop: two forward passes
-(query and target conversations), gather targets from every rank, the
-multi-turn contrastive loss, one DeepSpeed step; log, checkpoint, repeat. Rank
+(query and target conversations; a third for hard negatives), gather targets
+from every rank, the multi-turn contrastive loss, one DeepSpeed step (with
+`training.grad_cache.chunk_size`, the forwards and backwards go chunk by
+chunk, see grad_cache.py); log, checkpoint, repeat. Rank
 0 finally writes the merged model and the MLflow artifacts.
 """
 
@@ -65,31 +67,64 @@ def mean_over_ranks(value: float) -> float:
 
 def forward_backward(
     engine: Any,
-    batch: Batch,
+    parts: list[Batch],
     device: torch.device,
     *,
     temperature: float,
     symmetric_loss: bool,
     mask_duplicate_targets: bool,
-) -> torch.Tensor:
-    """Both sides of ``batch`` forward, targets gathered from every rank, the loss, backward.
+    grad_cache: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This rank's batch forward, embeddings gathered from every rank, the loss, backward.
 
-    Returns the loss of this rank's queries; ``engine.step()`` completes the step.
+    ``parts`` is the batch, whole (one part) or, with ``grad_cache``, in
+    chunks that GradCache embeds one at a time. Returns the loss of this
+    rank's queries and its terms to log; ``engine.step()`` completes the step.
     """
     from muco_flow.modeling.loss import multi_turn_contrastive_loss
     from muco_flow.training.distributed import all_gather_with_grad, all_gather_without_grad
+    from muco_flow.training.grad_cache import grad_cache_step
 
-    query = engine(**{k: v.to(device) for k, v in batch.query.items()})
-    target = engine(**{k: v.to(device) for k, v in batch.target.items()})
-    all_targets = all_gather_with_grad(target)
-    all_queries = all_gather_with_grad(query) if symmetric_loss else None
-    keys = all_gather_without_grad(batch.target_keys.to(device)) if mask_duplicate_targets else None
+    hard_negatives = parts[0].negative is not None
+
+    def embed(part: Batch) -> list[torch.Tensor]:
+        sides = [part.query, part.target] + ([part.negative] if hard_negatives else [])
+        return [engine(**{k: v.to(device) for k, v in side.items()}) for side in sides]
+
     rank = dist.get_rank() if dist.is_initialized() else 0
-    loss = multi_turn_contrastive_loss(
-        query, all_targets, batch.turns, temperature, rank, gathered_query=all_queries, target_keys=keys
-    )
-    engine.backward(loss)
-    return loss
+
+    def loss(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        query, target, *negative = embeddings
+        all_targets = all_gather_with_grad(target)
+        all_queries = all_gather_with_grad(query) if symmetric_loss else None
+        keys = negative_keys = all_negatives = None
+        if mask_duplicate_targets:
+            keys = all_gather_without_grad(torch.cat([p.target_keys for p in parts]).to(device))
+        if hard_negatives:
+            all_negatives = all_gather_with_grad(negative[0])
+            if mask_duplicate_targets:
+                negative_keys = all_gather_without_grad(torch.cat([p.negative_keys for p in parts]).to(device))
+        value = multi_turn_contrastive_loss(
+            query,
+            all_targets,
+            parts[0].turns,
+            temperature,
+            rank,
+            gathered_query=all_queries,
+            hard_negatives=all_negatives,
+            target_keys=keys,
+            negative_keys=negative_keys,
+        )
+        return value, {}
+
+    if grad_cache:
+        # ZeRO reduces the chunks' accumulated gradients once, when the block ends
+        with engine.coalesce_grad_reduction():
+            return grad_cache_step(parts, embed, loss, engine.backward)
+    (batch,) = parts
+    value, terms = loss(embed(batch))
+    engine.backward(value)
+    return value, terms
 
 
 def train(config: dict[str, Any]) -> None:
@@ -146,7 +181,9 @@ def train(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
         seed=settings["seed"],
+        hard_negatives=settings.get("hard_negatives", False),
     )
+    chunk_size = (settings.get("grad_cache") or {}).get("chunk_size")
     total_steps = settings.get("max_steps") or settings["epochs"] * batches.steps_per_epoch
     logger.info(
         "%d steps (%d per epoch), %d conversations per step", total_steps, batches.steps_per_epoch, batches.global_batch
@@ -196,14 +233,15 @@ def train(config: dict[str, Any]) -> None:
     step = start
     for step in range(start, total_steps):
         began = time.perf_counter()
-        batch = batches.batch(step)
-        loss = forward_backward(
+        parts = batches.batch_chunks(step, chunk_size) if chunk_size else [batches.batch(step)]
+        loss, terms = forward_backward(
             engine,
-            batch,
+            parts,
             device,
             temperature=settings["temperature"],
             symmetric_loss=settings["symmetric_loss"],
             mask_duplicate_targets=settings["mask_duplicate_targets"],
+            grad_cache=bool(chunk_size),
         )
         engine.step()
         seconds = time.perf_counter() - began
@@ -212,9 +250,11 @@ def train(config: dict[str, Any]) -> None:
             "loss": mean_over_ranks(loss.item()),
             "learning_rate": lr_scheduler.get_last_lr()[0],
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "pairs_per_second": batch.pairs * world / seconds,
-            "tokens_per_second": mean_over_ranks(batch.tokens) * world / seconds,
+            "pairs_per_second": sum(p.pairs for p in parts) * world / seconds,
+            "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,
         }
+        # a loss made of several terms (stage 2's four-way loss) logs each, averaged over ranks
+        metrics |= {f"loss/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
         if rank == 0:
             metrics_file.write(json.dumps({"step": step + 1, **metrics}) + "\n")
             metrics_file.flush()
