@@ -105,27 +105,33 @@ def paired_batches(
     return {mode: conversation_batch(samples, images, turns=turns, mode=mode, **options) for mode in MODES}
 
 
-def start_process_group(rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
-    """This process as rank ``rank`` of a gloo group on this machine, as torchrun would set it up."""
-    from muco_flow.training.launch import free_port
+def start_process_group(rank: int = 0, world_size: int = 1, rendezvous: Path | None = None) -> None:
+    """This process as rank ``rank`` of a gloo group on this machine.
 
+    The ranks meet through ``rendezvous``, a file none of them has created yet
+    (torch's file store): no port is picked, so none can be taken by another
+    process in between. A single process gets a file of its own.
+    """
+    import tempfile
+
+    rendezvous = rendezvous or Path(tempfile.mkdtemp(prefix="muco-bench-")) / "rendezvous"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # DeepSpeed compiles a shared-memory op at init; in the default cache
     # (~/.cache/torch_extensions) every virtual environment on the machine
     # overwrites the others' build, so each would recompile (minutes on 2 cores).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port or free_port()),
-    )
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     # as in train.py: DeepSpeed's ZeRO calls collectives that torch 2.13 marks deprecated
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*all_gather_into_tensor.*deprecated")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(
+        dist_backend="gloo",
+        auto_mpi_discovery=False,
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def training_embedder(params: dict[str, Any], backbone_dir: Path) -> MuCoEmbedder:

@@ -210,9 +210,9 @@ def measure_stage(stage: str, params: dict[str, Any], backbone: Path, batch_args
     return result
 
 
-def _rank(rank: int, world_size: int, port: int, args: dict[str, Any], out: str) -> None:
+def _rank(rank: int, world_size: int, args: dict[str, Any], out: str) -> None:
     common.set_threads(args["threads"])
-    workload.start_process_group(rank, world_size, port)
+    workload.start_process_group(rank, world_size, Path(out) / "rendezvous")
     import torch.distributed as dist
 
     params = common.load_parameters()
@@ -236,8 +236,6 @@ def _rank(rank: int, world_size: int, port: int, args: dict[str, Any], out: str)
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    from muco_flow.training.launch import free_port
-
     settings = {
         "threads": args.threads,
         "images_per_rank": args.images,
@@ -247,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backbone": str(args.backbone),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(args.processes, free_port(), settings, tmp), nprocs=args.processes, join=True)
+        mp.spawn(_rank, args=(args.processes, settings, tmp), nprocs=args.processes, join=True)
         ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(args.processes)]
 
     results, goals = [], []

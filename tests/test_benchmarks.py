@@ -116,7 +116,7 @@ def test_both_modes_hold_the_same_pairs_and_differ_by_the_repeated_header_and_im
     assert (len(single.conversation_ids), len(multi.conversation_ids)) == (2 * turns, 2)
 
     templates = ChatTemplates(**params["format"]["templates"])
-    framing = {"system", "user", "assistant", templates.system}
+    framing = {"system", "user", "assistant", "You are a helpful assistant."}
 
     def turn_texts(side: dict) -> list[str]:
         texts = embedder.tokenizer.batch_decode(side["input_ids"], skip_special_tokens=True)
@@ -128,14 +128,17 @@ def test_both_modes_hold_the_same_pairs_and_differ_by_the_repeated_header_and_im
     def count(text: str) -> int:
         return len(embedder.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    header = count(templates.message.format(role="system", content=templates.system))
+    header = count(templates.system)
     image_tokens = (56 // 28) ** 2
     placeholder = count(templates.image) - 1 + image_tokens  # <|image_pad|> becomes the image's tokens
     single_work, multi_work = batch_work(single), batch_work(multi)
     # each of the K-1 extra conversations per image repeats the header and the image on the query side, and
-    # the header on the target side unless independent targets already give every target its own header
+    # the header on the target side unless independent targets already give every target its own header;
+    # the newline after the image takes the place of the separator between turns, but one target
+    # conversation of K turns has K-1 separators that K one-turn conversations do not
     extra_conversations = 2 * (turns - 1)
-    target_header = header if target_layout == "conversation" else 0
+    separator = count(templates.turn_separator)
+    target_header = header - separator if target_layout == "conversation" else 0
     assert single_work.lm_tokens - multi_work.lm_tokens == extra_conversations * (header + target_header + placeholder)
     assert single_work.vision_patches == turns * multi_work.vision_patches == turns * 2 * 4 * image_tokens
 
