@@ -248,7 +248,13 @@ def train(config: dict[str, Any]) -> None:
     # --- final model and artifacts (rank 0) --------------------------------------------
     if rank == 0:
         metrics_file.close()
-        _write_final_model(engine.module, output_dir / "model", config["encode_template"])
+        _write_final_model(
+            engine.module,
+            output_dir / "model",
+            config["encode_template"],
+            mlflow_run_id=tracker.run_id,
+            fingerprint=config["fingerprint"],
+        )
         tracker.flush()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
         _finish_tracking(config, output_dir, tracker)
     dist.barrier()
@@ -265,14 +271,24 @@ def _open_metrics(path: Path, start: int):
     return path.open("a"), [json.loads(line) for line in kept]
 
 
-def _write_final_model(embedder: Any, target: Path, encode_template: str) -> None:
-    staging = target.with_name(target.name + ".staging")
+def _write_final_model(
+    embedder: Any, target: Path, encode_template: str, *, mlflow_run_id: str, fingerprint: str
+) -> None:
+    """The merged model and its identity (run id, content hash), written aside and renamed into place together."""
     import shutil
 
+    from muco_flow.training.model_identity import write_model_identity
+
+    staging = target.with_name(target.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     embedder.save_merged(staging, encode_template)
-    shutil.rmtree(target, ignore_errors=True)
+    write_model_identity(staging, mlflow_run_id=mlflow_run_id, fingerprint=fingerprint)
+    retired = target.with_name(target.name + ".retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        os.replace(target, retired)
     os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
     logger.info("final model written to %s", target)
 
 
