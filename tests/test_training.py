@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -185,6 +186,19 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     assert {m.step for m in history} == set(range(1, STEPS + 1))
     for metric in history:
         assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_clear_error_and_no_final_model(prepared):
+    """A temperature of 1e-300 is 0 in float32: the logits are infinite, the loss NaN from the first step."""
+    project, _ = prepared
+    out = "data/06_models/run-nan"
+    params = train_params(out, **{"training.temperature": "1e-300", "training.max_steps": 3})
+    result = kedro_run(project, "--pipelines=train", params, check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(r"training stopped at step 1: the loss is (nan|inf|-inf); no checkpoint", log), log[-3000:]
+    assert not (project / out / "model").exists()
+    assert not list((project / out / "checkpoints").glob("step-*"))
 
 
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):

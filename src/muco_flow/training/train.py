@@ -92,6 +92,24 @@ def forward_backward(
     return loss
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite: the run stops, no model is written."""
+
+
+def check_finite(step: int, name: str, value: float) -> None:
+    """Stops training at the first NaN or infinite loss or gradient norm, naming the step.
+
+    Nothing after it is trusted: no checkpoint of this step is saved and no
+    final model is written; the checkpoints before it stay.
+    """
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"training stopped at step {step}: the {name} is {value}; no checkpoint of this "
+            "step and no final model are written. Lower training.learning_rate, check training.temperature, "
+            "or look for damaged data or checkpoints"
+        )
+
+
 def train(config: dict[str, Any]) -> None:
     import warnings
 
@@ -205,13 +223,17 @@ def train(config: dict[str, Any]) -> None:
             symmetric_loss=settings["symmetric_loss"],
             mask_duplicate_targets=settings["mask_duplicate_targets"],
         )
+        mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
+        check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
         engine.step()
         seconds = time.perf_counter() - began
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        check_finite(step + 1, "gradient norm", grad_norm)  # global: the same on every rank
 
         metrics = {
-            "loss": mean_over_ranks(loss.item()),
+            "loss": mean_loss,
             "learning_rate": lr_scheduler.get_last_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "grad_norm": grad_norm,
             "pairs_per_second": batch.pairs * world / seconds,
             "tokens_per_second": mean_over_ranks(batch.tokens) * world / seconds,
         }
