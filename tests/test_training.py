@@ -201,6 +201,33 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_error_and_no_final_model(p
     assert not list((project / out / "checkpoints").glob("step-*"))
 
 
+def test_a_training_that_restarts_from_step_0_gets_a_new_mlflow_run_and_ends_the_old_one(prepared):
+    """Another number of processes cannot resume the checkpoints: a new run, with its own params and curve."""
+    project, _ = prepared
+    out = "data/06_models/run-restart"
+    short = {"training.max_steps": 4, "training.save_every": 2}
+    kedro_run(project, "--pipelines=train", train_params(out, **short))
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    first = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+    client.update_run(first, status="RUNNING")  # as a training killed before its end leaves it
+
+    result = kedro_run(
+        project, "--pipelines=train", train_params(out, **short, **{"training.launcher.processes_per_node": 1})
+    )
+    log = result.stdout + result.stderr
+    assert "it was written by 2 processes, this run has 1" in log
+    second = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+    assert second != first
+    assert f"ended MLflow run {first} (KILLED)" in log
+    assert client.get_run(first).info.status == "KILLED"
+    run = client.get_run(second)
+    assert run.info.status == "FINISHED" and run.data.params["training.launcher.processes_per_node"] == "1"
+    assert [m.step for m in client.get_metric_history(second, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(first, "loss")] == [1, 2, 3, 4]  # untouched
+    identity = json.loads((project / out / "model/model_identity.json").read_text())
+    assert identity["mlflow_run_id"] == second
+
+
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):
     """`kedro run` with every default: 512 images, 2 processes, ZeRO-2 (what `make run` does)."""
     kedro_run(project)

@@ -120,7 +120,13 @@ def train(config: dict[str, Any]) -> None:
 
     from muco_flow.modeling import tokens
     from muco_flow.modeling.embedder import build_training_embedder
-    from muco_flow.training.checkpoint import find_resumable, load_checkpoint, save_checkpoint
+    from muco_flow.training.checkpoint import (
+        checkpoint_run_id,
+        find_resumable,
+        load_checkpoint,
+        remove_staging_leftovers,
+        save_checkpoint,
+    )
     from muco_flow.training.data import ConversationBatches
 
     output_dir = Path(config["output_dir"])
@@ -180,12 +186,15 @@ def train(config: dict[str, Any]) -> None:
 
     # --- resume ---------------------------------------------------------------
     checkpoints = output_dir / "checkpoints"
+    if rank == 0:
+        remove_staging_leftovers(checkpoints)  # of killed runs; this run holds the output folder's lock
     found = [find_resumable(checkpoints, config["fingerprint"], world) if rank == 0 else None]
     dist.broadcast_object_list(found, src=0)
-    start = 0
+    start, resumed_run = 0, None
     if found[0]:
         tag, start = found[0]
         load_checkpoint(engine, checkpoints, tag, rank)
+        resumed_run = checkpoint_run_id(checkpoints / tag) if rank == 0 else None
         logger.info("resumed from checkpoint %s (step %d)", tag, start)
     elif rank == 0 and any(checkpoints.glob("step-*")):
         logger.warning("no usable checkpoint in %s; training from step 0", checkpoints)
@@ -193,7 +202,7 @@ def train(config: dict[str, Any]) -> None:
 
     tracker = metrics_file = None
     if rank == 0:
-        tracker = _start_tracking(config, output_dir)
+        tracker = _start_tracking(config, output_dir, resuming=start > 0, checkpoint_run=resumed_run)
         metrics_file, earlier = _open_metrics(output_dir / "metrics.jsonl", start)
         if earlier:  # a killed rank 0 may have died with steps it had not sent to MLflow yet
             logger.info("sent %d earlier steps that MLflow did not have", tracker.log_missing(earlier))
@@ -264,6 +273,7 @@ def train(config: dict[str, Any]) -> None:
                 fingerprint=config["fingerprint"],
                 keep_last=settings["keep_last"],
                 client_state={"step": step + 1},
+                mlflow_run_id=tracker.run_id if rank == 0 else None,
             )
     progress.close()
 
@@ -314,8 +324,14 @@ def _write_final_model(
     logger.info("final model written to %s", target)
 
 
-def _start_tracking(config: dict[str, Any], output_dir: Path):
-    """Starts (or, after a restart, resumes) the MLflow run, with system metrics on; returns a metric buffer."""
+def _start_tracking(config: dict[str, Any], output_dir: Path, *, resuming: bool, checkpoint_run: str | None):
+    """Starts the MLflow run, with system metrics on; returns a metric buffer.
+
+    A resumed training continues the run that wrote its checkpoint (run.json's,
+    for a checkpoint that does not say). A training from step 0 always starts a
+    new run: one run never holds two trainings' curves, and the previous run,
+    if it never finished, is ended (KILLED) rather than left RUNNING.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -325,11 +341,14 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
     mlflow.set_tracking_uri(settings["tracking_uri"])
     client = MlflowClient(settings["tracking_uri"])
     run_file = output_dir / "run.json"
+    previous = json.loads(run_file.read_text()) if run_file.exists() else {}
     run_id = None
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get("fingerprint") == config["fingerprint"]:
-            run_id = previous["mlflow_run_id"]
+    if resuming:
+        run_id = checkpoint_run or (
+            previous.get("mlflow_run_id") if previous.get("fingerprint") == config["fingerprint"] else None
+        )
+    elif previous.get("mlflow_run_id"):
+        _end_unfinished_run(client, previous["mlflow_run_id"])
     if run_id is not None:
         mlflow.start_run(run_id=run_id, log_system_metrics=True)
     else:
@@ -357,6 +376,19 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
         )
     )
     return MetricBuffer(client, run_id, every=config["training"]["log_every"])
+
+
+def _end_unfinished_run(client: Any, run_id: str) -> None:
+    """Marks a previous training's run KILLED if it is still RUNNING: this training will not continue it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException:
+        return  # deleted, or another tracking store: nothing to end
+    if status == "RUNNING":
+        client.set_terminated(run_id, status="KILLED")
+        logger.info("ended MLflow run %s (KILLED): this training starts from step 0 in a new run", run_id)
 
 
 def _log_training_data(config: dict[str, Any]) -> None:
