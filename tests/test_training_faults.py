@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from muco_flow.training.lock import LOCK_FILE, TrainingLockedError, output_folder_lock
 from muco_flow.training.train import NonFiniteLossError, check_finite
 
 
@@ -20,3 +30,47 @@ def test_a_non_finite_loss_or_gradient_norm_stops_training_naming_the_step(value
 def test_finite_values_pass():
     for value in (0.0, 1e30, -2.5):
         check_finite(1, "loss", value)
+
+
+def hold_lock_in_child(output_dir: Path, ready, release) -> None:
+    with output_folder_lock(output_dir):
+        ready.set()
+        release.wait(60)
+
+
+def test_a_second_training_into_the_same_folder_is_refused_naming_the_holder(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    child = context.Process(target=hold_lock_in_child, args=(tmp_path, ready, release))
+    child.start()
+    try:
+        assert ready.wait(60)
+        holder = f"pid {child.pid}@{socket.gethostname()}"
+        message = re.escape(f"{tmp_path} is in use by another training: {holder}")
+        with pytest.raises(TrainingLockedError, match=message), output_folder_lock(tmp_path):
+            pass
+    finally:
+        release.set()
+        child.join(60)
+    with output_folder_lock(tmp_path) as holder:  # free again once the holder is done
+        assert holder["pid"] == os.getpid()
+    assert (tmp_path / LOCK_FILE).read_text() == ""
+
+
+def test_the_lock_of_a_dead_training_on_this_host_is_taken_over(tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(stale))  # what a SIGKILLed training leaves
+    with caplog.at_level(logging.WARNING, logger="muco_flow.training.lock"), output_folder_lock(tmp_path) as holder:
+        assert json.loads((tmp_path / LOCK_FILE).read_text()) == holder
+    assert f"from pid {stale['pid']}@{stale['host']} (started 2026-01-01T00:00:00+00:00), which no longer runs" in (
+        caplog.text
+    )
+
+
+def test_a_lock_naming_another_host_is_refused_with_how_to_free_it(tmp_path):
+    other = {"pid": 4242, "host": "node-17", "started": "2026-01-01T00:00:00+00:00"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(other))
+    message = r"names a training on another host: pid 4242@node-17 .* remove"
+    with pytest.raises(TrainingLockedError, match=message), output_folder_lock(tmp_path):
+        pass

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from muco_flow.training.deepspeed_config import training_deepspeed_config, validate_deepspeed_config
+from muco_flow.training.lock import output_folder_lock
 
 
 class TrainingFailedError(RuntimeError):
@@ -97,7 +98,15 @@ def torchrun_command(config_path: Path, launcher: dict[str, Any]) -> list[str]:
 
 
 def launch_training(config: dict[str, Any], stream=None) -> None:
-    """Runs torchrun on ``config``; streams rank 0's output; raises with the failing rank's traceback."""
+    """Runs torchrun on ``config``; streams rank 0's output; raises with the failing rank's traceback.
+
+    Holds the output folder's lock throughout: a second training into the same folder is refused.
+    """
+    with output_folder_lock(config["output_dir"]):
+        _launch_training(config, stream)
+
+
+def _launch_training(config: dict[str, Any], stream=None) -> None:
     output_dir = Path(config["output_dir"])
     logs = output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
