@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from muco_flow.pipelines.train.nodes import train_muco_model
+from muco_flow.training.data import StaleConversationsError, check_conversations_match_shards
 from muco_flow.training.lock import LOCK_FILE, TrainingLockedError, output_folder_lock
 from muco_flow.training.train import NonFiniteLossError, check_finite
 
@@ -74,3 +76,35 @@ def test_a_lock_naming_another_host_is_refused_with_how_to_free_it(tmp_path):
     message = r"names a training on another host: pid 4242@node-17 .* remove"
     with pytest.raises(TrainingLockedError, match=message), output_folder_lock(tmp_path):
         pass
+
+
+def write_manifests(root: Path, ingested: list[str], formatted: list[str] | None) -> tuple[Path, Path]:
+    """An ingest manifest (shards with sha256) and a format manifest recording the shards it read."""
+    shards, conversations = root / "m3t_shards", root / "m3t_conversations"
+    shards.mkdir()
+    conversations.mkdir()
+    entries = [{"file": f"shards/part-{i:05d}.parquet", "rows": 10, "sha256": h} for i, h in enumerate(ingested)]
+    (shards / "manifest.json").write_text(json.dumps({"shards": entries}))
+    record = {} if formatted is None else {"ingest_manifest_shards": formatted}
+    (conversations / "manifest.json").write_text(json.dumps({"shards": [], **record}))
+    return conversations, shards
+
+
+def test_conversations_formatted_from_the_shards_in_place_are_accepted(tmp_path):
+    check_conversations_match_shards(*write_manifests(tmp_path, ["a" * 64, "b" * 64], ["a" * 64, "b" * 64]))
+
+
+@pytest.mark.parametrize(
+    ("formatted", "recorded"),
+    [(["a" * 64, "c" * 64], "2 shards"), (["a" * 64], "1 shards"), (None, "no record of its shards")],
+)
+def test_conversations_of_other_shards_stop_training_before_it_starts(tmp_path, formatted, recorded):
+    """A data run killed during format: new shards beside the previous snapshot's conversations."""
+    conversations, shards = write_manifests(tmp_path, ["a" * 64, "b" * 64], formatted)
+    message = re.escape(
+        f"the conversations in {conversations} were formatted from other shards ({recorded}) than the 2 in {shards} "
+        "now: re-run `kedro run --pipelines=format`"
+    )
+    with pytest.raises(StaleConversationsError, match=message):
+        # the node refuses first: no tracking server, backbone or process is touched
+        train_muco_model(str(conversations), str(shards), "no-checkpoint", {}, {}, {}, {}, {})

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from muco_flow.training.model_identity import file_sha256
+from muco_flow.data.sources import file_sha256
 
 logger = logging.getLogger(__name__)
 

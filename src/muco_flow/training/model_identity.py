@@ -16,20 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from muco_flow.data.sources import file_sha256
+
 IDENTITY_FILE = "model_identity.json"
-_BLOCK = 1 << 20
 
 
 class ModelIdentityError(RuntimeError):
     """A model directory is not the model that train_run.json or metrics.json describes."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def content_hash(directory: str | Path) -> str:

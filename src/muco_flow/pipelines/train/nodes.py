@@ -17,6 +17,7 @@ from muco_flow.tracking import (
     run_name,
     source_commit,
 )
+from muco_flow.training.data import check_conversations_match_shards
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
@@ -36,6 +37,7 @@ def train_muco_model(
 
     Re-running resumes from the newest complete checkpoint of the same settings.
     """
+    check_conversations_match_shards(Path(conversations_dir), Path(shards_dir))
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     check_tracking_server(tracking_uri)  # before any data or model is loaded
     config = resolve_run_config(
