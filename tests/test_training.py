@@ -228,6 +228,18 @@ def test_a_training_that_restarts_from_step_0_gets_a_new_mlflow_run_and_ends_the
     assert identity["mlflow_run_id"] == second
 
 
+def test_a_moved_project_resumes_its_checkpoints(prepared, tmp_path):
+    """The fingerprint hashes the backbone's files, not its absolute path: a copy elsewhere resumes at step 12."""
+    import shutil
+
+    project, _ = prepared
+    moved = tmp_path / "moved" / "project"
+    shutil.copytree(project, moved, ignore=shutil.ignore_patterns("run-[!a]*"))
+    result = kedro_run(moved, "--pipelines=train", train_params("data/06_models/run-a"))
+    assert f"resumed from checkpoint step-{STEPS:08d} (step {STEPS})" in result.stdout + result.stderr
+    assert losses(moved, "data/06_models/run-a") == losses(project, "data/06_models/run-a")
+
+
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):
     """`kedro run` with every default: 512 images, 2 processes, ZeRO-2 (what `make run` does)."""
     kedro_run(project)

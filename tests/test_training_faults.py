@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +18,10 @@ import pytest
 
 from muco_flow.pipelines.train.nodes import train_muco_model
 from muco_flow.training.data import StaleConversationsError, check_conversations_match_shards
+from muco_flow.training.launch import resolve_run_config
 from muco_flow.training.lock import LOCK_FILE, TrainingLockedError, output_folder_lock
 from muco_flow.training.train import NonFiniteLossError, check_finite
+from tests.conftest import PROJECT_ROOT, load_params
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -108,3 +111,37 @@ def test_conversations_of_other_shards_stop_training_before_it_starts(tmp_path, 
     with pytest.raises(StaleConversationsError, match=message):
         # the node refuses first: no tracking server, backbone or process is touched
         train_muco_model(str(conversations), str(shards), "no-checkpoint", {}, {}, {}, {}, {})
+
+
+def run_fingerprint(project: Path) -> str:
+    """resolve_run_config for a project laid out under ``project``, every path absolute (as a moved copy has them)."""
+    training = load_params()["training"]
+    training["output_dir"] = str(project / "data/06_models/muco")
+    training["deepspeed"]["config"] = str(project / "conf/zero2.json")
+    return resolve_run_config(
+        training=training,
+        backbone=load_params()["backbone"],
+        encode_template="{text}<|emb|>",
+        tracking_uri="sqlite:///mlflow.db",
+        experiment="muco",
+        checkpoint=str(project / "backbone"),
+        conversations_dir=str(project / "conversations"),
+        shards_dir=str(project / "shards"),
+    )["fingerprint"]
+
+
+def test_the_fingerprint_hashes_contents_so_a_moved_project_resumes(tmp_path):
+    original = tmp_path / "original"
+    for name, data in {"backbone/config.json": b'{"a": 1}', "backbone/model.safetensors": b"\x01" * 32,
+                       "conversations/manifest.json": b'{"shards": []}'}.items():  # fmt: skip
+        (original / name).parent.mkdir(parents=True, exist_ok=True)
+        (original / name).write_bytes(data)
+    (original / "conf").mkdir()
+    shutil.copy(PROJECT_ROOT / "conf/base/deepspeed/zero2.json", original / "conf/zero2.json")
+    before = run_fingerprint(original)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    original.rename(moved)
+    assert run_fingerprint(moved) == before
+    (moved / "backbone/model.safetensors").write_bytes(b"\x01" * 31 + b"\x02")  # other weights: not resumable
+    assert run_fingerprint(moved) != before

@@ -50,17 +50,28 @@ def resolve_run_config(
         "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_name": training.get("run_name")},
         "encode_template": encode_template,
     }
-    # What decides the weights: a checkpoint made under another fingerprint is not resumed.
-    decisive = {k: config[k] for k in ("checkpoint", "backbone", "deepspeed", "encode_template")} | {
+    # What decides the weights: a checkpoint made under another fingerprint is not resumed. Contents, not
+    # paths: a project moved or copied elsewhere resumes its checkpoints.
+    decisive = {k: config[k] for k in ("backbone", "deepspeed", "encode_template")} | {
+        "checkpoint": _checkpoint_fingerprint(checkpoint),
         "training": {
             k: v
             for k, v in training.items()
-            if k not in ("save_every", "keep_last", "log_every", "launcher", "run_name")
-        },
+            if k not in ("save_every", "keep_last", "log_every", "launcher", "run_name", "output_dir", "deepspeed")
+        }
+        # the DeepSpeed file's path: its content is in `deepspeed` above
+        | {"deepspeed": {k: v for k, v in training.get("deepspeed", {}).items() if k != "config"}},
         "data": _data_fingerprint(conversations_dir),
     }
     config["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
     return config
+
+
+def _checkpoint_fingerprint(checkpoint: str) -> str:
+    """The backbone directory's content hash (every file read once per launch); a name that is no directory as is."""
+    from muco_flow.training.model_identity import content_hash
+
+    return content_hash(checkpoint) if checkpoint and Path(checkpoint).is_dir() else checkpoint
 
 
 def _data_fingerprint(conversations_dir: str) -> str:
