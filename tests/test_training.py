@@ -88,7 +88,7 @@ def test_the_final_model_is_a_plain_hugging_face_directory(prepared):
     assert backbone.tokenizer.convert_tokens_to_ids("<|emb|>") is not None
 
 
-def test_checkpoints_are_readable_by_deepspeeds_own_tools(prepared):
+def test_checkpoints_are_readable_by_deepspeeds_own_tools(prepared, tmp_path):
     project, _ = prepared
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -97,6 +97,14 @@ def test_checkpoints_are_readable_by_deepspeeds_own_tools(prepared):
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000008", "step-00000012"]  # keep_last 2
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints))
     assert any("lora_A" in k for k in state) and all(torch.isfinite(v).all() for v in state.values())
+    # DeepSpeed's own safetensors export: each parameter under one name (no "tensors share memory")
+    export = tmp_path / "fp32"
+    command = [str(BIN / "python"), "-m", "deepspeed.utils.zero_to_fp32", str(checkpoints), str(export)]
+    subprocess.run([*command, "--safe_serialization"], check=True, capture_output=True, timeout=600)
+    from safetensors.torch import load_file
+
+    exported = load_file(export / "model.safetensors")
+    assert exported.keys() == state.keys() and all(key.startswith("model.") for key in exported)
 
 
 def test_the_same_seed_gives_the_same_loss_curve(prepared):
