@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from muco_flow.registry import (
     CHAMPION,
     ModelInputError,
     PromotionPolicy,
+    RegistryError,
     decide_promotion,
     fluent_tracking_uri,
     parse_records,
@@ -314,3 +316,26 @@ def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tra
         finally:
             browser.close()
     assert champion in text and CHAMPION in text and CHALLENGER in text
+
+
+def test_moving_challenger_back_to_an_older_version_needs_an_explicit_setting(tracking_server, model_dir):
+    """`register` with an older train_run.json would silently make an older version the challenger."""
+    name = "no-downgrade"
+    runs = [new_run(tracking_server), new_run(tracking_server)]
+
+    def register(run_id: str, **options):
+        return register_model_version(tracking_server, name=name, run_id=run_id, model_dir=str(model_dir),
+                                      tags=tags_with_score(run_id, 0.3), **options)  # fmt: skip
+
+    assert [register(run_id)["version"] for run_id in runs] == [1, 2]
+    message = (
+        f"'{name}' challenger is version 2; run {runs[0]} is the older version 1, and moving challenger back "
+        "needs registry.allow_older_challenger: true"
+    )
+    with pytest.raises(RegistryError, match=re.escape(message)):
+        register(runs[0])
+    client = MlflowClient(tracking_server)
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == "2"
+    assert register(runs[1])["version"] == 2  # the current challenger again: idempotent, allowed
+    assert register(runs[0], allow_older_challenger=True)["version"] == 1
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == "1"

@@ -267,12 +267,21 @@ PYFUNC_MODEL_MODULE = "muco_flow.pyfunc_model"
 
 
 def register_model_version(
-    tracking_uri: str, *, name: str, run_id: str, model_dir: str, tags: Mapping[str, str], description: str = ""
+    tracking_uri: str,
+    *,
+    name: str,
+    run_id: str,
+    model_dir: str,
+    tags: Mapping[str, str],
+    description: str = "",
+    allow_older_challenger: bool = False,
 ) -> dict[str, Any]:
     """Logs the pyfunc to ``run_id`` and registers it under ``name`` with ``tags`` and alias `challenger`.
 
     Idempotent: a version already made from the run is reused, so a retry after a
-    failure (or a second `kedro run`) never creates a duplicate.
+    failure (or a second `kedro run`) never creates a duplicate. Reusing an older
+    version than the current challenger (`register` with an older train_run.json)
+    would move `challenger` back: refused unless ``allow_older_challenger``.
     """
     from mlflow.tracking import MlflowClient
 
@@ -301,6 +310,13 @@ def register_model_version(
         logger.info("registered %s version %s from run %s", name, version.version, run_id)
     else:
         logger.info("%s version %s already holds run %s; not registering again", name, version.version, run_id)
+        current = _version_by_alias(client, name, CHALLENGER)
+        if current is not None and int(current.version) > int(version.version) and not allow_older_challenger:
+            raise RegistryError(
+                f"'{name}' challenger is version {current.version}; run {run_id} is the older version "
+                f"{version.version}, and moving challenger back needs registry.allow_older_challenger: true "
+                "(is data/06_models/train_run.json an older training's?)"
+            )
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     if description:

@@ -43,4 +43,5 @@ def register_trained_model(
         model_dir=train_run["model_dir"],
         tags=tags,
         description=description,
+        allow_older_challenger=bool(registry.get("allow_older_challenger", False)),
     )
