@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ import pytest
 
 from muco_flow.pipelines.train.nodes import train_muco_model
 from muco_flow.training.data import StaleConversationsError, check_conversations_match_shards
-from muco_flow.training.launch import resolve_run_config
+from muco_flow.training.launch import ERROR_MARKER, failure_message, resolve_run_config
 from muco_flow.training.lock import LOCK_FILE, TrainingLockedError, output_folder_lock
 from muco_flow.training.train import NonFiniteLossError, check_finite
 from tests.conftest import PROJECT_ROOT, load_params
@@ -145,3 +146,54 @@ def test_the_fingerprint_hashes_contents_so_a_moved_project_resumes(tmp_path):
     assert run_fingerprint(moved) == before
     (moved / "backbone/model.safetensors").write_bytes(b"\x01" * 31 + b"\x02")  # other weights: not resumable
     assert run_fingerprint(moved) != before
+
+
+def test_a_full_disk_reaches_the_error_message_though_the_error_file_cannot_be_written(tmp_path, monkeypatch, capfd):
+    """ENOSPC in a checkpoint save: the rank's error file ends up empty, the cause still reaches Kedro."""
+    import muco_flow.training.train as rank_process
+
+    out = tmp_path / "out"
+    config_path = tmp_path / "run_config.json"
+    config_path.write_text(json.dumps({"output_dir": str(out)}))
+    staging = out / "checkpoints/.staging-step-00000004/mp_rank_00_model_states.pt"
+
+    def full_disk(config):
+        raise OSError(errno.ENOSPC, "No space left on device", str(staging))
+
+    write_text = Path.write_text
+
+    def write_on_a_full_disk(self, *args, **kwargs):
+        if self.suffix == ".error":
+            write_text(self, "")  # the file is created, its content finds no room
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(rank_process, "train", full_disk)
+    monkeypatch.setattr(Path, "write_text", write_on_a_full_disk)
+    monkeypatch.setattr(sys, "argv", ["train", str(config_path)])
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(OSError, match="No space left on device"):
+        rank_process.main()
+    monkeypatch.undo()
+    causes = [line for line in capfd.readouterr().err.splitlines() if ERROR_MARKER in line]
+    error_file = out / "logs/rank1.error"
+    assert causes == [
+        f"muco-flow training error (rank 1): OSError: [Errno 28] No space left on device: '{staging}'",
+        f"muco-flow training error (rank 1): could not write {error_file}: [Errno 28] No space left on device",
+    ]
+    assert error_file.read_text() == ""
+    torchrun_output = [f"torchrun line {i}\n" for i in range(60)]
+    message = failure_message(out / "logs", 1, causes, torchrun_output)
+    assert message.splitlines()[:3] == [f"training failed (exit 1); see {out / 'logs'}", *causes]
+    assert "last output:" in message and "torchrun line 59" in message  # the empty error file is passed over
+
+
+def test_the_error_files_tracebacks_follow_the_causes(tmp_path):
+    (tmp_path / "rank0.error").write_text("Traceback (most recent call last):\nValueError: bad batch\n")
+    (tmp_path / "rank1.error").write_text("")
+    cause = "muco-flow training error (rank 0): ValueError: bad batch"
+    message = failure_message(tmp_path, 1, [cause], ["noise\n"])
+    assert message == (
+        f"training failed (exit 1); see {tmp_path}\n{cause}\n"
+        "--- rank0 ---\nTraceback (most recent call last):\nValueError: bad batch\n"
+    )

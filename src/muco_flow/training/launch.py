@@ -18,6 +18,10 @@ class TrainingFailedError(RuntimeError):
     """A training process exited with an error; the message holds its traceback."""
 
 
+# The start of the line each failing rank prints to stderr with its exception.
+ERROR_MARKER = "muco-flow training error"
+
+
 def on_cpu() -> bool:
     import torch
 
@@ -143,12 +147,33 @@ def _launch_training(config: dict[str, Any], stream=None) -> None:
         bufsize=1,
     )
     tail: list[str] = []
+    causes: list[str] = []
     for line in process.stdout:
         stream.write(line)
         tail = [*tail[-199:], line]
+        if ERROR_MARKER in line:
+            causes.append(line.strip())
     if process.wait() != 0:
-        errors = sorted(logs.glob("rank*.error"))
-        if errors:
-            reports = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
-            raise TrainingFailedError(f"training failed (exit {process.returncode}); see {logs}\n{reports}")
-        raise TrainingFailedError(f"training failed (exit {process.returncode}); last output:\n{''.join(tail[-40:])}")
+        raise TrainingFailedError(failure_message(logs, process.returncode, causes, tail))
+
+
+def failure_message(logs: Path, returncode: int, causes: list[str], tail: list[str]) -> str:
+    """Why training failed: each failing rank's one-line cause, then its traceback or the last output.
+
+    The causes come from the output stream, so they arrive even when the error
+    files could not be written or are empty (a full disk).
+    """
+    reports = []
+    for error_file in sorted(logs.glob("rank*.error")):
+        try:
+            text = error_file.read_text()
+        except OSError:
+            continue
+        if text.strip():
+            reports.append(f"--- {error_file.stem} ---\n{text}")
+    lines = [f"training failed (exit {returncode}); see {logs}", *causes]
+    if reports:
+        lines += reports
+    else:
+        lines += ["last output:", "".join(tail[-40:])]
+    return "\n".join(lines)

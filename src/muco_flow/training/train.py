@@ -417,15 +417,22 @@ def _finish_tracking(config: dict[str, Any], output_dir: Path, tracker: Any) -> 
 
 
 def main() -> None:
+    from muco_flow.training.launch import ERROR_MARKER
+
     config = json.loads(Path(sys.argv[1]).read_text())
     try:
         train(config)
-    except BaseException:
-        # The launcher reads this file to report which rank failed and why.
+    except BaseException as err:
+        # The launcher reports which rank failed and why: one line on stderr, which needs no disk space
+        # (ENOSPC, EIO), and the traceback in a file, when it can be written.
         rank = os.environ.get("RANK", "0")
-        errors = Path(config["output_dir"]) / "logs"
-        errors.mkdir(parents=True, exist_ok=True)
-        (errors / f"rank{rank}.error").write_text(traceback.format_exc())
+        print(f"{ERROR_MARKER} (rank {rank}): {type(err).__name__}: {err}", file=sys.__stderr__, flush=True)
+        error_file = Path(config["output_dir"]) / "logs" / f"rank{rank}.error"
+        try:
+            error_file.parent.mkdir(parents=True, exist_ok=True)
+            error_file.write_text(traceback.format_exc())
+        except OSError as write_error:
+            print(f"{ERROR_MARKER} (rank {rank}): could not write {error_file}: {write_error}", file=sys.__stderr__)
         raise
     finally:
         if dist.is_initialized():
