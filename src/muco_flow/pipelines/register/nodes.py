@@ -44,4 +44,5 @@ def register_trained_model(
         tags=tags,
         description=description,
         allow_older_challenger=bool(registry.get("allow_older_challenger", False)),
+        serving=registry.get("serving"),
     )
