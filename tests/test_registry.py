@@ -433,3 +433,9 @@ def test_moving_challenger_back_to_an_older_version_needs_an_explicit_setting(tr
     assert register(runs[1])["version"] == 2  # the current challenger again: idempotent, allowed
     assert register(runs[0], allow_older_challenger=True)["version"] == 1
     assert client.get_model_version_by_alias(name, CHALLENGER).version == "1"
+
+
+def test_the_configured_serving_limits_are_valid_and_the_documented_defaults():
+    from tests.conftest import load_params
+
+    assert ServingLimits.from_config(load_params()["registry"]["serving"]) == ServingLimits()
