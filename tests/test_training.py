@@ -205,6 +205,8 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_error_and_no_final_model(p
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert re.search(r"training stopped at step 1: the loss is (nan|inf|-inf); no checkpoint", log), log[-3000:]
+    # each rank's one-line cause (the launcher also puts it first in the Kedro error)
+    assert re.search(r"muco-flow training error \(rank [01]\): NonFiniteLossError: training stopped at step 1", log)
     assert not (project / out / "model").exists()
     assert not list((project / out / "checkpoints").glob("step-*"))
 
