@@ -20,7 +20,7 @@ import pytest
 from muco_flow.pipelines.train.nodes import train_muco_model
 from muco_flow.training.data import StaleConversationsError, check_conversations_match_shards
 from muco_flow.training.launch import ERROR_MARKER, failure_message, resolve_run_config
-from muco_flow.training.lock import LOCK_FILE, TrainingLockedError, output_folder_lock
+from muco_flow.training.lock import LOCK_FILE, TrainingLockedError, lock_file_name, output_folder_lock
 from muco_flow.training.train import NonFiniteLossError, check_finite
 from tests.conftest import PROJECT_ROOT, load_params
 
@@ -197,3 +197,10 @@ def test_the_error_files_tracebacks_follow_the_causes(tmp_path):
         f"training failed (exit 1); see {tmp_path}\n{cause}\n"
         "--- rank0 ---\nTraceback (most recent call last):\nValueError: bad batch\n"
     )
+
+
+def test_each_node_of_a_multi_node_training_holds_its_own_lock(tmp_path):
+    """Every node's launcher locks the shared output folder: node 0 and node 1 of one training do not conflict."""
+    assert [lock_file_name(r) for r in (0, 1, 3)] == ["train.lock", "train.node1.lock", "train.node3.lock"]
+    with output_folder_lock(tmp_path, lock_file_name(0)), output_folder_lock(tmp_path, lock_file_name(1)):
+        assert json.loads((tmp_path / "train.node1.lock").read_text())["pid"] == os.getpid()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from muco_flow.training.deepspeed_config import training_deepspeed_config, validate_deepspeed_config
-from muco_flow.training.lock import output_folder_lock
+from muco_flow.training.lock import lock_file_name, output_folder_lock
 
 
 class TrainingFailedError(RuntimeError):
@@ -117,7 +117,8 @@ def launch_training(config: dict[str, Any], stream=None) -> None:
 
     Holds the output folder's lock throughout: a second training into the same folder is refused.
     """
-    with output_folder_lock(config["output_dir"]):
+    node_rank = config["training"]["launcher"].get("node_rank", 0)
+    with output_folder_lock(config["output_dir"], lock_file_name(node_rank)):
         _launch_training(config, stream)
 
 

@@ -30,6 +30,16 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = "train.lock"
 
 
+def lock_file_name(node_rank: int = 0) -> str:
+    """Node 0's lock is ``train.lock``; on several nodes each other node's launcher holds its own.
+
+    Every node of one training runs a launcher against the shared output
+    folder; a second training conflicts with the first on node 0 (and on any
+    node rank both use).
+    """
+    return LOCK_FILE if node_rank == 0 else f"train.node{node_rank}.lock"
+
+
 class TrainingLockedError(RuntimeError):
     """Another training holds the output folder."""
 
@@ -49,9 +59,9 @@ def _read_holder(handle) -> dict:
 
 
 @contextmanager
-def output_folder_lock(output_dir: str | Path) -> Iterator[dict]:
-    """Holds the training lock of ``output_dir`` inside the block; yields the holder record written to it."""
-    path = Path(output_dir) / LOCK_FILE
+def output_folder_lock(output_dir: str | Path, name: str = LOCK_FILE) -> Iterator[dict]:
+    """Holds the training lock ``name`` of ``output_dir`` inside the block; yields the holder record written to it."""
+    path = Path(output_dir) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()
     with open(path, "a+") as handle:  # never truncated before the flock is held
