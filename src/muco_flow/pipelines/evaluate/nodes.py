@@ -59,7 +59,8 @@ def evaluated_model_dir(train_run: dict[str, Any], params: dict[str, Any]) -> st
 def scored_model(train_run: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
     """Which model ``evaluate`` scores: its directory, MLflow run and content hash (metrics.json's `scored_model`).
 
-    The model training wrote is checked against train_run.json first: a model
+    The model training wrote is checked against train_run.json (again, after
+    scoring: a training that replaced the folder meanwhile is caught): a model
     folder of another run, or one changed since, is refused.
     """
     directory = evaluated_model_dir(train_run, params)
