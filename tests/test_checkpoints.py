@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
 import pytest
 
-from muco_flow.training.checkpoint import COMPLETE_FILE, checkpoint_tag, find_resumable, verify_checkpoint
+from muco_flow.training.checkpoint import (
+    COMPLETE_FILE,
+    checkpoint_run_id,
+    checkpoint_tag,
+    find_resumable,
+    remove_staging_leftovers,
+    verify_checkpoint,
+)
 
 FINGERPRINT = "a" * 64
 
 
-def write_checkpoint(root, step: int, *, world_size: int = 2, fingerprint: str = FINGERPRINT):
-    """A checkpoint directory as save_checkpoint leaves it: files, then complete.json listing their sizes."""
+def write_checkpoint(root, step: int, *, world_size: int = 2, fingerprint: str = FINGERPRINT, run_id="run-1"):
+    """A checkpoint directory as save_checkpoint leaves it: files, then complete.json with their sizes and sha256."""
     directory = root / checkpoint_tag(step)
     directory.mkdir(parents=True)
-    files = {"mp_rank_00_model_states.pt": 300, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 500}
-    for name, size in files.items():
-        (directory / name).write_bytes(bytes(size))
-    complete = {"step": step, "world_size": world_size, "fingerprint": fingerprint, "files": files}
+    contents = {"mp_rank_00_model_states.pt": bytes(300), "zero_pp_rank_0_mp_rank_00_optim_states.pt": bytes(500)}
+    files = {}
+    for name, data in contents.items():
+        (directory / name).write_bytes(data)
+        files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    complete = {
+        "step": step, "world_size": world_size, "fingerprint": fingerprint, "mlflow_run_id": run_id, "files": files,
+    }  # fmt: skip
     (directory / COMPLETE_FILE).write_text(json.dumps(complete))
     return directory
 
@@ -28,6 +40,23 @@ def damage_truncate(directory) -> str:
     victim = directory / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:100])
     return "zero_pp_rank_0_mp_rank_00_optim_states.pt has 100 bytes, 500 were written (truncated)"
+
+
+def damage_bit_rot(directory) -> str:
+    victim = directory / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[200:264] = b"\xff" * 64  # 64 bytes overwritten, the size unchanged
+    victim.write_bytes(bytes(data))
+    return (
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt does not match its sha256 (its content changed after it was written)"
+    )
+
+
+def damage_no_checksums(directory) -> str:
+    complete = json.loads((directory / COMPLETE_FILE).read_text())
+    complete["files"] = {name: entry["bytes"] for name, entry in complete["files"].items()}  # the earlier format
+    (directory / COMPLETE_FILE).write_text(json.dumps(complete))
+    return "its complete.json has no content checksums (an older muco-flow wrote it)"
 
 
 def damage_remove_file(directory) -> str:
@@ -52,7 +81,15 @@ def damage_manifest_without_keys(directory) -> str:
 
 @pytest.mark.parametrize(
     "damage",
-    [damage_truncate, damage_remove_file, damage_unfinished, damage_corrupt_manifest, damage_manifest_without_keys],
+    [
+        damage_truncate,
+        damage_bit_rot,
+        damage_no_checksums,
+        damage_remove_file,
+        damage_unfinished,
+        damage_corrupt_manifest,
+        damage_manifest_without_keys,
+    ],
 )
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_for_the_one_before(tmp_path, caplog, damage):
     write_checkpoint(tmp_path, 4)
@@ -75,3 +112,17 @@ def test_staging_leftovers_of_a_killed_save_are_never_candidates(tmp_path):
     (tmp_path / ".staging-step-00000008").mkdir()  # what a kill during a save leaves
     assert find_resumable(tmp_path, FINGERPRINT, world_size=2) == (checkpoint_tag(4), 4)
     assert find_resumable(tmp_path / "none-yet", FINGERPRINT, world_size=2) is None
+
+
+def test_staging_leftovers_of_killed_saves_are_removed_before_a_run_saves(tmp_path):
+    kept = write_checkpoint(tmp_path, 4)
+    for step in (8, 12):
+        (tmp_path / f".staging-step-{step:08d}").mkdir()
+        (tmp_path / f".staging-step-{step:08d}" / "mp_rank_00_model_states.pt").write_bytes(bytes(10))
+    assert [p.name for p in remove_staging_leftovers(tmp_path)] == [".staging-step-00000008", ".staging-step-00000012"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kept.name]
+    assert remove_staging_leftovers(tmp_path / "none-yet") == []
+
+
+def test_a_checkpoint_names_the_mlflow_run_that_wrote_it(tmp_path):
+    assert checkpoint_run_id(write_checkpoint(tmp_path, 4, run_id="abc123")) == "abc123"

@@ -89,3 +89,15 @@ def test_encode_needs_one_emb_token_per_item(tiny_backbone_dir):
     model = embedder(tiny_backbone_dir)
     with pytest.raises(ValueError, match="exactly one \\{text\\} and one <\\|emb\\|>"):
         model.encode([("x", None)], template="<|im_start|>user\n{text}<|im_end|>", progress=False)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_each_parameter_is_registered_once(tiny_backbone_dir, lora):
+    """DeepSpeed's zero_to_fp32 --safe_serialization refuses tensors that share memory under two names."""
+    model = embedder(tiny_backbone_dir, lora=LoraSettings(enabled=lora))
+    every = list(model.named_parameters(remove_duplicate=False))
+    assert len(every) == len({id(p) for _, p in every}) == len(dict(model.named_parameters()))
+    assert all(name.startswith("model.") for name, _ in every)
+    storages = [t.untyped_storage().data_ptr() for t in model.state_dict().values()]
+    assert len(storages) == len(set(storages))
+    assert model.vlm.config.text_config.hidden_size == model.hidden_size  # still reachable for forward

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from muco_flow.registry import (
     CHAMPION,
     ModelInputError,
     PromotionPolicy,
+    RegistryError,
+    ServingLimits,
     decide_promotion,
     fluent_tracking_uri,
+    parse_batch_size,
     parse_records,
     promote_challenger,
     register_model_version,
@@ -59,7 +63,7 @@ def test_records_accept_base64_png_and_jpeg_data_uris_and_file_uris(tmp_path):
             {"text": "q", "image": path.as_uri()},
         ]
     )
-    items = parse_records(frame)
+    items = parse_records(frame, ServingLimits(read_uris=True))
     assert [text for text, _ in items] == ["a caption", "", "q", "q"]
     assert items[0][1] is None
     for _, image in items[1:]:
@@ -74,7 +78,8 @@ def test_records_accept_base64_png_and_jpeg_data_uris_and_file_uris(tmp_path):
         ({"text": "x", "image": encoded(RED, "GIF")}, "record 1: image is GIF"),
         ({"text": "x", "image": encoded(Image.new("RGB", (8, 8)), "GIF")}, "record 1: image is GIF"),  # upscaled
         ({"text": "x", "image": base64.b64encode(b"plain text").decode()}, "record 1: image cannot be decoded"),
-        ({"text": "x", "image": "file:///nonexistent/cat.png"}, "record 1: image file /nonexistent/cat.png"),
+        ({"text": "x", "image": "file:///etc/passwd"}, "record 1: 'image' is a file:// URI, which this server"),
+        ({"text": "x", "image": "http://127.0.0.1:5000/x.png"}, "record 1: 'image' is a http:// URI"),
         ({"text": "", "image": None}, "record 1: neither 'text' nor 'image'"),
         ({"text": 3, "image": None}, "record 1: 'text' must be a string"),
     ],
@@ -84,9 +89,62 @@ def test_bad_records_are_named_with_the_problem(record, message):
         parse_records(pd.DataFrame([{"text": "fine", "image": None}, record]))
 
 
-def test_unknown_columns_are_refused_naming_the_expected_and_the_given_columns():
-    with pytest.raises(ModelInputError, match=r"columns 'text' and/or 'image'; got columns \['caption'\]"):
-        parse_records(pd.DataFrame([{"caption": "x"}]))
+def test_a_missing_file_is_named_when_the_operator_allows_uris():
+    with pytest.raises(ModelInputError, match=re.escape("record 0: image file /nonexistent/cat.png does not exist")):
+        parse_records(pd.DataFrame([{"image": "file:///nonexistent/cat.png"}]), ServingLimits(read_uris=True))
+
+
+@pytest.mark.parametrize("columns", [{"caption": "x"}, {"text": "x", "colour": "red"}])
+def test_unknown_columns_are_refused_naming_the_expected_and_the_given_columns(columns):
+    given = re.escape(str(sorted(columns)))
+    with pytest.raises(ModelInputError, match=rf"columns 'text' and/or 'image'; got columns {given}"):
+        parse_records(pd.DataFrame([columns]))
+
+
+def words(text: str) -> int:
+    """A stand-in tokenizer: one token per word."""
+    return len(text.split())
+
+
+def test_a_request_is_bounded_in_records_tokens_and_pixels():
+    limits = ServingLimits(max_records=3, max_text_tokens=4, max_image_pixels=5000, max_request_pixels=10_000)
+    red = encoded(RED, "PNG")  # 56 x 84 = 4704 pixels
+    assert len(parse_records(pd.DataFrame([{"text": "a b c d", "image": red}] * 2), limits, words)) == 2
+    with pytest.raises(ModelInputError, match="a request holds at most 3 records, this one 4: split it"):
+        parse_records(pd.DataFrame([{"text": "x"}] * 4), limits, words)
+    with pytest.raises(ModelInputError, match="record 1: 'text' has 5 tokens, at most 4 are served"):
+        parse_records(pd.DataFrame([{"text": "a"}, {"text": "a b c d e"}]), limits, words)
+    big = encoded(Image.new("RGB", (71, 71)), "PNG")  # 5041 pixels
+    with pytest.raises(ModelInputError, match="record 0: image exceeds the decompression-bomb limit of 5000 pixels"):
+        parse_records(pd.DataFrame([{"image": big}]), limits, words)
+    with pytest.raises(ModelInputError, match="record 2: the request's images hold 14112 pixels up to this one, at "
+                       "most 10000 are served per request"):  # fmt: skip
+        parse_records(pd.DataFrame([{"image": red}] * 3), limits, words)
+
+
+@pytest.mark.parametrize("value", [-1, 0, 65, "8", 2.0, True, None])
+def test_a_bad_batch_size_is_refused(value):
+    message = re.escape(f"batch_size must be a whole number from 1 to 64, got {value!r}")
+    with pytest.raises(ModelInputError, match=message):
+        parse_batch_size({"batch_size": value}, ServingLimits())
+
+
+def test_batch_size_defaults_to_16_and_takes_whole_numbers_in_range():
+    limits = ServingLimits()
+    assert parse_batch_size(None, limits) == 16
+    assert [parse_batch_size({"batch_size": v}, limits) for v in (1, 64, np.int64(8))] == [1, 64, 8]
+
+
+def test_serving_limits_come_from_the_model_config_then_the_environment():
+    limits = ServingLimits.from_config({"max_records": 8, "read_uris": False}, {"MUCO_SERVE_READ_URIS": "1"})
+    assert limits == ServingLimits(max_records=8, read_uris=True)
+    assert ServingLimits.from_config(None, {"MUCO_SERVE_MAX_TEXT_TOKENS": "128"}).max_text_tokens == 128
+    with pytest.raises(ValueError, match="MUCO_SERVE_MAX_RECORDS must be a whole number of at least 1, got '0'"):
+        ServingLimits.from_config({}, {"MUCO_SERVE_MAX_RECORDS": "0"})
+    with pytest.raises(ValueError, match=r"registry.serving.read_uris must be true or false \(1/0\), got 'maybe'"):
+        ServingLimits.from_config({"read_uris": "maybe"})
+    with pytest.raises(ValueError, match=r"unknown serving limits \['max_pixels'\]"):
+        ServingLimits.from_config({"max_pixels": 5})
 
 
 def test_a_bad_record_is_an_mlflow_invalid_parameter_error():
@@ -260,8 +318,9 @@ def test_loading_by_alias_gives_the_in_process_embedders_vectors(tracking_server
     expected = embedder.encode(parse_records(pd.DataFrame(probe_records())), template=template, progress=False).numpy()
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    signature = loaded.metadata.get_input_schema()
-    assert signature.input_names() == ["text", "image"]
+    # no input schema (MLflow would drop unknown columns before the model could refuse them); batch_size is a param
+    assert loaded.metadata.get_input_schema() is None
+    assert [param.name for param in loaded.metadata.get_params_schema().params] == ["batch_size"]
 
 
 def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion, model_dir, tmp_path):
@@ -272,7 +331,11 @@ def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion
     ]  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     # as in an activated virtual environment: the server execs `uvicorn` from PATH
-    env = {"MLFLOW_TRACKING_URI": tracking_server, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        "MLFLOW_TRACKING_URI": tracking_server,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "MUCO_SERVE_MAX_RECORDS": "4",  # the operator's limit, over the registered one
+    }
     with background_server(command, f"{url}/ping", timeout_s=240, env=env, log=tmp_path / "serve.log"):
         body = {"dataframe_records": probe_records()}
         response = requests.post(f"{url}/invocations", json=body, timeout=120)
@@ -294,6 +357,39 @@ def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion
         message = response.json()["message"]
         assert "expected records with columns 'text' and/or 'image'" in message and "txt" in message
 
+        refused = {
+            "an unknown column beside 'text'": ({"dataframe_records": [{"text": "x", "colour": "red"}]}, "'colour'"),
+            "batch_size -1": (
+                {"dataframe_records": [{"text": "x"}], "params": {"batch_size": -1}},
+                "batch_size must be a whole number from 1 to 64, got -1",
+            ),
+            "batch_size 0": (
+                {"dataframe_records": [{"text": "x"}], "params": {"batch_size": 0}},
+                "batch_size must be a whole number from 1 to 64, got 0",
+            ),
+            "a file the server would read": (
+                {"dataframe_records": [{"image": (tmp_path / "serve.log").as_uri()}]},
+                "record 0: 'image' is a file:// URI, which this server does not read",
+            ),
+            "a URL the server would fetch": (
+                {"dataframe_records": [{"image": f"{url}/ping"}]},
+                "record 0: 'image' is a http:// URI",
+            ),
+            "more records than MUCO_SERVE_MAX_RECORDS": (
+                {"dataframe_records": [{"text": "x"}] * 5},
+                "a request holds at most 4 records, this one 5",
+            ),
+            "a text over 4096 tokens": (
+                {"dataframe_records": [{"text": "red circle " * 5000}]},
+                "tokens, at most 4096",
+            ),
+        }
+        for case, (body, expected) in refused.items():
+            response = requests.post(f"{url}/invocations", json=body, timeout=120)
+            assert response.status_code == 400, (case, response.text)
+            assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE", case
+            assert expected in response.json()["message"], (case, response.json()["message"])
+
 
 def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tracking_server, champion):
     from playwright.sync_api import sync_playwright
@@ -314,3 +410,32 @@ def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tra
         finally:
             browser.close()
     assert champion in text and CHAMPION in text and CHALLENGER in text
+
+
+def test_moving_challenger_back_to_an_older_version_needs_an_explicit_setting(tracking_server, model_dir):
+    """`register` with an older train_run.json would silently make an older version the challenger."""
+    name = "no-downgrade"
+    runs = [new_run(tracking_server), new_run(tracking_server)]
+
+    def register(run_id: str, **options):
+        return register_model_version(tracking_server, name=name, run_id=run_id, model_dir=str(model_dir),
+                                      tags=tags_with_score(run_id, 0.3), **options)  # fmt: skip
+
+    assert [register(run_id)["version"] for run_id in runs] == [1, 2]
+    message = (
+        f"'{name}' challenger is version 2; run {runs[0]} is the older version 1, and moving challenger back "
+        "needs registry.allow_older_challenger: true"
+    )
+    with pytest.raises(RegistryError, match=re.escape(message)):
+        register(runs[0])
+    client = MlflowClient(tracking_server)
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == "2"
+    assert register(runs[1])["version"] == 2  # the current challenger again: idempotent, allowed
+    assert register(runs[0], allow_older_challenger=True)["version"] == 1
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == "1"
+
+
+def test_the_configured_serving_limits_are_valid_and_the_documented_defaults():
+    from tests.conftest import load_params
+
+    assert ServingLimits.from_config(load_params()["registry"]["serving"]) == ServingLimits()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -87,7 +88,7 @@ def test_the_final_model_is_a_plain_hugging_face_directory(prepared):
     assert backbone.tokenizer.convert_tokens_to_ids("<|emb|>") is not None
 
 
-def test_checkpoints_are_readable_by_deepspeeds_own_tools(prepared):
+def test_checkpoints_are_readable_by_deepspeeds_own_tools(prepared, tmp_path):
     project, _ = prepared
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -96,6 +97,14 @@ def test_checkpoints_are_readable_by_deepspeeds_own_tools(prepared):
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000008", "step-00000012"]  # keep_last 2
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints))
     assert any("lora_A" in k for k in state) and all(torch.isfinite(v).all() for v in state.values())
+    # DeepSpeed's own safetensors export: each parameter under one name (no "tensors share memory")
+    export = tmp_path / "fp32"
+    command = [str(BIN / "python"), "-m", "deepspeed.utils.zero_to_fp32", str(checkpoints), str(export)]
+    subprocess.run([*command, "--safe_serialization"], check=True, capture_output=True, timeout=600)
+    from safetensors.torch import load_file
+
+    exported = load_file(export / "model.safetensors")
+    assert exported.keys() == state.keys() and all(key.startswith("model.") for key in exported)
 
 
 def test_the_same_seed_gives_the_same_loss_curve(prepared):
@@ -185,6 +194,60 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     assert {m.step for m in history} == set(range(1, STEPS + 1))
     for metric in history:
         assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_clear_error_and_no_final_model(prepared):
+    """A temperature of 1e-300 is 0 in float32: the logits are infinite, the loss NaN from the first step."""
+    project, _ = prepared
+    out = "data/06_models/run-nan"
+    params = train_params(out, **{"training.temperature": "1e-300", "training.max_steps": 3})
+    result = kedro_run(project, "--pipelines=train", params, check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(r"training stopped at step 1: the loss is (nan|inf|-inf); no checkpoint", log), log[-3000:]
+    # each rank's one-line cause (the launcher also puts it first in the Kedro error)
+    assert re.search(r"muco-flow training error \(rank [01]\): NonFiniteLossError: training stopped at step 1", log)
+    assert not (project / out / "model").exists()
+    assert not list((project / out / "checkpoints").glob("step-*"))
+
+
+def test_a_training_that_restarts_from_step_0_gets_a_new_mlflow_run_and_ends_the_old_one(prepared):
+    """Another number of processes cannot resume the checkpoints: a new run, with its own params and curve."""
+    project, _ = prepared
+    out = "data/06_models/run-restart"
+    short = {"training.max_steps": 4, "training.save_every": 2}
+    kedro_run(project, "--pipelines=train", train_params(out, **short))
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    first = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+    client.update_run(first, status="RUNNING")  # as a training killed before its end leaves it
+
+    result = kedro_run(
+        project, "--pipelines=train", train_params(out, **short, **{"training.launcher.processes_per_node": 1})
+    )
+    log = result.stdout + result.stderr
+    assert "it was written by 2 processes, this run has 1" in log
+    second = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+    assert second != first
+    assert f"ended MLflow run {first} (KILLED)" in log
+    assert client.get_run(first).info.status == "KILLED"
+    run = client.get_run(second)
+    assert run.info.status == "FINISHED" and run.data.params["training.launcher.processes_per_node"] == "1"
+    assert [m.step for m in client.get_metric_history(second, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(first, "loss")] == [1, 2, 3, 4]  # untouched
+    identity = json.loads((project / out / "model/model_identity.json").read_text())
+    assert identity["mlflow_run_id"] == second
+
+
+def test_a_moved_project_resumes_its_checkpoints(prepared, tmp_path):
+    """The fingerprint hashes the backbone's files, not its absolute path: a copy elsewhere resumes at step 12."""
+    import shutil
+
+    project, _ = prepared
+    moved = tmp_path / "moved" / "project"
+    shutil.copytree(project, moved, ignore=shutil.ignore_patterns("run-[!a]*"))
+    result = kedro_run(moved, "--pipelines=train", train_params("data/06_models/run-a"))
+    assert f"resumed from checkpoint step-{STEPS:08d} (step {STEPS})" in result.stdout + result.stderr
+    assert losses(moved, "data/06_models/run-a") == losses(project, "data/06_models/run-a")
 
 
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):

@@ -104,13 +104,19 @@ class MuCoEmbedder(nn.Module):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         self.model = model
-        self.vlm = _vlm(model)  # the Qwen2VLModel inside any PEFT wrapping: no LM head
+        # The Qwen2VLModel inside any PEFT wrapping (no LM head), held outside the module tree: every
+        # parameter is registered once, under model.*, as DeepSpeed's safetensors export requires.
+        self._vlm = (_vlm(model),)
         if settings.bidirectional:
             # flash-attention decides causality from this flag alone; SDPA and
             # eager read it too, with the mask built in _bidirectional_inputs
             for module in self.vlm.language_model.modules():
                 if hasattr(module, "is_causal"):
                     module.is_causal = False
+
+    @property
+    def vlm(self) -> nn.Module:
+        return self._vlm[0]
 
     @property
     def hidden_size(self) -> int:

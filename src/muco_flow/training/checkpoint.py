@@ -3,8 +3,9 @@
 Each checkpoint is an ordinary DeepSpeed checkpoint directory
 (``<root>/step-00000040/``, with DeepSpeed's ``latest`` file beside it), written
 under a staging name and renamed only once every rank has finished. Its
-``complete.json`` lists every file with its size, so a truncated or partial
-checkpoint is recognised and skipped.
+``complete.json`` lists every file with its size and sha256, so a truncated,
+partial or bit-rotted checkpoint is recognised and skipped. It also names the
+MLflow run that wrote it, which a resumed training continues.
 
 Checkpoints are pickles; every file is unpickled with ``weights_only=True``
 (tensors, containers, numbers and the few DeepSpeed types listed below), so
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from muco_flow.data.sources import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +64,9 @@ def save_checkpoint(
     fingerprint: str,
     keep_last: int,
     client_state: dict[str, Any],
+    mlflow_run_id: str | None = None,
 ) -> Path:
-    """Saves on every rank; returns the final directory."""
+    """Saves on every rank; returns the final directory. ``mlflow_run_id``: the run a resume continues."""
     root = Path(root)
     tag = checkpoint_tag(step)
     staging = STAGING_PREFIX + tag
@@ -76,11 +80,17 @@ def save_checkpoint(
     _barrier()
     if rank == 0:
         files = {
-            p.relative_to(root / staging).as_posix(): p.stat().st_size
+            p.relative_to(root / staging).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted((root / staging).rglob("*"))
             if p.is_file()
         }
-        complete = {"step": step, "world_size": world_size, "fingerprint": fingerprint, "files": files}
+        complete = {
+            "step": step,
+            "world_size": world_size,
+            "fingerprint": fingerprint,
+            "mlflow_run_id": mlflow_run_id,
+            "files": files,
+        }
         (root / staging / COMPLETE_FILE).write_text(json.dumps(complete, indent=1))
         shutil.rmtree(root / tag, ignore_errors=True)
         os.replace(root / staging, root / tag)
@@ -103,17 +113,43 @@ def verify_checkpoint(directory: Path, fingerprint: str, world_size: int) -> str
         return "its complete.json is corrupt"
     if not isinstance(complete, dict) or not {"files", "world_size", "fingerprint"} <= complete.keys():
         return "its complete.json is corrupt"
-    for name, size in complete["files"].items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated)"
     if complete["world_size"] != world_size:
         return f"it was written by {complete['world_size']} processes, this run has {world_size}"
     if complete["fingerprint"] != fingerprint:
         return "it was made with different training settings"
+    entries = complete["files"]
+    if not isinstance(entries, dict) or not all(
+        isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in entries.values()
+    ):
+        return "its complete.json has no content checksums (an older muco-flow wrote it)"
+    for name, entry in entries.items():  # sizes first: cheap, and they name a truncation as such
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {entry['bytes']} were written (truncated)"
+    for name, entry in entries.items():
+        if file_sha256(directory / name) != entry["sha256"]:
+            return f"{name} does not match its sha256 (its content changed after it was written)"
     return None
+
+
+def checkpoint_run_id(directory: Path) -> str | None:
+    """The MLflow run that wrote the checkpoint (None if it does not say); call after verify_checkpoint."""
+    return json.loads((Path(directory) / COMPLETE_FILE).read_text()).get("mlflow_run_id")
+
+
+def remove_staging_leftovers(root: Path) -> list[Path]:
+    """Removes the staging folders of saves that never finished (killed or out of space); returns them.
+
+    Call it before a training's first save: one training at a time writes to
+    ``root`` (see training.lock), so any staging folder then is a leftover.
+    """
+    leftovers = sorted(Path(root).glob(STAGING_PREFIX + "step-*"))
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+        logger.info("removed %s, left by a save that did not finish", leftover)
+    return leftovers
 
 
 def find_resumable(root: Path, fingerprint: str, world_size: int) -> tuple[str, int] | None:

@@ -41,6 +41,26 @@ logger = logging.getLogger(__name__)
 RECORD_COLUMNS = [f.name for f in FORMATTED_SCHEMA]
 
 
+class StaleConversationsError(ValueError):
+    """The conversations were formatted from other ingest shards than those in place."""
+
+
+def check_conversations_match_shards(conversations_dir: Path, shards_dir: Path) -> None:
+    """Refuses conversations formatted from other shards (a data run stopped between ingest and format).
+
+    A conversation points at its image by (shard file, row); with shards of
+    another snapshot in place it would train on the wrong image.
+    """
+    formatted = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text()).get("ingest_manifest_shards")
+    ingested = [s["sha256"] for s in json.loads((Path(shards_dir) / MANIFEST_FILE).read_text())["shards"]]
+    if formatted != ingested:
+        recorded = "no record of its shards" if formatted is None else f"{len(formatted)} shards"
+        raise StaleConversationsError(
+            f"the conversations in {conversations_dir} were formatted from other shards ({recorded}) than the "
+            f"{len(ingested)} in {shards_dir} now: re-run `kedro run --pipelines=format` (or `--pipelines=data`)"
+        )
+
+
 class ImageStore:
     """Image bytes by (ingest shard, row), reading whole row groups through a small LRU cache."""
 

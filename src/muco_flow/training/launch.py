@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from muco_flow.training.deepspeed_config import training_deepspeed_config, validate_deepspeed_config
+from muco_flow.training.lock import lock_file_name, output_folder_lock
 
 
 class TrainingFailedError(RuntimeError):
     """A training process exited with an error; the message holds its traceback."""
+
+
+# The start of the line each failing rank prints to stderr with its exception.
+ERROR_MARKER = "muco-flow training error"
 
 
 def on_cpu() -> bool:
@@ -50,13 +55,17 @@ def resolve_run_config(
         "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_name": training.get("run_name")},
         "encode_template": encode_template,
     }
-    # What decides the weights: a checkpoint made under another fingerprint is not resumed.
-    decisive = {k: config[k] for k in ("checkpoint", "backbone", "deepspeed", "encode_template")} | {
+    # What decides the weights: a checkpoint made under another fingerprint is not resumed. Contents, not
+    # paths: a project moved or copied elsewhere resumes its checkpoints.
+    decisive = {k: config[k] for k in ("backbone", "deepspeed", "encode_template")} | {
+        "checkpoint": _checkpoint_fingerprint(checkpoint),
         "training": {
             k: v
             for k, v in training.items()
-            if k not in ("save_every", "keep_last", "log_every", "launcher", "run_name")
-        },
+            if k not in ("save_every", "keep_last", "log_every", "launcher", "run_name", "output_dir", "deepspeed")
+        }
+        # the DeepSpeed file's path: its content is in `deepspeed` above
+        | {"deepspeed": {k: v for k, v in training.get("deepspeed", {}).items() if k != "config"}},
         "data": _data_fingerprint(conversations_dir),
     }
     config["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
@@ -79,6 +88,13 @@ def validate_grad_cache(training: dict[str, Any], deepspeed: dict[str, Any]) -> 
         )
     if deepspeed["zero_optimization"]["stage"] == 0:
         raise ValueError("training.grad_cache needs ZeRO stage 1, 2 or 3 (training.deepspeed.config has stage 0)")
+
+
+def _checkpoint_fingerprint(checkpoint: str) -> str:
+    """The backbone directory's content hash (every file read once per launch); a name that is no directory as is."""
+    from muco_flow.training.model_identity import content_hash
+
+    return content_hash(checkpoint) if checkpoint and Path(checkpoint).is_dir() else checkpoint
 
 
 def _data_fingerprint(conversations_dir: str) -> str:
@@ -116,7 +132,16 @@ def torchrun_command(config_path: Path, launcher: dict[str, Any]) -> list[str]:
 
 
 def launch_training(config: dict[str, Any], stream=None) -> None:
-    """Runs torchrun on ``config``; streams rank 0's output; raises with the failing rank's traceback."""
+    """Runs torchrun on ``config``; streams rank 0's output; raises with the failing rank's traceback.
+
+    Holds the output folder's lock throughout: a second training into the same folder is refused.
+    """
+    node_rank = config["training"]["launcher"].get("node_rank", 0)
+    with output_folder_lock(config["output_dir"], lock_file_name(node_rank)):
+        _launch_training(config, stream)
+
+
+def _launch_training(config: dict[str, Any], stream=None) -> None:
     output_dir = Path(config["output_dir"])
     logs = output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -142,12 +167,33 @@ def launch_training(config: dict[str, Any], stream=None) -> None:
         bufsize=1,
     )
     tail: list[str] = []
+    causes: list[str] = []
     for line in process.stdout:
         stream.write(line)
         tail = [*tail[-199:], line]
+        if ERROR_MARKER in line:
+            causes.append(line.strip())
     if process.wait() != 0:
-        errors = sorted(logs.glob("rank*.error"))
-        if errors:
-            reports = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
-            raise TrainingFailedError(f"training failed (exit {process.returncode}); see {logs}\n{reports}")
-        raise TrainingFailedError(f"training failed (exit {process.returncode}); last output:\n{''.join(tail[-40:])}")
+        raise TrainingFailedError(failure_message(logs, process.returncode, causes, tail))
+
+
+def failure_message(logs: Path, returncode: int, causes: list[str], tail: list[str]) -> str:
+    """Why training failed: each failing rank's one-line cause, then its traceback or the last output.
+
+    The causes come from the output stream, so they arrive even when the error
+    files could not be written or are empty (a full disk).
+    """
+    reports = []
+    for error_file in sorted(logs.glob("rank*.error")):
+        try:
+            text = error_file.read_text()
+        except OSError:
+            continue
+        if text.strip():
+            reports.append(f"--- {error_file.stem} ---\n{text}")
+    lines = [f"training failed (exit {returncode}); see {logs}", *causes]
+    if reports:
+        lines += reports
+    else:
+        lines += ["last output:", "".join(tail[-40:])]
+    return "\n".join(lines)

@@ -127,6 +127,24 @@ def forward_backward(
     return value, terms
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite: the run stops, no model is written."""
+
+
+def check_finite(step: int, name: str, value: float) -> None:
+    """Stops training at the first NaN or infinite loss or gradient norm, naming the step.
+
+    Nothing after it is trusted: no checkpoint of this step is saved and no
+    final model is written; the checkpoints before it stay.
+    """
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"training stopped at step {step}: the {name} is {value}; no checkpoint of this "
+            "step and no final model are written. Lower training.learning_rate, check training.temperature, "
+            "or look for damaged data or checkpoints"
+        )
+
+
 def train(config: dict[str, Any]) -> None:
     import warnings
 
@@ -137,7 +155,13 @@ def train(config: dict[str, Any]) -> None:
 
     from muco_flow.modeling import tokens
     from muco_flow.modeling.embedder import build_training_embedder
-    from muco_flow.training.checkpoint import find_resumable, load_checkpoint, save_checkpoint
+    from muco_flow.training.checkpoint import (
+        checkpoint_run_id,
+        find_resumable,
+        load_checkpoint,
+        remove_staging_leftovers,
+        save_checkpoint,
+    )
     from muco_flow.training.data import ConversationBatches
 
     output_dir = Path(config["output_dir"])
@@ -199,12 +223,15 @@ def train(config: dict[str, Any]) -> None:
 
     # --- resume ---------------------------------------------------------------
     checkpoints = output_dir / "checkpoints"
+    if rank == 0:
+        remove_staging_leftovers(checkpoints)  # of killed runs; this run holds the output folder's lock
     found = [find_resumable(checkpoints, config["fingerprint"], world) if rank == 0 else None]
     dist.broadcast_object_list(found, src=0)
-    start = 0
+    start, resumed_run = 0, None
     if found[0]:
         tag, start = found[0]
         load_checkpoint(engine, checkpoints, tag, rank)
+        resumed_run = checkpoint_run_id(checkpoints / tag) if rank == 0 else None
         logger.info("resumed from checkpoint %s (step %d)", tag, start)
     elif rank == 0 and any(checkpoints.glob("step-*")):
         logger.warning("no usable checkpoint in %s; training from step 0", checkpoints)
@@ -212,7 +239,7 @@ def train(config: dict[str, Any]) -> None:
 
     tracker = metrics_file = None
     if rank == 0:
-        tracker = _start_tracking(config, output_dir)
+        tracker = _start_tracking(config, output_dir, resuming=start > 0, checkpoint_run=resumed_run)
         metrics_file, earlier = _open_metrics(output_dir / "metrics.jsonl", start)
         if earlier:  # a killed rank 0 may have died with steps it had not sent to MLflow yet
             logger.info("sent %d earlier steps that MLflow did not have", tracker.log_missing(earlier))
@@ -243,13 +270,17 @@ def train(config: dict[str, Any]) -> None:
             mask_duplicate_targets=settings["mask_duplicate_targets"],
             grad_cache=bool(chunk_size),
         )
+        mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
+        check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
         engine.step()
         seconds = time.perf_counter() - began
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        check_finite(step + 1, "gradient norm", grad_norm)  # global: the same on every rank
 
         metrics = {
-            "loss": mean_over_ranks(loss.item()),
+            "loss": mean_loss,
             "learning_rate": lr_scheduler.get_last_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "grad_norm": grad_norm,
             "pairs_per_second": sum(p.pairs for p in parts) * world / seconds,
             "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,
         }
@@ -282,13 +313,20 @@ def train(config: dict[str, Any]) -> None:
                 fingerprint=config["fingerprint"],
                 keep_last=settings["keep_last"],
                 client_state={"step": step + 1},
+                mlflow_run_id=tracker.run_id if rank == 0 else None,
             )
     progress.close()
 
     # --- final model and artifacts (rank 0) --------------------------------------------
     if rank == 0:
         metrics_file.close()
-        _write_final_model(engine.module, output_dir / "model", config["encode_template"])
+        _write_final_model(
+            engine.module,
+            output_dir / "model",
+            config["encode_template"],
+            mlflow_run_id=tracker.run_id,
+            fingerprint=config["fingerprint"],
+        )
         tracker.flush()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
         _finish_tracking(config, output_dir, tracker)
     dist.barrier()
@@ -305,19 +343,35 @@ def _open_metrics(path: Path, start: int):
     return path.open("a"), [json.loads(line) for line in kept]
 
 
-def _write_final_model(embedder: Any, target: Path, encode_template: str) -> None:
-    staging = target.with_name(target.name + ".staging")
+def _write_final_model(
+    embedder: Any, target: Path, encode_template: str, *, mlflow_run_id: str, fingerprint: str
+) -> None:
+    """The merged model and its identity (run id, content hash), written aside and renamed into place together."""
     import shutil
 
+    from muco_flow.training.model_identity import write_model_identity
+
+    staging = target.with_name(target.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     embedder.save_merged(staging, encode_template)
-    shutil.rmtree(target, ignore_errors=True)
+    write_model_identity(staging, mlflow_run_id=mlflow_run_id, fingerprint=fingerprint)
+    retired = target.with_name(target.name + ".retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    if target.exists():
+        os.replace(target, retired)
     os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
     logger.info("final model written to %s", target)
 
 
-def _start_tracking(config: dict[str, Any], output_dir: Path):
-    """Starts (or, after a restart, resumes) the MLflow run, with system metrics on; returns a metric buffer."""
+def _start_tracking(config: dict[str, Any], output_dir: Path, *, resuming: bool, checkpoint_run: str | None):
+    """Starts the MLflow run, with system metrics on; returns a metric buffer.
+
+    A resumed training continues the run that wrote its checkpoint (run.json's,
+    for a checkpoint that does not say). A training from step 0 always starts a
+    new run: one run never holds two trainings' curves, and the previous run,
+    if it never finished, is ended (KILLED) rather than left RUNNING.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -327,11 +381,14 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
     mlflow.set_tracking_uri(settings["tracking_uri"])
     client = MlflowClient(settings["tracking_uri"])
     run_file = output_dir / "run.json"
+    previous = json.loads(run_file.read_text()) if run_file.exists() else {}
     run_id = None
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get("fingerprint") == config["fingerprint"]:
-            run_id = previous["mlflow_run_id"]
+    if resuming:
+        run_id = checkpoint_run or (
+            previous.get("mlflow_run_id") if previous.get("fingerprint") == config["fingerprint"] else None
+        )
+    elif previous.get("mlflow_run_id"):
+        _end_unfinished_run(client, previous["mlflow_run_id"])
     if run_id is not None:
         mlflow.start_run(run_id=run_id, log_system_metrics=True)
     else:
@@ -361,6 +418,19 @@ def _start_tracking(config: dict[str, Any], output_dir: Path):
     return MetricBuffer(client, run_id, every=config["training"]["log_every"])
 
 
+def _end_unfinished_run(client: Any, run_id: str) -> None:
+    """Marks a previous training's run KILLED if it is still RUNNING: this training will not continue it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException:
+        return  # deleted, or another tracking store: nothing to end
+    if status == "RUNNING":
+        client.set_terminated(run_id, status="KILLED")
+        logger.info("ended MLflow run %s (KILLED): this training starts from step 0 in a new run", run_id)
+
+
 def _log_training_data(config: dict[str, Any]) -> None:
     """The shards trained on, as the run's "training" dataset: where they are and their fingerprint."""
     import mlflow
@@ -387,15 +457,22 @@ def _finish_tracking(config: dict[str, Any], output_dir: Path, tracker: Any) -> 
 
 
 def main() -> None:
+    from muco_flow.training.launch import ERROR_MARKER
+
     config = json.loads(Path(sys.argv[1]).read_text())
     try:
         train(config)
-    except BaseException:
-        # The launcher reads this file to report which rank failed and why.
+    except BaseException as err:
+        # The launcher reports which rank failed and why: one line on stderr, which needs no disk space
+        # (ENOSPC, EIO), and the traceback in a file, when it can be written.
         rank = os.environ.get("RANK", "0")
-        errors = Path(config["output_dir"]) / "logs"
-        errors.mkdir(parents=True, exist_ok=True)
-        (errors / f"rank{rank}.error").write_text(traceback.format_exc())
+        print(f"{ERROR_MARKER} (rank {rank}): {type(err).__name__}: {err}", file=sys.__stderr__, flush=True)
+        error_file = Path(config["output_dir"]) / "logs" / f"rank{rank}.error"
+        try:
+            error_file.parent.mkdir(parents=True, exist_ok=True)
+            error_file.write_text(traceback.format_exc())
+        except OSError as write_error:
+            print(f"{ERROR_MARKER} (rank {rank}): could not write {error_file}: {write_error}", file=sys.__stderr__)
         raise
     finally:
         if dist.is_initialized():

@@ -17,6 +17,7 @@ from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figur
 from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation
 from muco_flow.modeling.embedder import load_embedder
 from muco_flow.tracking import metrics_table, select_metrics
+from muco_flow.training.model_identity import content_hash, verify_trained_model
 
 
 def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -54,11 +55,27 @@ def evaluated_model_dir(train_run: dict[str, Any], params: dict[str, Any]) -> st
     return params.get("model") or train_run["model_dir"]
 
 
+def scored_model(train_run: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
+    """Which model ``evaluate`` scores: its directory, MLflow run and content hash (metrics.json's `scored_model`).
+
+    The model training wrote is checked against train_run.json (again, after
+    scoring: a training that replaced the folder meanwhile is caught): a model
+    folder of another run, or one changed since, is refused.
+    """
+    directory = evaluated_model_dir(train_run, params)
+    if params.get("model"):  # a release: it has no run of its own; the evaluation goes to train_run's
+        return {"model_dir": directory, "mlflow_run_id": None, "content_hash": content_hash(directory)}
+    return {"model_dir": directory} | verify_trained_model(directory, train_run)
+
+
 def evaluate_trained_model(
     sets: dict[str, Any], train_run: dict[str, Any], params: dict, format_params: dict, backbone: dict
 ) -> dict[str, Any]:
-    """All metrics for the evaluated model: the one training wrote, or the directory in ``model``."""
-    return _score(evaluated_model_dir(train_run, params), sets, params, format_params, backbone)
+    """All metrics for the evaluated model: the one training wrote (checked first), or the directory in ``model``."""
+    directory = evaluated_model_dir(train_run, params)
+    if not params.get("model"):
+        verify_trained_model(directory, train_run)  # before any model is loaded
+    return _score(directory, sets, params, format_params, backbone)
 
 
 def evaluate_baseline(
@@ -78,7 +95,11 @@ def build_evaluation_report(
 ) -> tuple[dict[str, Any], pd.DataFrame, Any, Any, str]:
     """metrics.json, the recall@k table, two plots and the Markdown report."""
     chance = chance_mmeb_average(sets["mmeb"]) if sets["mmeb"] else 0.0
-    metrics = compare(model, baseline, chance) | {"mlflow_run_id": train_run["mlflow_run_id"]}
+    metrics = compare(model, baseline, chance) | {
+        "mlflow_run_id": train_run["mlflow_run_id"],
+        # register refuses metrics.json unless this is the model it registers
+        "scored_model": scored_model(train_run, params),
+    }
     curves = recall_curve_table(model, baseline)
     report = markdown_report(metrics, evaluated_model_dir(train_run, params), params.get("baseline", "backbone"))
     return metrics, curves, mmeb_bar_figure(model, baseline, chance), recall_figure(curves), report

@@ -6,22 +6,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-from muco_flow.registry import RegistryError, lineage_tags, register_model_version, version_description
+from muco_flow.registry import lineage_tags, register_model_version, version_description
 from muco_flow.tracking import UNKNOWN_COMMIT, source_commit
+from muco_flow.training.model_identity import verify_evaluated_model, verify_trained_model
 
 
 def register_trained_model(
     train_run: dict[str, Any], evaluation_metrics: dict[str, Any], shards_dir: str, registry: dict[str, Any]
 ) -> dict[str, Any]:
-    """Registers the trained model as a new version (alias `challenger`), tagged with its lineage."""
+    """Registers the trained model as a new version (alias `challenger`), tagged with its lineage.
+
+    Only the model train_run.json names (same run, same content hash) with the
+    evaluation of that very model: anything else is refused.
+    """
     from mlflow.tracking import MlflowClient
 
     run_id, tracking_uri = train_run["mlflow_run_id"], train_run["tracking_uri"]
-    if evaluation_metrics.get("mlflow_run_id") != run_id:
-        raise RegistryError(
-            f"metrics.json is from run {evaluation_metrics.get('mlflow_run_id')}, but the trained model is run "
-            f"{run_id}: run `kedro run --pipelines=evaluate` before registering"
-        )
+    verify_evaluated_model(evaluation_metrics, verify_trained_model(train_run["model_dir"], train_run))
     run = MlflowClient(tracking_uri).get_run(run_id)
     trained_at = run.data.tags.get("mlflow.source.git.commit", UNKNOWN_COMMIT)
     manifest = json.loads((Path(shards_dir) / "manifest.json").read_text())
@@ -42,4 +43,6 @@ def register_trained_model(
         model_dir=train_run["model_dir"],
         tags=tags,
         description=description,
+        allow_older_challenger=bool(registry.get("allow_older_challenger", False)),
+        serving=registry.get("serving"),
     )

@@ -17,7 +17,9 @@ from muco_flow.tracking import (
     run_name,
     source_commit,
 )
+from muco_flow.training.data import check_conversations_match_shards
 from muco_flow.training.launch import launch_training, resolve_run_config
+from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
 
 
@@ -35,6 +37,7 @@ def train_muco_model(
 
     Re-running resumes from the newest complete checkpoint of the same settings.
     """
+    check_conversations_match_shards(Path(conversations_dir), Path(shards_dir))
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     check_tracking_server(tracking_uri)  # before any data or model is loaded
     config = resolve_run_config(
@@ -54,11 +57,18 @@ def train_muco_model(
     output_dir = Path(training["output_dir"])
     history = read_metrics(output_dir / "metrics.jsonl")
     run = json.loads((output_dir / "run.json").read_text())
+    identity = read_model_identity(output_dir / "model")
+    if identity["mlflow_run_id"] != run["mlflow_run_id"]:
+        raise ModelIdentityError(
+            f"{output_dir / 'model'} holds the model of MLflow run {identity['mlflow_run_id']}, but this training "
+            f"is run {run['mlflow_run_id']}"
+        )
     tenth = max(1, len(history) // 10)
     record = {
         "mlflow_run_id": run["mlflow_run_id"],
         "tracking_uri": tracking_uri,
         "model_dir": str(output_dir / "model"),
+        "model_content_hash": identity["content_hash"],
         "steps": int(history["step"].iloc[-1]),
         "loss_first_10pct": float(history["loss"].iloc[:tenth].mean()),
         "loss_last_10pct": float(history["loss"].iloc[-tenth:].mean()),
