@@ -28,10 +28,11 @@ import pytest
 import yaml
 
 from muco_flow.datasets import FileTreeDataset
+from muco_flow.pipelines.finetune.nodes import finetuning_settings
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, config_loader, kedro_run, new_project
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for, s3_env, upload_tree
 
-CHAIN = ["sample", "backbone", "ingest", "format", "finetune_data", "train", "evaluate", "register"]
+CHAIN = ["sample", "backbone", "ingest", "format", "finetune_data", "train", "evaluate", "register", "finetune"]
 BIN = Path(sys.executable).parent
 SRC = PROJECT_ROOT / "src"
 
@@ -127,6 +128,8 @@ def parameter_values(stage: str) -> dict[str, Any]:
             for part in name.removeprefix("params:").split("."):
                 value = value[part]
             values[name.removeprefix("params:")] = value
+    if "finetune" in values:  # fine-tuning runs the `training` settings with `finetune.training` laid over them
+        values["training"] = finetuning_settings(values["training"], values["finetune"].get("training") or {})
     return values
 
 
