@@ -28,10 +28,11 @@ import pytest
 import yaml
 
 from muco_flow.datasets import FileTreeDataset
+from muco_flow.pipelines.finetune.nodes import finetuning_settings
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, config_loader, kedro_run, new_project
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for, s3_env, upload_tree
 
-CHAIN = ["sample", "backbone", "ingest", "format", "finetune_data", "train", "evaluate", "register"]
+CHAIN = ["sample", "backbone", "ingest", "format", "finetune_data", "train", "evaluate", "register", "finetune"]
 BIN = Path(sys.executable).parent
 SRC = PROJECT_ROOT / "src"
 
@@ -127,6 +128,8 @@ def parameter_values(stage: str) -> dict[str, Any]:
             for part in name.removeprefix("params:").split("."):
                 value = value[part]
             values[name.removeprefix("params:")] = value
+    if "finetune" in values:  # fine-tuning runs the `training` settings with `finetune.training` laid over them
+        values["training"] = finetuning_settings(values["training"], values["finetune"].get("training") or {})
     return values
 
 
@@ -295,6 +298,7 @@ def clone(tmp_path_factory) -> Clone:
     sample = {key: int(value) for key, value in (item.split("=") for item in SMALL_RUN_PARAMS.split(","))}
     edit_yaml(root / "conf/base/parameters_sample.yml", sample)
     edit_yaml(root / "conf/base/parameters_train.yml", {"training.max_steps": 4, "training.save_every": 2})
+    edit_yaml(root / "conf/base/parameters_finetune.yml", {"finetune.training.max_steps": 2})
     git(root, "commit", "--quiet", "-am", "Test sizes")
     return Clone(root, head, dvc(root, "repro"))
 
@@ -324,7 +328,8 @@ def test_metrics_show_and_plots_show(clone):
 
     plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
     images = {"train_loss.png", "recall_at_k.png", "mmeb_hit_at_1.png"}
-    assert set(plots) == {f"data/08_reporting/{name}" for name in images}
+    # the finetune stage's (MuCo stage 2) under finetune/
+    assert set(plots) == {f"data/08_reporting/{stage}{name}" for name in images for stage in ("", "finetune/")}
     assert {plot[0]["type"] for plot in plots.values()} == {"image"}
 
     dvc(root, "plots", "show")
@@ -350,10 +355,13 @@ def test_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
     assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"train"}
 
     result = dvc(root, "repro")
-    assert stages_run(result) == ["train", "evaluate", "register"]
+    assert stages_run(result) == ["train", "evaluate", "register", "finetune"]
     after = json.loads((root / "data/06_models/train_run.json").read_text())
     registration = json.loads((root / "data/08_reporting/registration.json").read_text())
-    assert (registration["run_id"], registration["version"]) == (after["mlflow_run_id"], 2)
+    # versions 1 and 2 are the first repro's stage-1 and fine-tuned models
+    assert (registration["run_id"], registration["version"]) == (after["mlflow_run_id"], 3)
+    finetuned = json.loads((root / "data/06_models/finetune_run.json").read_text())
+    assert finetuned["parent_run_id"] == after["mlflow_run_id"]
     assert after["mlflow_run_id"] != before["mlflow_run_id"]
     assert json.loads((root / "data/08_reporting/metrics.json").read_text())["mlflow_run_id"] == after["mlflow_run_id"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())

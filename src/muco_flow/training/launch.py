@@ -38,13 +38,23 @@ def resolve_run_config(
     checkpoint: str,
     conversations_dir: str,
     shards_dir: str,
+    stage: str = "train",
+    parent_run_id: str | None = None,
 ) -> dict[str, Any]:
-    """Everything one rank needs, in one JSON-serialisable dict, plus its fingerprint."""
+    """Everything one rank needs, in one JSON-serialisable dict, plus its fingerprint.
+
+    ``stage``: "train" (MuCo's stage 1, M3T conversations) or "finetune" (stage 2, MMEB-train samples).
+    ``parent_run_id``: the stage-1 run a fine-tuning starts from; part of the
+    fingerprint, so that a new stage-1 model at the same path is not resumed onto.
+    """
+    if stage not in ("train", "finetune"):
+        raise ValueError(f"stage must be 'train' or 'finetune', got {stage!r}")
     cpu = on_cpu()
     deepspeed = training_deepspeed_config(training, on_cpu=cpu)
     validate_deepspeed_config(deepspeed)
     validate_grad_cache(training, deepspeed)
     config = {
+        "stage": stage,
         "output_dir": training["output_dir"],
         "checkpoint": checkpoint,
         "conversations_dir": conversations_dir,
@@ -68,6 +78,8 @@ def resolve_run_config(
         | {"deepspeed": {k: v for k, v in training.get("deepspeed", {}).items() if k != "config"}},
         "data": _data_fingerprint(conversations_dir),
     }
+    if parent_run_id:
+        config["parent_run_id"] = decisive["parent_run_id"] = parent_run_id
     config["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
     return config
 

@@ -74,14 +74,18 @@ def forward_backward(
     symmetric_loss: bool,
     mask_duplicate_targets: bool,
     grad_cache: bool = False,
+    four_way: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's batch forward, embeddings gathered from every rank, the loss, backward.
 
     ``parts`` is the batch, whole (one part) or, with ``grad_cache``, in
     chunks that GradCache embeds one at a time. Returns the loss of this
     rank's queries and its terms to log; ``engine.step()`` completes the step.
+    ``four_way``: stage 2 (MMEB-train batches, see ``Batch``), MuCo's four-way
+    loss over the main and auxiliary embeddings, which has no symmetric term
+    and masks nothing (one turn per sample, as in the official code).
     """
-    from muco_flow.modeling.loss import multi_turn_contrastive_loss
+    from muco_flow.modeling.loss import four_way_contrastive_loss, multi_turn_contrastive_loss
     from muco_flow.training.distributed import all_gather_with_grad, all_gather_without_grad
     from muco_flow.training.grad_cache import grad_cache_step
 
@@ -93,7 +97,23 @@ def forward_backward(
 
     rank = dist.get_rank() if dist.is_initialized() else 0
 
+    def four_way_loss(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # each stage-2 row holds two <|emb|>: [main_0, aux_0, main_1, aux_1, ...]
+        query, target, *negative = embeddings
+        value = four_way_contrastive_loss(
+            query[0::2],
+            query[1::2],
+            all_gather_with_grad(target[0::2].contiguous()),
+            all_gather_with_grad(target[1::2].contiguous()),
+            temperature,
+            rank,
+            hard_negatives=all_gather_with_grad(negative[0]) if hard_negatives else None,
+        )
+        return value.total, value.terms()
+
     def loss(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if four_way:
+            return four_way_loss(embeddings)
         query, target, *negative = embeddings
         all_targets = all_gather_with_grad(target)
         all_queries = all_gather_with_grad(query) if symmetric_loss else None
@@ -143,6 +163,14 @@ def check_finite(step: int, name: str, value: float) -> None:
             "step and no final model are written. Lower training.learning_rate, check training.temperature, "
             "or look for damaged data or checkpoints"
         )
+
+
+def stage_of(batches: Any) -> str:
+    """The pipeline whose data ``batches`` reads: "train" (M3T conversations) or "finetune" (MMEB-train)."""
+    from muco_flow.data import mmeb_train
+    from muco_flow.training.data import RECORD_KINDS
+
+    return "finetune" if batches.kind is RECORD_KINDS[mmeb_train.SCHEMA_VERSION] else "train"
 
 
 def train(config: dict[str, Any]) -> None:
@@ -207,6 +235,13 @@ def train(config: dict[str, Any]) -> None:
         seed=settings["seed"],
         hard_negatives=settings.get("hard_negatives", False),
     )
+    data_stage, stage = stage_of(batches), config.get("stage", "train")
+    four_way = data_stage == "finetune"
+    if data_stage != stage:
+        raise ValueError(
+            f"the {stage} pipeline got {data_stage} data in {config['conversations_dir']} "
+            "(train reads M3T conversations from the format pipeline, finetune MMEB-train samples from finetune_data)"
+        )
     chunk_size = (settings.get("grad_cache") or {}).get("chunk_size")
     total_steps = settings.get("max_steps") or settings["epochs"] * batches.steps_per_epoch
     logger.info(
@@ -269,6 +304,7 @@ def train(config: dict[str, Any]) -> None:
             symmetric_loss=settings["symmetric_loss"],
             mask_duplicate_targets=settings["mask_duplicate_targets"],
             grad_cache=bool(chunk_size),
+            four_way=four_way,
         )
         mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
         check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
@@ -397,7 +433,7 @@ def _start_tracking(config: dict[str, Any], output_dir: Path, *, resuming: bool,
             experiment_id=experiment.experiment_id,
             run_name=settings["run_name"],
             description=settings["description"],
-            tags={"muco_flow.stage": "train", **settings["tags"]},
+            tags={"muco_flow.stage": config.get("stage", "train"), **settings["tags"]},
             log_system_metrics=True,
         ).info.run_id
         params = flatten({k: config[k] for k in ("training", "backbone")}) | {"checkpoint": config["checkpoint"]}

@@ -36,6 +36,13 @@ def register_trained_model(
         headline_metrics=evaluation_metrics["headline"],
     )
     description = version_description(run_id, evaluation_metrics["headline"], evaluation_metrics["delta_vs_baseline"])
+    parent_run_id = train_run.get("parent_run_id")
+    if parent_run_id:  # a fine-tuned model (the `finetune` pipeline): its lineage is both runs
+        tags["parent_run_id"] = parent_run_id
+        description = (
+            f"Fine-tuned (MuCo stage 2) in run `{run_id}` from the stage-1 model of run `{parent_run_id}`.\n\n"
+            + description
+        )
     return register_model_version(
         tracking_uri,
         name=registry["model_name"],

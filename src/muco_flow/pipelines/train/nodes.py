@@ -37,6 +37,28 @@ def train_muco_model(
 
     Re-running resumes from the newest complete checkpoint of the same settings.
     """
+    return run_training_stage(
+        conversations_dir, shards_dir, checkpoint, training, backbone, format_params, mlflow, kedro_run
+    )
+
+
+def run_training_stage(
+    conversations_dir: str,
+    shards_dir: str,
+    checkpoint: str,
+    training: dict[str, Any],
+    backbone: dict[str, Any],
+    format_params: dict[str, Any],
+    mlflow: dict[str, Any],
+    kedro_run: dict[str, Any],
+    *,
+    stage: str = "train",
+    parent_run_id: str | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame, Any]:
+    """One MuCo training stage under torchrun: `train` (stage 1) or `finetune` (stage 2 from ``parent_run_id``'s model).
+
+    The run record names the parent run, so that register can name both.
+    """
     check_conversations_match_shards(Path(conversations_dir), Path(shards_dir))
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     check_tracking_server(tracking_uri)  # before any data or model is loaded
@@ -49,10 +71,12 @@ def train_muco_model(
         checkpoint=checkpoint,
         conversations_dir=conversations_dir,
         shards_dir=shards_dir,
+        stage=stage,
+        parent_run_id=parent_run_id,
     )
     # lineage and the MLflow run's name, description and tags: not part of the resume fingerprint
     config["git_commit"] = source_commit()
-    config["mlflow"] |= describe_run(config, kedro_run)
+    config["mlflow"] |= describe_run(config, kedro_run, parent_run_id)
     launch_training(config)
     output_dir = Path(training["output_dir"])
     history = read_metrics(output_dir / "metrics.jsonl")
@@ -74,11 +98,17 @@ def train_muco_model(
         "loss_last_10pct": float(history["loss"].iloc[-tenth:].mean()),
         "fingerprint": config["fingerprint"],
     }
+    if parent_run_id:
+        record["parent_run_id"] = parent_run_id
     return record, history, loss_curve_figure(history)
 
 
-def describe_run(config: dict[str, Any], kedro_run: dict[str, Any]) -> dict[str, Any]:
-    """The MLflow run's name (``training.run_name``), description, context tags and data fingerprint."""
+def describe_run(config: dict[str, Any], kedro_run: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
+    """The MLflow run's name (``training.run_name``), description, context tags and data fingerprint.
+
+    A fine-tuning run names its stage-1 run in the description and in the tag
+    ``muco_flow.parent_run_id`` (not mlflow.parentRunId: the two runs may be in different experiments).
+    """
     training = config["training"]
     pipelines = kedro_run["pipelines"].replace("__default__", "default")
     checkpoint = Path(config["checkpoint"]).name
@@ -94,17 +124,23 @@ def describe_run(config: dict[str, Any], kedro_run: dict[str, Any]) -> dict[str,
         f"x {launcher.get('nodes', 1)} nodes per step, temperature {training['temperature']}. "
         f"Started by `{kedro_run['command']}` at commit {config['git_commit']}."
     )
+    if parent_run_id:
+        description = f"Fine-tuned (MuCo stage 2) from the stage-1 model of run `{parent_run_id}`. " + description
+    tags = context_tags(
+        source=kedro_run["command"],
+        git_commit=config["git_commit"],
+        pipeline=kedro_run["pipelines"],
+        env=kedro_run["env"],
+    )
+    if parent_run_id:
+        tags[PARENT_RUN_TAG] = parent_run_id
     return {
         "run_name": run_name(training.get("run_name") or DEFAULT_RUN_NAME, values),
         "description": description,
-        "tags": context_tags(
-            source=kedro_run["command"],
-            git_commit=config["git_commit"],
-            pipeline=kedro_run["pipelines"],
-            env=kedro_run["env"],
-        ),
+        "tags": tags,
         "data_fingerprint": fingerprint,
     }
 
 
+PARENT_RUN_TAG = "muco_flow.parent_run_id"
 DEFAULT_RUN_NAME = "{pipelines}-{checkpoint}-lr{training.learning_rate}"

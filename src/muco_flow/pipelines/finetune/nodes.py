@@ -1,0 +1,56 @@
+"""Nodes of the `finetune` pipeline: `train`'s node function, run as MuCo's stage 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from muco_flow.pipelines.train.nodes import run_training_stage
+from muco_flow.tracking import resolve_tracking_uri
+from muco_flow.training.init_model import resolve_init_model
+
+
+def finetuning_settings(training: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`training` with `finetune.training` laid over it, nested dicts merged key by key."""
+    merged = dict(training)
+    for key, value in overrides.items():
+        if key not in training:
+            raise ValueError(f"finetune.training.{key} is not a training setting (conf/base/parameters_train.yml)")
+        merged[key] = finetuning_settings(training[key], value) if isinstance(value, dict) else value
+    return merged
+
+
+def finetune_muco_model(
+    samples_dir: str,
+    shards_dir: str,
+    train_run: dict[str, Any],
+    finetune: dict[str, Any],
+    training: dict[str, Any],
+    backbone: dict[str, Any],
+    format_params: dict[str, Any],
+    mlflow: dict[str, Any],
+    kedro_run: dict[str, Any],
+) -> tuple[dict[str, Any], pd.DataFrame, Any]:
+    """Fine-tunes the stage-1 model (``finetune.init_from``, default `train`'s) on the MMEB-train samples.
+
+    Returns the run record (with the stage-1 run as ``parent_run_id``), loss history and loss plot.
+    """
+    settings = finetuning_settings(training, finetune.get("training") or {})
+    tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
+    model_dir, parent_run_id = resolve_init_model(
+        finetune.get("init_from"), train_run, tracking_uri, Path(settings["output_dir"]) / "init_model"
+    )
+    return run_training_stage(
+        samples_dir,
+        shards_dir,
+        model_dir,
+        settings,
+        backbone,
+        format_params,
+        mlflow,
+        kedro_run,
+        stage="finetune",
+        parent_run_id=parent_run_id,
+    )
