@@ -132,7 +132,7 @@ def test_every_documented_kedro_run_uses_an_existing_env_and_known_parameters():
         for assignment in ",".join(given.get("--params", [])).split(","):
             key = assignment.partition("=")[0]
             if key and not is_placeholder(key) and key not in runtime and not is_parameter(params, key):
-                wrong.append(f"{doc}: `{command}` sets {key!r}, neither a parameter nor a runtime_params key of {env!r}")
+                wrong.append(f"{doc}: `{command}` sets {key!r}, not a parameter or runtime_params key of {env!r}")
     assert not wrong, "\n".join(wrong)
 
 
