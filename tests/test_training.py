@@ -367,12 +367,12 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
     """GradCache in chunks of 2 (2 forwards per side and step) under ZeRO-2, SIGKILLed mid-run and resumed."""
     project, _ = prepared
     grad_cache = {"training.grad_cache.chunk_size": 2, "training.save_every": 3}
-    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-gc", **grad_cache))
+    kedro_run(project, "--pipelines=train", train_params("data/06_models/run-gc", **grad_cache))
     out = "data/06_models/run-gc-killed"
     metrics = project / out / "metrics.jsonl"
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
     run = subprocess.Popen(
-        [KEDRO, "run", "--pipeline=train", train_params(out, **grad_cache)],
+        [KEDRO, "run", "--pipelines=train", train_params(out, **grad_cache)],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -390,7 +390,7 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
     assert run.returncode != 0 and "training failed" in output
     assert len(metrics.read_text().splitlines()) < STEPS
 
-    resumed = kedro_run(project, "--pipeline=train", train_params(out, **grad_cache))
+    resumed = kedro_run(project, "--pipelines=train", train_params(out, **grad_cache))
     assert "resumed from checkpoint step-00000006 (step 6)" in resumed.stdout + resumed.stderr
     reference = losses(project, "data/06_models/run-gc")
     assert losses(project, out) == pytest.approx(reference, abs=1e-5)
