@@ -345,9 +345,11 @@ def test_the_mlflow_ui_shows_a_named_described_run_with_its_curves_first_and_a_v
             page.screenshot(path=str(ARTIFACTS / "mlflow_run_overview.png"), full_page=True)
 
             page.goto(f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}/model-metrics")
-            page.get_by_text("loss", exact=True).first.wait_for(timeout=60_000)
-            page.wait_for_timeout(3000)  # the charts draw after their titles
-            page.screenshot(path=str(ARTIFACTS / "mlflow_run_model_metrics.png"))
+            try:
+                page.get_by_text("loss", exact=True).first.wait_for(timeout=60_000)
+                page.wait_for_timeout(3000)  # the charts draw after their titles
+            finally:  # also when "loss" never shows: the page as it was is what tells why
+                page.screenshot(path=str(ARTIFACTS / "mlflow_run_model_metrics.png"))
             charts = page.inner_text("body")
 
             page.goto(f"{url}/#/models/muco-embedder/versions/{version.version}", wait_until="domcontentloaded")
