@@ -245,6 +245,54 @@ def git(cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return run(cwd, "git", *args, **kwargs)
 
 
+def sample_evaluation_results(evaluate: dict[str, Any]) -> dict[str, Any]:
+    """Results shaped as evaluating the bundled sample gives them (its MMEB sets, M-BEIR tasks and pools), with
+    full-precision values: what `headline()` and `select_headline_metrics` see after `make run`."""
+    values = (i / 7 % 1 for i in range(1, 10_000))  # in [0, 1), 1/7 first
+    mmeb_sets = {name: d for name, d in evaluate["mmeb"]["datasets"].items() if name.startswith("MiniShapes")}
+    mbeir = evaluate["mbeir"]
+    ks = mbeir["recall_ks"]["default"]
+    return {
+        "mmeb": {
+            "average": next(values),
+            "meta_tasks": {d["meta_task"]: next(values) for d in mmeb_sets.values()},
+            "datasets": {name: {"hit@1": next(values)} for name in mmeb_sets},
+        },
+        "mbeir": {
+            "average": {kind: next(values) for kind in mbeir["pools"]},
+            "rows": {
+                kind: {task: {f"recall@{k}": next(values) for k in ks} | {"queries": 8} for task in mbeir["tasks"]}
+                for kind in mbeir["pools"]
+            },
+        },
+        "m3t_heldout": {"turn0": {"recall@1": next(values)}},
+    }
+
+
+@pytest.mark.timeout(300)
+def test_dvc_metrics_show_prints_the_sample_headline_within_200_columns(tmp_path):
+    """The real `dvc metrics show` over headline_metrics.json as the evaluate node writes it for the sample."""
+    from muco_flow.evaluation.report import compare
+    from muco_flow.pipelines.evaluate.nodes import select_headline_metrics
+
+    evaluate = config_loader()["parameters"]["evaluate"]
+    results = sample_evaluation_results(evaluate)
+    headline = select_headline_metrics(compare(results, results, chance=0.25), evaluate)
+    assert "mmeb/average" in headline and any(key.startswith("mbeir/") for key in headline), headline
+
+    shutil.copy(PROJECT_ROOT / "dvc.yaml", tmp_path)
+    shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf")  # dvc.yaml's `vars`
+    dvc(tmp_path, "init", "--no-scm", "--quiet")
+    metrics_file = tmp_path / "data/08_reporting/headline_metrics.json"
+    metrics_file.parent.mkdir(parents=True)
+    metrics_file.write_text(json.dumps(headline, indent=2))  # as Kedro's JSONDataset saves it
+
+    table = dvc(tmp_path, "metrics", "show", env={"COLUMNS": "400"}).stdout
+    assert "mmeb/average" in table and "0.14286" in table, table  # 1/7 at DVC's 5 digits
+    widest = max(len(line) for line in table.splitlines())
+    assert widest <= 200, f"{widest} columns for {list(headline)}:\n{table}"
+
+
 def stages_run(result: subprocess.CompletedProcess) -> list[str]:
     return re.findall(r"^Running stage '([\w-]+)':", result.stdout, re.MULTILINE)
 

@@ -408,9 +408,11 @@ def test_the_mlflow_ui_shows_a_named_described_run_with_its_curves_first_and_a_v
             page.screenshot(path=str(ARTIFACTS / "mlflow_run_overview.png"), full_page=True)
 
             page.goto(f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}/model-metrics")
-            page.get_by_text("loss", exact=True).first.wait_for(timeout=60_000)
-            page.wait_for_timeout(3000)  # the charts draw after their titles
-            page.screenshot(path=str(ARTIFACTS / "mlflow_run_model_metrics.png"))
+            try:
+                page.get_by_text("loss", exact=True).first.wait_for(timeout=60_000)
+                page.wait_for_timeout(3000)  # the charts draw after their titles
+            finally:  # also when "loss" never shows: the page as it was is what tells why
+                page.screenshot(path=str(ARTIFACTS / "mlflow_run_model_metrics.png"))
             charts = page.inner_text("body")
 
             page.goto(f"{url}/#/models/muco-embedder/versions/{version.version}", wait_until="domcontentloaded")
@@ -430,12 +432,12 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
     """GradCache in chunks of 2 (2 forwards per side and step) under ZeRO-2, SIGKILLed mid-run and resumed."""
     project, _ = prepared
     grad_cache = {"training.grad_cache.chunk_size": 2, "training.save_every": 3}
-    kedro_run(project, "--pipeline=train", train_params("data/06_models/run-gc", **grad_cache))
+    kedro_run(project, "--pipelines=train", train_params("data/06_models/run-gc", **grad_cache))
     out = "data/06_models/run-gc-killed"
     metrics = project / out / "metrics.jsonl"
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
     run = subprocess.Popen(
-        [KEDRO, "run", "--pipeline=train", train_params(out, **grad_cache)],
+        [KEDRO, "run", "--pipelines=train", train_params(out, **grad_cache)],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -453,7 +455,7 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
     assert run.returncode != 0 and "training failed" in output
     assert len(metrics.read_text().splitlines()) < STEPS
 
-    resumed = kedro_run(project, "--pipeline=train", train_params(out, **grad_cache))
+    resumed = kedro_run(project, "--pipelines=train", train_params(out, **grad_cache))
     assert "resumed from checkpoint step-00000006 (step 6)" in resumed.stdout + resumed.stderr
     reference = losses(project, "data/06_models/run-gc")
     assert losses(project, out) == pytest.approx(reference, abs=1e-5)

@@ -1,0 +1,213 @@
+"""The commands README.md and docs/*.md tell people to type still work.
+
+The commands are read from the documents themselves, so a test fails as soon as
+a document is edited into something that does not run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import kedro.framework.project
+import numpy as np
+import pytest
+
+from tests.conftest import PROJECT_ROOT, load_params
+from tests.servers import background_server, free_port
+
+DOCUMENTS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+
+
+def kedro_run_commands(text: str) -> list[str]:
+    """Every `kedro run ...` in ``text``: to the end of its line (backslash continuations joined), a closing
+    backtick or quote, or a shell comment."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [" ".join(match.split()) for match in re.findall(r"kedro run\b[^`'\n#]*", joined)]
+
+
+def documented_kedro_runs() -> list[tuple[str, str]]:
+    return [
+        (f"{path.relative_to(PROJECT_ROOT)}", command)
+        for path in DOCUMENTS
+        for command in kedro_run_commands(path.read_text())
+    ]
+
+
+def options(command: str) -> dict[str, list[str]]:
+    """``--name=value`` and ``--name value`` options of a command, by name."""
+    found: dict[str, list[str]] = {}
+    words = shlex.split(command)
+    for index, word in enumerate(words):
+        if not word.startswith("--"):
+            continue
+        name, equals, value = word.partition("=")
+        if not equals and index + 1 < len(words) and not words[index + 1].startswith("-"):
+            value = words[index + 1]
+        found.setdefault(name, []).append(value)
+    return found
+
+
+def is_placeholder(value: str) -> bool:
+    """Prose stands-ins such as `--pipelines=<stage>` or `--params=...`."""
+    return value.startswith("<") or "..." in value
+
+
+def registered_pipeline_names(monkeypatch) -> set[str]:
+    from muco_flow.pipeline_registry import register_pipelines
+
+    # what `kedro run` sets from pyproject.toml before it asks the registry
+    monkeypatch.setattr(kedro.framework.project, "PACKAGE_NAME", "muco_flow")
+    return set(register_pipelines())
+
+
+def test_the_parser_finds_commands_in_code_blocks_inline_and_across_continued_lines():
+    text = (
+        "Run `kedro run --pipelines=sample`, then\n```bash\nkedro run --pipelines=train --params=a=1   # two CPUs\n"
+        "srun bash -c 'kedro run --env cluster --pipelines=data,train \\\n    --params=b=2'\n```\n"
+    )
+    commands = kedro_run_commands(text)
+    assert commands == [
+        "kedro run --pipelines=sample",
+        "kedro run --pipelines=train --params=a=1",
+        "kedro run --env cluster --pipelines=data,train --params=b=2",
+    ]
+    assert options(commands[2]) == {"--env": ["cluster"], "--pipelines": ["data,train"], "--params": ["b=2"]}
+
+
+def test_the_documents_hold_kedro_run_commands():
+    """The checks below would pass vacuously if the parser found nothing."""
+    commands = documented_kedro_runs()
+    assert len(commands) >= 20, commands
+    assert {doc for doc, _ in commands} >= {"README.md", "docs/cluster.md"}
+
+
+def test_every_documented_kedro_run_names_registered_pipelines_with_the_current_flag(monkeypatch):
+    registered = registered_pipeline_names(monkeypatch)
+    assert {"sample", "data", "train", "evaluate", "register", "promote", "__default__"} <= registered
+    wrong = []
+    for doc, command in documented_kedro_runs():
+        given = options(command)
+        if "--pipeline" in given:
+            wrong.append(f"{doc}: `{command}` uses --pipeline, which Kedro 1.7 deprecates (--pipelines)")
+        for value in given.get("--pipelines", []):
+            if is_placeholder(value):
+                continue
+            unknown = [name for name in value.split(",") if name not in registered]
+            if unknown:
+                wrong.append(f"{doc}: `{command}` names {unknown}, not among {sorted(registered)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def runtime_param_names(env: str) -> set[str]:
+    """Keys the configuration of ``env`` reads with ``${runtime_params:KEY}``: set by --params, not parameters."""
+    files = [*(PROJECT_ROOT / "conf/base").glob("*.yml"), *(PROJECT_ROOT / "conf" / env).glob("*.yml")]
+    return {key for path in files for key in re.findall(r"\$\{runtime_params:([\w.]+)", path.read_text())}
+
+
+def is_parameter(params: dict, key: str) -> bool:
+    node: object = params
+    for part in key.split("."):
+        if not (isinstance(node, dict) and part in node):
+            return False
+        node = node[part]
+    return True
+
+
+def test_every_documented_kedro_run_uses_an_existing_env_and_known_parameters():
+    """`--params` with a misspelt key runs without complaint and changes nothing: check the keys exist."""
+    wrong = []
+    for doc, command in documented_kedro_runs():
+        given = options(command)
+        env = given.get("--env", ["base"])[-1]
+        if not (PROJECT_ROOT / "conf" / env).is_dir():
+            wrong.append(f"{doc}: `{command}` names env {env!r}, which has no conf/{env}")
+            continue
+        params, runtime = load_params(env), runtime_param_names(env)
+        for assignment in ",".join(given.get("--params", [])).split(","):
+            key = assignment.partition("=")[0]
+            if key and not is_placeholder(key) and key not in runtime and not is_parameter(params, key):
+                wrong.append(f"{doc}: `{command}` sets {key!r}, not a parameter or runtime_params key of {env!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+# ---------------------------------------------------------------- load by alias, serve and curl (slow)
+
+
+def serving_block() -> str:
+    """The README's bash block that loads the registered model by alias and serves it."""
+    blocks = re.findall(r"```bash\n(.*?)```", (PROJECT_ROOT / "README.md").read_text(), re.DOTALL)
+    found = [block for block in blocks if "mlflow models serve" in block and "load_model" in block]
+    assert len(found) == 1, "README.md should have one bash block that loads by alias and serves the model"
+    return found[0]
+
+
+def shell_lines(block: str) -> list[str]:
+    """The block's commands, backslash continuations joined."""
+    return [line.strip() for line in re.sub(r"\\\n\s*", " ", block).splitlines() if line.strip()]
+
+
+@pytest.fixture
+def registered_project(model_dir, tmp_path, monkeypatch) -> Path:
+    """A project folder as `make run` leaves it: mlflow.db with the conf's model name at alias `challenger`,
+    and `.venv` (the running interpreter's environment)."""
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.registry import register_model_version
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    monkeypatch.chdir(project)  # MLflow's local artifact root is relative to the working directory
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("muco-flow"))
+    name = load_params()["registry"]["model_name"]
+    register_model_version(uri, name=name, run_id=run.info.run_id, model_dir=str(model_dir), tags={})
+    return project
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_readme_loads_the_registered_model_by_alias_and_serves_it(registered_project, model_dir):
+    from muco_flow.modeling.backbone import load_backbone
+
+    lines = shell_lines(serving_block())
+    exports = [line for line in lines if line.startswith("export ")]
+    one_liner = next(line for line in lines if "load_model" in line)
+    serve = next(line for line in lines if "mlflow models serve" in line)
+    curl = next(line for line in lines if line.startswith("curl "))
+    assert serve.endswith("&"), "the README starts the server in the background, then calls it"
+    port = re.search(r"(?:-p|--port)[ =](\d+)", serve).group(1)
+    assert f":{port}/invocations" in curl, f"curl calls another port than the server's {port}"
+    # the README's port, swapped for a free one so that parallel test runs do not collide
+    here = str(free_port())
+    serve, curl = serve.replace(port, here), curl.replace(f":{port}/", f":{here}/")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    prelude = "\n".join(exports) + "\n"
+
+    def bash(command: str) -> str:
+        result = subprocess.run(
+            ["bash", "-c", prelude + command], cwd=registered_project, env=env, capture_output=True, text=True,
+            timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        return result.stdout
+
+    hidden = load_backbone(str(model_dir)).model.config.text_config.hidden_size
+    assert bash(one_liner).strip().splitlines()[-1] == f"(1, {hidden})"
+
+    # the serve line as written, less its `&`: background_server holds it until the block ends
+    script = prelude + serve.removesuffix("&").strip()
+    log = registered_project / "serve.log"
+    with background_server(["bash", "-c", script], f"http://127.0.0.1:{here}/ping", timeout_s=300, log=log):
+        answer = json.loads(bash(curl))
+    vectors = np.array(answer["predictions"])
+    assert vectors.shape == (1, hidden), answer
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
