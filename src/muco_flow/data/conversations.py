@@ -70,6 +70,11 @@ class FormatConfig:
     resample_each_epoch: bool = True
     # also tokenize neg_text, one hard negative per turn (training.hard_negatives)
     hard_negatives: bool = False
+    # end every user text with a newline, as MuCo's evaluation (eval_mmeb.py lines 82-83) and its
+    # stage-2 loader (src/loader.py lines 357-362) do, so that a trained target is token for token
+    # what evaluation encodes; false: TEMPLATE_PRETRAIN's text exactly, which evaluation then
+    # meets with one newline more
+    user_text_newline: bool = True
     max_length: int = 2048
     # None: images at their own size; n: the short side resized to n first (MuCo: 640)
     image_short_side: int | None = None
@@ -111,6 +116,7 @@ class FormatConfig:
             "shuffle_turns": self.shuffle_turns,
             "resample_each_epoch": self.resample_each_epoch,
             "hard_negatives": self.hard_negatives,
+            "user_text_newline": self.user_text_newline,
         }
 
 
@@ -129,8 +135,10 @@ def target_turn_content(target: str) -> str:
     return query_turn_content(target, first=True, has_image=False, image="")
 
 
-def render_turn(content: str, t: ChatTemplates, *, first: bool) -> str:
-    """One turn's text; turns after the first start with the separator."""
+def render_turn(content: str, t: ChatTemplates, *, first: bool, newline: bool = False) -> str:
+    """One turn's text; turns after the first start with the separator; ``newline``: the text ends with one."""
+    if newline and not content.endswith("\n"):
+        content += "\n"
     return ("" if first else t.turn_separator) + t.turn.replace(CONTENT_SLOT, content)
 
 

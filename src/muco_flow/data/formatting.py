@@ -110,11 +110,16 @@ class TurnTokenizer:
     ) -> dict[str, Any]:
         t = self.config.templates
         negatives = negatives or []
-        first = [[render_turn(query_turn_content(p, True, has_image, t.image), t, first=True) for p in q] for q in qry]
-        later = [
-            [render_turn(query_turn_content(p, False, has_image, t.image), t, first=False) for p in q] for q in qry
+        newline = self.config.user_text_newline
+
+        def rendered(text: str, first: bool) -> str:
+            return render_turn(query_turn_content(text, first, has_image, t.image), t, first=first, newline=newline)
+
+        first = [[rendered(p, True) for p in phrasings] for phrasings in qry]
+        later = [[rendered(p, False) for p in phrasings] for phrasings in qry]
+        target_texts = [
+            render_turn(target_turn_content(x), t, first=True, newline=newline) for x in targets + negatives
         ]
-        target_texts = [render_turn(target_turn_content(x), t, first=True) for x in targets + negatives]
         flat = [text for turn in first + later for text in turn] + target_texts
         encoded = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"])
         first_ids = [[next(encoded) for _ in turn] for turn in first]
