@@ -26,8 +26,13 @@ SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def turn(user: str) -> str:
-    # one turn of naver-ai/muco's TEMPLATE_PRETRAIN (src/loader.py lines 101-130); turns are joined by "\n"
+def turn(user: str, newline: bool = True) -> str:
+    """One turn of naver-ai/muco's TEMPLATE_PRETRAIN (src/loader.py lines 101-130); turns are joined by "\\n".
+
+    With format.user_text_newline (the default) the user text ends with a newline, as MuCo's evaluation has it.
+    """
+    if newline and not user.endswith("\n"):
+        user += "\n"
     return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>"
 
 
@@ -136,12 +141,8 @@ def test_turn_order_and_phrasing_change_every_epoch_unless_fixed(ingested, proce
     assert draws(fixed, 0) == draws(fixed, 5)
 
 
-def test_independent_target_rows_are_the_tokens_evaluation_encodes_but_one_newline(ingested, processors, tmp_path):
-    """Training sees each target as evaluation's single-turn encoding of it, less the newline evaluation adds.
-
-    MuCo trains on "{text}<|im_end|>" (TEMPLATE_PRETRAIN) and evaluates "{text}\\n<|im_end|>" (eval_mmeb.py
-    lines 82-83 add the newline); muco-flow keeps both as the official code has them.
-    """
+def test_independent_target_rows_are_the_tokens_evaluation_encodes(ingested, processors, tmp_path):
+    """Training sees each target exactly as evaluation's single-turn encoding of it (format.user_text_newline)."""
     tokenizer, image_processor = processors
     config = FormatConfig.from_params(load_params()["format"])
     assert config.target_layout == "independent"  # the default
@@ -164,9 +165,8 @@ def test_independent_target_rows_are_the_tokens_evaluation_encodes_but_one_newli
     template = config.templates.single_turn()
     for row, (record, k) in enumerate((r, k) for r, c in zip(records[:3], chosen, strict=True) for k in c.turn_index):
         text = rows[record["sample_id"]]["pos_text"][k]
-        trained = template.replace("{text}", text)
-        assert single_turn_text(text, False, template) == template.replace("{text}", text + "\n")
-        expected = build_model_inputs(tokenizer, image_processor, [trained], [None])["input_ids"][0].tolist()
+        evaluation = single_turn_text(text, False, template)
+        expected = build_model_inputs(tokenizer, image_processor, [evaluation], [None])["input_ids"][0].tolist()
         length = int(batch.target["attention_mask"][row].sum())
         assert batch.target["input_ids"][row, :length].tolist() == expected
         assert batch.target["emb_index"][row].tolist() == [row, expected.index(emb)]

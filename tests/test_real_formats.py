@@ -105,8 +105,14 @@ def test_published_m3t_rows_are_all_accepted_with_the_default_settings(ingested_
 def test_published_m3t_conversations_decode_to_muco_pretraining_text(ingested_m3t, tiny_backbone_dir, tmp_path):
     out, _ = ingested_m3t
     tokenizer, image_processor = load_processors(str(tiny_backbone_dir))
-    # the fixed order and, with one phrasing per turn but the first, a known text
-    params = {**load_params()["format"], "shuffle_turns": False, "target_layout": "conversation"}
+    # the fixed order and, with one phrasing per turn but the first, a known text; the official text
+    # exactly (no newline added to the user texts)
+    params = {
+        **load_params()["format"],
+        "shuffle_turns": False,
+        "target_layout": "conversation",
+        "user_text_newline": False,
+    }
     manifest = format_m3t_shards(out, tmp_path, tokenizer, image_processor, FormatConfig.from_params(params))
     records = pq.read_table(tmp_path / manifest["shards"][0]["file"]).to_pylist()
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
