@@ -158,7 +158,7 @@ def test_a_missing_bucket_or_object_fails_at_once_with_its_name(proxy):
 @pytest.mark.parametrize(
     "kind, error",
     [
-        ("truncate", "IncompleteReadError: 4980 read, but total bytes expected is 9961"),
+        ("truncate", r"IncompleteReadError: \d+ read, but total bytes expected is \d+"),  # half of the file
         ("shrink", "FlexibleChecksumError"),
     ],
 )
