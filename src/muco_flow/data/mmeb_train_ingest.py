@@ -1,22 +1,6 @@
 """Ingesting MMEB-train (the format: ``mmeb_train.py``): one query, one target, hard negatives per row.
 
-The format (TIGER-Lab/MMEB-train, with the image descriptions MuCo adds):
-one ``<Dataset>/*_generated_sentence.parquet`` per training set under
-``MMEB_train/`` (the naver-ai/M3T card lists the folders; naver-ai/muco
-``src/loader.py`` line 521 globs the files), images relative to an image root
-(loader.py lines 283-313 join them to ``image_folder``). The columns, as the
-loader's single-turn branch reads them (lines 241-261):
-
-- ``qry``, ``pos_text``: one string each; ``<|image_1|>`` marks the image;
-- ``qry_image_path``, ``pos_image_path``: one string each, ``""`` = no image;
-- ``qry_sentence``, ``pos_sentence``: a description of that side's image,
-  which replaces it in the other side's reconstruction turn (lines 364-370);
-- ``neg_text``, ``neg_image_path``: the hard negatives, optional; each a list
-  (pandas gives numpy arrays) or a list written as a string, which the loader
-  ``eval``s (lines 246-254). Here such a string is read as a JSON or Python
-  literal and nothing else (``ast.literal_eval``), never evaluated. Negative
-  i's image is ``neg_image_path[min(i, len - 1)]`` (line 257). A plain
-  string that is no list literal is one negative (VLM2Vec's own files).
+The columns and their rules are described in ``mmeb_train.py``.
 
 Ingest reuses M3T's machinery (``ingest.ingest_snapshot``): the same row
 checks, reason codes, rejects file and manifest, with every image of a row
