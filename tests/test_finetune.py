@@ -52,7 +52,7 @@ def test_finetune_starts_from_the_stage1_run_logs_the_four_way_terms_and_registe
     assert run.data.tags["muco_flow.parent_run_id"] == stage1["mlflow_run_id"]
     assert run.data.tags["muco_flow.stage"] == "finetune"
     assert stage1["mlflow_run_id"] in run.data.tags["mlflow.note.content"]
-    assert set(FOUR_WAY_TERMS) <= {key.removeprefix("loss/") for key in run.data.metrics}
+    assert set(FOUR_WAY_TERMS) <= {key.removeprefix("batch/loss/") for key in run.data.metrics}
     # evaluate logged the fine-tuned model's metrics into its own run
     assert run.data.tags["muco_flow.evaluated"] == "true"
 

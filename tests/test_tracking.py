@@ -144,11 +144,12 @@ def test_a_resumed_run_sends_the_earlier_steps_mlflow_never_got(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("resume", str(tmp_path / "artifacts"))).info.run_id
-    buffer = MetricBuffer(client, run_id, every=3)
+    buffer = MetricBuffer(client, run_id, every=3, section="batch")
     for step in range(1, 6):
         buffer.log(step, {"loss": 1.0 / step, "grad_norm": 2.0})  # 1-3 sent; 4 and 5 die with the process
     records = [{"step": step, "loss": 1.0 / step, "grad_norm": 2.0} for step in range(1, 6)]  # metrics.jsonl
-    assert MetricBuffer(client, run_id).log_missing(records) == 2
-    for key, value in (("loss", lambda s: 1.0 / s), ("grad_norm", lambda s: 2.0)):
+    assert MetricBuffer(client, run_id, section="batch").log_missing(records) == 2
+    assert set(client.get_run(run_id).data.metrics) == {"batch/loss", "batch/grad_norm"}
+    for key, value in (("batch/loss", lambda s: 1.0 / s), ("batch/grad_norm", lambda s: 2.0)):
         history = client.get_metric_history(run_id, key)
         assert sorted((m.step, m.value) for m in history) == [(s, value(s)) for s in range(1, 6)]  # no repeats

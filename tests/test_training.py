@@ -18,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from muco_flow.modeling.backbone import load_backbone
+from muco_flow.tracking import TRAINING_METRICS_SECTION
 from tests.conftest import KEDRO, PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, new_project
 
 BIN = Path(KEDRO).parent
@@ -66,7 +67,7 @@ def test_a_run_is_tracked_in_mlflow_with_params_metrics_and_artifacts(prepared):
     assert run.data.params["training.embedder.lora.r"] == "16"
     assert run.data.params["training.deepspeed.config"] == "conf/base/deepspeed/zero2.json"
     for metric in ("loss", "learning_rate", "grad_norm", "pairs_per_second", "tokens_per_second"):
-        history = client.get_metric_history(run.info.run_id, metric)
+        history = client.get_metric_history(run.info.run_id, f"batch/{metric}")  # the section sorting first
         assert [m.step for m in history] == list(range(1, STEPS + 1)), metric
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for d in ("config", "plots", "metrics") for a in client.list_artifacts(run.info.run_id, d)
@@ -190,7 +191,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     assert json.loads((project / out / "run.json").read_text())["mlflow_run_id"] == run_before
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert client.get_run(run_before).info.status == "FINISHED"
-    history = client.get_metric_history(run_before, "loss")
+    history = client.get_metric_history(run_before, "batch/loss")
     assert {m.step for m in history} == set(range(1, STEPS + 1))
     for metric in history:
         assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
@@ -232,8 +233,8 @@ def test_a_training_that_restarts_from_step_0_gets_a_new_mlflow_run_and_ends_the
     assert client.get_run(first).info.status == "KILLED"
     run = client.get_run(second)
     assert run.info.status == "FINISHED" and run.data.params["training.launcher.processes_per_node"] == "1"
-    assert [m.step for m in client.get_metric_history(second, "loss")] == [1, 2, 3, 4]
-    assert [m.step for m in client.get_metric_history(first, "loss")] == [1, 2, 3, 4]  # untouched
+    assert [m.step for m in client.get_metric_history(second, "batch/loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(first, "batch/loss")] == [1, 2, 3, 4]  # untouched
     identity = json.loads((project / out / "model/model_identity.json").read_text())
     assert identity["mlflow_run_id"] == second
 
@@ -408,12 +409,15 @@ def test_the_mlflow_ui_shows_a_named_described_run_and_a_version_with_few_tags(p
             page.get_by_text("MuCo embedder trained from").first.wait_for(timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "mlflow_run_overview.png"), full_page=True)
 
-            # MLflow 3.17 sorts chart sections by name and puts unprefixed ones (loss) last, after eval/*:
-            # the "training curves first" goal of issue 17 is not met yet, so the page is recorded, not judged
+            # "Model metrics" opens with the training curves: the batch section is above every eval section
             page.goto(f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}/model-metrics")
-            page.get_by_text("eval", exact=False).first.wait_for(timeout=60_000)
+            training = page.get_by_text(TRAINING_METRICS_SECTION, exact=True).first
+            training.wait_for(timeout=60_000)
             page.wait_for_timeout(3000)  # the charts draw after their titles
             page.screenshot(path=str(ARTIFACTS / "mlflow_run_model_metrics.png"))
+            section_title = re.compile(rf"^({TRAINING_METRICS_SECTION}|eval|eval_delta)(/[\w/]+)?$")
+            sections = page.get_by_text(section_title).all_inner_texts()
+            metrics_page = page.inner_text("body")
 
             page.goto(f"{url}/#/models/muco-embedder/versions/{version.version}", wait_until="domcontentloaded")
             page.get_by_text("primary_metric_value").first.wait_for(timeout=60_000)
@@ -421,6 +425,9 @@ def test_the_mlflow_ui_shows_a_named_described_run_and_a_version_with_few_tags(p
             version_page = page.inner_text("body")
         finally:
             browser.close()
+    assert sections[0] == TRAINING_METRICS_SECTION and any(name.startswith("eval/") for name in sections), sections
+    # the first chart's legend names the run and its metric: a training curve, above any evaluation section
+    assert metrics_page.index(f"({TRAINING_METRICS_SECTION}/") < metrics_page.index("eval/")
     shown_tags = [key for key in version.tags if key in version_page]
     assert len(shown_tags) == len(version.tags) <= 8
 

@@ -131,6 +131,12 @@ def metrics_table(headline: Mapping[str, float], delta: Mapping[str, float]) -> 
     return rows
 
 
+# The MLflow section of the per-step training metrics (batch/loss, batch/learning_rate, ...). MLflow's run
+# page lays out "Model metrics" as sections sorted by name, unprefixed metrics last; "batch" sorts before the
+# evaluation's "eval" and "eval_delta", so the run page opens with the training curves.
+TRAINING_METRICS_SECTION = "batch"
+
+
 class MetricBuffer:
     """Per-step metrics sent to MLflow in batches (one request per ``every`` steps).
 
@@ -140,8 +146,9 @@ class MetricBuffer:
     once the model is saved, raises if the server still does not take them.
     """
 
-    def __init__(self, client: Any, run_id: str, every: int = 10) -> None:
+    def __init__(self, client: Any, run_id: str, every: int = 10, section: str = "") -> None:
         self.client, self.run_id, self.every = client, run_id, every
+        self.prefix = f"{section}/" if section else ""  # MLflow's UI groups charts by what comes before a "/"
         self._pending: list[Any] = []
 
     @property
@@ -152,7 +159,7 @@ class MetricBuffer:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._pending.extend(Metric(self.prefix + k, float(v), now, step) for k, v in metrics.items())
         if step % self.every == 0:
             try:
                 self.flush()
@@ -173,12 +180,12 @@ class MetricBuffer:
         """
         from mlflow.entities import Metric
 
-        logged = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+        logged = {m.step for m in self.client.get_metric_history(self.run_id, self.prefix + key)}
         missing = [r for r in records if r["step"] not in logged]
         now = int(time.time() * 1000)
         for record in missing:
             step = int(record["step"])
-            self._pending.extend(Metric(k, float(v), now, step) for k, v in record.items() if k != "step")
+            self._pending.extend(Metric(self.prefix + k, float(v), now, step) for k, v in record.items() if k != "step")
         self.flush()
         return len(missing)
 

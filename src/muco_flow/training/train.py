@@ -411,7 +411,7 @@ def _start_tracking(config: dict[str, Any], output_dir: Path, *, resuming: bool,
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from muco_flow.tracking import MetricBuffer, flatten
+    from muco_flow.tracking import TRAINING_METRICS_SECTION, MetricBuffer, flatten
 
     settings = config["mlflow"]
     mlflow.set_tracking_uri(settings["tracking_uri"])
@@ -451,7 +451,7 @@ def _start_tracking(config: dict[str, Any], output_dir: Path, *, resuming: bool,
             indent=2,
         )
     )
-    return MetricBuffer(client, run_id, every=config["training"]["log_every"])
+    return MetricBuffer(client, run_id, every=config["training"]["log_every"], section=TRAINING_METRICS_SECTION)
 
 
 def _end_unfinished_run(client: Any, run_id: str) -> None:
