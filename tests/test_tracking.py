@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -153,3 +155,66 @@ def test_a_resumed_run_sends_the_earlier_steps_mlflow_never_got(tmp_path):
     for key, value in (("batch/loss", lambda s: 1.0 / s), ("batch/grad_norm", lambda s: 2.0)):
         history = client.get_metric_history(run_id, key)
         assert sorted((m.step, m.value) for m in history) == [(s, value(s)) for s in range(1, 6)]  # no repeats
+
+
+def test_a_copied_project_store_reads_and_writes_its_own_artifacts(tmp_path, monkeypatch):
+    """A store made in one folder and copied elsewhere: after relocation every artifact path is the copy's."""
+    import shutil
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.tracking import relocate_project_store
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    monkeypatch.chdir(original)  # MLflow's default artifact root, ./mlruns, is resolved here
+    client = MlflowClient(f"sqlite:///{original / 'mlflow.db'}")
+    experiment = client.create_experiment("moved")
+    run_id = client.create_run(experiment).info.run_id
+    client.log_text(run_id, "logged in the original", "notes/first.txt")
+    model = client.create_logged_model(experiment, source_run_id=run_id)
+    client.create_registered_model("moved-model")
+    client.create_model_version("moved-model", f"models:/{model.model_id}", run_id=run_id, model_id=model.model_id)
+    assert client.get_run(run_id).info.artifact_uri.startswith(str(original / "mlruns"))
+
+    shutil.copytree(original, copy)
+    assert relocate_project_store("sqlite:///mlflow.db", copy) == str(original / "mlruns")
+    assert relocate_project_store("sqlite:///mlflow.db", copy) is None  # nothing left to move
+
+    moved = MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    here = str(copy / "mlruns") + "/"
+    assert moved.get_experiment(experiment).artifact_location == here + experiment
+    run = moved.get_run(run_id)
+    assert run.info.artifact_uri == f"{here}{experiment}/{run_id}/artifacts"
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/notes/first.txt") == "logged in the original"
+    assert moved.get_logged_model(model.model_id).artifact_location.startswith(here)
+    assert moved.get_model_version_download_uri("moved-model", "1").startswith(here)
+    # a new process, as the next `kedro run` is (MLflow caches a run's artifact folder per process)
+    write = f"import mlflow; mlflow.MlflowClient('sqlite:///mlflow.db').log_text({run_id!r}, 'new', 'notes/second.txt')"
+    subprocess.run([sys.executable, "-c", write], cwd=copy, check=True)
+    assert (copy / "mlruns" / experiment / run_id / "artifacts/notes/second.txt").is_file()
+    assert not (original / "mlruns" / experiment / run_id / "artifacts/notes/second.txt").exists()
+    assert client.get_run(run_id).info.artifact_uri.startswith(str(original / "mlruns"))  # the original's store
+
+
+def test_a_store_whose_artifacts_live_elsewhere_is_left_alone(tmp_path, monkeypatch):
+    """No <project>/mlruns/<id> beside the store: its artifact folder was chosen, not left behind by a move."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from muco_flow.tracking import relocate_project_store
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    monkeypatch.chdir(original)
+    client = MlflowClient(f"sqlite:///{original / 'mlflow.db'}")
+    experiment = client.create_experiment("shared")
+    client.log_text(client.create_run(experiment).info.run_id, "x", "x.txt")
+    shutil.copytree(original, copy, ignore=shutil.ignore_patterns("mlruns"))
+    assert relocate_project_store("sqlite:///mlflow.db", copy) is None
+    assert MlflowClient(f"sqlite:///{copy / 'mlflow.db'}").get_experiment(experiment).artifact_location == str(
+        original / "mlruns" / experiment
+    )
+    assert relocate_project_store("http://127.0.0.1:5000", copy) is None  # a server keeps its own paths

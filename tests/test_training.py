@@ -249,6 +249,11 @@ def test_a_moved_project_resumes_its_checkpoints(prepared, tmp_path):
     result = kedro_run(moved, "--pipelines=train", train_params("data/06_models/run-a"))
     assert f"resumed from checkpoint step-{STEPS:08d} (step {STEPS})" in result.stdout + result.stderr
     assert losses(moved, "data/06_models/run-a") == losses(project, "data/06_models/run-a")
+    # ...and its MLflow store names the copy's artifact folder, not the original's
+    assert "(moved or copied): now" in result.stdout + result.stderr
+    run_id = json.loads((moved / "data/06_models/run-a/run.json").read_text())["mlflow_run_id"]
+    artifacts = MlflowClient(f"sqlite:///{moved / 'mlflow.db'}").get_run(run_id).info.artifact_uri
+    assert artifacts.startswith(str(moved / "mlruns"))
 
 
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from muco_flow.tracking import check_tracking_server, resolve_tracking_uri
+from muco_flow.tracking import check_tracking_server, relocate_project_store, resolve_tracking_uri
 
 # Nodes that talk to MLflow carry this tag; a run that includes one checks
 # the tracking server before anything else happens.
@@ -50,3 +51,14 @@ class TrackingServerCheck:
             uris.append(catalog.load("train_run")["tracking_uri"])
         for uri in dict.fromkeys(uris):
             check_tracking_server(uri)
+
+
+class MovedProjectStore:
+    """Rewrites the artifact folders a moved or copied project's own MLflow store still names at the old place."""
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        if not any(MLFLOW_TAG in node.tags for node in pipeline.nodes):
+            return
+        uri = resolve_tracking_uri(catalog.load("params:mlflow").get("tracking_uri"))
+        relocate_project_store(uri, Path.cwd())  # where MLflow resolves sqlite:///mlflow.db and ./mlruns

@@ -5,11 +5,11 @@ import sys
 
 from kedro.config import OmegaConfigLoader
 
-from muco_flow.hooks import KedroRunContext, TrackingServerCheck
+from muco_flow.hooks import KedroRunContext, MovedProjectStore, TrackingServerCheck
 
 # Before any node runs: the MLflow server a run will log to must answer; and
 # nodes that record the run learn which `kedro run` it is.
-HOOKS = (TrackingServerCheck(), KedroRunContext())
+HOOKS = (TrackingServerCheck(), MovedProjectStore(), KedroRunContext())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

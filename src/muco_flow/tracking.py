@@ -44,6 +44,60 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+# The columns of MLflow's SQL store (3.x) that hold an artifact folder as an absolute path
+ARTIFACT_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+)
+
+
+def relocate_project_store(uri: str, project: Path, artifact_folder: str = "mlruns") -> str | None:
+    """Points a moved or copied project's SQLite store at the project's own artifact folder.
+
+    MLflow writes every artifact location into the store as an absolute path
+    when it creates it, so a copy of the project would read and write the
+    original's ``mlruns/`` (or fail where that is gone). When the store is the
+    project's own file and its experiments name ``<elsewhere>/mlruns/<id>``
+    while ``<project>/mlruns/<id>`` is here (the artifacts came along), every
+    location under the old folder is rewritten to the new one. A store whose
+    artifacts were configured to live elsewhere has no such folder here and is
+    left alone. Returns the old folder, or None when nothing was moved.
+    """
+    import sqlite3
+
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = (project / uri.removeprefix("sqlite:///")).resolve()
+    root = (project / artifact_folder).resolve()
+    if not database.is_file() or not database.is_relative_to(project.resolve()):
+        return None
+    with sqlite3.connect(database) as connection:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "experiments" not in tables:
+            return None
+        old = None
+        for experiment_id, location in connection.execute("SELECT experiment_id, artifact_location FROM experiments"):
+            path = Path(urlparse(location).path if location.startswith("file:") else location)
+            elsewhere = path.name == str(experiment_id) and path.parent.name == artifact_folder and path.parent != root
+            if elsewhere and (root / str(experiment_id)).is_dir():  # ...and its artifacts are here
+                old = str(path.parent)
+                break
+        if old is None:
+            return None
+        for table, column in ARTIFACT_LOCATION_COLUMNS:
+            if table not in tables:
+                continue
+            for before, after in ((f"{old}/", f"{root}/"), (f"file://{old}/", f"file://{root}/")):
+                connection.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                    (after, len(before) + 1, len(before), before),
+                )
+    logger.warning("the project's MLflow store named artifacts under %s (moved or copied): now %s", old, root)
+    return old
+
+
 def source_commit(directory: str | Path = ".") -> str:
     """The git commit of ``directory``, with ``-dirty`` if tracked files changed; "unknown" outside git."""
 
