@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -62,3 +63,12 @@ def test_finetune_starts_from_the_stage1_run_logs_the_four_way_terms_and_registe
     assert version.tags["parent_run_id"] == stage1["mlflow_run_id"]
     assert len(version.tags) <= 8
     assert stage1["mlflow_run_id"] in version.description and stage2["mlflow_run_id"] in version.description
+
+    # a registered version is a starting point too (finetune.init_from=models:/...): its model directory, unchanged
+    from muco_flow.training.init_model import resolve_init_model
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    directory, parent = resolve_init_model(f"models:/muco-embedder/{version.version}", stage1, uri, tmp_path / "init")
+    assert parent == stage2["mlflow_run_id"]
+    registered = sorted(path for path in (project / stage2["model_dir"]).iterdir() if path.is_file())
+    assert registered and all((Path(directory) / path.name).read_bytes() == path.read_bytes() for path in registered)
