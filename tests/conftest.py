@@ -98,12 +98,14 @@ def project(tmp_path) -> Path:
     return new_project(tmp_path / "project")
 
 
-def kedro_run(project: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """`kedro run ARGS` in ``project``, as a user would type it."""
+def kedro_run(
+    project: Path, *args: str, env: dict | None = None, check: bool = True, timeout_s: float = 600
+) -> subprocess.CompletedProcess:
+    """`kedro run ARGS` in ``project``, as a user would type it; killed after ``timeout_s`` (a hang guard)."""
     # a wide terminal, so that rich does not wrap the messages tests look for
     full_env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200", **(env or {})}
     result = subprocess.run(
-        [KEDRO, "run", *args], cwd=project, env=full_env, capture_output=True, text=True, timeout=600
+        [KEDRO, "run", *args], cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout_s
     )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -256,9 +256,10 @@ def test_a_moved_project_resumes_its_checkpoints(prepared, tmp_path):
     assert artifacts.startswith(str(moved / "mlruns"))
 
 
+@pytest.mark.timeout(2400)
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):
     """`kedro run` with every default: 512 images, 2 processes, ZeRO-2 (what `make run` does)."""
-    kedro_run(project)
+    kedro_run(project, timeout_s=1800)  # 9-15 minutes on 2 cores: the whole `make run`
     record = json.loads((project / "data/06_models/train_run.json").read_text())
     assert record["loss_last_10pct"] < 0.5 * record["loss_first_10pct"]
     assert record["steps"] == 8 * 512 // (2 * 8)  # epochs x samples / (processes x micro batch)
