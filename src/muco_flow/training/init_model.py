@@ -50,11 +50,10 @@ def _download_registered(uri: str, tracking_uri: str, download_dir: Path, marker
     except MlflowException as error:
         raise InitModelError(f"finetune.init_from {uri!r} is not in the registry at {tracking_uri}: {error}") from error
     shutil.rmtree(download_dir, ignore_errors=True)
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version.version}", dst_path=str(download_dir), tracking_uri=tracking_uri
-        )
-    )
+    # the version's own location, from this client: a models:/ URI would be resolved against MLflow's
+    # global registry URI instead (./mlflow.db of the working directory unless MLFLOW_TRACKING_URI is set)
+    location = client.get_model_version_download_uri(name, version.version)
+    local = Path(mlflow.artifacts.download_artifacts(location, dst_path=str(download_dir), tracking_uri=tracking_uri))
     found = sorted(path.parent for path in local.rglob(marker))
     if not found:
         raise InitModelError(f"finetune.init_from {uri!r} holds no {marker}: not a model registered by muco-flow")
