@@ -158,12 +158,20 @@ class FaultyS3Proxy:
                 finally:
                     connection.close()
 
-            def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes, length: int) -> None:
+            def _reply(
+                self, status: int, headers: list[tuple[str, str]], body: bytes, length: int, close: bool = False
+            ) -> None:
                 self.send_response_only(status)
                 for name, value in headers:
                     if name.lower() not in ("content-length", "connection", "transfer-encoding"):
                         self.send_header(name, value)
                 self.send_header("Content-Length", str(length))
+                if close:
+                    # Say so, as a real server does: otherwise the client may put the socket back in its
+                    # pool and send the retry down it before the close reaches it; that retry then fails
+                    # as ConnectionClosedError without ever reaching the proxy, and gets() undercounts.
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 with contextlib.suppress(OSError):
                     self.wfile.write(body)
@@ -186,8 +194,8 @@ class FaultyS3Proxy:
                 elif fault.kind in ("truncate", "shrink"):
                     status, headers, body = self._forward()
                     half = body[: len(body) // 2]
-                    self._reply(status, headers, half, len(body) if fault.kind == "truncate" else len(half))
-                    self.close_connection = True
+                    declared = len(body) if fault.kind == "truncate" else len(half)
+                    self._reply(status, headers, half, declared, close=True)
                 else:
                     raise ValueError(f"unknown fault kind '{fault.kind}'")
 
