@@ -210,6 +210,12 @@ def test_a_non_finite_loss_stops_the_run_with_a_clear_error_and_no_final_model(p
     assert re.search(r"muco-flow training error \(rank [01]\): NonFiniteLossError: training stopped at step 1", log)
     assert not (project / out / "model").exists()
     assert not list((project / out / "checkpoints").glob("step-*"))
+    # the MLflow run is not left RUNNING: it ended FAILED, with the cause as a tag
+    run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(
+        json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+    )
+    assert run.info.status == "FAILED"
+    assert run.data.tags["muco_flow.error"].startswith("NonFiniteLossError: training stopped at step 1: the loss is")
 
 
 def test_a_training_that_restarts_from_step_0_gets_a_new_mlflow_run_and_ends_the_old_one(prepared):

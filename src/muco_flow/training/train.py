@@ -13,6 +13,7 @@ chunk, see grad_cache.py); log, checkpoint, repeat. Rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from muco_flow.training.data import Batch
 
 logger = logging.getLogger("muco_flow.train")
+
+# The tag that holds why a training stopped, on its MLflow run (ended FAILED or KILLED)
+ERROR_TAG = "muco_flow.error"
 
 
 def setup_logging(output_dir: Path, rank: int) -> None:
@@ -280,91 +284,92 @@ def train(config: dict[str, Any]) -> None:
             logger.info("sent %d earlier steps that MLflow did not have", tracker.log_missing(earlier))
 
     # --- loop ------------------------------------------------------------------
-    from tqdm.auto import tqdm
+    with _ended_as_failed_on_error(tracker):
+        from tqdm.auto import tqdm
 
-    engine.train()
-    progress = tqdm(
-        total=total_steps,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=rank != 0,
-        file=sys.__stdout__,
-        mininterval=2.0,
-    )
-    step = start
-    for step in range(start, total_steps):
-        began = time.perf_counter()
-        parts = batches.batch_chunks(step, chunk_size) if chunk_size else [batches.batch(step)]
-        loss, terms = forward_backward(
-            engine,
-            parts,
-            device,
-            temperature=settings["temperature"],
-            symmetric_loss=settings["symmetric_loss"],
-            mask_duplicate_targets=settings["mask_duplicate_targets"],
-            grad_cache=bool(chunk_size),
-            four_way=four_way,
+        engine.train()
+        progress = tqdm(
+            total=total_steps,
+            initial=start,
+            desc="train",
+            unit="step",
+            disable=rank != 0,
+            file=sys.__stdout__,
+            mininterval=2.0,
         )
-        mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
-        check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
-        engine.step()
-        seconds = time.perf_counter() - began
-        grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        check_finite(step + 1, "gradient norm", grad_norm)  # global: the same on every rank
-
-        metrics = {
-            "loss": mean_loss,
-            "learning_rate": lr_scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "pairs_per_second": sum(p.pairs for p in parts) * world / seconds,
-            "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,
-        }
-        # a loss made of several terms (stage 2's four-way loss) logs each, averaged over ranks
-        metrics |= {f"loss/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
-        if rank == 0:
-            metrics_file.write(json.dumps({"step": step + 1, **metrics}) + "\n")
-            metrics_file.flush()
-            tracker.log(step + 1, metrics)
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-            progress.update()
-        if (step + 1) % settings["log_every"] == 0 or step + 1 == total_steps:
-            # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
-            logger.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %.3g pairs/s %.1f",
-                step + 1,
-                total_steps,
-                metrics["loss"],
-                metrics["learning_rate"],
-                metrics["grad_norm"],
-                metrics["pairs_per_second"],
-            )
-        if (step + 1) % settings["save_every"] == 0 or step + 1 == total_steps:
-            save_checkpoint(
+        step = start
+        for step in range(start, total_steps):
+            began = time.perf_counter()
+            parts = batches.batch_chunks(step, chunk_size) if chunk_size else [batches.batch(step)]
+            loss, terms = forward_backward(
                 engine,
-                checkpoints,
-                step + 1,
-                rank=rank,
-                world_size=world,
-                fingerprint=config["fingerprint"],
-                keep_last=settings["keep_last"],
-                client_state={"step": step + 1},
-                mlflow_run_id=tracker.run_id if rank == 0 else None,
+                parts,
+                device,
+                temperature=settings["temperature"],
+                symmetric_loss=settings["symmetric_loss"],
+                mask_duplicate_targets=settings["mask_duplicate_targets"],
+                grad_cache=bool(chunk_size),
+                four_way=four_way,
             )
-    progress.close()
+            mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
+            check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
+            engine.step()
+            seconds = time.perf_counter() - began
+            grad_norm = float(engine.get_global_grad_norm() or 0.0)
+            check_finite(step + 1, "gradient norm", grad_norm)  # global: the same on every rank
 
-    # --- final model and artifacts (rank 0) --------------------------------------------
-    if rank == 0:
-        metrics_file.close()
-        _write_final_model(
-            engine.module,
-            output_dir / "model",
-            config["encode_template"],
-            mlflow_run_id=tracker.run_id,
-            fingerprint=config["fingerprint"],
-        )
-        tracker.flush()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
-        _finish_tracking(config, output_dir, tracker)
+            metrics = {
+                "loss": mean_loss,
+                "learning_rate": lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "pairs_per_second": sum(p.pairs for p in parts) * world / seconds,
+                "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,
+            }
+            # a loss made of several terms (stage 2's four-way loss) logs each, averaged over ranks
+            metrics |= {f"loss/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
+            if rank == 0:
+                metrics_file.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+                metrics_file.flush()
+                tracker.log(step + 1, metrics)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+                progress.update()
+            if (step + 1) % settings["log_every"] == 0 or step + 1 == total_steps:
+                # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
+                logger.info(
+                    "step %d/%d loss %.4f lr %.3g grad_norm %.3g pairs/s %.1f",
+                    step + 1,
+                    total_steps,
+                    metrics["loss"],
+                    metrics["learning_rate"],
+                    metrics["grad_norm"],
+                    metrics["pairs_per_second"],
+                )
+            if (step + 1) % settings["save_every"] == 0 or step + 1 == total_steps:
+                save_checkpoint(
+                    engine,
+                    checkpoints,
+                    step + 1,
+                    rank=rank,
+                    world_size=world,
+                    fingerprint=config["fingerprint"],
+                    keep_last=settings["keep_last"],
+                    client_state={"step": step + 1},
+                    mlflow_run_id=tracker.run_id if rank == 0 else None,
+                )
+        progress.close()
+
+        # --- final model and artifacts (rank 0) --------------------------------------------
+        if rank == 0:
+            metrics_file.close()
+            _write_final_model(
+                engine.module,
+                output_dir / "model",
+                config["encode_template"],
+                mlflow_run_id=tracker.run_id,
+                fingerprint=config["fingerprint"],
+            )
+            tracker.flush()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
+            _finish_tracking(config, output_dir, tracker)
     dist.barrier()
 
 
@@ -490,6 +495,32 @@ def _finish_tracking(config: dict[str, Any], output_dir: Path, tracker: Any) -> 
     tracker.client.log_figure(tracker.run_id, figure, "plots/loss_curve.png")
     tracker.client.log_artifact(tracker.run_id, str(output_dir / "metrics.jsonl"), "metrics")
     mlflow.end_run()  # FINISHED, and the system metrics monitor stops
+
+
+@contextlib.contextmanager
+def _ended_as_failed_on_error(tracker: Any):
+    """Ends rank 0's MLflow run as FAILED (KILLED on Ctrl-C) when training stops with an error.
+
+    Otherwise a run stopped by a NaN loss or a crash stays RUNNING in the UI
+    forever. The steps not yet sent go first, so the curve shows where it
+    broke, and the error is the run's ``muco_flow.error`` tag. A resume from
+    a checkpoint reopens the same run. Tracking trouble here is only logged:
+    the training error is what the user needs to see.
+    """
+    try:
+        yield
+    except BaseException as err:
+        if tracker is not None:
+            import mlflow
+
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            try:
+                tracker.flush()
+                tracker.client.set_tag(tracker.run_id, ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+                mlflow.end_run(status=status)
+            except Exception as tracking_error:  # MLflow, requests and socket errors alike
+                logger.warning("could not end MLflow run %s as %s: %s", tracker.run_id, status, tracking_error)
+        raise
 
 
 def main() -> None:
