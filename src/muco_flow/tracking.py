@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import getpass
 import hashlib
@@ -73,7 +74,8 @@ def relocate_project_store(uri: str, project: Path, artifact_folder: str = "mlru
     root = (project / artifact_folder).resolve()
     if not database.is_file() or not database.is_relative_to(project.resolve()):
         return None
-    with sqlite3.connect(database) as connection:
+    # closing(): sqlite3's own context manager commits but leaves the file open
+    with contextlib.closing(sqlite3.connect(database)) as connection, connection:
         tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "experiments" not in tables:
             return None
