@@ -10,6 +10,7 @@ import torch
 
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.evaluation.datasets import read_m3t_heldout
+from muco_flow.evaluation.encoded_pool import DEFAULT_BLOCK_ROWS
 from muco_flow.evaluation.evaluate import EncodingCache, chance_mmeb_average, score_sets
 from muco_flow.evaluation.mbeir import read_mbeir
 from muco_flow.evaluation.mmeb import read_mmeb
@@ -35,18 +36,34 @@ def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, An
 
 
 def _score(model_dir: str, sets: dict[str, Any], params: dict, format_params: dict, backbone: dict) -> dict:
-    """Every metric for one model directory, loaded with the `backbone` settings (precision, attention, pixels)."""
+    """Every metric for one model directory, loaded with the `backbone` settings (precision, attention, pixels).
+
+    With `evaluate.pool_cache_dir`, candidate pools are encoded to disk under a
+    key naming everything the vectors depend on (EncodingCache.pool): here
+    the model directory's content hash, the load settings and the device.
+    """
     template = FormatConfig.from_params(format_params).templates.single_turn()
     settings = BackboneConfig.from_params(backbone)
+    attn_implementation = resolve_attn_implementation(settings.attn_implementation)
     embedder, template = load_embedder(
         model_dir,
         default_template=template,
         dtype=settings.dtype,
-        attn_implementation=resolve_attn_implementation(settings.attn_implementation),
+        attn_implementation=attn_implementation,
         image_limits=settings.image,
     )
-    embedder.to("cuda" if torch.cuda.is_available() else "cpu")
-    cache = EncodingCache(embedder, template, params["batch_size"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    embedder.to(device)
+    pool_dir = params.get("pool_cache_dir") or None
+    model = f"{content_hash(model_dir)} {settings} {attn_implementation} {device}" if pool_dir else ""
+    cache = EncodingCache(
+        embedder,
+        template,
+        params["batch_size"],
+        pool_dir=pool_dir,
+        model=model,
+        block_rows=params.get("pool_block_rows", DEFAULT_BLOCK_ROWS),
+    )
     return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache)
 
 
