@@ -79,7 +79,7 @@ class EncodedPool:
         self.directory = Path(directory) / digest.hexdigest()[:32]
         self.items, self.encode, self.block_rows = items, encode, block_rows
         self._complete = False
-        self._mapped: dict[int, np.ndarray] = {}
+        self._layouts: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -128,23 +128,40 @@ class EncodedPool:
         for block in range(self.block_count):
             yield torch.from_numpy(np.load(self._path(block)))
 
-    def _block(self, block: int) -> np.ndarray:
-        if block not in self._mapped:
-            self._mapped[block] = np.load(self._path(block), mmap_mode="r")
-        return self._mapped[block]
+    def _layout(self, block: int) -> tuple[int, int]:
+        """Where a block file's rows start, and their width (read from its .npy header once)."""
+        if block not in self._layouts:
+            path = self._path(block)
+            with open(path, "rb") as file:
+                version = np.lib.format.read_magic(file)
+                if version == (1, 0):
+                    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
+                else:
+                    shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
+                if len(shape) != 2 or fortran_order or dtype != np.dtype("<f4"):
+                    raise ValueError(f"{path} is not a pool block (2-D little-endian float32 rows)")
+                self._layouts[block] = (file.tell(), shape[1])
+        return self._layouts[block]
 
     def rows(self, indices: Sequence[int]) -> torch.Tensor:
-        """The vectors of pool rows ``indices``, in that order (reading only the pages holding them)."""
+        """The vectors of pool rows ``indices``, in that order.
+
+        Each row is read on its own (``pread``): mapping the files instead
+        would leave their pages in the process's memory, up to the whole pool.
+        """
         self.ensure()
         index = np.asarray(list(indices), dtype=np.int64)
         if index.size and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError(f"pool rows {index.min()}..{index.max()} asked of a pool of {len(self)}")
-        width = self._block(0).shape[1] if self.block_count else 0
+        width = self._layout(0)[1] if self.block_count else 0
         out = np.empty((index.size, width), dtype=np.float32)
         blocks, offsets = np.divmod(index, self.block_rows)
         for block in np.unique(blocks):
-            where = blocks == block
-            out[where] = self._block(int(block))[offsets[where]]
+            start, _ = self._layout(int(block))
+            with open(self._path(int(block)), "rb") as file:
+                for position in np.flatnonzero(blocks == block):
+                    row = os.pread(file.fileno(), width * 4, start + int(offsets[position]) * width * 4)
+                    out[position] = np.frombuffer(row, dtype=np.float32)
         return torch.from_numpy(out)
 
 
