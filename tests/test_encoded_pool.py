@@ -195,3 +195,27 @@ def test_the_sample_scores_the_same_with_pools_on_disk_and_a_rerun_encodes_only_
     assert len(trained_pools) == pool_count
     assert trained == _score(str(model_dir), sample_sets, evaluate, fmt, backbone)
     assert trained != in_memory
+
+
+def test_a_checkpoint_is_named_by_its_content_or_its_hub_commit(tiny_backbone_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from muco_flow.pipelines.evaluate.nodes import checkpoint_identity
+    from muco_flow.training.model_identity import content_hash
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_backbone_dir, copy)
+    assert checkpoint_identity(str(copy)) == checkpoint_identity(str(tiny_backbone_dir)) == content_hash(copy)
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("{", '{"edited": 1, ', 1))
+    assert checkpoint_identity(str(copy)) != checkpoint_identity(str(tiny_backbone_dir))
+    # a hub id: the commit of the snapshot it was loaded from (the cache, as from_pretrained leaves it)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--some-org--some-model"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        assert checkpoint_identity("some-org/some-model") == f"some-org/some-model@{commit}"
+    with pytest.raises(FileNotFoundError, match="neither a local model directory nor a hub id"):
+        checkpoint_identity(str(tmp_path / "nowhere"))
