@@ -28,6 +28,7 @@ BENCHMARKS = (
     "retrieval_scaling",
     "zero_memory",
     "grad_cache_memory",
+    "evaluation_memory",
 )
 TITLES = {
     "training_throughput": "Multi-turn against single-turn training throughput",
@@ -36,6 +37,7 @@ TITLES = {
     "retrieval_scaling": "Retrieval scoring scaling (chunked top-k)",
     "zero_memory": "ZeRO memory per rank, 2 processes (bytes measured, theory in parentheses)",
     "grad_cache_memory": "GradCache memory: bounded by the chunk, not the batch",
+    "evaluation_memory": "Evaluation memory with pools encoded to disk in blocks (d=1536)",
 }
 DOCS = common.PROJECT_ROOT / "docs/performance.md"
 DOCS_BEGIN = "<!-- benchmark results: begin -->"

@@ -264,6 +264,15 @@ def test_grad_cache_memory_quick(results_dir, small_sample_root, tiny_backbone_d
     assert [g["goal"].split(":")[0] for g in document["goals"]] == [f"GradCache (chunk {parameters['chunk']})"] * 2
 
 
+def test_evaluation_memory_quick(results_dir):
+    document = run_benchmark("evaluation_memory", results_dir)
+    assert [r["candidates"] for r in document["results"]] == document["parameters"]["sizes"]
+    for result in document["results"]:
+        assert 1 <= result["median_rank"] <= result["candidates"]
+        assert result["pool_mib"] == pytest.approx(result["candidates"] * document["parameters"]["dim"] * 4 / 2**20)
+    assert len(document["goals"]) == 1
+
+
 def test_the_report_holds_every_table_and_goal(results_dir, tmp_path):
     ran = [name for name in BENCHMARKS if (results_dir / f"{name}.json").exists()]
     assert ran, "the quick benchmarks above write their JSON here"

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from muco_flow.evaluation.datasets import EvaluationDataError, Item
+from muco_flow.evaluation.encoded_pool import InMemoryPool
 from muco_flow.evaluation.mbeir import (
     CandidatePool,
     MBeirBenchmark,
@@ -306,6 +307,13 @@ def vectors_by_item(table: dict[Item, list[float]]):
     return vectors
 
 
+def pool_by_item(table: dict[Item, list[float]]):
+    def pool(items, root):
+        return InMemoryPool(vectors_by_item(table)(items, root), block_rows=3)  # several blocks per pool
+
+    return pool
+
+
 def test_hand_cases_local_and_global_pools(download):
     """Ties, an exact duplicate, five positives, and a positive that only the union pool holds."""
     benchmark = read_mbeir(
@@ -334,7 +342,7 @@ def test_hand_cases_local_and_global_pools(download):
         pools["oven_task6"].items[1]: [0.0, 0.9, 0.0],
         benchmark.global_pool.items[-1]: [0.0, 1.0, 0.0],
     }
-    results, curves = score_mbeir(benchmark, vectors_by_item(table), curve_ks=(1, 2, 3))
+    results, curves = score_mbeir(benchmark, vectors_by_item(table), pool_by_item(table), curve_ks=(1, 2, 3))
     local, union = results["rows"]["local"], results["rows"]["global"]
     # t2i local: queries 1 and 3 tie their positive with the other image (it ranks first), query 2 is first
     assert {k: local["mscoco_task0"][f"recall@{k}"] for k in (1, 2, 5)} == {1: 1 / 3, 2: 1.0, 5: 1.0}
@@ -382,7 +390,7 @@ def test_a_query_without_positive_in_the_pool_counts_as_a_miss(download, caplog)
         None,
     )
     table = {benchmark.tasks[0].queries[0]: [1.0], pool.items[1]: [1.0]}
-    results, _ = score_mbeir(emptied, vectors_by_item(table), curve_ks=(1,))
+    results, _ = score_mbeir(emptied, vectors_by_item(table), pool_by_item(table), curve_ks=(1,))
     row = results["rows"]["local"]["oven_task6"]
     assert (row["recall@10"], row["queries"], row["queries_without_positive_in_pool"]) == (0.0, 1, 1)
     assert "1 of 1 queries have no positive in the local pool" in caplog.text
@@ -403,7 +411,10 @@ def test_scores_equal_the_reference_on_random_pools_with_many_ties():
     task = MBeirTask("random", 0, "random", (1, 5, 10), 5, [f"1:{q}" for q in range(25)], queries, positives)
     pool = CandidatePool("random", dids, items, ["text"] * 40, {d: i for i, d in enumerate(dids)})
     results, _ = score_mbeir(
-        MBeirBenchmark(Path("."), [task], ("local",), {"random": pool}, None), vectors_by_item(table), (1,)
+        MBeirBenchmark(Path("."), [task], ("local",), {"random": pool}, None),
+        vectors_by_item(table),
+        pool_by_item(table),
+        (1,),
     )
     scores = (query_vectors @ pool_vectors.T).tolist()
     for k in (1, 5, 10):
@@ -445,7 +456,7 @@ def test_rows_and_averages_reach_the_headline_and_the_report(download):
     for label, seed in (("model", 0), ("baseline", 1)):
         generator = torch.Generator().manual_seed(seed)
         table = {item: torch.randn(4, generator=generator).tolist() for item in items}
-        mbeir, curves = score_mbeir(benchmark, vectors_by_item(table), curve_ks=(1, 2))
+        mbeir, curves = score_mbeir(benchmark, vectors_by_item(table), pool_by_item(table), curve_ks=(1, 2))
         mmeb = {"datasets": {"X": {"meta_task": "vqa", "queries": 1, "hit@1": 1.0}}, "meta_tasks": {"vqa": 1.0}}
         results[label] = {
             "mmeb": mmeb | {"average": 1.0}, "mbeir": mbeir, "m3t_heldout": {}, "recall_curves": curves,

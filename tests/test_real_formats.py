@@ -26,6 +26,7 @@ from muco_flow.data.formatting import assemble_conversations, format_m3t_shards
 from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.evaluation.datasets import Item, RetrievalSet
+from muco_flow.evaluation.encoded_pool import InMemoryPool
 from muco_flow.evaluation.evaluate import mmeb_hits
 from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.modeling.backbone import load_processors
@@ -295,6 +296,9 @@ class FixedVectors:
 
     def vectors(self, items, root):
         return torch.tensor([self.table[item] for item in items], dtype=torch.float32)
+
+    def pool(self, items, root):
+        return InMemoryPool(self.vectors(items, root))
 
 
 @pytest.mark.parametrize(

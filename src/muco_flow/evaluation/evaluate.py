@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from statistics import mean
 from typing import Any
 
@@ -12,6 +16,7 @@ from PIL import Image
 
 from muco_flow.data.images import confined_path
 from muco_flow.evaluation.datasets import Item, RetrievalSet
+from muco_flow.evaluation.encoded_pool import DEFAULT_BLOCK_ROWS, EncodedPool, InMemoryPool, VectorPool
 from muco_flow.evaluation.mbeir import MBeirBenchmark, score_mbeir
 from muco_flow.evaluation.metrics import argmax_hit, candidate_rank, hit_at_1, mrr, recall_at_k
 from muco_flow.evaluation.retrieval import chunked_positive_ranks
@@ -21,14 +26,51 @@ logger = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10)
 CURVE_KS = tuple(range(1, 11))
+# The code between an item and its vector: a change to any of them makes pools on disk stale
+ENCODING_MODULES = (
+    "muco_flow.data.images",
+    "muco_flow.modeling.backbone",
+    "muco_flow.modeling.embedder",
+    "muco_flow.modeling.inputs",
+    "muco_flow.modeling.prompt",
+    "muco_flow.modeling.tokens",
+)
 
 
 class EncodingCache:
-    """Vectors by (root, item): an image shared by several sets is encoded once."""
+    """Vectors by (root, item): an image shared by several sets is encoded once.
 
-    def __init__(self, embedder: MuCoEmbedder, template: str, batch_size: int) -> None:
+    Candidate pools come from ``pool``: in memory by default; with
+    ``pool_dir``, encoded to disk ``block_rows`` at a time (EncodedPool) under
+    a key naming ``model`` (the model's identity and how it was loaded), the
+    encoding code and the items, so memory does not grow with the pool, a
+    re-run after a kill keeps the blocks already written, and another model
+    never reads these vectors.
+    """
+
+    def __init__(
+        self,
+        embedder: MuCoEmbedder,
+        template: str,
+        batch_size: int,
+        *,
+        pool_dir: str | Path | None = None,
+        model: str = "",
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+    ) -> None:
+        if pool_dir is not None and not model:
+            raise ValueError("pools on disk need the model's identity (`model`) in their key")
         self.embedder, self.template, self.batch_size = embedder, template, batch_size
+        self.pool_dir, self.model, self.block_rows = pool_dir, model, block_rows
         self._vectors: dict[tuple[str, Item], torch.Tensor] = {}
+        self._pools: dict[tuple[str, int], tuple[Sequence[Item], EncodedPool]] = {}
+
+    def _encode(self, items: Sequence[Item], root, *, progress: bool) -> torch.Tensor:
+        inputs = [
+            (item.text, Image.open(confined_path(root, item.image)).convert("RGB") if item.image else None)
+            for item in items
+        ]
+        return self.embedder.encode(inputs, template=self.template, batch_size=self.batch_size, progress=progress)
 
     def vectors(self, items: Sequence[Item], root) -> torch.Tensor:
         keys = [(str(root), item) for item in items]
@@ -37,32 +79,68 @@ class EncodingCache:
         step = self.batch_size * 8
         for start in range(0, len(missing), step):
             chunk = missing[start : start + step]
-            inputs = [
-                (item.text, Image.open(confined_path(root, item.image)).convert("RGB") if item.image else None)
-                for _, item in chunk
-            ]
-            encoded = self.embedder.encode(
-                inputs, template=self.template, batch_size=self.batch_size, progress=len(missing) > step
-            )
+            encoded = self._encode([item for _, item in chunk], root, progress=len(missing) > step)
             self._vectors.update(zip(chunk, encoded, strict=True))
         return torch.stack([self._vectors[k] for k in keys]) if keys else torch.empty(0)
+
+    def pool(self, items: Sequence[Item], root) -> VectorPool:
+        """A candidate pool: in memory, or with ``pool_dir`` on disk in blocks."""
+        if self.pool_dir is None:
+            return InMemoryPool(self.vectors(items, root), self.block_rows)
+        known = self._pools.get((str(root), id(items)))
+        if known is not None and known[0] is items:  # the same list again (M-BEIR's global pool, every task)
+            return known[1]
+        step = self.batch_size * 8  # images opened a slice at a time
+
+        def encode(block: Sequence[Item]) -> torch.Tensor:
+            return torch.cat(
+                [self._encode(block[s : s + step], root, progress=False) for s in range(0, len(block), step)]
+            )
+
+        def item_key(item: Item) -> str:
+            # an image rewritten in place (a regenerated sample) is another item
+            image = confined_path(root, item.image).stat() if item.image else None
+            return repr((item, image and (image.st_size, image.st_mtime_ns)))
+
+        pool = EncodedPool(
+            self.pool_dir,
+            items,
+            encode,
+            key_parts=[self.model, encoding_code_key(), self.template, str(Path(root).resolve())],
+            block_rows=self.block_rows,
+            item_key=item_key,
+        )
+        self._pools[(str(root), id(items))] = (items, pool)
+        return pool
+
+
+@functools.cache
+def encoding_code_key() -> str:
+    """What else decides a vector: the code that encodes (prompt, inputs, model, images) and its libraries' versions."""
+    import PIL
+    import transformers
+
+    digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__} {PIL.__version__}".encode())
+    for module in ENCODING_MODULES:
+        digest.update(Path(importlib.util.find_spec(module).origin).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache) -> list[list[int]]:
     """Rank of each query's positives in the whole pool, ties against them (M-BEIR, M3T)."""
     queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
-    candidates = cache.vectors(retrieval_set.candidates, retrieval_set.root)
+    candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
     return chunked_positive_ranks(queries, candidates, retrieval_set.positives)
 
 
 def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[bool], list[int]]:
     """Per query: VLM2Vec's hit (argmax of its own list), and the correct one's tie-aware rank."""
     queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
-    candidates = cache.vectors(retrieval_set.candidates, retrieval_set.root)
+    candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
     hits, ranks = [], []
     for query, own, positives in zip(queries, retrieval_set.candidate_lists, retrieval_set.positives, strict=True):
         # the correct candidate is first in its list (evaluation.mmeb)
-        scores = candidates[own] @ query
+        scores = candidates.rows(own) @ query
         hits.append(argmax_hit(scores))
         ranks.append(candidate_rank(scores, own.index(positives[0])))
     return hits, ranks
@@ -95,7 +173,7 @@ def score_sets(
     curves: dict[str, dict[str, float]] = {}
     results["mbeir"] = None
     if mbeir is not None:
-        results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, CURVE_KS)
+        results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, cache.pool, CURVE_KS)
     section = {}
     for s in m3t:
         ranks = positive_ranks(s, cache)

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from muco_flow.evaluation.datasets import EvaluationDataError, Item, check_image
+from muco_flow.evaluation.encoded_pool import VectorPool
 from muco_flow.evaluation.metrics import any_hit_recall_at_k
 from muco_flow.evaluation.retrieval import chunked_positive_ranks
 
@@ -336,13 +337,17 @@ def read_mbeir(
 
 
 def score_mbeir(
-    benchmark: MBeirBenchmark, vectors: Callable[[Sequence[Item], Path], torch.Tensor], curve_ks: Sequence[int]
+    benchmark: MBeirBenchmark,
+    vectors: Callable[[Sequence[Item], Path], torch.Tensor],
+    pool_vectors: Callable[[Sequence[Item], Path], VectorPool],
+    curve_ks: Sequence[int],
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """Recall per task and pool kind, the M-BEIR average per pool kind, and recall curves.
 
-    ``vectors`` encodes items (an EncodingCache's ``vectors``). The average is
-    UniIR's reporting convention: the unweighted mean over tasks of each
-    task's ``average_k`` recall.
+    ``vectors`` encodes the queries and ``pool_vectors`` a candidate pool (an
+    EncodingCache's ``vectors`` and ``pool``). The average is UniIR's
+    reporting convention: the unweighted mean over tasks of each task's
+    ``average_k`` recall.
     """
     rows: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[str, float]] = {}
@@ -353,7 +358,7 @@ def score_mbeir(
             positives = [sorted({pool.rows[d] for d in dids if d in pool.rows}) for dids in task.positives]
             ranks = chunked_positive_ranks(
                 vectors(task.queries, benchmark.root),
-                vectors(pool.items, benchmark.root),
+                pool_vectors(pool.items, benchmark.root),
                 positives,
                 ignore_other_positives=True,
             )

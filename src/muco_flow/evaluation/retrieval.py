@@ -1,8 +1,9 @@
 """Scoring queries against a candidate pool in chunks.
 
 Neither function ever holds a full queries x pool matrix: memory is bounded
-by ``query_chunk x pool_chunk`` scores, whatever the pool's size. Top-k also
-takes the pool as a stream of blocks, so that the pool itself need not fit.
+by ``query_chunk x pool_chunk`` scores, whatever the pool's size. Both also
+take the pool as blocks (a stream for top-k, a pool of evaluation.encoded_pool
+for ranks), read once, so that the pool itself need not fit.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
+from muco_flow.evaluation.encoded_pool import InMemoryPool, VectorPool
 from muco_flow.evaluation.metrics import TIE_TOLERANCE
 
 
@@ -55,7 +57,7 @@ def _merge_top_k(
 
 def chunked_positive_ranks(
     queries: torch.Tensor,
-    pool: torch.Tensor,
+    pool: torch.Tensor | VectorPool,
     positives: list[list[int]],
     *,
     query_chunk: int = 1024,
@@ -70,17 +72,22 @@ def chunked_positive_ranks(
     ``ignore_other_positives`` only the query's non-positive rows count, so
     positives never push each other down (UniIR's any-positive recall needs
     just the best one's rank).
+
+    ``pool`` is a tensor (read ``pool_chunk`` rows at a time) or a pool in
+    memory or on disk (evaluation.encoded_pool), read once, a block at a time.
     """
-    ranks: list[list[int]] = []
+    if torch.is_tensor(pool):
+        pool = InMemoryPool(pool, pool_chunk)
+    chunks = []  # per query chunk: its positives' (row, column) pairs and scores, and the pairs never counted
     for q in range(0, queries.shape[0], query_chunk):
         block = queries[q : q + query_chunk]
         block_positives = positives[q : q + query_chunk]
         rows = torch.tensor([i for i, pos in enumerate(block_positives) for _ in pos], dtype=torch.long)
         cols = torch.tensor([p for pos in block_positives for p in pos], dtype=torch.long)
         if rows.numel() == 0:
-            ranks.extend([] for _ in block_positives)
+            chunks.append(None)
             continue
-        positive_scores = (block[rows] * pool[cols]).sum(dim=1)
+        positive_scores = (block[rows] * pool.rows(cols.tolist())).sum(dim=1)
         # (entry, column) pairs that never count against an entry: its own column,
         # whatever rounding says, and with ignore_other_positives its query's other positives
         if ignore_other_positives:
@@ -93,13 +100,27 @@ def chunked_positive_ranks(
         else:
             skip_entries, skip_cols = torch.arange(rows.shape[0]), cols
         others_at_least = torch.zeros(rows.shape[0], dtype=torch.long)
-        for p in range(0, pool.shape[0], pool_chunk):
-            scores = block @ pool[p : p + pool_chunk].T
+        chunks.append((q, rows, positive_scores, skip_entries, skip_cols, others_at_least))
+    p = 0
+    for pool_block in pool.blocks():
+        for chunk in chunks:
+            if chunk is None:
+                continue
+            q, rows, positive_scores, skip_entries, skip_cols, others_at_least = chunk
+            scores = queries[q : q + query_chunk] @ pool_block.T
             hits = scores[rows] >= positive_scores[:, None] - TIE_TOLERANCE
             inside = ((skip_cols >= p) & (skip_cols < p + scores.shape[1])).nonzero().squeeze(1)
             hits[skip_entries[inside], skip_cols[inside] - p] = False
             others_at_least += hits.sum(dim=1)
-        flat = (others_at_least + 1).tolist()
-        it = iter(flat)
+        p += pool_block.shape[0]
+        # the loop variable would keep this block alive while the pool reads the next one
+        del pool_block
+    ranks: list[list[int]] = []
+    for q, chunk in zip(range(0, queries.shape[0], query_chunk), chunks, strict=True):
+        block_positives = positives[q : q + query_chunk]
+        if chunk is None:
+            ranks.extend([] for _ in block_positives)
+            continue
+        it = iter((chunk[-1] + 1).tolist())
         ranks.extend([next(it) for _ in pos] for pos in block_positives)
     return ranks
