@@ -262,6 +262,51 @@ def test_a_moved_project_resumes_its_checkpoints(prepared, tmp_path):
     assert artifacts.startswith(str(moved / "mlruns"))
 
 
+def test_two_nodes_of_one_process_train_as_one_node_of_two(prepared, monkeypatch):
+    """torchrun's static rendezvous on loopback: 2 nodes x 1 process reproduce run-a (1 node x 2 processes)."""
+    import copy
+    import io
+    import threading
+
+    from muco_flow.training.launch import launch_training
+    from tests.servers import free_port
+
+    project, _ = prepared
+    monkeypatch.chdir(project)  # the run config's paths are relative to the project
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as run-a's 2 processes on 2 cores had: the same arithmetic
+    reference = json.loads((project / "data/06_models/run-a/run_config.json").read_text())
+    out, port = "data/06_models/run-two-nodes", free_port()
+    errors: list[BaseException] = []
+
+    def node(node_rank: int) -> None:
+        config = copy.deepcopy(reference)
+        config["output_dir"] = config["training"]["output_dir"] = out
+        config["training"]["launcher"] |= {"nodes": 2, "node_rank": node_rank, "processes_per_node": 1}
+        config["training"]["launcher"] |= {"master_addr": "127.0.0.1", "master_port": port}
+        try:
+            launch_training(config, stream=io.StringIO())
+        except BaseException as err:  # re-raised from the test's thread below
+            errors.append(err)
+
+    nodes = [threading.Thread(target=node, args=(node_rank,)) for node_rank in range(2)]
+    for thread in nodes:
+        thread.start()
+    for thread in nodes:
+        thread.join(timeout=900)
+    assert not errors and not any(thread.is_alive() for thread in nodes), errors
+    assert "rank 1 of 2" in (project / out / "logs/rank1.log").read_text()
+    assert losses(project, out) == pytest.approx(losses(project, "data/06_models/run-a"), abs=1e-5)
+    # ZeRO-2 partitions the optimizer state: the last checkpoint holds one shard per rank, one from each node
+    final = project / out / f"checkpoints/step-{STEPS:08d}"
+    shards = sorted(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1) for p in final.glob("*optim_states.pt"))
+    assert shards == ["0", "1"]
+    # each node keeps the config it ran with
+    for node_rank in range(2):
+        config = json.loads((project / out / f"run_config.node{node_rank:02d}.json").read_text())
+        assert config["training"]["launcher"]["node_rank"] == node_rank
+    assert not (project / out / "run_config.json").exists()
+
+
 @pytest.mark.timeout(2400)
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):
     """`kedro run` with every default: 512 images, 2 processes, ZeRO-2 (what `make run` does)."""

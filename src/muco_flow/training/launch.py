@@ -143,6 +143,17 @@ def torchrun_command(config_path: Path, launcher: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
+def run_config_name(launcher: dict[str, Any]) -> str:
+    """The file the run config is written to: one per node when several share the output folder.
+
+    Each node keeps the config it ran with (its node_rank, and paths or settings
+    that may differ per node) instead of the last node to start overwriting it.
+    """
+    if launcher.get("nodes", 1) > 1:
+        return f"run_config.node{launcher.get('node_rank', 0):02d}.json"
+    return "run_config.json"
+
+
 def launch_training(config: dict[str, Any], stream=None) -> None:
     """Runs torchrun on ``config``; streams rank 0's output; raises with the failing rank's traceback.
 
@@ -159,9 +170,9 @@ def _launch_training(config: dict[str, Any], stream=None) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     for stale in logs.glob("rank*.error"):
         stale.unlink()
-    config_path = output_dir / "run_config.json"
-    config_path.write_text(json.dumps(config, indent=2))
     launcher = config["training"]["launcher"]
+    config_path = output_dir / run_config_name(launcher)
+    config_path.write_text(json.dumps(config, indent=2))
     env = dict(os.environ)
     if on_cpu():
         cores = os.cpu_count() or 1
