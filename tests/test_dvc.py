@@ -399,7 +399,7 @@ def test_second_repro_runs_nothing(clone):
 def test_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
     root = clone.root
     before = json.loads((root / "data/06_models/train_run.json").read_text())
-    edit_yaml(root / "conf/base/parameters_train.yml", {"training.learning_rate": 5.0e-4})
+    edit_yaml(root / "conf/base/parameters_train.yml", {"training.learning_rate": 2.0e-4})  # default 5.0e-4
     # finetune lays finetune.training over the training block, so the parameter is one of its params too
     assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"train", "finetune"}
 
@@ -414,7 +414,7 @@ def test_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
     assert after["mlflow_run_id"] != before["mlflow_run_id"]
     assert json.loads((root / "data/08_reporting/metrics.json").read_text())["mlflow_run_id"] == after["mlflow_run_id"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert lock["stages"]["train"]["params"]["conf/base/parameters_train.yml"]["training"]["learning_rate"] == 5.0e-4
+    assert lock["stages"]["train"]["params"]["conf/base/parameters_train.yml"]["training"]["learning_rate"] == 2.0e-4
     # DVC emptied data/06_models/muco before the stage ran: one run in the log, from step 0
     log = (root / "data/06_models/muco/logs/rank0.log").read_text()
     assert log.count("rank 0 of") == 1

@@ -309,20 +309,20 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(prepared, monkeypatch
 
 @pytest.mark.timeout(2400)
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):
-    """`kedro run` with every default: 512 images, 2 processes, ZeRO-2 (what `make run` does)."""
+    """`kedro run` with every default: 2048 images, 2 processes, ZeRO-2 (what `make run` does)."""
     kedro_run(project, timeout_s=1800)  # 9-15 minutes on 2 cores: the whole `make run`
     record = json.loads((project / "data/06_models/train_run.json").read_text())
     assert record["loss_last_10pct"] < 0.5 * record["loss_first_10pct"]
-    assert record["steps"] == 8 * 512 // (2 * 8)  # epochs x samples / (processes x micro batch)
+    assert record["steps"] == 2 * 2048 // (2 * 8)  # epochs x samples / (processes x micro batch)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("muco-embedder", "challenger")
     assert version.run_id == record["mlflow_run_id"]
     metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
     assert float(version.tags["primary_metric_value"]) == pytest.approx(metrics["model"]["mmeb"]["average"])
-    # On the published formats seed 0 gives 2.35x the untrained backbone (issues 5 and 14 ask for 3x,
-    # which the sample reached, 3.5x, before them: README "Evaluation").
-    assert metrics["model"]["mmeb"]["average"] >= 2.0 * metrics["baseline"]["mmeb"]["average"]
-    # M-BEIR's local average (recall@5 per task, UniIR's instructions): 0.47 against 0.11 on seed 0
+    # Issues 5 and 14 ask for 3x the untrained backbone; seeds 0, 1 and 2 give 3.03x, 3.33x and 3.02x here (README
+    # "Evaluation"). The margin below leaves room for another CPU's rounding, not for a model that stops learning.
+    assert metrics["model"]["mmeb"]["average"] >= 2.5 * metrics["baseline"]["mmeb"]["average"]
+    # M-BEIR's local average (recall@5 per task, UniIR's instructions): 0.45 against 0.13 on seed 0
     trained, baseline = metrics["model"]["mbeir"]["average"]["local"], metrics["baseline"]["mbeir"]["average"]["local"]
     assert trained >= 2 * baseline and trained >= baseline + 0.2
 
@@ -439,7 +439,7 @@ def test_the_mlflow_ui_shows_a_named_described_run_and_a_version_with_few_tags(p
     record = json.loads((project / "data/06_models/train_run.json").read_text())
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run = client.get_run(record["mlflow_run_id"])
-    assert run.info.run_name.startswith("train-") and "lr0.001" in run.info.run_name
+    assert run.info.run_name.startswith("train-") and "lr0.0005" in run.info.run_name
     assert run.data.tags["mlflow.source.name"] == "kedro run --pipelines=train"
     assert {"mlflow.user", "mlflow.source.git.commit", "kedro.pipeline", "kedro.env"} <= set(run.data.tags)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["m3t_shards"]

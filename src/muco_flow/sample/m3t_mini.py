@@ -164,7 +164,7 @@ class MiniSampleConfig:
     """Sizes and seed of the sample; see conf/base/parameters_sample.yml."""
 
     seed: int = 0
-    train_images: int = 512
+    train_images: int = 2048
     heldout_images: int = 64
     eval_queries_per_dataset: int = 64
     eval_candidates: int = 10
