@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -14,6 +16,7 @@ from muco_flow.data.conversations import FormatConfig, plan_turns, target_key
 from muco_flow.data.fetch import FetchConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_shards
 from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
 from muco_flow.modeling.inputs import build_model_inputs
@@ -53,7 +56,7 @@ def run_format(ingested, processors, tmp_path, **overrides):
     out = tmp_path / f"formatted-{len(list(tmp_path.iterdir()))}"
     out.mkdir()
     manifest = format_m3t_shards(ingested, out, *processors, FormatConfig.from_params(params))
-    records = [r for s in manifest["shards"] for r in pq.read_table(out / s["file"]).to_pylist()]
+    records = [r for s in manifest["shards"] for r in read_shard(out / s["file"]).to_pylist()]
     return manifest, records
 
 
@@ -177,7 +180,10 @@ def test_training_refuses_shards_formatted_by_another_version(ingested, processo
     manifest, _ = run_format(ingested, processors, tmp_path)
     formatted = next(tmp_path.iterdir())
     shard = formatted / manifest["shards"][0]["file"]
-    pq.write_table(pq.read_table(shard).drop_columns(["target_key", "part_turns"]), shard)
+    older = read_shard(shard).drop_columns(["target_key", "part_turns"])
+    with pa.ipc.new_file(str(shard) + ".new", older.schema) as writer:
+        writer.write_table(older)
+    os.replace(str(shard) + ".new", shard)  # the mapped original stays readable until unmapped
     with pytest.raises(ValueError, match=r"no column part_turns, target_key\); re-run the format pipeline"):
         ConversationBatches(
             formatted,

@@ -40,6 +40,7 @@ from muco_flow.data.mmeb_train_ingest import (
     parse_text_list,
     validate_mmeb_train_row,
 )
+from muco_flow.data.shards import read_shard
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import load_processors
 from muco_flow.training.data import ConversationBatches
@@ -178,7 +179,7 @@ def formatted(ingested, processors, tmp_path, config: FinetuneFormatConfig):
     out = tmp_path / f"formatted-{len(list(tmp_path.iterdir()))}"
     out.mkdir()
     manifest = format_mmeb_train_shards(ingested[0], out, *processors, config)
-    records = [r for s in manifest["shards"] for r in pq.read_table(out / s["file"]).to_pylist()]
+    records = [r for s in manifest["shards"] for r in read_shard(out / s["file"]).to_pylist()]
     # by dataset (OK-VQA's two rows: the last, which has no negatives)
     return out, manifest, {r["sample_id"].split("/")[0]: r for r in records}
 
@@ -196,7 +197,7 @@ def test_published_rows_are_all_accepted_with_every_image_stored(ingested):
     assert manifest["counts"] == {"read": 6, "accepted": 6, "rejected": 0}
     assert manifest["schema_version"] == mmeb_train.SCHEMA_VERSION
     assert [m["dataset"] for m in manifest["source"]["meta_files"]] == sorted(PUBLISHED)
-    rows = {r["sample_id"]: r for s in manifest["shards"] for r in pq.read_table(out / s["file"]).to_pylist()}
+    rows = {r["sample_id"]: r for s in manifest["shards"] for r in read_shard(out / s["file"]).to_pylist()}
     by_dataset = {sid.split("/")[0]: r for sid, r in sorted(rows.items(), reverse=True)}
     cls, t2i, i2t, web = (by_dataset[d] for d in ("ImageNet_1K", "MSCOCO_t2i", "VisualNews_i2t", "WebQA"))
     assert cls["neg_text"] == ["blue circle", "green square"] and cls["neg_image_path"] == ["", ""]
@@ -306,7 +307,7 @@ def test_a_row_without_negatives_gets_the_empty_negative(ingested, processors, t
     tokenizer = processors[0]
     _, manifest, _ = formatted(ingested, processors, tmp_path, finetune_config())
     out = next(tmp_path.iterdir())
-    records = [r for s in manifest["shards"] for r in pq.read_table(out / s["file"]).to_pylist()]
+    records = [r for s in manifest["shards"] for r in read_shard(out / s["file"]).to_pylist()]
     (record,) = [r for r in records if r["negative_source"] == [-1]]
     sample = assemble_finetune_sample(
         record, 5, manifest["settings"], tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)
@@ -359,7 +360,7 @@ def test_texts_and_token_pieces_agree_on_many_draws(ingested, processors, tmp_pa
     out = next(tmp_path.iterdir())
     shards = pq.read_table(ingested[0] / "shards/part-00000.parquet").to_pylist()
     samples = {r["sample_id"]: r for r in shards}
-    records = [r for s in manifest["shards"] for r in pq.read_table(out / s["file"]).to_pylist()]
+    records = [r for s in manifest["shards"] for r in read_shard(out / s["file"]).to_pylist()]
     config = finetune_config()
     image_pad = tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)
     for record in records:

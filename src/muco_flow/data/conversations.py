@@ -79,9 +79,12 @@ class FormatConfig:
     # None: images at their own size; n: the short side resized to n first (MuCo: 640)
     image_short_side: int | None = None
     seed: int = 0
-    rows_per_shard: int = 20000
+    # processes formatting ingest shards at once (one shard each); not a setting of the result
+    num_workers: int = 1
 
     def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"format.num_workers must be at least 1, got {self.num_workers}")
         if self.mode not in MODES:
             raise ValueError(f"format.mode must be one of {MODES}, got '{self.mode}'")
         if self.turns_per_conversation is not None and self.turns_per_conversation < 1:

@@ -266,7 +266,10 @@ def format_mmeb_train_shards(
             f"('{mmeb_train.SCHEMA_VERSION}'); run the finetune_data pipeline's ingest on an MMEB-train snapshot"
         )
     pieces = FinetuneTokenizer(tokenizer, config)
-    writer = ShardWriter(output_dir / CONVERSATIONS_DIR, FINETUNE_FORMATTED_SCHEMA, config.rows_per_shard)
+    # Arrow IPC: training memory-maps the records (images stay in the ingest shards)
+    writer = ShardWriter(
+        output_dir / CONVERSATIONS_DIR, FINETUNE_FORMATTED_SCHEMA, config.rows_per_shard, file_format="arrow"
+    )
     counts: Counter[str] = Counter()
     total = ingest_manifest["counts"]["accepted"]
     with tqdm(total=total, desc="format stage 2", unit="sample", disable=total < 2000) as progress:

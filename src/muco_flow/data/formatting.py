@@ -7,8 +7,19 @@ these pieces (``assemble_conversations``), so the turn order and phrasings can
 change every epoch without tokenizing again. Pieces end at special tokens,
 so joining their ids equals tokenizing the joined text.
 
-Records keep a reference to their image (ingest shard and row) rather than a
-copy; the image's token count is fixed here, from its size.
+Each ingest shard becomes one record file, ``conversations/<shard>.arrow``
+(uncompressed Arrow IPC, which training memory-maps instead of loading), and
+one image file, ``<shard>.images``: the shard's image bytes back to back, which
+training reads with one positioned read per image (``image_offset``,
+``image_length``) instead of a whole Parquet row group. ``image_shard`` and
+``image_row`` still name where the image was ingested. The image's token
+count is fixed here, from its size.
+
+Ingest shards are independent units of work: ``format_m3t_part`` formats every
+``num_parts``-th of them on ``num_workers`` processes (a SLURM array task or a
+torchrun node per part), and ``merge_format_parts`` writes the one manifest.
+``format_m3t_shards`` is both on one machine. The files do not depend on how
+the work was split.
 """
 
 from __future__ import annotations
@@ -37,11 +48,16 @@ from muco_flow.data.conversations import (
     target_turn_content,
 )
 from muco_flow.data.ingest import MANIFEST_FILE
-from muco_flow.data.shards import ShardWriter
+from muco_flow.data.parallel import map_in_processes, worker_state
+from muco_flow.data.sources import file_sha256
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import short_side_size
 
 CONVERSATIONS_DIR = "conversations"
+RECORD_FILE_SUFFIX = ".arrow"
+IMAGE_FILE_SUFFIX = ".images"
+RECORD_BATCH_ROWS = 512  # rows per Arrow record batch: what a reader slices one record out of
+PARTS_DIR = "format-parts"  # each part's summary, until the merge
 UNKNOWN_TURN_TYPE = -1
 
 ids = pa.list_(pa.int32())
@@ -50,6 +66,9 @@ FORMATTED_SCHEMA = pa.schema(
         pa.field(schema.SAMPLE_ID, pa.string(), nullable=False),
         pa.field("image_shard", pa.string()),  # null: a sample without an image
         pa.field("image_row", pa.int64()),
+        # where the image's bytes are in the record file's image file (null: no image)
+        pa.field("image_offset", pa.int64()),
+        pa.field("image_length", pa.int64()),
         pa.field("image_tokens", pa.int32(), nullable=False),  # 0 without an image
         pa.field("turn_type", pa.list_(pa.int8()), nullable=False),  # per M3T turn
         pa.field("system_ids", ids, nullable=False),
@@ -187,76 +206,216 @@ class TurnTokenizer:
         return best
 
 
+COUNT_NAMES = ("samples", "conversations", "conversations_dropped", "turns", "turns_dropped")
+
+
+def format_ingest_shard(
+    shard: dict[str, Any],
+    shards_dir: Path,
+    output_dir: Path,
+    turn_tokenizer: TurnTokenizer,
+    image_processor: Qwen2VLImageProcessorPil,
+    batch_rows: int = RECORD_BATCH_ROWS,
+) -> dict[str, Any]:
+    """Formats one ingest shard into its record file and image file; returns their manifest entry and counts."""
+    config = turn_tokenizer.config
+    stem = Path(shard["file"]).stem
+    directory = Path(output_dir) / CONVERSATIONS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    record_path, image_path = directory / f"{stem}{RECORD_FILE_SUFFIX}", directory / f"{stem}{IMAGE_FILE_SUFFIX}"
+    counts: Counter[str] = Counter()
+    columns = [schema.SAMPLE_ID, schema.QRY, config.target_field, "image_width", "image_height", "image_bytes"]
+    columns += [schema.NEG_TEXT] if config.hard_negatives else []
+    parquet = pq.ParquetFile(Path(shards_dir) / shard["file"], page_checksum_verification=True)
+    row = image_offset = 0
+    with (
+        pa.OSFile(str(record_path), "wb") as sink,
+        pa.ipc.new_file(sink, FORMATTED_SCHEMA) as writer,
+        open(image_path, "wb") as images,
+    ):
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
+            records = []
+            for offset, sample in enumerate(batch.to_pylist()):
+                record = _format_sample(sample, turn_tokenizer, image_processor, counts)
+                if record is None:
+                    continue
+                reference = dict.fromkeys(("image_shard", "image_row", "image_offset", "image_length"))
+                if sample["image_width"] is not None:
+                    data = sample["image_bytes"]
+                    images.write(data)
+                    reference = {
+                        "image_shard": shard["file"],
+                        "image_row": row + offset,
+                        "image_offset": image_offset,
+                        "image_length": len(data),
+                    }
+                    image_offset += len(data)
+                records.append(record | reference)
+            if records:
+                writer.write_batch(pa.RecordBatch.from_pylist(records, schema=FORMATTED_SCHEMA))
+            counts["samples"] += batch.num_rows
+            counts["records"] += len(records)
+            row += batch.num_rows
+    entry = {
+        "file": f"{CONVERSATIONS_DIR}/{record_path.name}",
+        "rows": counts["records"],
+        "sha256": file_sha256(record_path),
+        "images": f"{CONVERSATIONS_DIR}/{image_path.name}",
+        "images_sha256": file_sha256(image_path),
+        "ingest_shard": shard["file"],
+    }
+    return {"entry": entry, "counts": {name: counts[name] for name in COUNT_NAMES}}
+
+
+def _format_sample(
+    sample: dict[str, Any],
+    turn_tokenizer: TurnTokenizer,
+    image_processor: Qwen2VLImageProcessorPil,
+    counts: Counter[str],
+) -> dict[str, Any] | None:
+    """The sample's record, less where its image is; None (counted) when no turn fits."""
+    config = turn_tokenizer.config
+    has_image = sample["image_width"] is not None
+    n_image = (
+        image_token_count(image_processor, sample["image_width"], sample["image_height"], config.image_short_side)
+        if has_image
+        else 0
+    )
+    qry, targets = sample[schema.QRY], sample[config.target_field]
+    negatives = None
+    if config.hard_negatives:
+        negatives = sample[schema.NEG_TEXT]
+        if not negatives:
+            raise ValueError(
+                f"format.hard_negatives is set but sample {sample[schema.SAMPLE_ID]} has no neg_text; "
+                "set format.hard_negatives: false or ingest a snapshot with neg_text"
+            )
+    record = turn_tokenizer.record(sample[schema.SAMPLE_ID], qry, targets, n_image, negatives)
+    parts = record["part_turns"]
+    counts["turns"] += len(qry)
+    counts["turns_dropped"] += len(qry) - sum(parts)
+    counts["conversations"] += sum(1 for n in parts if n)
+    counts["conversations_dropped"] += sum(1 for n in parts if not n)
+    return record if sum(parts) else None
+
+
+def _format_shard_in_worker(shard: dict[str, Any]) -> dict[str, Any]:
+    state = worker_state()
+    return format_ingest_shard(
+        shard, state["shards_dir"], state["output_dir"], state["turn_tokenizer"], state["image_processor"]
+    )
+
+
+def _part_summary_path(output_dir: Path, part_index: int, num_parts: int) -> Path:
+    return Path(output_dir) / PARTS_DIR / f"part-{part_index:05d}-of-{num_parts:05d}.json"
+
+
+def _check_part(part_index: int, num_parts: int) -> None:
+    if num_parts < 1 or not 0 <= part_index < num_parts:
+        raise ValueError(f"format: part index {part_index} is not one of 0..{num_parts - 1} (num_parts {num_parts})")
+
+
+def format_m3t_part(
+    shards_dir: Path,
+    output_dir: Path,
+    tokenizer: PreTrainedTokenizerFast,
+    image_processor: Qwen2VLImageProcessorPil,
+    config: FormatConfig,
+    *,
+    part_index: int = 0,
+    num_parts: int = 1,
+) -> dict[str, Any]:
+    """Formats ingest shards ``part_index``, ``part_index + num_parts``, ... on ``config.num_workers`` processes.
+
+    Writes their files and a part summary that ``merge_format_parts`` reads.
+    """
+    _check_part(part_index, num_parts)
+    shards_dir, output_dir = Path(shards_dir), Path(output_dir)
+    ingest_manifest = json.loads((shards_dir / MANIFEST_FILE).read_text())
+    mine = ingest_manifest["shards"][part_index::num_parts]
+    state = {
+        "shards_dir": shards_dir,
+        "output_dir": output_dir,
+        "turn_tokenizer": TurnTokenizer(tokenizer, config),
+        "image_processor": image_processor,
+    }
+    done = []
+    rows = sum(shard["rows"] for shard in mine)
+    with tqdm(total=rows, desc="format", unit="sample", disable=rows < 2000) as progress:
+        for result in map_in_processes(_format_shard_in_worker, mine, config.num_workers, state):
+            done.append(result)
+            progress.update(result["counts"]["samples"])
+    summary = {
+        "part_index": part_index,
+        "num_parts": num_parts,
+        "ingest_manifest_shards": [s["sha256"] for s in ingest_manifest["shards"]],
+        "settings": config.settings(),
+        "shards": done,
+    }
+    path = _part_summary_path(output_dir, part_index, num_parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def merge_format_parts(shards_dir: Path, output_dir: Path, num_parts: int) -> dict[str, Any]:
+    """The format manifest from every part's summary: each ingest shard formatted once, with the same settings."""
+    shards_dir, output_dir = Path(shards_dir), Path(output_dir)
+    ingest_manifest = json.loads((shards_dir / MANIFEST_FILE).read_text())
+    ingested = [s["sha256"] for s in ingest_manifest["shards"]]
+    summaries = []
+    for index in range(num_parts):
+        path = _part_summary_path(output_dir, index, num_parts)
+        if not path.is_file():
+            raise ValueError(f"format part {index} of {num_parts} has not finished: no {path}; run it first")
+        summaries.append(json.loads(path.read_text()))
+    for summary in summaries:
+        if summary["ingest_manifest_shards"] != ingested:
+            raise ValueError(
+                f"format part {summary['part_index']} of {num_parts} was run on other ingest shards than those in "
+                f"{shards_dir} now; run it again"
+            )
+        if summary["settings"] != summaries[0]["settings"]:
+            raise ValueError(
+                f"format parts 0 and {summary['part_index']} were run with other format settings; "
+                "run every part with the same parameters"
+            )
+    by_shard = {result["entry"]["ingest_shard"]: result for summary in summaries for result in summary["shards"]}
+    results = [by_shard.get(shard["file"]) for shard in ingest_manifest["shards"]]
+    missing = [shard["file"] for shard, result in zip(ingest_manifest["shards"], results, strict=True) if not result]
+    if missing:
+        raise ValueError(f"no format part formatted {len(missing)} ingest shards, e.g. {missing[0]}")
+    counts = {name: sum(result["counts"][name] for result in results) for name in COUNT_NAMES}
+    if counts["samples"] != ingest_manifest["counts"]["accepted"]:
+        raise ValueError(
+            f"the format parts read {counts['samples']} samples, but ingest accepted "
+            f"{ingest_manifest['counts']['accepted']}"
+        )
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "ingest_manifest_shards": ingested,
+        "counts": counts,
+        "shards": [result["entry"] for result in results],
+        "settings": summaries[0]["settings"],
+    }
+    (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    for index in range(num_parts):
+        _part_summary_path(output_dir, index, num_parts).unlink()
+    (output_dir / PARTS_DIR).rmdir()
+    logging.getLogger(__name__).info("format: %s", counts)
+    return manifest
+
+
 def format_m3t_shards(
     shards_dir: Path,
     output_dir: Path,
     tokenizer: PreTrainedTokenizerFast,
     image_processor: Qwen2VLImageProcessorPil,
     config: FormatConfig,
-    batch_rows: int = 512,
 ) -> dict[str, Any]:
-    """Tokenizes every ingested sample; writes record shards and a manifest."""
-    shards_dir, output_dir = Path(shards_dir), Path(output_dir)
-    ingest_manifest = json.loads((shards_dir / MANIFEST_FILE).read_text())
-    turn_tokenizer = TurnTokenizer(tokenizer, config)
-    writer = ShardWriter(output_dir / CONVERSATIONS_DIR, FORMATTED_SCHEMA, config.rows_per_shard)
-    counts: Counter[str] = Counter()
-    columns = [schema.SAMPLE_ID, schema.QRY, config.target_field, "image_width", "image_height"]
-    columns += [schema.NEG_TEXT] if config.hard_negatives else []
-    total = ingest_manifest["counts"]["accepted"]
-    with tqdm(total=total, desc="format", unit="sample", disable=total < 2000) as progress:
-        for shard in ingest_manifest["shards"]:
-            row = 0
-            for batch in pq.ParquetFile(shards_dir / shard["file"], page_checksum_verification=True).iter_batches(
-                batch_size=batch_rows, columns=columns
-            ):
-                records = []
-                for offset, sample in enumerate(batch.to_pylist()):
-                    has_image = sample["image_width"] is not None
-                    n_image = (
-                        image_token_count(
-                            image_processor, sample["image_width"], sample["image_height"], config.image_short_side
-                        )
-                        if has_image
-                        else 0
-                    )
-                    qry, targets = sample[schema.QRY], sample[config.target_field]
-                    negatives = None
-                    if config.hard_negatives:
-                        negatives = sample[schema.NEG_TEXT]
-                        if not negatives:
-                            raise ValueError(
-                                f"format.hard_negatives is set but sample {sample[schema.SAMPLE_ID]} has no neg_text; "
-                                "set format.hard_negatives: false or ingest a snapshot with neg_text"
-                            )
-                    record = turn_tokenizer.record(sample[schema.SAMPLE_ID], qry, targets, n_image, negatives)
-                    parts = record["part_turns"]
-                    kept = sum(parts)
-                    counts["turns"] += len(qry)
-                    counts["turns_dropped"] += len(qry) - kept
-                    counts["conversations"] += sum(1 for n in parts if n)
-                    counts["conversations_dropped"] += sum(1 for n in parts if not n)
-                    if not kept:
-                        continue
-                    reference = (shard["file"], row + offset) if has_image else (None, None)
-                    records.append(record | dict(zip(("image_shard", "image_row"), reference, strict=True)))
-                writer.write(records)
-                counts["samples"] += batch.num_rows
-                row += batch.num_rows
-                progress.update(batch.num_rows)
-    writer.close()
-    manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "ingest_manifest_shards": [s["sha256"] for s in ingest_manifest["shards"]],
-        "counts": {
-            k: counts[k] for k in ("samples", "conversations", "conversations_dropped", "turns", "turns_dropped")
-        },
-        "shards": writer.shards,
-        "settings": config.settings(),
-    }
-    (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    logging.getLogger(__name__).info("format: %s", manifest["counts"])
-    return manifest
+    """Tokenizes every ingested sample on this machine (``config.num_workers`` processes); writes the manifest."""
+    format_m3t_part(shards_dir, output_dir, tokenizer, image_processor, config)
+    return merge_format_parts(shards_dir, output_dir, 1)
 
 
 @dataclass(frozen=True)

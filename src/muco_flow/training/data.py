@@ -1,9 +1,17 @@
-"""Training batches from formatted conversations.
+"""Training batches from formatted conversations, streamed from memory-mapped files.
 
 A global step maps to one batch through a seeded per-epoch shuffle, so the
 data position of a resumed run is just its step. Each batch holds
 conversations with the same number of turns K (the loss's B*K layout needs
 it) and the same number B on every rank (all_gather needs it).
+
+Memory per rank does not grow with the data: the records stay in their
+memory-mapped Arrow IPC files (the page cache holds them, shared by a node's
+ranks), and the index and each epoch's order are a few numpy integers per
+conversation. A rank decodes only its own share of a batch's records, and
+reads a stage-1 image with one positioned read of exactly its bytes.
+``batch_loader`` runs this, the image processor and collation in DataLoader
+worker processes, a few steps ahead of the model.
 
 Two kinds of formatted data are read, told apart by the format manifest's
 schema version: stage 1's M3T conversations and stage 2's MMEB-train samples
@@ -15,13 +23,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -61,14 +71,25 @@ def check_conversations_match_shards(conversations_dir: Path, shards_dir: Path) 
         )
 
 
+# record files kept open (memory-mapped) per process; M3T has about a thousand
+OPEN_RECORD_FILES = 64
+
+
 class ImageStore:
-    """Image bytes by (ingest shard, row), reading whole row groups through a small LRU cache."""
+    """Image bytes by (ingest shard, row), reading whole row groups through a small LRU cache.
+
+    Stage 2 reads its images here; stage 1's are in the record files' image files.
+    """
 
     def __init__(self, shards_dir: Path, cached_row_groups: int = 8) -> None:
         self.shards_dir = Path(shards_dir)
         self._files: dict[str, tuple[pq.ParquetFile, list[int]]] = {}
         self._cache: OrderedDict[tuple[str, int, str], list[Any]] = OrderedDict()
         self._capacity = cached_row_groups
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a DataLoader worker opens its own files
+        return {**self.__dict__, "_files": {}, "_cache": OrderedDict()}
 
     def _file(self, shard: str) -> tuple[pq.ParquetFile, list[int]]:
         if shard not in self._files:
@@ -91,6 +112,90 @@ class ImageStore:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         return self._cache[key][row - starts[group]]
+
+
+class FormattedRecords:
+    """The format manifest's records by global index (manifest order), memory-mapped.
+
+    Files are opened lazily in the process that reads them, so the object can
+    be handed to DataLoader workers without open handles.
+    """
+
+    def __init__(self, conversations_dir: Path, manifest: dict[str, Any], columns: list[str]) -> None:
+        self.directory = Path(conversations_dir)
+        self.files: list[tuple[Path, Path | None]] = []  # record file, its image file (stage 1)
+        self._batch_file: list[tuple[int, int]] = []  # (file, batch in the file) of each record batch
+        batch_rows = []
+        for shard in manifest["shards"]:
+            path = self.directory / shard["file"]
+            if path.suffix != ".arrow":
+                raise ValueError(
+                    f"{path} was formatted by an earlier muco-flow version (Parquet records; this one memory-maps "
+                    "Arrow IPC files); re-run the format pipeline"
+                )
+            reader = pa.ipc.open_file(pa.memory_map(str(path)))
+            missing = sorted(set(columns) - set(reader.schema.names))
+            if missing:
+                raise ValueError(
+                    f"{path} was formatted by another muco-flow version (no column {', '.join(missing)}); "
+                    "re-run the format pipeline"
+                )
+            for b in range(reader.num_record_batches):
+                self._batch_file.append((len(self.files), b))
+                batch_rows.append(reader.get_batch(b).num_rows)
+            self.files.append((path, self.directory / shard["images"] if "images" in shard else None))
+        self._batch_starts = np.concatenate([[0], np.cumsum(batch_rows, dtype=np.int64)])
+        self.rows = int(self._batch_starts[-1])
+        self._open: OrderedDict[int, pa.ipc.RecordBatchFileReader] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": OrderedDict()}
+
+    def _reader(self, file: int) -> pa.ipc.RecordBatchFileReader:
+        if file not in self._open:
+            self._open[file] = pa.ipc.open_file(pa.memory_map(str(self.files[file][0])))
+            if len(self._open) > OPEN_RECORD_FILES:
+                self._open.popitem(last=False)
+        self._open.move_to_end(file)
+        return self._open[file]
+
+    def list_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A list<int> column of every record as flat values and each record's length (no object per record)."""
+        values, lengths = [], []
+        for file, batch in self._batch_file:
+            column = self._reader(file).get_batch(batch).column(name)
+            offsets = column.offsets.to_numpy()
+            values.append(column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int64))
+            lengths.append(np.diff(offsets).astype(np.int64))
+        empty = np.zeros(0, np.int64)
+        return (np.concatenate(values) if values else empty), (np.concatenate(lengths) if lengths else empty)
+
+    def record(self, index: int) -> dict[str, Any]:
+        """Record ``index`` as a dict; a stage-1 record's image bytes under "image" (None: no image)."""
+        at = int(np.searchsorted(self._batch_starts, index, side="right")) - 1
+        file, batch = self._batch_file[at]
+        (record,) = self._reader(file).get_batch(batch).slice(index - int(self._batch_starts[at]), 1).to_pylist()
+        if record.get("image_offset") is not None:
+            record["image"] = self._image(file, record)
+        elif "image_offset" in record:
+            record["image"] = None
+        return record
+
+    def _image(self, file: int, record: dict[str, Any]) -> bytes:
+        path = self.files[file][1]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            # no read-ahead: the next image this process needs is elsewhere
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            data = os.pread(fd, record["image_length"], record["image_offset"])
+        finally:
+            os.close(fd)
+        if len(data) != record["image_length"]:
+            raise ValueError(
+                f"{path} ends before the image of sample {record[schema.SAMPLE_ID]} (offset "
+                f"{record['image_offset']}, {record['image_length']} bytes); re-run the format pipeline"
+            )
+        return data
 
 
 @dataclass
@@ -135,9 +240,9 @@ SideImages = tuple[Sequence[Image.Image | None], Sequence[int]]
 class ConversationBatches:
     """Deterministic, rank-sharded batches over formatted records.
 
-    The records stay one Arrow table (a few bytes per token, no Python object
-    per conversation); a batch's records are decoded when the batch is made,
-    and their conversations assembled for the batch's epoch.
+    The records stay in their memory-mapped files; a batch's records are
+    decoded when the batch is made, and their conversations assembled for the
+    batch's epoch. Objects of this class can be handed to DataLoader workers.
     """
 
     def __init__(
@@ -157,6 +262,12 @@ class ConversationBatches:
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
         self.kind = RECORD_KINDS.get(manifest.get("schema_version"))
+        if self.kind is None:
+            raise ValueError(
+                f"{conversations_dir} was formatted by another muco-flow version (schema "
+                f"{manifest.get('schema_version')}, this one reads {', '.join(RECORD_KINDS)}); "
+                "re-run the format pipeline"
+            )
         # stage 1 reads the formatted hard negatives only when training asks for them
         self.settings = manifest["settings"]
         if self.kind is RECORD_KINDS.get(schema.SCHEMA_VERSION):
@@ -166,34 +277,17 @@ class ConversationBatches:
                     "re-run the format pipeline with format.hard_negatives: true"
                 )
             self.settings = {**self.settings, "hard_negatives": hard_negatives}
-        tables = []
-        for shard in manifest["shards"]:
-            path = Path(conversations_dir) / shard["file"]
-            missing = sorted(set(self.kind.columns) - set(pq.read_schema(path).names)) if self.kind else []
-            if missing or self.kind is None:
-                raise ValueError(
-                    f"{path} was formatted by another muco-flow version (schema "
-                    f"{manifest.get('schema_version')}, this one reads {', '.join(RECORD_KINDS)}"
-                    + (f"; no column {', '.join(missing)}" if missing else "")
-                    + "); re-run the format pipeline"
-                )
-            tables.append(pq.read_table(path, columns=self.kind.columns, memory_map=True))
-        self.records = pa.concat_tables(tables) if tables else None
-        if self.records is None or self.records.num_rows == 0:
+        self.records = FormattedRecords(conversations_dir, manifest, self.kind.columns)
+        if self.records.rows == 0:
             raise ValueError(f"no conversations in {conversations_dir}; run the format pipeline first")
         self.images = ImageStore(shards_dir)
         self.image_processor = image_processor
         self.pad_id, self.image_pad_id, self.emb_id = pad_id, image_pad_id, emb_id
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        # one unit per conversation: (record, part), grouped by its number of turns
-        parts = self.kind.parts(self.records)
-        self._by_turns: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for index, turns in enumerate(parts):
-            for part, n in enumerate(turns):
-                if n:
-                    self._by_turns[n].append((index, part))
-        self.conversations = sum(len(units) for units in self._by_turns.values())
-        self._epoch_cache: tuple[int, list[list[tuple[int, int]]]] | None = None
+        # one unit per conversation, as flat arrays: its record, its part of the record, its turns
+        self.unit_record, self.unit_part, self.unit_turns = self.kind.units(self.records)
+        self.conversations = len(self.unit_turns)
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{self.conversations} conversations give no full batch of {batch_size} per rank x {world_size} "
@@ -206,21 +300,25 @@ class ConversationBatches:
 
     @property
     def steps_per_epoch(self) -> int:
-        return sum(len(units) // self.global_batch for units in self._by_turns.values())
+        return int(sum(int(n) // self.global_batch for n in np.bincount(self.unit_turns)))
 
-    def epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        """The epoch's global batches ((record, part) units), same on every rank."""
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """The epoch's global batches as [steps, global batch] unit indices, the same on every rank."""
         if self._epoch_cache and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
+        # random.Random's shuffle on numpy arrays draws what it drew on the lists of earlier
+        # versions, so a run's batches (and its results) stay what they were
         rng = random.Random(f"muco-train:{self.seed}:{epoch}")
-        batches, left_out = [], 0
-        for turns in sorted(self._by_turns):
-            units = list(self._by_turns[turns])
+        groups, left_out = [], 0
+        for turns in np.unique(self.unit_turns):
+            units = np.flatnonzero(self.unit_turns == turns)
             rng.shuffle(units)
             full = len(units) // self.global_batch * self.global_batch
             left_out += len(units) - full
-            batches.extend(units[i : i + self.global_batch] for i in range(0, full, self.global_batch))
-        rng.shuffle(batches)
+            groups.append(units[:full].reshape(-1, self.global_batch))
+        order = np.arange(self.steps_per_epoch)
+        rng.shuffle(order)
+        batches = np.concatenate(groups)[order]
         if left_out and epoch == 0 and self.rank == 0:
             # different conversations are left out each epoch, since the shuffle differs
             logger.info("each epoch leaves out %d conversations that do not fill a batch", left_out)
@@ -239,11 +337,17 @@ class ConversationBatches:
         mine = members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return [self._collate(mine[i : i + chunk_size], epoch) for i in range(0, len(mine), chunk_size)]
 
-    def _collate(self, mine: list[tuple[int, int]], epoch: int) -> Batch:
-        records = self.records.take([record for record, _ in mine]).to_pylist()
+    def _collate(self, units: np.ndarray, epoch: int) -> Batch:
         rows = [
-            self.kind.row(record, part, epoch, self.settings, self.image_pad_id, self.images)
-            for record, (_, part) in zip(records, mine, strict=True)
+            self.kind.row(
+                self.records.record(int(self.unit_record[u])),
+                int(self.unit_part[u]),
+                epoch,
+                self.settings,
+                self.image_pad_id,
+                self.images,
+            )
+            for u in units
         ]
         conversations = [conversation for conversation, _ in rows]
 
@@ -267,6 +371,54 @@ class ConversationBatches:
         )
 
 
+class _StepParts(torch.utils.data.Dataset):
+    """Step -> this rank's batch of that step, whole or in GradCache chunks, for a sampler of steps."""
+
+    def __init__(self, batches: ConversationBatches, chunk_size: int | None) -> None:
+        self.batches, self.chunk_size = batches, chunk_size
+
+    def __getitem__(self, step: int) -> list[Batch]:
+        if self.chunk_size:
+            return self.batches.batch_chunks(step, self.chunk_size)
+        return [self.batches.batch(step)]
+
+
+def _as_is(parts: list[Batch]) -> list[Batch]:
+    return parts
+
+
+def batch_loader(
+    batches: ConversationBatches,
+    start: int,
+    stop: int,
+    *,
+    chunk_size: int | None = None,
+    workers: int = 0,
+    prefetch: int = 2,
+) -> Iterator[list[Batch]]:
+    """Each step's batch parts, steps ``start`` .. ``stop - 1`` in order, made ``prefetch`` steps ahead per worker.
+
+    The sampler is the step range itself, so step s is always batch s, with or
+    without workers, and a resumed run continues exactly where it stopped.
+    Records, images, the image processor and collation run in the ``workers``
+    processes (0: in this one).
+    """
+    if workers < 0 or prefetch < 1:
+        raise ValueError(f"training.data_workers must be >= 0 and prefetch >= 1, got {workers} and {prefetch}")
+    loader = torch.utils.data.DataLoader(
+        _StepParts(batches, chunk_size),
+        sampler=range(start, stop),
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        # the workers' seeds come from this generator, not from the global one, whose state (dropout)
+        # a resumed run restores from its checkpoint and must continue unchanged
+        generator=torch.Generator().manual_seed(0),
+    )
+    return iter(loader)
+
+
 def _open_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
@@ -279,8 +431,7 @@ def _stage1_row(
     record: dict[str, Any], part: int, epoch: int, settings: dict[str, Any], image_pad_id: int, images: ImageStore
 ) -> tuple[Conversation, RowImages]:
     conversation = assemble_conversations(record, epoch, settings, image_pad_id)[part]
-    shard = record["image_shard"]
-    image = None if shard is None else _open_image(images.get(shard, record["image_row"]))
+    image = None if record["image"] is None else _open_image(record["image"])
     return conversation, {"query": (image, record["image_tokens"])}
 
 
@@ -314,16 +465,30 @@ class RecordKind:
     """One kind of formatted data: its record columns, its conversations per record, and how one is made."""
 
     columns: list[str]
-    parts: Callable[[pa.Table], list[list[int]]]  # per record: turns of each of its conversations (0: left out)
+    # every conversation of the records: (record, part of the record, turns) as three flat arrays
+    units: Callable[[FormattedRecords], tuple[np.ndarray, np.ndarray, np.ndarray]]
     row: Callable[[dict[str, Any], int, int, dict[str, Any], int, ImageStore], tuple[Conversation, RowImages]]
 
 
-RECORD_KINDS = {
-    schema.SCHEMA_VERSION: RecordKind(
-        RECORD_COLUMNS, lambda records: records.column("part_turns").to_pylist(), _stage1_row
-    ),
+def _stage1_units(records: FormattedRecords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A unit per part of ``part_turns`` with turns (0: the part was left out), record by record."""
+    turns, parts_per_record = records.list_column("part_turns")
+    record = np.repeat(np.arange(records.rows, dtype=np.int64), parts_per_record)
+    first_unit = np.repeat(np.cumsum(parts_per_record) - parts_per_record, parts_per_record)
+    part = np.arange(len(turns), dtype=np.int64) - first_unit
+    kept = turns > 0
+    return record[kept], part[kept], turns[kept]
+
+
+def _stage2_units(records: FormattedRecords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # one conversation per sample, with the main and the auxiliary <|emb|>
-    mmeb_train.SCHEMA_VERSION: RecordKind(STAGE2_RECORD_COLUMNS, lambda records: [[2]] * records.num_rows, _stage2_row),
+    rows = records.rows
+    return np.arange(rows, dtype=np.int64), np.zeros(rows, np.int64), np.full(rows, 2, np.int64)
+
+
+RECORD_KINDS = {
+    schema.SCHEMA_VERSION: RecordKind(RECORD_COLUMNS, _stage1_units, _stage1_row),
+    mmeb_train.SCHEMA_VERSION: RecordKind(STAGE2_RECORD_COLUMNS, _stage2_units, _stage2_row),
 }
 
 

@@ -72,7 +72,18 @@ def resolve_run_config(
         "training": {
             k: v
             for k, v in training.items()
-            if k not in ("save_every", "keep_last", "log_every", "launcher", "run_name", "output_dir", "deepspeed")
+            # data_workers: where batches are made, not what they hold
+            if k
+            not in (
+                "save_every",
+                "keep_last",
+                "log_every",
+                "launcher",
+                "run_name",
+                "output_dir",
+                "deepspeed",
+                "data_workers",
+            )
         }
         # the DeepSpeed file's path: its content is in `deepspeed` above
         | {"deepspeed": {k: v for k, v in training.get("deepspeed", {}).items() if k != "config"}},

@@ -194,7 +194,7 @@ def train(config: dict[str, Any]) -> None:
         remove_staging_leftovers,
         save_checkpoint,
     )
-    from muco_flow.training.data import ConversationBatches
+    from muco_flow.training.data import ConversationBatches, batch_loader
 
     output_dir = Path(config["output_dir"])
     settings = config["training"]
@@ -297,10 +297,14 @@ def train(config: dict[str, Any]) -> None:
             file=sys.__stdout__,
             mininterval=2.0,
         )
+        # step s is batch s: records, images and collation in worker processes, steps ahead of the model
+        loader = batch_loader(
+            batches, start, total_steps, chunk_size=chunk_size, workers=settings.get("data_workers", 0)
+        )
         step = start
         for step in range(start, total_steps):
-            began = time.perf_counter()
-            parts = batches.batch_chunks(step, chunk_size) if chunk_size else [batches.batch(step)]
+            began = time.perf_counter()  # the step's time includes waiting for its batch
+            parts = next(loader)
             loss, terms = forward_backward(
                 engine,
                 parts,

@@ -1,0 +1,189 @@
+"""Training input: records and images streamed from the formatted files, batches made in worker processes."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from muco_flow.data import schema
+from muco_flow.data.conversations import FormatConfig
+from muco_flow.data.formatting import assemble_conversations, format_m3t_part, format_m3t_shards, merge_format_parts
+from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.shards import read_shard
+from muco_flow.data.sources import LocalSnapshot
+from muco_flow.modeling.backbone import load_processors
+from muco_flow.training.data import ConversationBatches, batch_loader
+from tests.conftest import load_params
+
+# two conversations of 4 and 3 turns per sample: batches of two K's, two units per record
+FORMAT_PARAMS = {**load_params()["format"], "turns_per_conversation": 4}
+
+
+@pytest.fixture(scope="module")
+def formatted(small_sample_root, tiny_backbone_dir, tmp_path_factory):
+    ingested = tmp_path_factory.mktemp("ingested")
+    ingest_m3t_snapshot(
+        LocalSnapshot(small_sample_root, schema.TRAIN_META_FILE), ingested, IngestConfig(rows_per_shard=10)
+    )
+    tokenizer, image_processor = load_processors(str(tiny_backbone_dir))
+    out = tmp_path_factory.mktemp("formatted")
+    format_m3t_shards(ingested, out, tokenizer, image_processor, FormatConfig.from_params(FORMAT_PARAMS))
+    return ingested, out, tokenizer, image_processor
+
+
+def make_batches(formatted, rank=0, world_size=1, batch_size=2):
+    ingested, out, tokenizer, image_processor = formatted
+    return ConversationBatches(
+        out,
+        ingested,
+        image_processor,
+        pad_id=tokenizer.pad_token_id,
+        image_pad_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        emb_id=tokenizer.convert_tokens_to_ids("<|emb|>"),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=3,
+    )
+
+
+def test_records_and_images_read_back_as_ingested(formatted):
+    ingested, out, _, _ = formatted
+    manifest = json.loads((out / "manifest.json").read_text())
+    # one record file and one image file per ingest shard, named after it (24 samples, 10 per shard)
+    assert [(s["file"], s["images"], s["rows"]) for s in manifest["shards"]] == [
+        (f"conversations/part-{i:05d}.arrow", f"conversations/part-{i:05d}.images", rows)
+        for i, rows in enumerate([10, 10, 4])
+    ]
+    expected = [r for s in manifest["shards"] for r in read_shard(out / s["file"]).to_pylist()]
+    ingested_images = {}
+    for path in sorted((ingested / "shards").glob("*.parquet")):
+        for row, sample in enumerate(pq.read_table(path).to_pylist()):
+            ingested_images[(f"shards/{path.name}", row)] = sample["image_bytes"]
+    records = make_batches(formatted).records
+    assert records.rows == len(expected) == 24
+    for index in (0, 9, 10, 23, 5):  # across record files, in any order
+        record = records.record(index)
+        assert {k: v for k, v in record.items() if k != "image"} == expected[index]
+        assert record["image"] == ingested_images[(record["image_shard"], record["image_row"])]
+    # an image file is its shard's images back to back, each once
+    first = [ingested_images[("shards/part-00000.parquet", row)] for row in range(10)]
+    assert (out / "conversations/part-00000.images").read_bytes() == b"".join(first)
+
+
+def old_epoch_batches(batches, epoch):
+    """The order the list-based reader of earlier versions drew: (record, part) tuples grouped by K."""
+    by_turns = {}
+    for record in range(batches.records.rows):
+        for part, turns in enumerate(batches.records.record(record)["part_turns"]):
+            if turns:
+                by_turns.setdefault(turns, []).append((record, part))
+    rng = random.Random(f"muco-train:{batches.seed}:{epoch}")
+    out = []
+    for turns in sorted(by_turns):
+        units = list(by_turns[turns])
+        rng.shuffle(units)
+        full = len(units) // batches.global_batch * batches.global_batch
+        out.extend(units[i : i + batches.global_batch] for i in range(0, full, batches.global_batch))
+    rng.shuffle(out)
+    return out
+
+
+def test_epochs_draw_the_batches_the_list_based_reader_drew_split_between_ranks(formatted):
+    ranks = [make_batches(formatted, rank=r, world_size=2) for r in range(2)]
+    first = ranks[0]
+    assert first.steps_per_epoch == 2 * (24 // 4)  # 24 units of each K, global batch 4
+    for epoch in (0, 1, 2):
+        epoch_units = first.epoch_batches(epoch)
+        assert epoch_units.tolist() == ranks[1].epoch_batches(epoch).tolist()  # every rank agrees
+        as_pairs = [[(int(first.unit_record[u]), int(first.unit_part[u])) for u in batch] for batch in epoch_units]
+        assert as_pairs == old_epoch_batches(first, epoch)
+    step = first.steps_per_epoch + 5  # epoch 1, batch 5
+    shares = [b.batch(step) for b in ranks]
+    units = first.epoch_batches(1)[5].tolist()
+    records = first.records
+    names = [f"{records.record(int(first.unit_record[u]))['sample_id']}#{first.unit_part[u]}" for u in units]
+    assert shares[0].conversation_ids + shares[1].conversation_ids == names
+    record = records.record(int(first.unit_record[units[0]]))
+    conversation = assemble_conversations(record, 1, first.settings, first.image_pad_id)[int(first.unit_part[units[0]])]
+    assert shares[0].query["input_ids"][0][: len(conversation.query_ids)].tolist() == conversation.query_ids
+
+
+def assert_same_batch(a, b):
+    assert a.conversation_ids == b.conversation_ids and a.turns == b.turns
+    assert torch.equal(a.target_keys, b.target_keys)
+    for side in ("query", "target"):
+        got, want = getattr(a, side), getattr(b, side)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize(("workers", "chunk_size"), [(0, None), (2, None), (2, 1)])
+def test_the_loader_gives_step_s_batch_s_from_any_start(formatted, workers, chunk_size):
+    batches = make_batches(formatted)
+    start, stop = 10, 27  # resumed mid-epoch, across an epoch boundary (24 steps per epoch)
+    rng = torch.get_rng_state()
+    made = list(batch_loader(batches, start, stop, chunk_size=chunk_size, workers=workers, prefetch=2))
+    # the training process's random state (dropout, restored on resume) is left as it was
+    assert torch.equal(torch.get_rng_state(), rng)
+    reference = make_batches(formatted)
+    assert len(made) == stop - start
+    for step, parts in zip(range(start, stop), made, strict=True):
+        expected = reference.batch_chunks(step, chunk_size) if chunk_size else [reference.batch(step)]
+        assert len(parts) == len(expected) == (2 if chunk_size else 1)
+        for got, want in zip(parts, expected, strict=True):
+            assert_same_batch(got, want)
+
+
+def test_older_or_damaged_files_are_named(formatted, tmp_path):
+    ingested, out, _, _ = formatted
+    copy = tmp_path / "formatted"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    # an image file cut short: the sample and the file are named
+    images = copy / manifest["shards"][0]["images"]
+    images.write_bytes(images.read_bytes()[:-10])
+    batches = make_batches((ingested, copy, *formatted[2:]))
+    with pytest.raises(ValueError, match=r"part-00000\.images ends before the image of sample \S+ .*re-run the format"):
+        [batches.records.record(i) for i in range(10)]
+    # records of the Parquet era
+    manifest["shards"][0]["file"] = "conversations/part-00000.parquet"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"part-00000\.parquet was formatted by an earlier muco-flow version"):
+        make_batches((ingested, copy, *formatted[2:]))
+    with pytest.raises(ValueError, match=r"training\.data_workers must be >= 0"):
+        batch_loader(make_batches(formatted), 0, 1, workers=-1)
+
+
+def tree(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_format_parts_and_workers_write_the_same_bytes_as_one_process(formatted, tmp_path):
+    ingested, out, tokenizer, image_processor = formatted
+    split = tmp_path / "split"
+    config = FormatConfig.from_params({**FORMAT_PARAMS, "num_workers": 2})
+    for part in (1, 0):  # in any order, as array tasks finish
+        format_m3t_part(ingested, split, tokenizer, image_processor, config, part_index=part, num_parts=2)
+    merge_format_parts(ingested, split, 2)
+    assert tree(split) == tree(out)  # the part summaries are gone after the merge
+
+
+def test_the_format_merge_names_a_missing_part_or_other_settings(formatted, tmp_path):
+    ingested, _, tokenizer, image_processor = formatted
+    split = tmp_path / "split"
+    config = FormatConfig.from_params(FORMAT_PARAMS)
+    format_m3t_part(ingested, split, tokenizer, image_processor, config, part_index=0, num_parts=2)
+    with pytest.raises(ValueError, match=r"format part 1 of 2 has not finished: no .*part-00001-of-00002\.json"):
+        merge_format_parts(ingested, split, 2)
+    other = FormatConfig.from_params({**FORMAT_PARAMS, "max_length": 512})
+    format_m3t_part(ingested, split, tokenizer, image_processor, other, part_index=1, num_parts=2)
+    with pytest.raises(ValueError, match=r"format parts 0 and 1 were run with other format settings"):
+        merge_format_parts(ingested, split, 2)
+    with pytest.raises(ValueError, match=r"part index 2 is not one of 0\.\.1"):
+        format_m3t_part(ingested, split, tokenizer, image_processor, config, part_index=2, num_parts=2)
