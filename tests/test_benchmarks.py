@@ -273,6 +273,23 @@ def test_evaluation_memory_quick(results_dir):
     assert len(document["goals"]) == 1
 
 
+def test_training_input_quick(results_dir, small_sample_root, tiny_backbone_dir):
+    document = run_benchmark(
+        "training_input", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)
+    )
+    (result,) = document["results"]
+    assert result["image_tokens"] == (476 // 28) * (644 // 28)  # 640x480 on Qwen2-VL's 28-pixel grid: 17 x 23
+    assert [m["conversations"] for m in result["memory"]] == document["parameters"]["sizes"]
+    reads = result["reads"]
+    # rank 0 of 2 reads half of every full batch of the epoch, 8 conversations per rank
+    assert reads["image_bytes_used"] > 0 and reads["steps"] == document["parameters"]["read_size"] // 16
+    rates = result["rates"]
+    assert rates["ratio"] == pytest.approx(
+        rates["loader_conversations_per_second"] / rates["training_conversations_per_second"]
+    )
+    assert len(document["goals"]) == 3
+
+
 def test_the_report_holds_every_table_and_goal(results_dir, tmp_path):
     ran = [name for name in BENCHMARKS if (results_dir / f"{name}.json").exists()]
     assert ran, "the quick benchmarks above write their JSON here"
