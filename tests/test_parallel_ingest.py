@@ -107,6 +107,38 @@ def test_parts_and_workers_give_the_files_of_one_process(snapshot, one_process, 
     assert files_of(tmp_path) == files_of(reference_out)
 
 
+class RemoteLike:
+    """A source that is not a local snapshot (as S3Snapshot, whose client forked processes must not share)."""
+
+    def __init__(self, local: LocalSnapshot) -> None:
+        self.local, self.uri, self.meta_file = local, local.uri, local.meta_file
+
+    def meta_path(self):
+        return self.local.meta_path()
+
+    def read_image(self, relative, max_bytes=None):
+        assert os.getpid() == PARENT_PID, "read in a forked process"
+        return self.local.read_image(relative, max_bytes)
+
+    def close(self) -> None:
+        pass
+
+
+PARENT_PID = os.getpid()
+
+
+def test_a_source_other_than_a_local_snapshot_runs_on_one_process(snapshot, one_process, tmp_path, caplog):
+    root, _ = snapshot
+    reference, reference_out = one_process
+    source = RemoteLike(LocalSnapshot(root, schema.TRAIN_META_FILE))
+    config = IngestConfig.from_params({**PARAMS, "num_workers": 2})
+    with caplog.at_level("INFO", logger="muco_flow.data.ingest"):
+        ingest_m3t_part(source, tmp_path, config)
+    assert "is not a local snapshot; its blocks run on one process" in caplog.text
+    assert merge_ingest_parts(tmp_path, 1) == reference
+    assert files_of(tmp_path) == files_of(reference_out)
+
+
 def test_merge_names_a_missing_part(snapshot, tmp_path):
     root, _ = snapshot
     ingest_m3t_part(LocalSnapshot(root, schema.TRAIN_META_FILE), tmp_path, CONFIG, 0, 2)
