@@ -186,6 +186,15 @@ def test_ingest_scaling_quick(results_dir):
     assert len(document["goals"]) == 1
 
 
+def test_data_parallelism_quick(results_dir):
+    document = run_benchmark("data_parallelism", results_dir)
+    one, two, parts = document["results"]
+    assert (one["processes"], two["processes"], parts["parts"]) == (1, 2, 3)
+    assert two["speedup_over_1_process"] == pytest.approx(one["seconds"]["median"] / two["seconds"]["median"])
+    assert parts["identical_to_one_process"] is True  # 3 parts and 2 processes wrote the one-process files
+    assert document["goals"][1]["met"] and document["goals"][1]["measured"].startswith("identical")
+
+
 def test_retrieval_scaling_quick(results_dir):
     document = run_benchmark("retrieval_scaling", results_dir)
     parameters = document["parameters"]

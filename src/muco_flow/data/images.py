@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -52,6 +53,9 @@ def confined_key(relative: str) -> str:
     """The same rules for an object-store key below a prefix (no symlinks there)."""
     confined_path(Path("/__root__"), relative)
     return str(PurePosixPath(relative.replace("\\", "/")))
+
+
+_OBJECT_ADDRESS = re.compile(r" ?<[^<>]* object at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,11 @@ def check_image(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPE
         # Pillow parses hostile bytes with many decoders, and they fail in many ways: OSError,
         # SyntaxError, ValueError, but also RuntimeError (AVIF), NotImplementedError (DDS),
         # struct.error, IndexError, MemoryError... Whatever it is, these bytes are not an image we can use.
-        raise ImageDecodeError("IMAGE_UNDECODABLE", f"image cannot be decoded: {type(err).__name__}: {err}") from None
+        # without object addresses (Pillow names its "<_io.BytesIO object at 0x...>"), so that a
+        # re-run writes the same rejects file
+        described = _OBJECT_ADDRESS.sub("", str(err))
+        raise ImageDecodeError(
+            "IMAGE_UNDECODABLE", f"image cannot be decoded: {type(err).__name__}: {described}"
+        ) from None
     _check_aspect_ratio(width, height, max_aspect_ratio)  # rounding in the upscale can push it over
     return CheckedImage(data=data, width=width, height=height, upscaled=small)
