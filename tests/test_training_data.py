@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +21,7 @@ from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
 from muco_flow.training.data import ConversationBatches, batch_loader
-from tests.conftest import load_params
+from tests.conftest import PROJECT_ROOT, load_params
 
 # two conversations of 4 and 3 turns per sample: batches of two K's, two units per record
 FORMAT_PARAMS = {**load_params()["format"], "turns_per_conversation": 4}
@@ -187,3 +190,24 @@ def test_the_format_merge_names_a_missing_part_or_other_settings(formatted, tmp_
         merge_format_parts(ingested, split, 2)
     with pytest.raises(ValueError, match=r"part index 2 is not one of 0\.\.1"):
         format_m3t_part(ingested, split, tokenizer, image_processor, config, part_index=2, num_parts=2)
+
+
+def test_the_cli_formats_as_two_torchrun_nodes_then_merges(formatted, tiny_backbone_dir, tmp_path):
+    ingested, out, _, _ = formatted
+    override = tmp_path / "override.yml"
+    override.write_text("format:\n  turns_per_conversation: 4\n  num_workers: 2\n")
+    split = tmp_path / "split"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GROUP_"))}
+    env |= {"PYTHONPATH": str(PROJECT_ROOT / "src"), "GROUP_WORLD_SIZE": "2"}
+    cli = [sys.executable, "-m", "muco_flow.data.parts_cli"]
+    params = ["--params", "conf/base/parameters_format.yml", "--params", str(override)]
+    common = ["--shards", str(ingested), "--output", str(split), *params]
+    for node in ("1", "0"):
+        subprocess.run(
+            [*cli, "format-part", "--backbone", str(tiny_backbone_dir), *common],
+            env={**env, "GROUP_RANK": node},
+            check=True,
+            cwd=PROJECT_ROOT,
+        )
+    subprocess.run([*cli, "format-merge", *common], env=env, check=True, cwd=PROJECT_ROOT)
+    assert tree(split) == tree(out)

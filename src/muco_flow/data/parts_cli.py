@@ -2,11 +2,15 @@
 
     python -m muco_flow.data.parts_cli ingest-part --source s3://bucket/m3t --output /shared/m3t_shards
     python -m muco_flow.data.parts_cli ingest-merge --output /shared/m3t_shards --num-parts 8
+    python -m muco_flow.data.parts_cli format-part --shards /shared/m3t_shards \\
+        --backbone /shared/models/Qwen2-VL-2B-Instruct --output /shared/m3t_conversations
+    python -m muco_flow.data.parts_cli format-merge --shards /shared/m3t_shards \\
+        --output /shared/m3t_conversations --num-parts 8
 
 ``--part-index`` and ``--num-parts`` default to SLURM's array variables
 (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) or torchrun's node variables
 (GROUP_RANK, GROUP_WORLD_SIZE). Each part runs ``num_workers`` processes
-(``ingest.num_workers`` in the parameter files). The merge runs once, after
+(``ingest.num_workers``, ``format.num_workers`` in the parameter files). The merge runs once, after
 every part, and writes the manifest the pipelines read. ``--params`` may be
 given several times: later files override earlier keys, as Kedro's
 environments do (conf/base, then conf/<env>).
@@ -111,6 +115,44 @@ def _run_ingest_merge(args: argparse.Namespace) -> None:
     merge_ingest_parts(Path(args.output), num_parts(args))
 
 
+def _format_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shards", required=True, help="the ingest output directory (its manifest.json)")
+
+
+def _format_part_arguments(parser: argparse.ArgumentParser) -> None:
+    _format_arguments(parser)
+    parser.add_argument("--backbone", required=True, help="the backbone checkpoint: its tokenizer and image processor")
+    parser.add_argument(
+        "--backbone-params",
+        action="append",
+        help="a parameter file with the backbone section, repeatable (default: conf/base/parameters_backbone.yml)",
+    )
+
+
+def _run_format_part(args: argparse.Namespace) -> None:
+    from muco_flow.data.conversations import FormatConfig
+    from muco_flow.data.formatting import format_m3t_part
+    from muco_flow.modeling.backbone import BackboneConfig, load_processors
+
+    index, count = part(args)
+    config = FormatConfig.from_params(section_params(args.params, "format"))
+    backbone = BackboneConfig.from_params(
+        section_params(args.backbone_params or ["conf/base/parameters_backbone.yml"], "backbone")
+    )
+    tokenizer, image_processor = load_processors(
+        args.backbone, trust_remote_code=backbone.trust_remote_code, image_limits=backbone.image
+    )
+    format_m3t_part(
+        Path(args.shards), Path(args.output), tokenizer, image_processor, config, part_index=index, num_parts=count
+    )
+
+
+def _run_format_merge(args: argparse.Namespace) -> None:
+    from muco_flow.data.formatting import merge_format_parts
+
+    merge_format_parts(Path(args.shards), Path(args.output), num_parts(args))
+
+
 COMMANDS: dict[str, Command] = {
     "ingest-part": Command(
         "ingest one part of the source's row blocks into --output",
@@ -124,6 +166,20 @@ COMMANDS: dict[str, Command] = {
         lambda parser: None,
         _run_ingest_merge,
         "ingest",
+        is_part=False,
+    ),
+    "format-part": Command(
+        "format one part of the ingest shards (every num-parts-th) into --output",
+        _format_part_arguments,
+        _run_format_part,
+        "format",
+        is_part=True,
+    ),
+    "format-merge": Command(
+        "once every format part is done: check them and write the manifest",
+        _format_arguments,
+        _run_format_merge,
+        "format",
         is_part=False,
     ),
 }
