@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -197,10 +198,41 @@ def test_the_sample_scores_the_same_with_pools_on_disk_and_a_rerun_encodes_only_
     assert trained != in_memory
 
 
+def test_two_processes_split_every_pool_and_score_as_one(sample_sets, tiny_backbone_dir, tmp_path, monkeypatch):
+    import io
+
+    from muco_flow.evaluation.ranks import score_on_ranks
+    from muco_flow.evaluation.scoring import score_model
+    from muco_flow.modeling.embedder import MuCoEmbedder
+    from tests.conftest import load_params
+
+    params = load_params()
+    evaluate, fmt, backbone = params["evaluate"], params["format"], params["backbone"]
+    one_process = score_model(str(tiny_backbone_dir), sample_sets, evaluate, fmt, backbone)
+    on_ranks = {**evaluate, "pool_cache_dir": str(tmp_path / "pools"), "pool_block_rows": 5, "processes": 2}
+    output = io.StringIO()
+    assert score_on_ranks(str(tiny_backbone_dir), sample_sets, on_ranks, fmt, backbone, stream=output) == one_process
+    # each rank encoded its own blocks of the pools, and between them every block
+    shares = re.findall(r"rank (\d) of 2: encoding (\d+) of (\d+) blocks", output.getvalue())
+    assert {rank for rank, _, _ in shares} == {"0", "1"}
+    blocks = sorted((tmp_path / "pools").glob("*/block-*.npy"))
+    assert sum(int(n) for _, n, _ in shares) == len(blocks)
+    # the pools are those one process reads: a re-run in this process encodes only the queries
+    encoded = []
+    original = MuCoEmbedder.encode
+    monkeypatch.setattr(
+        MuCoEmbedder, "encode", lambda self, items, **kw: encoded.append(len(items)) or original(self, items, **kw)
+    )
+    assert score_model(str(tiny_backbone_dir), sample_sets, {**on_ranks, "processes": 1}, fmt, backbone) == one_process
+    assert sum(encoded) == distinct_queries(sample_sets)
+    with pytest.raises(ValueError, match=r"evaluate\.processes is 2: .* set it"):
+        score_on_ranks(str(tiny_backbone_dir), sample_sets, {**evaluate, "processes": 2}, fmt, backbone)
+
+
 def test_a_checkpoint_is_named_by_its_content_or_its_hub_commit(tiny_backbone_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from muco_flow.pipelines.evaluate.nodes import checkpoint_identity
+    from muco_flow.evaluation.scoring import checkpoint_identity
     from muco_flow.training.model_identity import content_hash
 
     copy = tmp_path / "copy"

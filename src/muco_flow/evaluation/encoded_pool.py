@@ -94,15 +94,19 @@ class EncodedPool:
     def missing_blocks(self) -> list[int]:
         return [b for b in range(self.block_count) if not self._path(b).exists()]
 
-    def ensure(self) -> None:
-        """Encodes and writes every block not on disk yet; blocks already there are kept."""
+    def ensure(self, rank: int = 0, ranks: int = 1) -> None:
+        """Encodes and writes every block not on disk yet; blocks already there are kept.
+
+        With ``ranks`` > 1, only this rank's share: blocks ``rank``,
+        ``rank + ranks``, ... (each written whole, so ranks never collide).
+        """
         if self._complete:
             return
-        missing = self.missing_blocks()
+        missing = [block for block in self.missing_blocks() if block % ranks == rank]
         if missing:
             logger.info(
-                "encoding %d of %d blocks (%d items) into %s",
-                len(missing), self.block_count, len(self.items), self.directory,
+                "rank %d of %d: encoding %d of %d blocks (%d items) into %s",
+                rank, ranks, len(missing), self.block_count, len(self.items), self.directory,
             )  # fmt: skip
             self.directory.mkdir(parents=True, exist_ok=True)
         for block in missing:
@@ -120,7 +124,7 @@ class EncodedPool:
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(staging, path)  # a block is either whole or absent
-        self._complete = True
+        self._complete = ranks == 1
 
     def blocks(self) -> Iterator[torch.Tensor]:
         """The pool's vectors, one block at a time, in item order."""

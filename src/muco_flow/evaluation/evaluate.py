@@ -6,7 +6,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -45,7 +45,9 @@ class EncodingCache:
     a key naming ``model`` (the model's identity and how it was loaded), the
     encoding code and the items, so memory does not grow with the pool, a
     re-run after a kill keeps the blocks already written, and another model
-    never reads these vectors.
+    never reads these vectors. As rank r of n (``share``), each pool's blocks
+    r, r + n, ... are encoded here, then ``barrier`` waits for the other
+    ranks' blocks, so every rank reads the whole pool.
     """
 
     def __init__(
@@ -57,9 +59,14 @@ class EncodingCache:
         pool_dir: str | Path | None = None,
         model: str = "",
         block_rows: int = DEFAULT_BLOCK_ROWS,
+        share: tuple[int, int] = (0, 1),
+        barrier: Callable[[], None] | None = None,
     ) -> None:
         if pool_dir is not None and not model:
             raise ValueError("pools on disk need the model's identity (`model`) in their key")
+        if share[1] > 1 and (pool_dir is None or barrier is None):
+            raise ValueError("evaluation on several processes needs evaluate.pool_cache_dir (and a barrier)")
+        self.share, self.barrier = share, barrier
         self.embedder, self.template, self.batch_size = embedder, template, batch_size
         self.pool_dir, self.model, self.block_rows = pool_dir, model, block_rows
         self._vectors: dict[tuple[str, Item], torch.Tensor] = {}
@@ -110,6 +117,9 @@ class EncodingCache:
             block_rows=self.block_rows,
             item_key=item_key,
         )
+        if self.share[1] > 1:
+            pool.ensure(*self.share)
+            self.barrier()  # every rank's blocks are on disk after this
         self._pools[(str(root), id(items))] = (items, pool)
         return pool
 

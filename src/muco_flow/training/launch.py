@@ -125,8 +125,11 @@ def _data_fingerprint(conversations_dir: str) -> str:
     return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else "missing"
 
 
-def torchrun_command(config_path: Path, launcher: dict[str, Any]) -> list[str]:
-    """torchrun: one process per GPU (or per `processes_per_node` on CPU).
+TRAINING_MODULE = "muco_flow.training.train"
+
+
+def torchrun_command(config_path: Path, launcher: dict[str, Any], module: str = TRAINING_MODULE) -> list[str]:
+    """torchrun of ``module`` on the config file: one process per GPU (or per `processes_per_node` on CPU).
 
     A single node with no master_port uses torchrun's `--standalone`
     rendezvous, which binds a free port itself and keeps it (choosing one here
@@ -150,7 +153,7 @@ def torchrun_command(config_path: Path, launcher: dict[str, Any]) -> list[str]:
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={launcher['processes_per_node']}",
         *rendezvous,
-        "-m", "muco_flow.training.train", str(config_path),
+        "-m", module, str(config_path),
     ]  # fmt: skip
 
 
@@ -184,6 +187,16 @@ def _launch_training(config: dict[str, Any], stream=None) -> None:
     launcher = config["training"]["launcher"]
     config_path = output_dir / run_config_name(launcher)
     config_path.write_text(json.dumps(config, indent=2))
+    returncode, causes, tail = run_torchrun(config_path, launcher, TRAINING_MODULE, stream)
+    if returncode != 0:
+        raise TrainingFailedError(failure_message(logs, returncode, causes, tail))
+
+
+def run_torchrun(
+    config_path: Path, launcher: dict[str, Any], module: str, stream=None
+) -> tuple[int, list[str], list[str]]:
+    """Runs ``module`` under torchrun, streaming its output; returns the exit code, the ranks' one-line causes
+    (lines with ERROR_MARKER) and the last 200 lines."""
     env = dict(os.environ)
     if on_cpu():
         cores = os.cpu_count() or 1
@@ -193,7 +206,7 @@ def _launch_training(config: dict[str, Any], stream=None) -> None:
     env["PYTHONUNBUFFERED"] = "1"
     stream = stream or sys.stdout
     process = subprocess.Popen(
-        torchrun_command(config_path, launcher),
+        torchrun_command(config_path, launcher, module),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -207,8 +220,7 @@ def _launch_training(config: dict[str, Any], stream=None) -> None:
         tail = [*tail[-199:], line]
         if ERROR_MARKER in line:
             causes.append(line.strip())
-    if process.wait() != 0:
-        raise TrainingFailedError(failure_message(logs, process.returncode, causes, tail))
+    return process.wait(), causes, tail
 
 
 def failure_message(logs: Path, returncode: int, causes: list[str], tail: list[str]) -> str:

@@ -6,17 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from muco_flow.data.conversations import FormatConfig
 from muco_flow.evaluation.datasets import read_m3t_heldout
-from muco_flow.evaluation.encoded_pool import DEFAULT_BLOCK_ROWS
-from muco_flow.evaluation.evaluate import EncodingCache, chance_mmeb_average, score_sets
+from muco_flow.evaluation.evaluate import chance_mmeb_average
 from muco_flow.evaluation.mbeir import read_mbeir
 from muco_flow.evaluation.mmeb import read_mmeb
+from muco_flow.evaluation.ranks import score_on_ranks
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
-from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation, resolve_checkpoint
-from muco_flow.modeling.embedder import load_embedder
+from muco_flow.evaluation.scoring import score_model
 from muco_flow.tracking import metrics_table, select_metrics
 from muco_flow.training.model_identity import content_hash, verify_trained_model
 
@@ -35,50 +32,11 @@ def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, An
     return sets
 
 
-def checkpoint_identity(name_or_path: str) -> str:
-    """Names a model's weights: a local directory by its content hash, a hub id by the commit it was loaded at.
-
-    A hub id's files are in the Hugging Face cache once the model is loaded;
-    the snapshot there is named by its commit, and a commit's files never change.
-    """
-    source, local = resolve_checkpoint(name_or_path)
-    if local:
-        return content_hash(source)
-    from huggingface_hub import snapshot_download
-
-    return f"{source}@{Path(snapshot_download(source, local_files_only=True)).name}"
-
-
 def _score(model_dir: str, sets: dict[str, Any], params: dict, format_params: dict, backbone: dict) -> dict:
-    """Every metric for one model directory, loaded with the `backbone` settings (precision, attention, pixels).
-
-    With `evaluate.pool_cache_dir`, candidate pools are encoded to disk under a
-    key naming everything the vectors depend on (EncodingCache.pool): here
-    the model's identity (checkpoint_identity), the load settings and the device.
-    """
-    template = FormatConfig.from_params(format_params).templates.single_turn()
-    settings = BackboneConfig.from_params(backbone)
-    attn_implementation = resolve_attn_implementation(settings.attn_implementation)
-    embedder, template = load_embedder(
-        model_dir,
-        default_template=template,
-        dtype=settings.dtype,
-        attn_implementation=attn_implementation,
-        image_limits=settings.image,
-    )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    embedder.to(device)
-    pool_dir = params.get("pool_cache_dir") or None
-    model = f"{checkpoint_identity(model_dir)} {settings} {attn_implementation} {device}" if pool_dir else ""
-    cache = EncodingCache(
-        embedder,
-        template,
-        params["batch_size"],
-        pool_dir=pool_dir,
-        model=model,
-        block_rows=params.get("pool_block_rows", DEFAULT_BLOCK_ROWS),
-    )
-    return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache)
+    """Every metric for one model: in this process, or on `evaluate.processes` ranks (pools split between them)."""
+    if params.get("processes", 1) > 1:
+        return score_on_ranks(model_dir, sets, params, format_params, backbone)
+    return score_model(model_dir, sets, params, format_params, backbone)
 
 
 def evaluated_model_dir(train_run: dict[str, Any], params: dict[str, Any]) -> str:

@@ -1,0 +1,115 @@
+"""Evaluation on several processes (one per GPU): torchrun ranks split every pool's encoding between them.
+
+    evaluate:
+      processes: 8                      # one per GPU of the node
+      pool_cache_dir: data/07_model_output/pool_encodings
+
+The evaluate node writes the sets and settings to a work folder and runs this
+module under torchrun. Each rank loads the model on its own GPU and runs the
+same scoring (``score_model``) as one process does, except that it encodes
+only its share of each pool's blocks (r, r + n, ...) to the pool cache, then
+waits for the others' at a barrier and reads the whole pool from disk. Every
+rank encodes the queries (they are small next to the pools) and scores, so
+each ends with the same metrics; rank 0 writes them. The pools are the ones a
+one-process run writes and reads (the key names the kind of device, not the
+GPU), so a re-run, on any number of processes, encodes only the queries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# a rank may wait at a barrier while another encodes its share of a 5.6M-candidate pool
+BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+class EvaluationFailedError(RuntimeError):
+    """A rank of a multi-process evaluation failed."""
+
+
+def score_on_ranks(
+    model_dir: str,
+    sets: dict[str, Any],
+    params: dict[str, Any],
+    format_params: dict[str, Any],
+    backbone: dict[str, Any],
+    stream=None,
+) -> dict[str, Any]:
+    """``score_model``'s metrics, computed by `evaluate.processes` torchrun ranks on this node."""
+    from muco_flow.training.launch import run_torchrun
+
+    processes = params["processes"]
+    if not params.get("pool_cache_dir"):
+        raise ValueError(
+            f"evaluate.processes is {processes}: evaluation on several processes shares pools through "
+            "evaluate.pool_cache_dir; set it (conf/cluster sets data/07_model_output/pool_encodings)"
+        )
+    with tempfile.TemporaryDirectory(prefix="muco-evaluate-") as work:
+        work = Path(work)
+        with open(work / "sets.pkl", "wb") as file:
+            pickle.dump(sets, file, protocol=pickle.HIGHEST_PROTOCOL)
+        config = {
+            "model_dir": model_dir,
+            "params": params,
+            "format": format_params,
+            "backbone": backbone,
+            "sets": str(work / "sets.pkl"),
+            "result": str(work / "metrics.json"),
+        }
+        (work / "config.json").write_text(json.dumps(config))
+        launcher = {"processes_per_node": processes}
+        returncode, causes, tail = run_torchrun(work / "config.json", launcher, __name__, stream)
+        if returncode != 0:
+            raise EvaluationFailedError(
+                "\n".join([f"evaluation on {processes} processes failed (exit {returncode})", *causes, *tail[-40:]])
+            )
+        return json.loads((work / "metrics.json").read_text())
+
+
+def main() -> None:
+    """One rank: its GPU (or the CPU), its share of the pools, and rank 0's metrics file."""
+    import torch
+    import torch.distributed as dist
+
+    from muco_flow.evaluation.scoring import score_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = json.loads(Path(sys.argv[1]).read_text())
+    on_gpu = torch.cuda.is_available()
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=BARRIER_TIMEOUT)
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
+    with open(config["sets"], "rb") as file:
+        sets = pickle.load(file)  # written by score_on_ranks in this run
+    metrics = score_model(
+        config["model_dir"],
+        sets,
+        config["params"],
+        config["format"],
+        config["backbone"],
+        device=device,
+        share=(rank, ranks),
+        barrier=dist.barrier,
+    )
+    if rank == 0:
+        staging = Path(config["result"] + ".tmp")
+        staging.write_text(json.dumps(metrics))
+        staging.replace(config["result"])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
