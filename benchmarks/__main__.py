@@ -36,7 +36,7 @@ TITLES = {
     "training_throughput": "Multi-turn against single-turn training throughput",
     "data_path": "Data path against training's consumption",
     "ingest_scaling": "Ingest scaling",
-    "data_parallelism": "Ingest on 2 processes against 1, and as parts",
+    "data_parallelism": "Ingest and format on 2 processes against 1, and as parts",
     "retrieval_scaling": "Retrieval scoring scaling (chunked top-k)",
     "zero_memory": "ZeRO memory per rank, 2 processes (bytes measured, theory in parentheses)",
     "grad_cache_memory": "GradCache memory: bounded by the chunk, not the batch",

@@ -106,14 +106,15 @@ def test_credentials_template_is_not_loaded_as_configuration(project):
 def test_one_node_lets_torchrun_pick_the_port_and_several_nodes_must_agree_on_one():
     from pathlib import Path
 
-    from muco_flow.training.launch import torchrun_command
+    from muco_flow.torchrun import torchrun_command
 
     single = {"processes_per_node": 2, "nodes": 1, "master_port": None}
-    standalone = torchrun_command(Path("c.json"), single)
+    standalone = torchrun_command(Path("c.json"), single, "muco_flow.training.train")
+    assert standalone[-3:] == ["-m", "muco_flow.training.train", "c.json"]
     # torchrun binds (and keeps) a free port itself: nothing is chosen here
     assert "--standalone" in standalone and not any(a.startswith("--master_port") for a in standalone)
-    fixed = torchrun_command(Path("c.json"), {**single, "nodes": 4, "node_rank": 1, "master_port": 29511})
+    fixed = torchrun_command(Path("c.json"), {**single, "nodes": 4, "node_rank": 1, "master_port": 29511}, "m")
     assert "--master_port=29511" in fixed and "--nnodes=4" in fixed and "--node_rank=1" in fixed
     assert "--standalone" not in fixed
     with pytest.raises(ValueError, match="master_port must be set when training on several nodes"):
-        torchrun_command(Path("c.json"), {**single, "nodes": 2})
+        torchrun_command(Path("c.json"), {**single, "nodes": 2}, "m")

@@ -46,7 +46,7 @@ def score_on_ranks(
     stream=None,
 ) -> dict[str, Any]:
     """``score_model``'s metrics, computed by `evaluate.processes` torchrun ranks on this node."""
-    from muco_flow.training.launch import run_torchrun
+    from muco_flow.torchrun import run_torchrun
 
     processes = params["processes"]
     if not params.get("pool_cache_dir"):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from muco_flow.torchrun import on_cpu, run_torchrun
 from muco_flow.training.deepspeed_config import training_deepspeed_config, validate_deepspeed_config
 from muco_flow.training.lock import lock_file_name, output_folder_lock
 
@@ -20,12 +18,6 @@ class TrainingFailedError(RuntimeError):
 
 # The start of the line each failing rank prints to stderr with its exception.
 ERROR_MARKER = "muco-flow training error"
-
-
-def on_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def resolve_run_config(
@@ -128,35 +120,6 @@ def _data_fingerprint(conversations_dir: str) -> str:
 TRAINING_MODULE = "muco_flow.training.train"
 
 
-def torchrun_command(config_path: Path, launcher: dict[str, Any], module: str = TRAINING_MODULE) -> list[str]:
-    """torchrun of ``module`` on the config file: one process per GPU (or per `processes_per_node` on CPU).
-
-    A single node with no master_port uses torchrun's `--standalone`
-    rendezvous, which binds a free port itself and keeps it (choosing one here
-    and closing it would race with other runs on the machine). Several nodes
-    must agree on an address and port: a static rendezvous on them.
-    """
-    port = launcher.get("master_port")
-    nodes = launcher.get("nodes", 1)
-    if port is None and nodes > 1:
-        raise ValueError("training.launcher.master_port must be set when training on several nodes")
-    if port is None:
-        rendezvous = ["--standalone", "--nnodes=1"]
-    else:
-        rendezvous = [
-            f"--nnodes={nodes}",
-            f"--node_rank={launcher.get('node_rank', 0)}",
-            f"--master_addr={launcher.get('master_addr', '127.0.0.1')}",
-            f"--master_port={port}",
-        ]
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={launcher['processes_per_node']}",
-        *rendezvous,
-        "-m", module, str(config_path),
-    ]  # fmt: skip
-
-
 def run_config_name(launcher: dict[str, Any]) -> str:
     """The file the run config is written to: one per node when several share the output folder.
 
@@ -187,40 +150,9 @@ def _launch_training(config: dict[str, Any], stream=None) -> None:
     launcher = config["training"]["launcher"]
     config_path = output_dir / run_config_name(launcher)
     config_path.write_text(json.dumps(config, indent=2))
-    returncode, causes, tail = run_torchrun(config_path, launcher, TRAINING_MODULE, stream)
+    returncode, causes, tail = run_torchrun(config_path, launcher, TRAINING_MODULE, stream, ERROR_MARKER)
     if returncode != 0:
         raise TrainingFailedError(failure_message(logs, returncode, causes, tail))
-
-
-def run_torchrun(
-    config_path: Path, launcher: dict[str, Any], module: str, stream=None
-) -> tuple[int, list[str], list[str]]:
-    """Runs ``module`` under torchrun, streaming its output; returns the exit code, the ranks' one-line causes
-    (lines with ERROR_MARKER) and the last 200 lines."""
-    env = dict(os.environ)
-    if on_cpu():
-        cores = os.cpu_count() or 1
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        # one thread per process: two processes on two cores do not fight over them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // launcher["processes_per_node"])))
-    env["PYTHONUNBUFFERED"] = "1"
-    stream = stream or sys.stdout
-    process = subprocess.Popen(
-        torchrun_command(config_path, launcher, module),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    tail: list[str] = []
-    causes: list[str] = []
-    for line in process.stdout:
-        stream.write(line)
-        tail = [*tail[-199:], line]
-        if ERROR_MARKER in line:
-            causes.append(line.strip())
-    return process.wait(), causes, tail
 
 
 def failure_message(logs: Path, returncode: int, causes: list[str], tail: list[str]) -> str:
