@@ -40,7 +40,7 @@ test: install $(CHROMIUM)
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-# All benchmarks (about 10 minutes on 2 cores), on the bundled sample and the
+# All benchmarks (about 20 minutes on 2 cores), on the bundled sample and the
 # tiny backbone (built first if missing); JSON and report.md in
 # data/08_reporting/benchmarks/, the tables copied into docs/performance.md.
 bench: install
