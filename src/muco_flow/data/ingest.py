@@ -4,6 +4,14 @@ The meta file is streamed in batches of rows, so memory stays flat however
 many rows there are (only the set of seen sample ids grows, a few bytes per
 row). Every row read ends either in a shard or in ``rejects.parquet`` with a
 reason code; the manifest checks read = accepted + rejected.
+
+The source's rows are cut into blocks of ``rows_per_shard``; block b becomes
+``shards/part-<b>.parquet``. Blocks are independent units of work: a part
+(``ingest_m3t_part``: a SLURM array task or a torchrun node) ingests every
+``num_parts``-th block on ``num_workers`` processes, and the merge
+(``merge_ingest_parts``) turns ids an earlier block claimed into
+``DUPLICATE_ID`` rejects and writes the one manifest, so the files do not
+depend on how the work was split.
 """
 
 from __future__ import annotations
