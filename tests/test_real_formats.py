@@ -24,6 +24,7 @@ from PIL import Image
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_shards
 from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.evaluation.datasets import Item, RetrievalSet
 from muco_flow.evaluation.encoded_pool import InMemoryPool
@@ -115,7 +116,7 @@ def test_published_m3t_conversations_decode_to_muco_pretraining_text(ingested_m3
         "user_text_newline": False,
     }
     manifest = format_m3t_shards(out, tmp_path, tokenizer, image_processor, FormatConfig.from_params(params))
-    records = pq.read_table(tmp_path / manifest["shards"][0]["file"]).to_pylist()
+    records = read_shard(tmp_path / manifest["shards"][0]["file"]).to_pylist()
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def decoded(record):
