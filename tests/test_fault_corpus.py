@@ -12,6 +12,7 @@ from muco_flow.data.conversations import FormatConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_shards
 from muco_flow.data.ingest import REJECT_REASONS, IngestConfig, ingest_m3t_snapshot
 from muco_flow.data.meta_file import MetaFileError
+from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
 from tests.conftest import load_params
@@ -52,7 +53,8 @@ def faulty(small_sample_root, tmp_path_factory):
 
 
 def rows_of(path):
-    return pq.read_table(path).to_pylist()
+    """A Parquet file's rows (ingest) or an Arrow IPC file's (formatted records)."""
+    return read_shard(path).to_pylist()
 
 
 def test_every_reason_code_has_a_corrupt_input_in_one_of_the_two_corpora():
