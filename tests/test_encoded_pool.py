@@ -211,7 +211,8 @@ def test_two_processes_split_every_pool_and_score_as_one(sample_sets, tiny_backb
     one_process = score_model(str(tiny_backbone_dir), sample_sets, evaluate, fmt, backbone)
     on_ranks = {**evaluate, "pool_cache_dir": str(tmp_path / "pools"), "pool_block_rows": 5, "processes": 2}
     output = io.StringIO()
-    assert score_on_ranks(str(tiny_backbone_dir), sample_sets, on_ranks, fmt, backbone, stream=output) == one_process
+    root = sample_sets["data_root"]  # each rank reads the sets from it
+    assert score_on_ranks(str(tiny_backbone_dir), root, on_ranks, fmt, backbone, stream=output) == one_process
     # each rank encoded its own blocks of the pools, and between them every block
     shares = re.findall(r"rank (\d) of 2: encoding (\d+) of (\d+) blocks", output.getvalue())
     assert {rank for rank, _, _ in shares} == {"0", "1"}
@@ -226,7 +227,7 @@ def test_two_processes_split_every_pool_and_score_as_one(sample_sets, tiny_backb
     assert score_model(str(tiny_backbone_dir), sample_sets, {**on_ranks, "processes": 1}, fmt, backbone) == one_process
     assert sum(encoded) == distinct_queries(sample_sets)
     with pytest.raises(ValueError, match=r"evaluate\.processes is 2: .* set it"):
-        score_on_ranks(str(tiny_backbone_dir), sample_sets, {**evaluate, "processes": 2}, fmt, backbone)
+        score_on_ranks(str(tiny_backbone_dir), root, {**evaluate, "processes": 2}, fmt, backbone)
 
 
 def test_a_checkpoint_is_named_by_its_content_or_its_hub_commit(tiny_backbone_dir, tmp_path, monkeypatch):

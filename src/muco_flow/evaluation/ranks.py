@@ -4,8 +4,9 @@
       processes: 8                      # one per GPU of the node
       pool_cache_dir: data/07_model_output/pool_encodings
 
-The evaluate node writes the sets and settings to a work folder and runs this
-module under torchrun. Each rank loads the model on its own GPU and runs the
+The evaluate node writes the settings to a work folder and runs this module
+under torchrun. Each rank reads the sets from their data root, as the node
+did, loads the model on its own GPU and runs the
 same scoring (``score_model``) as one process does, except that it encodes
 only its share of each pool's blocks (r, r + n, ...) to the pool cache, then
 waits for the others' at a barrier and reads the whole pool from disk. Every
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import sys
 import tempfile
 from datetime import timedelta
@@ -39,13 +39,13 @@ class EvaluationFailedError(RuntimeError):
 
 def score_on_ranks(
     model_dir: str,
-    sets: dict[str, Any],
+    data_root: str,
     params: dict[str, Any],
     format_params: dict[str, Any],
     backbone: dict[str, Any],
     stream=None,
 ) -> dict[str, Any]:
-    """``score_model``'s metrics, computed by `evaluate.processes` torchrun ranks on this node."""
+    """``score_model``'s metrics on the sets under ``data_root``, computed by `evaluate.processes` torchrun ranks."""
     from muco_flow.torchrun import run_torchrun
 
     processes = params["processes"]
@@ -56,14 +56,12 @@ def score_on_ranks(
         )
     with tempfile.TemporaryDirectory(prefix="muco-evaluate-") as work:
         work = Path(work)
-        with open(work / "sets.pkl", "wb") as file:
-            pickle.dump(sets, file, protocol=pickle.HIGHEST_PROTOCOL)
         config = {
             "model_dir": model_dir,
+            "data_root": str(data_root),
             "params": params,
             "format": format_params,
             "backbone": backbone,
-            "sets": str(work / "sets.pkl"),
             "result": str(work / "metrics.json"),
         }
         (work / "config.json").write_text(json.dumps(config))
@@ -81,7 +79,7 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from muco_flow.evaluation.scoring import score_model
+    from muco_flow.evaluation.scoring import read_evaluation_sets, score_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = json.loads(Path(sys.argv[1]).read_text())
@@ -91,11 +89,9 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
-    with open(config["sets"], "rb") as file:
-        sets = pickle.load(file)  # written by score_on_ranks in this run
     metrics = score_model(
         config["model_dir"],
-        sets,
+        read_evaluation_sets(config["data_root"], config["params"]),
         config["params"],
         config["format"],
         config["backbone"],

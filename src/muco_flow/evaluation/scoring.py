@@ -14,11 +14,32 @@ from typing import Any
 import torch
 
 from muco_flow.data.conversations import FormatConfig
+from muco_flow.evaluation.datasets import read_m3t_heldout
 from muco_flow.evaluation.encoded_pool import DEFAULT_BLOCK_ROWS
 from muco_flow.evaluation.evaluate import EncodingCache, score_sets
+from muco_flow.evaluation.mbeir import read_mbeir
+from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation, resolve_checkpoint
 from muco_flow.modeling.embedder import load_embedder
 from muco_flow.training.model_identity import content_hash
+
+
+def read_evaluation_sets(data_root: str | Path, params: dict[str, Any]) -> dict[str, Any]:
+    """Every set `evaluate` configures (mmeb, mbeir, m3t_heldout), read and checked; paths relative to ``data_root``.
+
+    The result keeps ``data_root``, so that the ranks of a multi-process
+    evaluation read the same sets (``evaluation.ranks``).
+    """
+    root = Path(data_root)
+    sets: dict[str, Any] = {"mmeb": [], "mbeir": None, "m3t": [], "data_root": str(root)}
+    if mmeb := params.get("mmeb"):
+        sets["mmeb"] = read_mmeb(root / mmeb["dir"], root / mmeb["image_root"], mmeb["datasets"])
+    if mbeir := params.get("mbeir"):
+        options = {k: v for k, v in mbeir.items() if k not in ("root", "tasks")}
+        sets["mbeir"] = read_mbeir(root / mbeir["root"], list(mbeir["tasks"]), **options)
+    if m3t := params.get("m3t_heldout"):
+        sets["m3t"] = read_m3t_heldout(root / m3t["meta_file"], root / m3t.get("image_root", "."))
+    return sets
 
 
 def checkpoint_identity(name_or_path: str) -> str:

@@ -2,40 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from muco_flow.evaluation.datasets import read_m3t_heldout
 from muco_flow.evaluation.evaluate import chance_mmeb_average
-from muco_flow.evaluation.mbeir import read_mbeir
-from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.evaluation.ranks import score_on_ranks
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
-from muco_flow.evaluation.scoring import score_model
+from muco_flow.evaluation.scoring import read_evaluation_sets, score_model
 from muco_flow.tracking import metrics_table, select_metrics
 from muco_flow.training.model_identity import content_hash, verify_trained_model
 
 
 def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, Any]:
     """Reads (and checks) every configured set; paths are relative to ``data_root`` unless absolute."""
-    root = Path(data_root)
-    sets: dict[str, Any] = {"mmeb": [], "mbeir": None, "m3t": []}
-    if mmeb := params.get("mmeb"):
-        sets["mmeb"] = read_mmeb(root / mmeb["dir"], root / mmeb["image_root"], mmeb["datasets"])
-    if mbeir := params.get("mbeir"):
-        options = {k: v for k, v in mbeir.items() if k not in ("root", "tasks")}
-        sets["mbeir"] = read_mbeir(root / mbeir["root"], list(mbeir["tasks"]), **options)
-    if m3t := params.get("m3t_heldout"):
-        sets["m3t"] = read_m3t_heldout(root / m3t["meta_file"], root / m3t.get("image_root", "."))
-    return sets
+    return read_evaluation_sets(data_root, params)
 
 
 def _score(model_dir: str, sets: dict[str, Any], params: dict, format_params: dict, backbone: dict) -> dict:
     """Every metric for one model: in this process, or on `evaluate.processes` ranks (pools split between them)."""
     if params.get("processes", 1) > 1:
-        return score_on_ranks(model_dir, sets, params, format_params, backbone)
+        # each rank reads the sets itself, as this process did
+        return score_on_ranks(model_dir, sets["data_root"], params, format_params, backbone)
     return score_model(model_dir, sets, params, format_params, backbone)
 
 
