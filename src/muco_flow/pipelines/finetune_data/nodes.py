@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from muco_flow.data.finetune_conversations import FinetuneFormatConfig
-from muco_flow.data.finetune_formatting import format_mmeb_train_shards
 from muco_flow.data.ingest import IngestConfig, MetaPart
+from muco_flow.data.mmeb_train_conversations import FinetuneFormatConfig
+from muco_flow.data.mmeb_train_formatting import format_mmeb_train_shards
 from muco_flow.data.mmeb_train_ingest import REJECT_REASONS_MMEB_TRAIN, ingest_mmeb_train
 from muco_flow.datasets.file_tree import TreeWriter
 from muco_flow.modeling.backbone import BackboneConfig, load_processors
