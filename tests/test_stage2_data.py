@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from muco_flow.data import mmeb_train
-from muco_flow.data.ingest import IngestConfig, Reject
+from muco_flow.data.ingest import IngestConfig
 from muco_flow.data.mmeb_train_conversations import (
     FinetuneFormatConfig,
     MaskConfig,
@@ -40,6 +40,7 @@ from muco_flow.data.mmeb_train_ingest import (
     parse_text_list,
     validate_mmeb_train_row,
 )
+from muco_flow.data.row_checks import Reject
 from muco_flow.data.shards import read_shard
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import load_processors

@@ -37,7 +37,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from muco_flow.data import mmeb_train, schema
 from muco_flow.data.conversations import target_key
 from muco_flow.data.formatting import CONVERSATIONS_DIR, UNKNOWN_TURN_TYPE, Conversation, image_token_count
-from muco_flow.data.ingest import CONTROL_TOKENS, MANIFEST_FILE
+from muco_flow.data.ingest import MANIFEST_FILE
 from muco_flow.data.mmeb_train_conversations import (
     EMBEDDINGS,
     FinetuneFormatConfig,
@@ -51,6 +51,7 @@ from muco_flow.data.mmeb_train_conversations import (
     plan_sample,
     user_text,
 )
+from muco_flow.data.row_checks import CONTROL_TOKENS
 from muco_flow.data.shards import ShardWriter
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import expand_image_pads
