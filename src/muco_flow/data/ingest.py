@@ -50,7 +50,7 @@ from muco_flow.data.images import (
     confined_key,
 )
 from muco_flow.data.meta_file import MetaFileError, UndecodableRow, decode_rows, iter_batches, open_parquet
-from muco_flow.data.parallel import map_in_processes, worker_state
+from muco_flow.data.parallel import check_part, map_in_processes, part_stem, worker_state
 from muco_flow.data.row_checks import (
     Reject,
     check_limit_settings,
@@ -323,7 +323,7 @@ def shard_name(block: int) -> str:
 
 def part_name(part_index: int, num_parts: int) -> str:
     """The summary of one part, relative to the output directory (``.json``, ``.rejects.parquet``)."""
-    return f"{PARTS_DIR}/part-{part_index:05d}-of-{num_parts:05d}"
+    return f"{PARTS_DIR}/{part_stem(part_index, num_parts)}"
 
 
 @dataclass(frozen=True)
@@ -524,10 +524,7 @@ def ingest_part(
     processes: S3). A shard depends only on its block, so any split gives the
     same files.
     """
-    if num_parts < 1 or not 0 <= part_index < num_parts:
-        raise ValueError(
-            f"ingest part {part_index} of {num_parts}: need num_parts >= 1 and 0 <= part_index < num_parts"
-        )
+    check_part("ingest", part_index, num_parts)
     output_dir = Path(output_dir)
     labels = [f"{part.source.uri.rstrip('/')}/{part.source.meta_file}" for part in parts]
     metas = [open_parquet(part.source.meta_path(), label) for part, label in zip(parts, labels, strict=True)]

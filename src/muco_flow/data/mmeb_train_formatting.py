@@ -170,10 +170,6 @@ class FinetuneTokenizer:
         return ids_
 
 
-def _tokens_of(image_processor: Qwen2VLImageProcessorPil, width: int | None, height: int | None, short: int | None):
-    return 0 if width is None else image_token_count(image_processor, width, height, short)
-
-
 INGESTED_COLUMNS = [
     schema.SAMPLE_ID,
     "dataset",
@@ -201,8 +197,8 @@ def format_record(
     """One ingested sample's record, or None (counted) if it cannot be formatted within max_length."""
     config = tokenizer.config
     t, short = config.templates, config.image_short_side
-    query_tokens = _tokens_of(image_processor, sample["image_width"], sample["image_height"], short)
-    target_tokens = _tokens_of(image_processor, sample["pos_image_width"], sample["pos_image_height"], short)
+    query_tokens = image_token_count(image_processor, sample["image_width"], sample["image_height"], short)
+    target_tokens = image_token_count(image_processor, sample["pos_image_width"], sample["pos_image_height"], short)
     query_user = user_text(sample[mmeb_train.QRY], query_tokens > 0, t.image)
     target_user = user_text(sample[mmeb_train.POS_TEXT], target_tokens > 0, t.image)
     query_answer = answer_text(query_user, sample[mmeb_train.QRY_SENTENCE] if query_tokens else None, t)
@@ -222,7 +218,7 @@ def format_record(
     if config.hard_negatives:
         widths, heights = sample["neg_image_width"], sample["neg_image_height"]
         for i, text in enumerate(sample[mmeb_train.NEG_TEXT]):
-            n = _tokens_of(image_processor, widths[i], heights[i], short)
+            n = image_token_count(image_processor, widths[i], heights[i], short)
             sequence = tokenizer.negative(text, n)
             if len(sequence) + max(n - 1, 0) > limit:
                 counts["negatives_dropped_too_long"] += 1
