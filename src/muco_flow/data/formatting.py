@@ -88,6 +88,14 @@ FORMATTED_SCHEMA = pa.schema(
 )
 
 
+def special_token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    """The id of ``token``; ValueError if the tokenizer does not know it (MuCo's tokens not added yet)."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {token} token; add MuCo's tokens to the backbone first")
+    return token_id
+
+
 def image_token_count(
     image_processor: Qwen2VLImageProcessorPil, width: int | None, height: int | None, short_side: int | None = None
 ) -> int:
@@ -115,9 +123,7 @@ class TurnTokenizer:
 
     def __post_init__(self) -> None:
         t = self.config.templates
-        self.emb_id = self.tokenizer.convert_tokens_to_ids(tokens.EMB_TOKEN)
-        if self.emb_id == self.tokenizer.unk_token_id or self.emb_id is None:
-            raise ValueError(f"the tokenizer has no {tokens.EMB_TOKEN} token; add MuCo's tokens to the backbone first")
+        self.emb_id = special_token_id(self.tokenizer, tokens.EMB_TOKEN)
         self.system_ids = self._ids(t.system)
         self.separator_ids = self._ids(t.turn_separator)
 
@@ -376,10 +382,10 @@ def merge_format_parts(shards_dir: Path, output_dir: Path, num_parts: int) -> di
                 "run every part with the same parameters"
             )
     by_shard = {result["entry"]["ingest_shard"]: result for summary in summaries for result in summary["shards"]}
-    results = [by_shard.get(shard["file"]) for shard in ingest_manifest["shards"]]
-    missing = [shard["file"] for shard, result in zip(ingest_manifest["shards"], results, strict=True) if not result]
+    missing = [shard["file"] for shard in ingest_manifest["shards"] if shard["file"] not in by_shard]
     if missing:
         raise ValueError(f"no format part formatted {len(missing)} ingest shards, e.g. {missing[0]}")
+    results = [by_shard[shard["file"]] for shard in ingest_manifest["shards"]]
     counts = {name: sum(result["counts"][name] for result in results) for name in COUNT_NAMES}
     if counts["samples"] != ingest_manifest["counts"]["accepted"]:
         raise ValueError(

@@ -372,7 +372,8 @@ class _BlockResult:
 
 def _row_groups_of(meta: pq.ParquetFile, start: int, stop: int) -> tuple[list[int], int]:
     """The row groups holding rows ``start`` .. ``stop - 1``, and the first one's first row."""
-    groups, first, row = [], 0, 0
+    groups: list[int] = []
+    first = row = 0
     for g in range(meta.num_row_groups):
         rows = meta.metadata.row_group(g).num_rows
         if row < stop and row + rows > start:
@@ -701,7 +702,7 @@ def _reject_duplicates_across_blocks(
     by_row = {r["source_row"]: r for r in rejects}
     by_block: dict[int, dict[str, Any]] = {int(s["file"].rsplit("-", 1)[1].split(".")[0]): s for s in shards}
     seen: set[bytes] = set()
-    duplicates: dict[str, set[int]] = {}
+    duplicates: dict[int, set[int]] = {}  # block -> source rows to drop from its shard
     for block in sorted(set(by_block) | set(claimed)):
         claims: list[tuple[int, str]] = [(row, by_row[row][schema.SAMPLE_ID]) for row in claimed.get(block, [])]
         shard = by_block.get(block)
@@ -717,13 +718,11 @@ def _reject_duplicates_across_blocks(
             if row in by_row:
                 by_row[row].update(_reject_record(row, sample_id, _duplicate_id(sample_id)))
             else:
-                duplicates.setdefault(shard["file"], set()).add(row)
+                duplicates.setdefault(block, set()).add(row)
                 rejects.append(_reject_record(row, sample_id, _duplicate_id(sample_id)))
         seen.update(digests)
-    for shard in shards:
-        rows = duplicates.get(shard["file"])
-        if rows:
-            _drop_rows(output_dir, shard, rows)
+    for block, rows in duplicates.items():
+        _drop_rows(output_dir, by_block[block], rows)
 
 
 def _drop_rows(output_dir: Path, shard: dict[str, Any], rows: set[int]) -> None:

@@ -128,7 +128,7 @@ def check_row_limits(
     and URLs (limited by ``max_path_chars``); every other string is text
     (``max_text_chars``), wherever it is nested.
     """
-    turns = fields.get(query_field) or []
+    turns = (fields.get(query_field) if query_field else None) or []
     if len(turns) > max_turns:
         raise Reject("TOO_MANY_TURNS", f"{query_field} has {len(turns)} turns, ingest.max_turns is {max_turns}")
     for k, phrasings in enumerate(turns):

@@ -99,7 +99,7 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # mlflow unsets the URI on None; its annotation omits None
         if exported is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
@@ -141,13 +141,16 @@ def register_model_version(
     client = MlflowClient(tracking_uri)
     version = find_version_for_run(client, name, run_id)
     if version is None:
+        model_code = importlib.util.find_spec(PYFUNC_MODEL_MODULE)
+        if model_code is None or model_code.origin is None:
+            raise RegistryError(f"no module {PYFUNC_MODEL_MODULE}: the model's code is not installed with muco_flow")
         config = json.loads((Path(model_dir) / "config.json").read_text())
         hidden_size = (config.get("text_config") or config)["hidden_size"]
         with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="embedding_model",
                 # models-from-code: the model is this file's source, run at load time; nothing is pickled
-                python_model=importlib.util.find_spec(PYFUNC_MODEL_MODULE).origin,
+                python_model=model_code.origin,
                 artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
                 signature=model_signature(hidden_size),
                 input_example=input_example(),

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 from PIL import Image
 
 from muco_flow.registry import RegistryError
@@ -253,7 +253,7 @@ def check_model_dir(model_dir: str | Path) -> None:
         raise RegistryError(f"{model_dir} holds no {EMBEDDER_FILE}: not a model written by muco-flow training")
 
 
-class MuCoEmbeddingModel(mlflow.pyfunc.PythonModel):
+class MuCoEmbeddingModel(PythonModel):
     """One L2-normalised embedding per record of `text` and optional `image`."""
 
     def load_context(self, context) -> None:
