@@ -111,3 +111,30 @@ def test_kedro_run_on_a_uri_naming_the_parquet_file_ends_in_one_line(project, tm
         f"input error: m3t_source: snapshot root '{meta}' is a file where a folder is expected: the URI names "
         f"the snapshot's folder, the one that holds '{META}' (here '{tmp_path / 'snapshot'}')"
     )
+
+
+@pytest.mark.slow
+def test_a_spark_prefix_of_parquet_parts_on_s3_is_told_as_such():
+    from muco_flow.data.sources import S3Snapshot, SourceError
+    from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for
+
+    with moto_server() as endpoint:
+        client = s3_client_for(endpoint)
+        client.create_bucket(Bucket="m3t")
+        for name in ("part-00000-a.snappy.parquet", "part-00001-a.snappy.parquet", "_SUCCESS"):
+            client.put_object(Bucket="m3t", Key=f"spark/{META}/{name}", Body=b"PAR1")
+        options = {
+            "endpoint_url": endpoint,
+            "aws_access_key_id": ACCESS_KEY,
+            "aws_secret_access_key": SECRET_KEY,
+            "region_name": "us-east-1",
+            "max_attempts": 1,
+        }
+        with pytest.raises(SourceError) as failure:
+            S3Snapshot("s3://m3t/spark", META, options)
+        assert str(failure.value) == (
+            f"meta file s3://m3t/spark/{META} is a prefix of parquet parts (2 objects, a table as Spark writes it), "
+            "not one object: join the parts into one file at that key"
+        )
+        with pytest.raises(SourceError, match=f"cannot read s3://m3t/nothing/{META}: NoSuchKey"):
+            S3Snapshot("s3://m3t/nothing", META, options)  # no parts below: the missing object is named

@@ -341,9 +341,23 @@ class S3Snapshot:
         try:
             self._retrying(key, attempt)
         except self._errors as err:
+            parts = self._parquet_parts(key) if _s3_error_code(err) == "NoSuchKey" else 0
+            if parts:
+                raise SourceError(
+                    f"meta file {self._url(key)} is a prefix of parquet parts ({parts} objects, a table as Spark "
+                    "writes it), not one object: join the parts into one file at that key"
+                ) from None
             raise SourceError(f"cannot read {self._url(key)}: {_describe_s3_error(err)}") from None
         finally:
             partial.unlink(missing_ok=True)
+
+    def _parquet_parts(self, key: str) -> int:
+        """How many ``*.parquet`` objects lie below ``key/`` (one listing, up to 1000); 0 if it cannot tell."""
+        try:
+            listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key + "/", MaxKeys=1000)
+        except self._errors:
+            return 0  # the missing object is what to report, not the listing
+        return sum(1 for item in listing.get("Contents", []) if item["Key"].endswith(".parquet"))
 
     def meta_path(self) -> Path:
         return self._meta
