@@ -11,7 +11,7 @@ from PIL import Image
 
 from muco_flow.evaluation.datasets import Item, RetrievalSet
 from muco_flow.evaluation.encoded_pool import EncodedPool, InMemoryPool
-from muco_flow.evaluation.evaluate import EncodingCache
+from muco_flow.evaluation.encoding import EncodingCache
 from muco_flow.evaluation.retrieval import chunked_positive_ranks, chunked_top_k
 
 
@@ -233,7 +233,7 @@ def test_two_processes_split_every_pool_and_score_as_one(sample_sets, tiny_backb
 def test_a_checkpoint_is_named_by_its_content_or_its_hub_commit(tiny_backbone_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from muco_flow.evaluation.scoring import checkpoint_identity
+    from muco_flow.evaluation.encoding import checkpoint_identity
     from muco_flow.training.model_identity import content_hash
 
     copy = tmp_path / "copy"

@@ -6,10 +6,9 @@ from typing import Any
 
 import pandas as pd
 
-from muco_flow.evaluation.evaluate import chance_mmeb_average
 from muco_flow.evaluation.ranks import score_on_ranks
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
-from muco_flow.evaluation.scoring import read_evaluation_sets, score_model
+from muco_flow.evaluation.scoring import chance_mmeb_average, read_evaluation_sets, score_model
 from muco_flow.tracking import metrics_table, select_metrics
 from muco_flow.training.model_identity import content_hash, verify_trained_model
 
