@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def on_cpu() -> bool:
@@ -49,7 +49,11 @@ def torchrun_command(config_path: Path, launcher: dict[str, Any], module: str) -
 
 
 def run_torchrun(
-    config_path: Path, launcher: dict[str, Any], module: str, stream=None, error_marker: str | None = None
+    config_path: Path,
+    launcher: dict[str, Any],
+    module: str,
+    stream: TextIO | None = None,
+    error_marker: str | None = None,
 ) -> tuple[int, list[str], list[str]]:
     """Runs ``module`` under torchrun, streaming its output; returns the exit code, the ranks' one-line causes
     (lines holding ``error_marker``) and the last 200 lines."""
@@ -71,6 +75,7 @@ def run_torchrun(
     )
     tail: list[str] = []
     causes: list[str] = []
+    assert process.stdout is not None  # stdout=PIPE
     for line in process.stdout:
         stream.write(line)
         tail = [*tail[-199:], line]

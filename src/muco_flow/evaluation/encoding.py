@@ -119,6 +119,7 @@ class EncodingCache:
             item_key=item_key,
         )
         if self.share[1] > 1:
+            assert self.barrier is not None  # __init__ refuses several ranks without one
             pool.ensure(*self.share)
             self.barrier()  # every rank's blocks are on disk after this
         self._pools[(str(root), id(items))] = (items, pool)
@@ -133,7 +134,10 @@ def encoding_code_key() -> str:
 
     digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__} {PIL.__version__}".encode())
     for module in ENCODING_MODULES:
-        digest.update(Path(importlib.util.find_spec(module).origin).read_bytes() + b"\0")
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:  # renamed or moved: say which, not AttributeError on None
+            raise ModuleNotFoundError(f"ENCODING_MODULES names {module}, which has no source file")
+        digest.update(Path(spec.origin).read_bytes() + b"\0")
     return digest.hexdigest()
 
 

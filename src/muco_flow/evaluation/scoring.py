@@ -42,7 +42,7 @@ def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[b
     queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
     candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
     hits, ranks = [], []
-    for query, own, positives in zip(queries, retrieval_set.candidate_lists, retrieval_set.positives, strict=True):
+    for query, own, positives in zip(queries, own_candidate_lists(retrieval_set), retrieval_set.positives, strict=True):
         # the correct candidate is first in its list (evaluation.mmeb)
         scores = candidates.rows(own) @ query
         hits.append(argmax_hit(scores))
@@ -50,11 +50,19 @@ def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[b
     return hits, ranks
 
 
+def own_candidate_lists(retrieval_set: RetrievalSet) -> list[list[int]]:
+    """Each query's own candidates (MMEB ranks a query among its list only, never the whole pool)."""
+    lists = [own for own in retrieval_set.candidate_lists if own is not None]
+    if len(lists) != len(retrieval_set.candidate_lists):
+        raise ValueError(f"{retrieval_set.name}: a query without its own candidate list cannot be scored as MMEB")
+    return lists
+
+
 def score_sets(
     mmeb: list[RetrievalSet], mbeir: MBeirBenchmark | None, m3t: list[RetrievalSet], cache: EncodingCache
 ) -> dict[str, Any]:
     """Every metric for one model, as a JSON-ready dict."""
-    datasets = {}
+    datasets: dict[str, dict[str, Any]] = {}
     for s in mmeb:
         hits, ranks = mmeb_hits(s, cache)
         datasets[s.name] = {
@@ -80,14 +88,14 @@ def score_sets(
         results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, cache.pool, CURVE_KS)
     section = {}
     for s in m3t:
-        ranks = positive_ranks(s, cache)
+        each_positive = positive_ranks(s, cache)
         section[s.group] = {
-            **{f"recall@{k}": recall_at_k(ranks, k) for k in RECALL_KS},
-            "mrr@10": mrr(ranks, cutoff=10),
-            "queries": len(ranks),
+            **{f"recall@{k}": recall_at_k(each_positive, k) for k in RECALL_KS},
+            "mrr@10": mrr(each_positive, cutoff=10),
+            "queries": len(each_positive),
             "candidates": len(s.candidates),
         }
-        curves[s.name] = {str(k): recall_at_k(ranks, k) for k in CURVE_KS}
+        curves[s.name] = {str(k): recall_at_k(each_positive, k) for k in CURVE_KS}
     results["m3t_heldout"] = section
     results["recall_curves"] = curves
     return results
@@ -95,7 +103,7 @@ def score_sets(
 
 def chance_mmeb_average(mmeb: list[RetrievalSet]) -> float:
     """hit@1 of a random ranking: the mean of 1/|candidates| over queries, averaged over datasets."""
-    return mean(mean(1 / len(own) for own in s.candidate_lists) for s in mmeb)
+    return mean(mean(1 / len(own) for own in own_candidate_lists(s)) for s in mmeb)
 
 
 def read_evaluation_sets(data_root: str | Path, params: dict[str, Any]) -> dict[str, Any]:
