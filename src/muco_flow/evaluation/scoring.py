@@ -37,6 +37,14 @@ def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache) -> list[li
     return chunked_positive_ranks(queries, candidates, retrieval_set.positives)
 
 
+def own_candidate_lists(retrieval_set: RetrievalSet) -> list[list[int]]:
+    """Each query's own candidates (MMEB ranks a query among its list only, never the whole pool)."""
+    lists = [own for own in retrieval_set.candidate_lists if own is not None]
+    if len(lists) != len(retrieval_set.candidate_lists):
+        raise ValueError(f"{retrieval_set.name}: a query without its own candidate list cannot be scored as MMEB")
+    return lists
+
+
 def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[bool], list[int]]:
     """Per query: VLM2Vec's hit (argmax of its own list), and the correct one's tie-aware rank."""
     queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
@@ -48,14 +56,6 @@ def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[b
         hits.append(argmax_hit(scores))
         ranks.append(candidate_rank(scores, own.index(positives[0])))
     return hits, ranks
-
-
-def own_candidate_lists(retrieval_set: RetrievalSet) -> list[list[int]]:
-    """Each query's own candidates (MMEB ranks a query among its list only, never the whole pool)."""
-    lists = [own for own in retrieval_set.candidate_lists if own is not None]
-    if len(lists) != len(retrieval_set.candidate_lists):
-        raise ValueError(f"{retrieval_set.name}: a query without its own candidate list cannot be scored as MMEB")
-    return lists
 
 
 def score_sets(

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -252,7 +251,7 @@ def _vlm(model: nn.Module) -> Qwen2VLModel:
     """The Qwen2VLModel under a Qwen2VLForConditionalGeneration, PEFT-wrapped or not."""
     for module in model.modules():
         if type(module).__name__ == "Qwen2VLModel":  # by name: a trust_remote_code copy of the class is one too
-            return typing.cast("Qwen2VLModel", module)
+            return cast("Qwen2VLModel", module)
     raise TypeError(f"{type(model).__name__} holds no Qwen2VLModel")
 
 
