@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 # Signals that stop a launch: `kill PID`, `timeout`, SLURM's scancel, Ctrl-C.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -74,7 +74,7 @@ def run_torchrun(
     config_path: Path,
     launcher: dict[str, Any],
     module: str,
-    stream=None,
+    stream: TextIO | None = None,
     error_marker: str | None = None,
     grace_s: float = STOP_GRACE_S,
 ) -> tuple[int, list[str], list[str]]:

@@ -90,7 +90,7 @@ def build_model_inputs(
     """A padded batch: ``texts[i]`` holds one ``tokens.VISION_BLOCK`` iff ``images[i]`` is set."""
     if len(texts) != len(images):
         raise ValueError(f"got {len(texts)} texts but {len(images)} images")
-    image_pad_id = tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)
+    image_pad_id = tokens.token_id(tokenizer, tokens.IMAGE_PAD)
     present = [im for im in images if im is not None]
     batch: dict[str, torch.Tensor] = {}
     counts: list[int] = []
