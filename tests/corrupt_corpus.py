@@ -137,7 +137,7 @@ def extreme_aspect_ratio(row: Row, root: Path) -> None:
 
 
 def tiny_image(row: Row, root: Path) -> None:
-    """Valid: a 10 x 20 image is upscaled to at least 28 px, not rejected."""
+    """Valid: a 10 x 20 image is stretched to 56 x 56 (MuCo's rule), not rejected."""
     buffer = io.BytesIO()
     Image.new("RGB", (10, 20), (200, 30, 30)).save(buffer, "PNG")
     _image(row, root).write_bytes(buffer.getvalue())

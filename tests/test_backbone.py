@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -39,6 +41,25 @@ def test_tokenizer_is_byte_level_and_never_unknown():
     tokenizer = train_bpe_tokenizer(["a red circle", "a blue square"], vocab_size=400)
     text = "Ünïcödé 🙂 and words it never saw"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_a_token_id_is_its_vocabulary_entry_and_a_missing_token_is_named():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = train_bpe_tokenizer(["a red circle", "a blue square"], vocab_size=400)
+    # the BPE trainer gives the special tokens the first ids, in the order they are passed
+    assert [tokens.token_id(tokenizer, t) for t in ALL_SPECIAL] == list(range(len(ALL_SPECIAL)))
+    # byte-level: no unknown token, so convert_tokens_to_ids answers None for a missing one
+    with pytest.raises(KeyError, match=re.escape("<|not_a_token|>")):
+        tokens.token_id(tokenizer, "<|not_a_token|>")
+    # with an unknown token, a missing token would silently be the unknown token's id
+    word_level = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "red": 1}, unk_token="[UNK]")), unk_token="[UNK]"
+    )
+    assert (tokens.token_id(word_level, "red"), tokens.token_id(word_level, "[UNK]")) == (1, 0)
+    with pytest.raises(KeyError, match="blue"):
+        tokens.token_id(word_level, "blue")
 
 
 def test_saved_preset_reloads_to_the_same_weights(tiny_backbone_dir, tiny_preset, backbone):

@@ -84,7 +84,15 @@ def test_the_documents_hold_kedro_run_commands():
     """The checks below would pass vacuously if the parser found nothing."""
     commands = documented_kedro_runs()
     assert len(commands) >= 20, commands
-    assert {doc for doc, _ in commands} >= {"README.md", "docs/cluster.md"}
+    manuals = {
+        "docs/cluster.md",
+        "docs/data.md",
+        "docs/dvc.md",
+        "docs/evaluation.md",
+        "docs/registry.md",
+        "docs/training.md",
+    }
+    assert {doc for doc, _ in commands} >= {"README.md", *manuals}
 
 
 def test_every_documented_kedro_run_names_registered_pipelines_with_the_current_flag(monkeypatch):
@@ -139,11 +147,16 @@ def test_every_documented_kedro_run_uses_an_existing_env_and_known_parameters():
 # ---------------------------------------------------------------- load by alias, serve and curl (slow)
 
 
+SERVING_DOCUMENT = PROJECT_ROOT / "docs" / "registry.md"
+
+
 def serving_block() -> str:
-    """The README's bash block that loads the registered model by alias and serves it."""
-    blocks = re.findall(r"```bash\n(.*?)```", (PROJECT_ROOT / "README.md").read_text(), re.DOTALL)
+    """The registry manual's bash block that loads the registered model by alias and serves it."""
+    blocks = re.findall(r"```bash\n(.*?)```", SERVING_DOCUMENT.read_text(), re.DOTALL)
     found = [block for block in blocks if "mlflow models serve" in block and "load_model" in block]
-    assert len(found) == 1, "README.md should have one bash block that loads by alias and serves the model"
+    assert len(found) == 1, (
+        f"{SERVING_DOCUMENT.name} should have one bash block that loads by alias and serves the model"
+    )
     return found[0]
 
 
@@ -174,7 +187,7 @@ def registered_project(model_dir, tmp_path, monkeypatch) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_the_readme_loads_the_registered_model_by_alias_and_serves_it(registered_project, model_dir):
+def test_the_documented_block_loads_the_registered_model_by_alias_and_serves_it(registered_project, model_dir):
     from muco_flow.modeling.backbone import load_backbone
 
     lines = shell_lines(serving_block())
@@ -182,10 +195,10 @@ def test_the_readme_loads_the_registered_model_by_alias_and_serves_it(registered
     one_liner = next(line for line in lines if "load_model" in line)
     serve = next(line for line in lines if "mlflow models serve" in line)
     curl = next(line for line in lines if line.startswith("curl "))
-    assert serve.endswith("&"), "the README starts the server in the background, then calls it"
+    assert serve.endswith("&"), "the block starts the server in the background, then calls it"
     port = re.search(r"(?:-p|--port)[ =](\d+)", serve).group(1)
     assert f":{port}/invocations" in curl, f"curl calls another port than the server's {port}"
-    # the README's port, swapped for a free one so that parallel test runs do not collide
+    # the documented port, swapped for a free one so that parallel test runs do not collide
     here = str(free_port())
     serve, curl = serve.replace(port, here), curl.replace(f":{port}/", f":{here}/")
 

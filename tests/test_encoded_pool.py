@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import muco_flow
 from muco_flow.evaluation.datasets import Item, RetrievalSet
 from muco_flow.evaluation.encoded_pool import EncodedPool, InMemoryPool
-from muco_flow.evaluation.evaluate import EncodingCache
+from muco_flow.evaluation.encoding import ENCODING_MODULES, EncodingCache
 from muco_flow.evaluation.retrieval import chunked_positive_ranks, chunked_top_k
 
 
@@ -233,7 +236,7 @@ def test_two_processes_split_every_pool_and_score_as_one(sample_sets, tiny_backb
 def test_a_checkpoint_is_named_by_its_content_or_its_hub_commit(tiny_backbone_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from muco_flow.evaluation.scoring import checkpoint_identity
+    from muco_flow.evaluation.encoding import checkpoint_identity
     from muco_flow.training.model_identity import content_hash
 
     copy = tmp_path / "copy"
@@ -252,3 +255,38 @@ def test_a_checkpoint_is_named_by_its_content_or_its_hub_commit(tiny_backbone_di
         assert checkpoint_identity("some-org/some-model") == f"some-org/some-model@{commit}"
     with pytest.raises(FileNotFoundError, match="neither a local model directory nor a hub id"):
         checkpoint_identity(str(tmp_path / "nowhere"))
+
+
+def source_file(module: str) -> Path | None:
+    """The file that defines muco_flow module ``module`` (None: not a module, e.g. a function's name)."""
+    base = Path(muco_flow.__file__).parent.parent.joinpath(*module.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def imported_muco_flow_modules(module: str) -> set[str]:
+    """``module`` and every muco_flow module it imports, directly or not (imports inside functions included)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = source_file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.startswith("muco_flow.")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("muco_flow"):
+                # `from muco_flow.modeling import tokens` imports a module, `... import load_backbone` a name
+                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return seen
+
+
+def test_the_pool_key_names_every_module_between_an_item_and_its_vector():
+    # the encoder (the embedder and what it runs) and the module that opens the items' images
+    encoding_code = imported_muco_flow_modules("muco_flow.modeling.embedder") | {
+        "muco_flow.evaluation.encoding",
+        "muco_flow.data.images",
+    }
+    packages = {name for name in encoding_code if source_file(name).name == "__init__.py"}
+    assert sorted(ENCODING_MODULES) == sorted(encoding_code - packages)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from muco_flow.evaluation.datasets import RetrievalSet
 from muco_flow.evaluation.metrics import candidate_rank, hit_at_1, mrr, recall_at_k
 from muco_flow.evaluation.retrieval import chunked_positive_ranks, chunked_top_k
+from muco_flow.evaluation.scoring import chance_mmeb_average
 
 
 def test_candidate_rank_hand_cases():
@@ -70,3 +74,13 @@ def test_top_k_over_a_streamed_pool_matches_brute_force():
     scores, indices = chunked_top_k(queries, (b for b in [pool[:2], pool[2:3]]), 7)
     assert indices.shape == (9, 3)
     torch.testing.assert_close(scores, (queries @ pool[:3].T).sort(dim=1, descending=True).values)
+
+
+def test_chance_is_one_over_each_querys_own_list_and_a_query_without_one_is_refused():
+    two_queries = RetrievalSet("A", "classification", Path("."), candidate_lists=[[0, 1], [0, 1, 2, 3]])
+    one_query = RetrievalSet("B", "vqa", Path("."), candidate_lists=[[0, 1, 2, 3, 4]])
+    # dataset A: (1/2 + 1/4) / 2 = 0.375; dataset B: 1/5; their mean: 0.2875
+    assert chance_mmeb_average([two_queries, one_query]) == pytest.approx(0.2875)
+    whole_pool = RetrievalSet("M3T-color", "color", Path("."), candidate_lists=[[0, 1], None])
+    with pytest.raises(ValueError, match="M3T-color: a query without its own candidate list"):
+        chance_mmeb_average([whole_pool])

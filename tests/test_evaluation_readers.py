@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from muco_flow.evaluation.datasets import EvaluationDataError, read_m3t_heldout
+from muco_flow.evaluation.datasets import EvaluationDataError, Item, read_m3t_heldout
 from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.sample.m3t_mini import MMEB_DATASETS, MMEB_DIR, MMEB_IMAGE_ROOT
 
@@ -55,6 +55,32 @@ def test_duplicate_candidates_are_merged(sample):
     rewrite_mmeb(sample, "MiniShapes-Cls", change)
     dataset = next(s for s in mmeb(sample) if s.name == "MiniShapes-Cls")
     assert len(dataset.candidate_lists[0]) == 2  # distinct: the duplicate of the answer counts once
+
+
+def test_an_empty_candidate_string_is_scored_as_an_empty_text(sample):
+    """As MuCo's and VLM2Vec's evaluations do (their process_fn tokenizes "" like any text)."""
+
+    def change(rows):
+        rows[0]["tgt_text"] = ["", *rows[0]["tgt_text"][1:]]  # the correct answer is blank
+        rows[1]["tgt_text"] = [rows[1]["tgt_text"][0], "   ", *rows[1]["tgt_text"][2:]]
+
+    rewrite_mmeb(sample, "MiniShapes-Cls", change)
+    dataset = next(s for s in mmeb(sample) if s.name == "MiniShapes-Cls")
+    blank = [i for i, c in enumerate(dataset.candidates) if not c.text.strip()]
+    assert [dataset.candidates[i] for i in blank] == [Item(""), Item("   ")]
+    assert dataset.positives[0] == [blank[0]] and blank[0] in dataset.candidate_lists[0]
+    assert blank[1] in dataset.candidate_lists[1] and dataset.positives[1] != [blank[1]]
+
+
+def test_a_v1_query_with_neither_text_nor_image_is_refused(sample):
+    def change(rows):
+        for row in rows:
+            del row["qry_inst"], row["tgt_inst"]  # the v1 layout: texts as written
+        rows[4].update(qry_text="<|image_1|>\n ", qry_img_path="")
+
+    rewrite_mmeb(sample, "MiniShapes-Cls", change)
+    with pytest.raises(EvaluationDataError, match=r"MiniShapes-Cls, 0000\.parquet row 4: the query has neither"):
+        mmeb(sample)
 
 
 @pytest.mark.parametrize(

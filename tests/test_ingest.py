@@ -87,12 +87,12 @@ def test_counts_are_conserved_and_valid_rows_come_through_unchanged(corrupted, s
             assert row["image_bytes"] == (root / original["qry_image_path"]).read_bytes()
 
 
-def test_tiny_images_are_upscaled_to_28_px(corrupted):
+def test_tiny_images_are_stretched_to_56_px_as_muco_does(corrupted):
     _, expected, manifest, out = corrupted
-    tiny_row = next(i for i, why in expected.items() if why is None)  # tiny_image comes first
+    tiny_row = next(i for i, why in expected.items() if why is None)  # tiny_image (10 x 20) comes first
     row = next(r for r in shard_rows(out, manifest) if r["source_row"] == tiny_row)
-    assert row["image_upscaled"] and (row["image_width"], row["image_height"]) == (28, 56)
-    assert Image.open(__import__("io").BytesIO(row["image_bytes"])).size == (28, 56)
+    assert row["image_upscaled"] and (row["image_width"], row["image_height"]) == (56, 56)
+    assert Image.open(__import__("io").BytesIO(row["image_bytes"])).size == (56, 56)
 
 
 def test_shards_are_bounded_and_identical_for_the_same_input(small_sample_root, tmp_path):

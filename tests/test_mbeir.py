@@ -289,6 +289,16 @@ def test_bad_configuration_is_named(download):
 # -- scoring ----------------------------------------------------------------------------------------------
 
 
+def test_a_task_is_ranked_against_its_local_pool_or_the_union_pool_that_was_read(download):
+    both = read_mbeir(download, ["oven_task6"])
+    task = both.tasks[0]
+    assert both.candidate_pool("local", task).name == "oven_task6"  # cand_pool/local/mbeir_oven_task6_cand_pool
+    assert both.candidate_pool("global", task).name == "global"
+    local_only = read_mbeir(download, ["oven_task6"], pools=["local"])
+    with pytest.raises(ValueError, match="global pool is scored but was not read"):
+        local_only.candidate_pool("global", local_only.tasks[0])
+
+
 def reference_any_hit_recall(scores: list[float], dids: list[str], positives: list[str], k: int) -> float:
     """UniIR's compute_recall_at_k on a ranking: sort by score, cut at k, any positive is a hit.
 

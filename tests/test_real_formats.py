@@ -29,8 +29,8 @@ from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.evaluation.datasets import Item, RetrievalSet
 from muco_flow.evaluation.encoded_pool import InMemoryPool
-from muco_flow.evaluation.evaluate import mmeb_hits
 from muco_flow.evaluation.mmeb import read_mmeb
+from muco_flow.evaluation.scoring import mmeb_hits
 from muco_flow.modeling.backbone import load_processors
 from muco_flow.modeling.inputs import build_model_inputs
 from muco_flow.modeling.prompt import single_turn_text

@@ -1,4 +1,4 @@
-"""Kedro hooks: checks that must pass before any node loads data or a model."""
+"""Kedro hooks: checks that must pass before any node loads data or a model, and how a bad input ends a run."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+from kedro.io import DatasetError
 
+from muco_flow.data.meta_file import MetaFileError
+from muco_flow.data.sources import SourceError
 from muco_flow.tracking import check_tracking_server, relocate_project_store, resolve_tracking_uri
 
 # Nodes that talk to MLflow carry this tag; a run that includes one checks
@@ -15,6 +18,9 @@ MLFLOW_TAG = "mlflow"
 # A memory dataset: which `kedro run` this is (pipelines, environment, the
 # command), for the MLflow run's name and context tags.
 KEDRO_RUN = "kedro_run"
+# A verdict on an input as a whole (a damaged meta file, a snapshot that
+# cannot be read where it is said to be), not a bug: worth one line, not a traceback.
+WHOLE_INPUT_ERRORS = (MetaFileError, SourceError)
 
 
 class KedroRunContext:
@@ -62,3 +68,39 @@ class MovedProjectStore:
             return
         uri = resolve_tracking_uri(catalog.load("params:mlflow").get("tracking_uri"))
         relocate_project_store(uri, Path.cwd())  # where MLflow resolves sqlite:///mlflow.db and ./mlruns
+
+
+def whole_input_failure_line(error: BaseException) -> str | None:
+    """The one line that ends a run stopped by a whole-input error, or None if ``error`` is none.
+
+    Kedro wraps an error raised while a dataset loads in its own DatasetError,
+    once more naming the dataset, so the chain of causes is searched; the line
+    is the outermost DatasetError's message (dataset name included) when
+    there is one.
+    """
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__
+    verdict = next((e for e in chain if isinstance(e, WHOLE_INPUT_ERRORS)), None)
+    if verdict is None:
+        return None
+    shown = next((e for e in chain if isinstance(e, DatasetError)), verdict)
+    return "input error: " + " ".join(str(shown).splitlines())
+
+
+class OneLineInputErrors:
+    """Ends a run that an unreadable input stopped with one line naming the input and the problem.
+
+    Nodes already turn what they find into SystemExit; this catches the same
+    errors where no node can: while Kedro loads a dataset (a snapshot root
+    that is a file, a meta file that is a folder of parquet parts, an S3 URI
+    without a bucket). SystemExit prints its message and no traceback.
+    """
+
+    @hook_impl
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        line = whole_input_failure_line(error)
+        if line is not None:
+            raise SystemExit(line) from None

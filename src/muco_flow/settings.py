@@ -5,11 +5,12 @@ import sys
 
 from kedro.config import OmegaConfigLoader
 
-from muco_flow.hooks import KedroRunContext, MovedProjectStore, TrackingServerCheck
+from muco_flow.hooks import KedroRunContext, MovedProjectStore, OneLineInputErrors, TrackingServerCheck
 
 # Before any node runs: the MLflow server a run will log to must answer; and
-# nodes that record the run learn which `kedro run` it is.
-HOOKS = (TrackingServerCheck(), MovedProjectStore(), KedroRunContext())
+# nodes that record the run learn which `kedro run` it is. An unreadable
+# input ends a run with one line.
+HOOKS = (TrackingServerCheck(), MovedProjectStore(), KedroRunContext(), OneLineInputErrors())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

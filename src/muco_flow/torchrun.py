@@ -7,10 +7,32 @@ Training (``training.launch``) and multi-process evaluation
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+# Signals that stop a launch: `kill PID`, `timeout`, SLURM's scancel, Ctrl-C.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# How long the ranks have, once signalled, to end on their own before the group is killed.
+STOP_GRACE_S = 30.0
+
+
+class LaunchInterrupted(SystemExit):
+    """The launcher was told to stop (SIGTERM or SIGINT); torchrun and every rank have ended.
+
+    A SystemExit, as an interrupt should be: no node-failure handler takes it
+    for a bug, ``finally`` blocks (the training lock) run once the ranks are
+    gone, and the run ends with this one line, not a traceback.
+    """
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(f"stopped by {signal_name}: passed on to torchrun and its ranks, which have all ended")
+        self.signal_name = signal_name
 
 
 def on_cpu() -> bool:
@@ -49,31 +71,114 @@ def torchrun_command(config_path: Path, launcher: dict[str, Any], module: str) -
 
 
 def run_torchrun(
-    config_path: Path, launcher: dict[str, Any], module: str, stream=None, error_marker: str | None = None
+    config_path: Path,
+    launcher: dict[str, Any],
+    module: str,
+    stream: TextIO | None = None,
+    error_marker: str | None = None,
+    grace_s: float = STOP_GRACE_S,
 ) -> tuple[int, list[str], list[str]]:
     """Runs ``module`` under torchrun, streaming its output; returns the exit code, the ranks' one-line causes
-    (lines holding ``error_marker``) and the last 200 lines."""
+    (lines holding ``error_marker``) and the last 200 lines. A SIGTERM or SIGINT stops them all
+    (``run_process_group``)."""
     env = dict(os.environ)
     if on_cpu():
         cores = os.cpu_count() or 1
         env.setdefault("DS_ACCELERATOR", "cpu")
         # one thread per process: two processes on two cores do not fight over them
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // launcher["processes_per_node"])))
-    env["PYTHONUNBUFFERED"] = "1"
+    return run_process_group(torchrun_command(config_path, launcher, module), env, stream, error_marker, grace_s)
+
+
+def run_process_group(
+    command: list[str],
+    env: dict[str, str],
+    stream=None,
+    error_marker: str | None = None,
+    grace_s: float = STOP_GRACE_S,
+) -> tuple[int, list[str], list[str]]:
+    """Runs ``command`` in a process group of its own, streaming its output; see ``run_torchrun``.
+
+    SIGTERM or SIGINT to this process is passed on to the whole group (torchrun
+    and its ranks), and this process waits until they have all ended: up to
+    ``grace_s`` seconds, then the group is killed; a second signal kills it at
+    once. Then LaunchInterrupted is raised. Without this, `kill PID` ended
+    the launcher alone, releasing the training lock while the ranks trained on.
+    """
+    env = {**env, "PYTHONUNBUFFERED": "1"}
     stream = stream or sys.stdout
-    process = subprocess.Popen(
-        torchrun_command(config_path, launcher, module),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    tail: list[str] = []
-    causes: list[str] = []
-    for line in process.stdout:
-        stream.write(line)
-        tail = [*tail[-199:], line]
-        if error_marker and error_marker in line:
-            causes.append(line.strip())
-    return process.wait(), causes, tail
+    # Only the main thread may install signal handlers. Off it (Kedro's
+    # ThreadRunner) torchrun stays in this process's group, as before: Ctrl-C
+    # on a terminal then reaches it directly, but `kill PID` does not.
+    own_group = threading.current_thread() is threading.main_thread()
+    received: list[int] = []
+    process: subprocess.Popen[str] | None = None
+
+    def kill() -> None:
+        if process is not None and own_group:
+            _signal_group(process, signal.SIGKILL)
+        elif process is not None:
+            process.kill()
+
+    killer = threading.Timer(grace_s, kill)
+    killer.daemon = True
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if process is None:
+            return  # not started yet: it will not be
+        if len(received) == 1:
+            _signal_group(process, signum)
+            killer.start()
+        else:
+            kill()
+
+    with _signal_handlers(forward if own_group else None):
+        if received:
+            raise LaunchInterrupted(signal.Signals(received[0]).name)
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            process_group=0 if own_group else None,
+        )
+        tail: list[str] = []
+        causes: list[str] = []
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:  # ends when every process of the group has closed the pipe
+                stream.write(line)
+                tail = [*tail[-199:], line]
+                if error_marker and error_marker in line:
+                    causes.append(line.strip())
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:  # the loop itself failed (a closed stream): leave no rank behind
+                kill()
+                process.wait()
+            killer.cancel()
+    if received:
+        raise LaunchInterrupted(signal.Signals(received[0]).name)
+    return returncode, causes, tail
+
+
+@contextmanager
+def _signal_handlers(handler: Any) -> Iterator[None]:
+    """``handler`` for FORWARDED_SIGNALS inside the block (none if it is None), the previous ones after it."""
+    if handler is None:
+        yield
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in FORWARDED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _signal_group(process: subprocess.Popen[str], signum: int) -> None:
+    with suppress(ProcessLookupError):  # every process of the group has ended already
+        os.killpg(process.pid, signum)  # its group: torchrun was started as the group's leader

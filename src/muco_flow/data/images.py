@@ -11,9 +11,12 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-# Qwen2-VL's smallest grid is 28 px (two 14 px patches); MuCo's loader
-# upscales anything smaller rather than dropping it.
+# Qwen2-VL's smallest grid is 28 px (two 14 px patches). MuCo stretches an
+# image with either side under it to 56 x 56, aspect ratio not kept, rather
+# than dropping it: in training (naver-ai/muco src/loader.py lines 286-287,
+# 299-300, 312-313) and in evaluation (src/model/processor.py lines 99-102).
 MIN_IMAGE_SIDE = 28
+TINY_IMAGE_SIZE = (56, 56)
 # Qwen2-VL's image processor refuses a long side more than 200 times the short one.
 MAX_ASPECT_RATIO = 200.0
 
@@ -66,6 +69,20 @@ class CheckedImage:
     upscaled: bool
 
 
+def tiny_image_size(width: int, height: int) -> tuple[int, int]:
+    """(width, height) as MuCo gives them to the model: TINY_IMAGE_SIZE if a side is under MIN_IMAGE_SIDE."""
+    return TINY_IMAGE_SIZE if min(width, height) < MIN_IMAGE_SIDE else (width, height)
+
+
+def upscale_tiny_image(image: Image.Image) -> Image.Image:
+    """``image`` stretched to TINY_IMAGE_SIZE if it is tiny (``tiny_image_size``), else ``image`` itself.
+
+    Bicubic, Pillow's default filter for the RGB images MuCo resizes.
+    """
+    size = tiny_image_size(*image.size)
+    return image if size == image.size else image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+
+
 def _check_aspect_ratio(width: int, height: int, limit: float) -> None:
     ratio = max(width, height) / max(1, min(width, height))
     if ratio > limit:
@@ -92,16 +109,16 @@ def check_image(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPE
                 width, height = image.size  # from the header, before any pixel is decoded
                 if width * height > max_pixels:
                     raise Image.DecompressionBombError(f"{width}x{height} pixels")
-                _check_aspect_ratio(width, height, max_aspect_ratio)  # before an upscale makes it huge
+                # Checked on the image as sent, tiny ones too: MuCo would stretch a 3 x 900 image
+                # to 56 x 56, but its content is no use squeezed 300 times.
+                _check_aspect_ratio(width, height, max_aspect_ratio)
                 image.load()  # decodes every byte: truncated files fail here
-                small = min(width, height) < MIN_IMAGE_SIDE
+                small = tiny_image_size(width, height) != (width, height)
                 if small:
-                    scale = MIN_IMAGE_SIDE / min(width, height)
-                    width = max(round(width * scale), MIN_IMAGE_SIDE)
-                    height = max(round(height * scale), MIN_IMAGE_SIDE)
                     out = io.BytesIO()
-                    image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(out, "PNG")
+                    upscale_tiny_image(image).save(out, "PNG")
                     data = out.getvalue()
+                    width, height = TINY_IMAGE_SIZE
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -118,5 +135,4 @@ def check_image(data: bytes, max_pixels: int, max_aspect_ratio: float = MAX_ASPE
         raise ImageDecodeError(
             "IMAGE_UNDECODABLE", f"image cannot be decoded: {type(err).__name__}: {described}"
         ) from None
-    _check_aspect_ratio(width, height, max_aspect_ratio)  # rounding in the upscale can push it over
     return CheckedImage(data=data, width=width, height=height, upscaled=small)

@@ -120,8 +120,7 @@ class LocalSnapshot:
         self.root = Path(root)
         self.uri, self.meta_file = str(self.root), meta_file
         self._meta = self.root / meta_file
-        if not self._meta.is_file():
-            raise SourceError(f"no meta file '{meta_file}' under snapshot root '{self.root}'")
+        _check_local_meta_file(self.root, meta_file)
 
     def meta_path(self) -> Path:
         return self._meta
@@ -131,6 +130,38 @@ class LocalSnapshot:
 
     def close(self) -> None:
         pass
+
+
+def _check_local_meta_file(root: Path, meta_file: str) -> None:
+    """Raises SourceError naming the real problem when ``root / meta_file`` is not one readable file.
+
+    The usual mistakes are told apart, since each needs a different fix: a
+    URI naming the meta file (or another file) instead of the snapshot's
+    folder, and a meta "file" that is a folder of parquet parts, as Spark and
+    other distributed writers leave a table.
+    """
+    if not root.exists():
+        raise SourceError(f"snapshot root '{root}' does not exist")
+    if not root.is_dir():
+        named = str(root).removesuffix(meta_file).rstrip("/") if str(root).endswith(meta_file) else ""
+        hint = f" (here '{named}')" if named else ""
+        raise SourceError(
+            f"snapshot root '{root}' is a file where a folder is expected: the URI names the snapshot's "
+            f"folder, the one that holds '{meta_file}'{hint}"
+        )
+    meta = root / meta_file
+    if meta.is_dir():
+        parts = sorted(meta.rglob("*.parquet"))
+        if parts:
+            raise SourceError(
+                f"meta file '{meta}' is a directory of parquet parts ({len(parts)} files, a table as Spark writes it), "
+                "not one parquet file: join the parts into one file at that path"
+            )
+        raise SourceError(f"meta file '{meta}' is a directory, not a parquet file")
+    if not meta.exists():
+        raise SourceError(f"no meta file '{meta_file}' under snapshot root '{root}'")
+    if not meta.is_file():
+        raise SourceError(f"meta file '{meta}' is not a regular file")
 
 
 @dataclass(frozen=True)
@@ -310,9 +341,23 @@ class S3Snapshot:
         try:
             self._retrying(key, attempt)
         except self._errors as err:
+            parts = self._parquet_parts(key) if _s3_error_code(err) == "NoSuchKey" else 0
+            if parts:
+                raise SourceError(
+                    f"meta file {self._url(key)} is a prefix of parquet parts ({parts} objects, a table as Spark "
+                    "writes it), not one object: join the parts into one file at that key"
+                ) from None
             raise SourceError(f"cannot read {self._url(key)}: {_describe_s3_error(err)}") from None
         finally:
             partial.unlink(missing_ok=True)
+
+    def _parquet_parts(self, key: str) -> int:
+        """How many ``*.parquet`` objects lie below ``key/`` (one listing, up to 1000); 0 if it cannot tell."""
+        try:
+            listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key + "/", MaxKeys=1000)
+        except self._errors:
+            return 0  # the missing object is what to report, not the listing
+        return sum(1 for item in listing.get("Contents", []) if item["Key"].endswith(".parquet"))
 
     def meta_path(self) -> Path:
         return self._meta
@@ -376,7 +421,7 @@ def open_snapshot(uri: str, meta_file: str, s3_options: dict[str, Any] | None = 
     """A local directory, or ``s3://bucket/prefix`` with ``s3_options`` (see s3_client)."""
     if uri.startswith("s3://"):
         if not urlparse(uri).netloc:
-            raise SourceError(f"'{uri}' names no bucket")
+            raise SourceError(f"'{uri}' names no bucket: an S3 snapshot URI is s3://BUCKET/prefix")
         return S3Snapshot(uri, meta_file, s3_options or {})
     if "://" in uri:
         raise SourceError(f"unsupported snapshot URI '{uri}': use a local directory or s3://bucket/prefix")

@@ -38,7 +38,8 @@ class MMEBTrainSourceDataset(AbstractDataset[None, list[MetaPart]]):
         try:
             return open_meta_parts(self._uri, self._meta_glob, self._image_root, self._s3_options)
         except SourceError as err:
-            raise DatasetError(str(err)) from None
+            # chained, so that the run ends with this one line (hooks.OneLineInputErrors)
+            raise DatasetError(str(err)) from err
 
     def save(self, data: None) -> None:
         raise DatasetError("an MMEB-train snapshot source is read-only")

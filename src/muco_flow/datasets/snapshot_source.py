@@ -33,7 +33,8 @@ class M3TSnapshotSourceDataset(AbstractDataset[None, SnapshotSource]):
         try:
             return open_snapshot(self._uri, self._meta_file, self._s3_options)
         except SourceError as err:
-            raise DatasetError(str(err)) from None
+            # chained, so that the run ends with this one line (hooks.OneLineInputErrors)
+            raise DatasetError(str(err)) from err
 
     def save(self, data: None) -> None:
         raise DatasetError("an M3T snapshot source is read-only")

@@ -135,6 +135,14 @@ class MBeirBenchmark:
     local_pools: dict[str, CandidatePool]
     global_pool: CandidatePool | None
 
+    def candidate_pool(self, kind: str, task: MBeirTask) -> CandidatePool:
+        """The pool ``task`` is ranked against: its local pool, or for ``global`` the union pool."""
+        if kind != "global":
+            return self.local_pools[task.local_pool]
+        if self.global_pool is None:
+            raise ValueError(f"M-BEIR: the global pool is scored but was not read (pools {self.pools})")
+        return self.global_pool
+
 
 def _where(root: Path, path: Path, line: int) -> str:
     return f"M-BEIR {path.relative_to(root) if path.is_relative_to(root) else path}, line {line}"
@@ -196,7 +204,10 @@ def _item(root: Path, record: dict[str, Any], keys: tuple[str, str, str], where:
 
 def read_pool(root: Path, path: Path, name: str) -> CandidatePool:
     """A local or global pool file; a did may appear once."""
-    dids, items, modalities, rows = [], [], [], {}
+    dids: list[str] = []
+    items: list[Item] = []
+    modalities: list[str] = []
+    rows: dict[str, int] = {}
     for where, record in _jsonl(root, path, REQUIRED_POOL_FIELDS):
         did = _id(record["did"], "did", where)
         if did in rows:
@@ -354,7 +365,7 @@ def score_mbeir(
     for kind in benchmark.pools:
         rows[kind] = {}
         for task in benchmark.tasks:
-            pool = benchmark.global_pool if kind == "global" else benchmark.local_pools[task.local_pool]
+            pool = benchmark.candidate_pool(kind, task)
             positives = [sorted({pool.rows[d] for d in dids if d in pool.rows}) for dids in task.positives]
             ranks = chunked_positive_ranks(
                 vectors(task.queries, benchmark.root),

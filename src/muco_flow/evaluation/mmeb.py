@@ -170,8 +170,13 @@ def _add_row(result: RetrievalSet, seen: dict[Item, int], row: dict[str, Any], w
     for item in [query, *candidates]:
         if item.image:
             check_image(result.root, item.image, where)
-        elif not item.text.replace(tokens.IMAGE_1, "").replace(IMAGE_TOKEN, "").strip():
-            raise EvaluationDataError(f"{where}: an item has neither text nor image")
+    # A candidate with an empty text and no image is scored as an empty text, as the reference
+    # evaluators do: their Qwen2-VL process_fn tokenizes it like any text ("in case of empty string,
+    # only BOS is included": naver-ai/muco src/model/processor.py lines 79-86, TIGER-AI-Lab/VLM2Vec
+    # src/model/processor.py lines 310-318). The query always holds the instruction, so an empty
+    # one is a broken row, not a candidate that happens to be blank.
+    if not query.image and not query.text.replace(tokens.IMAGE_1, "").replace(IMAGE_TOKEN, "").strip():
+        raise EvaluationDataError(f"{where}: the query has neither text nor image")
     indices = [result.candidate_index(c, seen) for c in candidates]
     result.queries.append(query)
     # VLM2Vec scores the row's list in order; equal candidates are one item with one vector

@@ -25,7 +25,7 @@ import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def score_on_ranks(
     params: dict[str, Any],
     format_params: dict[str, Any],
     backbone: dict[str, Any],
-    stream=None,
+    stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """``score_model``'s metrics on the sets under ``data_root``, computed by `evaluate.processes` torchrun ranks."""
     from muco_flow.torchrun import run_torchrun
@@ -54,8 +54,8 @@ def score_on_ranks(
             f"evaluate.processes is {processes}: evaluation on several processes shares pools through "
             "evaluate.pool_cache_dir; set it (conf/cluster sets data/07_model_output/pool_encodings)"
         )
-    with tempfile.TemporaryDirectory(prefix="muco-evaluate-") as work:
-        work = Path(work)
+    with tempfile.TemporaryDirectory(prefix="muco-evaluate-") as folder:
+        work = Path(folder)
         config = {
             "model_dir": model_dir,
             "data_root": str(data_root),

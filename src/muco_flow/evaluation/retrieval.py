@@ -78,7 +78,8 @@ def chunked_positive_ranks(
     """
     if torch.is_tensor(pool):
         pool = InMemoryPool(pool, pool_chunk)
-    chunks = []  # per query chunk: its positives' (row, column) pairs and scores, and the pairs never counted
+    # per query chunk: its positives' (row, column) pairs and scores, and the pairs never counted
+    chunks: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
     for q in range(0, queries.shape[0], query_chunk):
         block = queries[q : q + query_chunk]
         block_positives = positives[q : q + query_chunk]

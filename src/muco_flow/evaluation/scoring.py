@@ -1,27 +1,109 @@
-"""One model's metrics on the evaluation sets: the model loaded as configured, its pools, every score.
+"""One model's metrics on the evaluation sets: the sets and the model read as configured, every score.
 
 ``score_model`` is what the evaluate pipeline runs for the trained model and
 for the baseline, in one process or, with ``share``, as one rank of several
-(``evaluation.ranks``), each encoding its share of every pool's blocks.
+(``evaluation.ranks``), each encoding its share of every pool's blocks. The
+vectors come from ``evaluation.encoding``; here they are ranked and aggregated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
 import torch
 
 from muco_flow.data.conversations import FormatConfig
-from muco_flow.evaluation.datasets import read_m3t_heldout
+from muco_flow.evaluation.datasets import RetrievalSet, read_m3t_heldout
 from muco_flow.evaluation.encoded_pool import DEFAULT_BLOCK_ROWS
-from muco_flow.evaluation.evaluate import EncodingCache, score_sets
-from muco_flow.evaluation.mbeir import read_mbeir
+from muco_flow.evaluation.encoding import EncodingCache, checkpoint_identity
+from muco_flow.evaluation.mbeir import MBeirBenchmark, read_mbeir, score_mbeir
+from muco_flow.evaluation.metrics import argmax_hit, candidate_rank, hit_at_1, mrr, recall_at_k
 from muco_flow.evaluation.mmeb import read_mmeb
-from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation, resolve_checkpoint
+from muco_flow.evaluation.retrieval import chunked_positive_ranks
+from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation
 from muco_flow.modeling.embedder import load_embedder
-from muco_flow.training.model_identity import content_hash
+
+RECALL_KS = (1, 5, 10)
+CURVE_KS = tuple(range(1, 11))
+
+
+def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache) -> list[list[int]]:
+    """Rank of each query's positives in the whole pool, ties against them (M-BEIR, M3T)."""
+    queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
+    candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
+    return chunked_positive_ranks(queries, candidates, retrieval_set.positives)
+
+
+def own_candidate_lists(retrieval_set: RetrievalSet) -> list[list[int]]:
+    """Each query's own candidates (MMEB ranks a query among its list only, never the whole pool)."""
+    lists = [own for own in retrieval_set.candidate_lists if own is not None]
+    if len(lists) != len(retrieval_set.candidate_lists):
+        raise ValueError(f"{retrieval_set.name}: a query without its own candidate list cannot be scored as MMEB")
+    return lists
+
+
+def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[bool], list[int]]:
+    """Per query: VLM2Vec's hit (argmax of its own list), and the correct one's tie-aware rank."""
+    queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
+    candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
+    hits, ranks = [], []
+    for query, own, positives in zip(queries, own_candidate_lists(retrieval_set), retrieval_set.positives, strict=True):
+        # the correct candidate is first in its list (evaluation.mmeb)
+        scores = candidates.rows(own) @ query
+        hits.append(argmax_hit(scores))
+        ranks.append(candidate_rank(scores, own.index(positives[0])))
+    return hits, ranks
+
+
+def score_sets(
+    mmeb: list[RetrievalSet], mbeir: MBeirBenchmark | None, m3t: list[RetrievalSet], cache: EncodingCache
+) -> dict[str, Any]:
+    """Every metric for one model, as a JSON-ready dict."""
+    datasets: dict[str, dict[str, Any]] = {}
+    for s in mmeb:
+        hits, ranks = mmeb_hits(s, cache)
+        datasets[s.name] = {
+            "meta_task": s.group,
+            "queries": len(s.queries),
+            "hit@1": sum(hits) / len(hits),
+            "hit@1_strict": hit_at_1(ranks),  # a tie with a wrong candidate is a miss
+        }
+    by_task: dict[str, list[float]] = {}
+    for d in datasets.values():
+        by_task.setdefault(d["meta_task"], []).append(d["hit@1"])
+    results: dict[str, Any] = {
+        "mmeb": {
+            "datasets": datasets,
+            "meta_tasks": {task: mean(values) for task, values in sorted(by_task.items())},
+            "average": mean(d["hit@1"] for d in datasets.values()) if datasets else None,
+            "average_strict": mean(d["hit@1_strict"] for d in datasets.values()) if datasets else None,
+        }
+    }
+    curves: dict[str, dict[str, float]] = {}
+    results["mbeir"] = None
+    if mbeir is not None:
+        results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, cache.pool, CURVE_KS)
+    section = {}
+    for s in m3t:
+        each_positive = positive_ranks(s, cache)
+        section[s.group] = {
+            **{f"recall@{k}": recall_at_k(each_positive, k) for k in RECALL_KS},
+            "mrr@10": mrr(each_positive, cutoff=10),
+            "queries": len(each_positive),
+            "candidates": len(s.candidates),
+        }
+        curves[s.name] = {str(k): recall_at_k(each_positive, k) for k in CURVE_KS}
+    results["m3t_heldout"] = section
+    results["recall_curves"] = curves
+    return results
+
+
+def chance_mmeb_average(mmeb: list[RetrievalSet]) -> float:
+    """hit@1 of a random ranking: the mean of 1/|candidates| over queries, averaged over datasets."""
+    return mean(mean(1 / len(own) for own in own_candidate_lists(s)) for s in mmeb)
 
 
 def read_evaluation_sets(data_root: str | Path, params: dict[str, Any]) -> dict[str, Any]:
@@ -40,20 +122,6 @@ def read_evaluation_sets(data_root: str | Path, params: dict[str, Any]) -> dict[
     if m3t := params.get("m3t_heldout"):
         sets["m3t"] = read_m3t_heldout(root / m3t["meta_file"], root / m3t.get("image_root", "."))
     return sets
-
-
-def checkpoint_identity(name_or_path: str) -> str:
-    """Names a model's weights: a local directory by its content hash, a hub id by the commit it was loaded at.
-
-    A hub id's files are in the Hugging Face cache once the model is loaded;
-    the snapshot there is named by its commit, and a commit's files never change.
-    """
-    source, local = resolve_checkpoint(name_or_path)
-    if local:
-        return content_hash(source)
-    from huggingface_hub import snapshot_download
-
-    return f"{source}@{Path(snapshot_download(source, local_files_only=True)).name}"
 
 
 def score_model(

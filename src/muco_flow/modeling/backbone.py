@@ -7,6 +7,7 @@ loads it is the code that loads ``Qwen/Qwen2-VL-2B-Instruct`` on a cluster.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -70,7 +71,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
 def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast, preset: dict[str, Any]) -> Qwen2VLConfig:
     """A small Qwen2-VL configuration whose token ids match ``tokenizer``."""
     text, vision = preset["text"], preset["vision"]
-    ids = tokenizer.convert_tokens_to_ids
+    ids = functools.partial(tokens.token_id, tokenizer)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     # M-RoPE splits each head's rotary half into (temporal, height, width).
     if sum(text["mrope_section"]) != head_dim // 2:
@@ -157,7 +158,8 @@ def load_backbone(
     tokenizer, image_processor = load_processors(
         name_or_path, trust_remote_code=trust_remote_code, image_limits=image_limits
     )
-    model, loading = Qwen2VLForConditionalGeneration.from_pretrained(
+    # from_pretrained's annotation omits the (model, loading info) pair that output_loading_info returns
+    loaded: Any = Qwen2VLForConditionalGeneration.from_pretrained(
         source,
         dtype=dtype,
         attn_implementation=attn_implementation,
@@ -166,7 +168,8 @@ def load_backbone(
         use_safetensors=True,
         output_loading_info=True,
     )
-    _check_loading(name_or_path, loading)
+    model: Qwen2VLForConditionalGeneration = loaded[0]
+    _check_loading(name_or_path, loaded[1])
     return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor)
 
 
@@ -283,7 +286,8 @@ class PixelLimits:
             raise ValueError(
                 f"backbone.image: min_pixels {shortest} would exceed max_pixels {longest} (the checkpoint's)"
             )
-        image_processor.size = SizeDict(shortest_edge=shortest, longest_edge=longest)
+        # transformers annotates ``size`` by its class default (a dict); instances hold a SizeDict
+        image_processor.size = SizeDict(shortest_edge=shortest, longest_edge=longest)  # type: ignore[assignment]
 
 
 def load_processors(
@@ -294,8 +298,9 @@ def load_processors(
     ``image_limits`` overrides the checkpoint's pixel range where set.
     """
     source, local_only = resolve_checkpoint(name_or_path)
-    common = {"local_files_only": local_only, "trust_remote_code": trust_remote_code}
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(source, **common)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(
+        source, local_files_only=local_only, trust_remote_code=trust_remote_code
+    )
     if added := add_muco_tokens(tokenizer):
         logger.info(
             "checkpoint '%s' has no MuCo tokens: added %d (%s), whose embedding rows are untrained",
@@ -305,7 +310,9 @@ def load_processors(
         )
     # The PIL backend, whatever class the checkpoint names: the torchvision
     # backend cannot run on every machine, and both give the same pixels.
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(source, **common)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+        source, local_files_only=local_only, trust_remote_code=trust_remote_code
+    )
     if image_limits is not None:
         image_limits.apply(image_processor)
     return tokenizer, image_processor

@@ -12,19 +12,25 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import Backbone, PixelLimits, add_muco_tokens
 from muco_flow.modeling.inputs import build_model_inputs
 from muco_flow.modeling.prompt import check_single_turn_template, single_turn_text
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +73,20 @@ class MuCoEmbedder(nn.Module):
         settings = settings or EmbedderSettings()
         self.settings = settings
         self.tokenizer, self.image_processor = backbone.tokenizer, backbone.image_processor
-        model = backbone.model
+        model: Qwen2VLForConditionalGeneration | PeftModel = backbone.model
         add_muco_tokens(self.tokenizer)
         # As MuCo does: resize only past the end of the matrix. Qwen2-VL's is
         # padded (151936 rows for 151657 tokens), so the added tokens take
         # rows it already has; a MuCo release keeps its trained rows.
-        rows = model.get_input_embeddings().num_embeddings
+        embeddings = backbone.model.get_input_embeddings()
+        if not isinstance(embeddings, nn.Embedding):
+            raise TypeError(f"{type(backbone.model).__name__}'s input embeddings are not an nn.Embedding")
+        rows = embeddings.num_embeddings
         if len(self.tokenizer) > rows:
             logger.info("embedding matrix resized from %d to %d rows for MuCo's tokens", rows, len(self.tokenizer))
-            model.resize_token_embeddings(len(self.tokenizer))
-        self.emb_token_id = self.tokenizer.convert_tokens_to_ids(tokens.EMB_TOKEN)
-        self.special_token_ids = [self.tokenizer.convert_tokens_to_ids(t) for t in tokens.MUCO_TOKENS]
+            backbone.model.resize_token_embeddings(len(self.tokenizer))
+        self.emb_token_id = tokens.token_id(self.tokenizer, tokens.EMB_TOKEN)
+        self.special_token_ids = [tokens.token_id(self.tokenizer, t) for t in tokens.MUCO_TOKENS]
 
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -115,12 +124,12 @@ class MuCoEmbedder(nn.Module):
                     module.is_causal = False
 
     @property
-    def vlm(self) -> nn.Module:
+    def vlm(self) -> Qwen2VLModel:
         return self._vlm[0]
 
     @property
     def hidden_size(self) -> int:
-        return self.vlm.config.text_config.hidden_size
+        return self.vlm.config.get_text_config().hidden_size
 
     def forward(
         self,
@@ -160,7 +169,7 @@ class MuCoEmbedder(nn.Module):
             attention_mask=mask,
             mm_token_type_ids=inputs["mm_token_type_ids"],
         )
-        text_config = self.vlm.config.text_config
+        text_config = self.vlm.config.get_text_config()
         full = create_bidirectional_mask(config=text_config, inputs_embeds=shape_only, attention_mask=mask)
         masks = {layer_type: full for layer_type in set(text_config.layer_types)}
         return {**inputs, "attention_mask": masks, "position_ids": position_ids}
@@ -205,7 +214,7 @@ class MuCoEmbedder(nn.Module):
         ``muco_embedder.json`` records how to encode with it (attention direction, template).
         """
         model = self.model
-        if hasattr(model, "merge_and_unload"):
+        if not isinstance(model, PreTrainedModel):  # PEFT-wrapped: a merged copy, the adapters kept for training
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
@@ -238,11 +247,11 @@ def build_training_embedder(
     return MuCoEmbedder(loaded, EmbedderSettings.from_params(embedder))
 
 
-def _vlm(model: nn.Module) -> nn.Module:
+def _vlm(model: nn.Module) -> Qwen2VLModel:
     """The Qwen2VLModel under a Qwen2VLForConditionalGeneration, PEFT-wrapped or not."""
     for module in model.modules():
-        if type(module).__name__ == "Qwen2VLModel":
-            return module
+        if type(module).__name__ == "Qwen2VLModel":  # by name: a trust_remote_code copy of the class is one too
+            return cast("Qwen2VLModel", module)
     raise TypeError(f"{type(model).__name__} holds no Qwen2VLModel")
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from muco_flow.data.images import upscale_tiny_image
 from muco_flow.modeling import tokens
 
 
@@ -39,8 +40,12 @@ def resize_short_side(image: Image.Image, short_side: int | None) -> Image.Image
 def image_inputs(
     image_processor: Qwen2VLImageProcessorPil, images: Sequence[Image.Image], short_side: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Pixel patches, their (t, h, w) grids, and the LLM tokens each image takes."""
-    images = [resize_short_side(image, short_side) for image in images]
+    """Pixel patches, their (t, h, w) grids, and the LLM tokens each image takes.
+
+    Tiny images are stretched first, as MuCo's loader and evaluation processor do
+    (``upscale_tiny_image``); ingested ones already are, evaluation images are not.
+    """
+    images = [resize_short_side(upscale_tiny_image(image), short_side) for image in images]
     features = image_processor(images=images, return_tensors="pt")
     grid = features["image_grid_thw"]
     merge = image_processor.merge_size**2
@@ -85,7 +90,7 @@ def build_model_inputs(
     """A padded batch: ``texts[i]`` holds one ``tokens.VISION_BLOCK`` iff ``images[i]`` is set."""
     if len(texts) != len(images):
         raise ValueError(f"got {len(texts)} texts but {len(images)} images")
-    image_pad_id = tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)
+    image_pad_id = tokens.token_id(tokenizer, tokens.IMAGE_PAD)
     present = [im for im in images if im is not None]
     batch: dict[str, torch.Tensor] = {}
     counts: list[int] = []

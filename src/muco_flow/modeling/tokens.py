@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 # MuCo's embedding token: the final hidden state at each of these is one
 # turn's embedding. <|mask|> is reserved by MuCo for masked-token objectives.
 EMB_TOKEN = "<|emb|>"
@@ -39,3 +44,15 @@ QWEN2_VL_SPECIAL_TOKENS = (
     IMAGE_PAD,
     VIDEO_PAD,
 )
+
+
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of ``token`` in ``tokenizer``'s vocabulary; a token it lacks is an error.
+
+    ``convert_tokens_to_ids`` answers a missing token with the unknown token's
+    id, or None where there is none (Qwen2-VL's byte-level tokenizer).
+    """
+    found = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(found, int) or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise KeyError(f"{token} is not in the tokenizer's vocabulary")
+    return found

@@ -6,10 +6,9 @@ from typing import Any
 
 import pandas as pd
 
-from muco_flow.evaluation.evaluate import chance_mmeb_average
 from muco_flow.evaluation.ranks import score_on_ranks
 from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
-from muco_flow.evaluation.scoring import read_evaluation_sets, score_model
+from muco_flow.evaluation.scoring import chance_mmeb_average, read_evaluation_sets, score_model
 from muco_flow.tracking import metrics_table, select_metrics
 from muco_flow.training.model_identity import content_hash, verify_trained_model
 
@@ -32,7 +31,7 @@ def evaluated_model_dir(train_run: dict[str, Any], params: dict[str, Any]) -> st
     return params.get("model") or train_run["model_dir"]
 
 
-def scored_model(train_run: dict[str, Any], params: dict[str, Any]) -> dict[str, str]:
+def scored_model(train_run: dict[str, Any], params: dict[str, Any]) -> dict[str, str | None]:
     """Which model ``evaluate`` scores: its directory, MLflow run and content hash (metrics.json's `scored_model`).
 
     The model training wrote is checked against train_run.json (again, after
@@ -42,7 +41,7 @@ def scored_model(train_run: dict[str, Any], params: dict[str, Any]) -> dict[str,
     directory = evaluated_model_dir(train_run, params)
     if params.get("model"):  # a release: it has no run of its own; the evaluation goes to train_run's
         return {"model_dir": directory, "mlflow_run_id": None, "content_hash": content_hash(directory)}
-    return {"model_dir": directory} | verify_trained_model(directory, train_run)
+    return {"model_dir": directory, **verify_trained_model(directory, train_run)}
 
 
 def evaluate_trained_model(

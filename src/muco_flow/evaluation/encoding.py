@@ -1,34 +1,35 @@
-"""Scores one embedder on retrieval sets: encode each distinct item once, rank, aggregate."""
+"""Items to vectors for evaluation: each distinct item encoded once, candidate pools in memory or on disk.
+
+``EncodingCache`` keeps query vectors in memory and builds candidate pools
+(``evaluation.encoded_pool``); a pool on disk is keyed by everything its
+vectors depend on: the model (``checkpoint_identity`` and the load settings),
+the encoding code (``encoding_code_key``), the prompt template and the items.
+Scoring the vectors is ``evaluation.scoring``'s job.
+"""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import importlib.util
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from statistics import mean
-from typing import Any
 
 import torch
 from PIL import Image
 
 from muco_flow.data.images import confined_path
-from muco_flow.evaluation.datasets import Item, RetrievalSet
+from muco_flow.evaluation.datasets import Item
 from muco_flow.evaluation.encoded_pool import DEFAULT_BLOCK_ROWS, EncodedPool, InMemoryPool, VectorPool
-from muco_flow.evaluation.mbeir import MBeirBenchmark, score_mbeir
-from muco_flow.evaluation.metrics import argmax_hit, candidate_rank, hit_at_1, mrr, recall_at_k
-from muco_flow.evaluation.retrieval import chunked_positive_ranks
+from muco_flow.modeling.backbone import resolve_checkpoint
 from muco_flow.modeling.embedder import MuCoEmbedder
+from muco_flow.training.model_identity import content_hash
 
-logger = logging.getLogger(__name__)
-
-RECALL_KS = (1, 5, 10)
-CURVE_KS = tuple(range(1, 11))
 # The code between an item and its vector: a change to any of them makes pools on disk stale
+# (this module opens the items' images: EncodingCache._encode)
 ENCODING_MODULES = (
     "muco_flow.data.images",
+    "muco_flow.evaluation.encoding",
     "muco_flow.modeling.backbone",
     "muco_flow.modeling.embedder",
     "muco_flow.modeling.inputs",
@@ -118,6 +119,7 @@ class EncodingCache:
             item_key=item_key,
         )
         if self.share[1] > 1:
+            assert self.barrier is not None  # __init__ refuses several ranks without one
             pool.ensure(*self.share)
             self.barrier()  # every rank's blocks are on disk after this
         self._pools[(str(root), id(items))] = (items, pool)
@@ -132,73 +134,22 @@ def encoding_code_key() -> str:
 
     digest = hashlib.sha256(f"{torch.__version__} {transformers.__version__} {PIL.__version__}".encode())
     for module in ENCODING_MODULES:
-        digest.update(Path(importlib.util.find_spec(module).origin).read_bytes() + b"\0")
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:  # renamed or moved: say which, not AttributeError on None
+            raise ModuleNotFoundError(f"ENCODING_MODULES names {module}, which has no source file")
+        digest.update(Path(spec.origin).read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache) -> list[list[int]]:
-    """Rank of each query's positives in the whole pool, ties against them (M-BEIR, M3T)."""
-    queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
-    candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
-    return chunked_positive_ranks(queries, candidates, retrieval_set.positives)
+def checkpoint_identity(name_or_path: str) -> str:
+    """Names a model's weights: a local directory by its content hash, a hub id by the commit it was loaded at.
 
+    A hub id's files are in the Hugging Face cache once the model is loaded;
+    the snapshot there is named by its commit, and a commit's files never change.
+    """
+    source, local = resolve_checkpoint(name_or_path)
+    if local:
+        return content_hash(source)
+    from huggingface_hub import snapshot_download
 
-def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[bool], list[int]]:
-    """Per query: VLM2Vec's hit (argmax of its own list), and the correct one's tie-aware rank."""
-    queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
-    candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
-    hits, ranks = [], []
-    for query, own, positives in zip(queries, retrieval_set.candidate_lists, retrieval_set.positives, strict=True):
-        # the correct candidate is first in its list (evaluation.mmeb)
-        scores = candidates.rows(own) @ query
-        hits.append(argmax_hit(scores))
-        ranks.append(candidate_rank(scores, own.index(positives[0])))
-    return hits, ranks
-
-
-def score_sets(
-    mmeb: list[RetrievalSet], mbeir: MBeirBenchmark | None, m3t: list[RetrievalSet], cache: EncodingCache
-) -> dict[str, Any]:
-    """Every metric for one model, as a JSON-ready dict."""
-    datasets = {}
-    for s in mmeb:
-        hits, ranks = mmeb_hits(s, cache)
-        datasets[s.name] = {
-            "meta_task": s.group,
-            "queries": len(s.queries),
-            "hit@1": sum(hits) / len(hits),
-            "hit@1_strict": hit_at_1(ranks),  # a tie with a wrong candidate is a miss
-        }
-    by_task: dict[str, list[float]] = {}
-    for d in datasets.values():
-        by_task.setdefault(d["meta_task"], []).append(d["hit@1"])
-    results: dict[str, Any] = {
-        "mmeb": {
-            "datasets": datasets,
-            "meta_tasks": {task: mean(values) for task, values in sorted(by_task.items())},
-            "average": mean(d["hit@1"] for d in datasets.values()) if datasets else None,
-            "average_strict": mean(d["hit@1_strict"] for d in datasets.values()) if datasets else None,
-        }
-    }
-    curves: dict[str, dict[str, float]] = {}
-    results["mbeir"] = None
-    if mbeir is not None:
-        results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, cache.pool, CURVE_KS)
-    section = {}
-    for s in m3t:
-        ranks = positive_ranks(s, cache)
-        section[s.group] = {
-            **{f"recall@{k}": recall_at_k(ranks, k) for k in RECALL_KS},
-            "mrr@10": mrr(ranks, cutoff=10),
-            "queries": len(ranks),
-            "candidates": len(s.candidates),
-        }
-        curves[s.name] = {str(k): recall_at_k(ranks, k) for k in CURVE_KS}
-    results["m3t_heldout"] = section
-    results["recall_curves"] = curves
-    return results
-
-
-def chance_mmeb_average(mmeb: list[RetrievalSet]) -> float:
-    """hit@1 of a random ranking: the mean of 1/|candidates| over queries, averaged over datasets."""
-    return mean(mean(1 / len(own) for own in s.candidate_lists) for s in mmeb)
+    return f"{source}@{Path(snapshot_download(source, local_files_only=True)).name}"
