@@ -1,4 +1,4 @@
-"""Nodes of the `finetune` pipeline: `train`'s node function, run as MuCo's stage 2."""
+"""Nodes of the `finetune` pipeline: the training stage run as MuCo's stage 2."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import pandas as pd
 
-from muco_flow.pipelines.train.nodes import run_training_stage
 from muco_flow.tracking import resolve_tracking_uri
 from muco_flow.training.init_model import resolve_init_model
+from muco_flow.training.stage import run_training_stage
 
 
 def finetuning_settings(training: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

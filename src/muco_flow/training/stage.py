@@ -1,4 +1,9 @@
-"""Nodes of the `train` pipeline."""
+"""One MuCo training stage under torchrun, from the Kedro node's parameters to the run record.
+
+`train` (stage 1, M3T conversations) and `finetune` (stage 2, MMEB-train
+samples) run the same function: check the data and the tracking server,
+resolve one run configuration, launch the ranks, read back what they wrote.
+"""
 
 from __future__ import annotations
 
@@ -22,24 +27,10 @@ from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
 
-
-def train_muco_model(
-    conversations_dir: str,
-    shards_dir: str,
-    checkpoint: str,
-    training: dict[str, Any],
-    backbone: dict[str, Any],
-    format_params: dict[str, Any],
-    mlflow: dict[str, Any],
-    kedro_run: dict[str, Any],
-) -> tuple[dict[str, Any], pd.DataFrame, Any]:
-    """Trains on every configured process; returns the run record, loss history and loss plot.
-
-    Re-running resumes from the newest complete checkpoint of the same settings.
-    """
-    return run_training_stage(
-        conversations_dir, shards_dir, checkpoint, training, backbone, format_params, mlflow, kedro_run
-    )
+# The tag that names a fine-tuning run's stage-1 run (not mlflow.parentRunId: the runs may be in different experiments)
+PARENT_RUN_TAG = "muco_flow.parent_run_id"
+# The MLflow run's name when training.run_name is empty
+DEFAULT_RUN_NAME = "{pipelines}-{checkpoint}-lr{training.learning_rate}"
 
 
 def run_training_stage(
@@ -57,7 +48,9 @@ def run_training_stage(
 ) -> tuple[dict[str, Any], pd.DataFrame, Any]:
     """One MuCo training stage under torchrun: `train` (stage 1) or `finetune` (stage 2 from ``parent_run_id``'s model).
 
-    The run record names the parent run, so that register can name both.
+    The `train` pipeline's node. Returns the run record, loss history and loss
+    plot; the record names the parent run, so that register can name both.
+    Re-running resumes from the newest complete checkpoint of the same settings.
     """
     check_conversations_match_shards(Path(conversations_dir), Path(shards_dir))
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
@@ -140,7 +133,3 @@ def describe_run(config: dict[str, Any], kedro_run: dict[str, Any], parent_run_i
         "tags": tags,
         "data_fingerprint": fingerprint,
     }
-
-
-PARENT_RUN_TAG = "muco_flow.parent_run_id"
-DEFAULT_RUN_NAME = "{pipelines}-{checkpoint}-lr{training.learning_rate}"
