@@ -26,6 +26,7 @@ from muco_flow.training.data import check_conversations_match_shards
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
+from muco_flow.training.run_tracking import METRICS_FILE, RUN_FILE
 
 # The tag that names a fine-tuning run's stage-1 run (not mlflow.parentRunId: the runs may be in different experiments)
 PARENT_RUN_TAG = "muco_flow.parent_run_id"
@@ -72,8 +73,8 @@ def run_training_stage(
     config["mlflow"] |= describe_run(config, kedro_run, parent_run_id)
     launch_training(config)
     output_dir = Path(training["output_dir"])
-    history = read_metrics(output_dir / "metrics.jsonl")
-    run = json.loads((output_dir / "run.json").read_text())
+    history = read_metrics(output_dir / METRICS_FILE)
+    run = json.loads((output_dir / RUN_FILE).read_text())
     identity = read_model_identity(output_dir / "model")
     if identity["mlflow_run_id"] != run["mlflow_run_id"]:
         raise ModelIdentityError(
