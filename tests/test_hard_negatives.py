@@ -17,13 +17,11 @@ from tests.test_format import SYSTEM, ingested, processors, run_format, source_r
 
 def batches_of(formatted, ingested_dir, processor_pair, **options):
     tokenizer, image_processor = processor_pair
-    return ConversationBatches(
+    return ConversationBatches.for_tokenizer(
         formatted,
         ingested_dir,
         image_processor,
-        pad_id=tokenizer.pad_token_id,
-        image_pad_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        emb_id=tokenizer.convert_tokens_to_ids("<|emb|>"),
+        tokenizer,
         rank=0,
         world_size=1,
         seed=0,

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from muco_flow.data import mmeb_train, mmeb_train_ingest, schema
@@ -237,6 +238,15 @@ class Batch:
 SideImages = tuple[Sequence[Image.Image | None], Sequence[int]]
 
 
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str | None) -> int:
+    """The id of ``token``, a single token of ``tokenizer``'s vocabulary; raises naming it if there is none."""
+    found = tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
+    # a token outside the vocabulary maps to the unknown token's id (or None)
+    if not isinstance(found, int) or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(f"the tokenizer has no {token or 'padding'} token; was it saved by the backbone pipeline?")
+    return found
+
+
 class ConversationBatches:
     """Deterministic, rank-sharded batches over formatted records.
 
@@ -293,6 +303,38 @@ class ConversationBatches:
                 f"{self.conversations} conversations give no full batch of {batch_size} per rank x {world_size} "
                 "ranks; lower training.micro_batch_size or use more data"
             )
+
+    @classmethod
+    def for_tokenizer(
+        cls,
+        conversations_dir: Path,
+        shards_dir: Path,
+        image_processor: Qwen2VLImageProcessorPil,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        hard_negatives: bool = False,
+    ) -> ConversationBatches:
+        """Batches collated with ``tokenizer``'s padding, ``<|image_pad|>`` and ``<|emb|>`` ids.
+
+        ``tokenizer`` is the one the conversations were formatted with, MuCo's tokens added.
+        """
+        return cls(
+            conversations_dir,
+            shards_dir,
+            image_processor,
+            pad_id=token_id(tokenizer, tokenizer.pad_token),
+            image_pad_id=token_id(tokenizer, tokens.IMAGE_PAD),
+            emb_id=token_id(tokenizer, tokens.EMB_TOKEN),
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            hard_negatives=hard_negatives,
+        )
 
     @property
     def global_batch(self) -> int:

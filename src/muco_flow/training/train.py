@@ -182,7 +182,6 @@ def train(config: dict[str, Any]) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from muco_flow.modeling import tokens
     from muco_flow.modeling.embedder import build_training_embedder
     from muco_flow.training.checkpoint import (
         checkpoint_run_id,
@@ -224,13 +223,11 @@ def train(config: dict[str, Any]) -> None:
     )
 
     # --- data ----------------------------------------------------------------
-    batches = ConversationBatches(
+    batches = ConversationBatches.for_tokenizer(
         Path(config["conversations_dir"]),
         Path(config["shards_dir"]),
         embedder.image_processor,
-        pad_id=embedder.tokenizer.pad_token_id,
-        image_pad_id=embedder.tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD),
-        emb_id=embedder.emb_token_id,
+        embedder.tokenizer,
         batch_size=settings["micro_batch_size"],
         rank=rank,
         world_size=world,
