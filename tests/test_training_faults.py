@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.data import StaleConversationsError, check_conversations_match_shards
 from muco_flow.training.launch import ERROR_MARKER, failure_message, resolve_run_config
 from muco_flow.training.lock import LOCK_FILE, TrainingLockedError, lock_file_name, output_folder_lock
@@ -120,7 +121,7 @@ def run_fingerprint(project: Path) -> str:
     training["output_dir"] = str(project / "data/06_models/muco")
     training["deepspeed"]["config"] = str(project / "conf/zero2.json")
     return resolve_run_config(
-        training=training,
+        training=TrainingConfig.from_dict(training),
         backbone=load_params()["backbone"],
         encode_template="{text}<|emb|>",
         tracking_uri="sqlite:///mlflow.db",

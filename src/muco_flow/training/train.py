@@ -14,6 +14,7 @@ run, from start to finish or failure, is run_tracking.py's TrainingRun.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -190,11 +191,12 @@ def train(config: dict[str, Any]) -> None:
         remove_staging_leftovers,
         save_checkpoint,
     )
+    from muco_flow.training.config import TrainingConfig
     from muco_flow.training.data import ConversationBatches, batch_loader
     from muco_flow.training.run_tracking import TrainingRun, ended_as_failed_on_error
 
     output_dir = Path(config["output_dir"])
-    settings = config["training"]
+    settings = TrainingConfig.from_dict(config["training"])
 
     # --- processes ----------------------------------------------------------
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -209,12 +211,12 @@ def train(config: dict[str, Any]) -> None:
     logger.info("rank %d of %d on %s", rank, world, device)
 
     # --- model ---------------------------------------------------------------
-    # the same seed gives the same LoRA init on every rank...
+    # the same seed gives the same LoRA init on every rank... (the embedder is built from its parameters' form)
     embedder = build_training_embedder(
-        config["checkpoint"], config["backbone"], settings["embedder"], seed=settings["seed"]
+        config["checkpoint"], config["backbone"], dataclasses.asdict(settings.embedder), seed=settings.seed
     ).to(device)
-    random.seed(settings["seed"] + rank)  # ...and each rank its own dropout masks from here on
-    torch.manual_seed(settings["seed"] + rank)
+    random.seed(settings.seed + rank)  # ...and each rank its own dropout masks from here on
+    torch.manual_seed(settings.seed + rank)
     trainable = [p for p in embedder.parameters() if p.requires_grad]
     logger.info(
         "trainable parameters: %d of %d",
@@ -228,11 +230,11 @@ def train(config: dict[str, Any]) -> None:
         Path(config["shards_dir"]),
         embedder.image_processor,
         embedder.tokenizer,
-        batch_size=settings["micro_batch_size"],
+        batch_size=settings.micro_batch_size,
         rank=rank,
         world_size=world,
-        seed=settings["seed"],
-        hard_negatives=settings.get("hard_negatives", False),
+        seed=settings.seed,
+        hard_negatives=settings.hard_negatives,
     )
     data_stage, stage = stage_of(batches), config.get("stage", "train")
     four_way = data_stage == "finetune"
@@ -241,15 +243,15 @@ def train(config: dict[str, Any]) -> None:
             f"the {stage} pipeline got {data_stage} data in {config['conversations_dir']} "
             "(train reads M3T conversations from the format pipeline, finetune MMEB-train samples from finetune_data)"
         )
-    chunk_size = (settings.get("grad_cache") or {}).get("chunk_size")
-    total_steps = settings.get("max_steps") or settings["epochs"] * batches.steps_per_epoch
+    chunk_size = settings.grad_cache.chunk_size
+    total_steps = settings.max_steps or settings.epochs * batches.steps_per_epoch
     logger.info(
         "%d steps (%d per epoch), %d conversations per step", total_steps, batches.steps_per_epoch, batches.global_batch
     )
 
     # --- DeepSpeed engine ------------------------------------------------------
     def scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings["warmup_steps"], total_steps))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total_steps))
 
     engine, _, _, lr_scheduler = deepspeed.initialize(
         model=embedder, model_parameters=trainable, config=config["deepspeed"], lr_scheduler=scheduler
@@ -289,9 +291,7 @@ def train(config: dict[str, Any]) -> None:
             mininterval=2.0,
         )
         # step s is batch s: records, images and collation in worker processes, steps ahead of the model
-        loader = batch_loader(
-            batches, start, total_steps, chunk_size=chunk_size, workers=settings.get("data_workers", 0)
-        )
+        loader = batch_loader(batches, start, total_steps, chunk_size=chunk_size, workers=settings.data_workers)
         step = start
         for step in range(start, total_steps):
             began = time.perf_counter()  # the step's time includes waiting for its batch
@@ -300,9 +300,9 @@ def train(config: dict[str, Any]) -> None:
                 engine,
                 parts,
                 device,
-                temperature=settings["temperature"],
-                symmetric_loss=settings["symmetric_loss"],
-                mask_duplicate_targets=settings["mask_duplicate_targets"],
+                temperature=settings.temperature,
+                symmetric_loss=settings.symmetric_loss,
+                mask_duplicate_targets=settings.mask_duplicate_targets,
                 grad_cache=bool(chunk_size),
                 four_way=four_way,
             )
@@ -326,7 +326,7 @@ def train(config: dict[str, Any]) -> None:
                 run.log(step + 1, metrics)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
                 progress.update()
-            if (step + 1) % settings["log_every"] == 0 or step + 1 == total_steps:
+            if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
                 # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
                 logger.info(
                     "step %d/%d loss %.4f lr %.3g grad_norm %.3g pairs/s %.1f",
@@ -337,7 +337,7 @@ def train(config: dict[str, Any]) -> None:
                     metrics["grad_norm"],
                     metrics["pairs_per_second"],
                 )
-            if (step + 1) % settings["save_every"] == 0 or step + 1 == total_steps:
+            if (step + 1) % settings.save_every == 0 or step + 1 == total_steps:
                 save_checkpoint(
                     engine,
                     checkpoints,
@@ -345,7 +345,7 @@ def train(config: dict[str, Any]) -> None:
                     rank=rank,
                     world_size=world,
                     fingerprint=config["fingerprint"],
-                    keep_last=settings["keep_last"],
+                    keep_last=settings.keep_last,
                     client_state={"step": step + 1},
                     mlflow_run_id=run.run_id if run is not None else None,
                 )
