@@ -9,7 +9,7 @@ The YAML is where every value lives: no field here has a default, so no code
 default can disagree with it (the embedder's settings are the model's own,
 ``EmbedderSettings``, whose defaults are MuCo's reference values and are tested
 equal to the YAML's). Whether a setting decides the weights, and so enters the
-resume fingerprint, is declared on its field: ``setting(fingerprint=False)``.
+resume fingerprint, is declared on its field: ``field(metadata=setting(fingerprint=False))``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from muco_flow.training.deepspeed_config import PRECISIONS
 PARAMETERS_FILE = "conf/base/parameters_train.yml"
 
 
-# On a field: it does not enter the resume fingerprint (see ``setting``)
+# A field's metadata: it does not enter the resume fingerprint (see ``setting``)
 NOT_FINGERPRINTED = {"fingerprint": False}
 
 
@@ -42,74 +42,72 @@ def setting(
     exclusive_minimum: bool = False,
     maximum: float | None = None,
     choices: tuple[str, ...] = (),
-) -> Any:
-    """A required field with what it accepts, and whether it enters the resume fingerprint.
+) -> dict[str, Any]:
+    """A field's metadata: what the setting accepts, and whether it enters the resume fingerprint.
 
     ``fingerprint=False``: where or how often, not what is trained (paths, logging, checkpointing,
     processes); a checkpoint made with another value is resumed.
     """
-    return field(
-        metadata={
-            "fingerprint": fingerprint,
-            "minimum": minimum,
-            "exclusive_minimum": exclusive_minimum,
-            "maximum": maximum,
-            "choices": choices,
-        }
-    )
+    return {
+        "fingerprint": fingerprint,
+        "minimum": minimum,
+        "exclusive_minimum": exclusive_minimum,
+        "maximum": maximum,
+        "choices": choices,
+    }
 
 
 @dataclass(frozen=True)
 class GradCacheSettings:
     # n: GradCache, embed n conversations at a time; None: the whole micro batch with one graph
-    chunk_size: int | None = setting(minimum=1)
+    chunk_size: int | None = field(metadata=setting(minimum=1))
 
 
 @dataclass(frozen=True)
 class DeepSpeedSettings:
     # the template's path: its content enters the fingerprint through the resolved DeepSpeed config
-    config: str = setting(fingerprint=False)
-    offload_optimizer: bool = setting()
+    config: str = field(metadata=setting(fingerprint=False))
+    offload_optimizer: bool
 
 
 @dataclass(frozen=True)
 class LauncherSettings:
     """How torchrun lays the ranks out: 1 node x 2 processes resumes the checkpoints of 2 nodes x 1 process."""
 
-    processes_per_node: int = setting(minimum=1)
-    nodes: int = setting(minimum=1)
-    node_rank: int = setting(minimum=0)
-    master_addr: str = setting()
-    master_port: int | None = setting(minimum=1, maximum=65535)
+    processes_per_node: int = field(metadata=setting(minimum=1))
+    nodes: int = field(metadata=setting(minimum=1))
+    node_rank: int = field(metadata=setting(minimum=0))
+    master_addr: str
+    master_port: int | None = field(metadata=setting(minimum=1, maximum=65535))
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """The `training` parameters; conf/base/parameters_train.yml says what each one does."""
 
-    run_name: str | None = setting(fingerprint=False)
-    output_dir: str = setting(fingerprint=False)
-    seed: int = setting(minimum=0)
-    precision: str = setting(choices=PRECISIONS)
-    learning_rate: float = setting(minimum=0, exclusive_minimum=True)
-    warmup_steps: int = setting(minimum=0)
-    epochs: int = setting(minimum=1)
-    max_steps: int | None = setting(minimum=1)
-    micro_batch_size: int = setting(minimum=1)
-    gradient_accumulation_steps: int = setting(minimum=1)
-    gradient_clipping: float = setting(minimum=0)
-    temperature: float = setting(minimum=0, exclusive_minimum=True)
-    symmetric_loss: bool = setting()
-    mask_duplicate_targets: bool = setting()
-    hard_negatives: bool = setting()
+    run_name: str | None = field(metadata=setting(fingerprint=False))
+    output_dir: str = field(metadata=setting(fingerprint=False))
+    seed: int = field(metadata=setting(minimum=0))
+    precision: str = field(metadata=setting(choices=PRECISIONS))
+    learning_rate: float = field(metadata=setting(minimum=0, exclusive_minimum=True))
+    warmup_steps: int = field(metadata=setting(minimum=0))
+    epochs: int = field(metadata=setting(minimum=1))
+    max_steps: int | None = field(metadata=setting(minimum=1))
+    micro_batch_size: int = field(metadata=setting(minimum=1))
+    gradient_accumulation_steps: int = field(metadata=setting(minimum=1))
+    gradient_clipping: float = field(metadata=setting(minimum=0))
+    temperature: float = field(metadata=setting(minimum=0, exclusive_minimum=True))
+    symmetric_loss: bool
+    mask_duplicate_targets: bool
+    hard_negatives: bool
     # where batches are made, not what they hold
-    data_workers: int = setting(fingerprint=False, minimum=0)
-    grad_cache: GradCacheSettings = field()
-    save_every: int = setting(fingerprint=False, minimum=1)
-    keep_last: int = setting(fingerprint=False, minimum=1)
-    log_every: int = setting(fingerprint=False, minimum=1)
-    embedder: EmbedderSettings = field()
-    deepspeed: DeepSpeedSettings = field()
+    data_workers: int = field(metadata=setting(fingerprint=False, minimum=0))
+    grad_cache: GradCacheSettings
+    save_every: int = field(metadata=setting(fingerprint=False, minimum=1))
+    keep_last: int = field(metadata=setting(fingerprint=False, minimum=1))
+    log_every: int = field(metadata=setting(fingerprint=False, minimum=1))
+    embedder: EmbedderSettings
+    deepspeed: DeepSpeedSettings
     launcher: LauncherSettings = field(metadata=NOT_FINGERPRINTED)
 
     def __post_init__(self) -> None:

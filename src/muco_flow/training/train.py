@@ -94,7 +94,7 @@ def forward_backward(
     hard_negatives = parts[0].negative is not None
 
     def embed(part: Batch) -> list[torch.Tensor]:
-        sides = [part.query, part.target] + ([part.negative] if hard_negatives else [])
+        sides = [part.query, part.target] + ([part.negative] if part.negative is not None else [])
         return [engine(**{k: v.to(device) for k, v in side.items()}) for side in sides]
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -125,7 +125,10 @@ def forward_backward(
         if hard_negatives:
             all_negatives = all_gather_with_grad(negative[0])
             if mask_duplicate_targets:
-                negative_keys = all_gather_without_grad(torch.cat([p.negative_keys for p in parts]).to(device))
+                keyed = [p.negative_keys for p in parts if p.negative_keys is not None]
+                if len(keyed) != len(parts):
+                    raise ValueError("the batch's hard negatives have no target keys to mask duplicates with")
+                negative_keys = all_gather_without_grad(torch.cat(keyed).to(device))
         value = multi_turn_contrastive_loss(
             query,
             all_targets,
@@ -211,7 +214,7 @@ def train(config: dict[str, Any]) -> None:
     logger.info("rank %d of %d on %s", rank, world, device)
 
     # --- model ---------------------------------------------------------------
-    # the same seed gives the same LoRA init on every rank... (the embedder is built from its parameters' form)
+    # the same seed gives the same LoRA init on every rank... (build_training_embedder takes the parameters' dict)
     embedder = build_training_embedder(
         config["checkpoint"], config["backbone"], dataclasses.asdict(settings.embedder), seed=settings.seed
     ).to(device)
