@@ -118,13 +118,13 @@ class TrainingConfig:
             )
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any], key: str = "training") -> TrainingConfig:
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainingConfig:
         """The settings in ``values`` (the `training` parameters, or ``to_dict``'s output), checked.
 
-        Raises TrainingConfigError naming ``key``'s dotted setting that is unknown, missing, of the
-        wrong type or out of range.
+        Raises TrainingConfigError naming the dotted key (``training.…``) of a setting that is
+        unknown, missing, of the wrong type or out of range.
         """
-        return _build(cls, values, key)
+        return _build(cls, values, "training")
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as the parameters hold them (JSON-serialisable); ``from_dict`` reads them back."""
