@@ -215,7 +215,7 @@ def test_token_ids_come_from_the_vocabulary_or_the_tokenizer_is_refused():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from muco_flow.training.data import token_id
+    from muco_flow.modeling.tokens import token_id
 
     def tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
         word_level = models.WordLevel({token: i for i, token in enumerate(vocabulary)}, unk_token="[UNK]")

@@ -242,15 +242,6 @@ class Batch:
 SideImages = tuple[Sequence[Image.Image | None], Sequence[int]]
 
 
-def token_id(tokenizer: PreTrainedTokenizerBase, token: str | None) -> int:
-    """The id of ``token``, a single token of ``tokenizer``'s vocabulary; raises naming it if there is none."""
-    found = tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
-    # a token outside the vocabulary maps to the unknown token's id (or None)
-    if not isinstance(found, int) or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        raise ValueError(f"the tokenizer has no {token or 'padding'} token; was it saved by the backbone pipeline?")
-    return found
-
-
 class ConversationBatches:
     """Deterministic, rank-sharded batches over formatted records.
 
@@ -331,9 +322,9 @@ class ConversationBatches:
             conversations_dir,
             shards_dir,
             image_processor,
-            pad_id=token_id(tokenizer, tokenizer.pad_token),
-            image_pad_id=token_id(tokenizer, tokens.IMAGE_PAD),
-            emb_id=token_id(tokenizer, tokens.EMB_TOKEN),
+            pad_id=tokens.token_id(tokenizer, tokenizer.pad_token),
+            image_pad_id=tokens.token_id(tokenizer, tokens.IMAGE_PAD),
+            emb_id=tokens.token_id(tokenizer, tokens.EMB_TOKEN),
             batch_size=batch_size,
             rank=rank,
             world_size=world_size,
