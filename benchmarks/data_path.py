@@ -25,7 +25,6 @@ from benchmarks import common, workload
 from benchmarks.ingest_scaling import build_snapshot, ingest
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.data.formatting import format_m3t_shards
-from muco_flow.modeling import tokens
 from muco_flow.training.data import ConversationBatches
 
 NAME = "data_path"
@@ -66,13 +65,11 @@ def run(args: Any) -> dict[str, Any]:
         conversations.mkdir()
         manifest = format_m3t_shards(shards, conversations, embedder.tokenizer, embedder.image_processor, format_config)
 
-        batches = ConversationBatches(
+        batches = ConversationBatches.for_tokenizer(
             conversations,
             shards,
             embedder.image_processor,
-            pad_id=embedder.tokenizer.pad_token_id,
-            image_pad_id=embedder.tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD),
-            emb_id=embedder.emb_token_id,
+            embedder.tokenizer,
             batch_size=batch_size,
             rank=0,
             world_size=1,

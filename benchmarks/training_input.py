@@ -158,19 +158,16 @@ def write_formatted(
 def _batches(directory: Path, backbone: Path, rank: int = 0, world_size: int = 1, batch_size: int = 8):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from muco_flow.modeling import tokens
     from muco_flow.modeling.backbone import load_processors
     from muco_flow.training.data import ConversationBatches
 
     tokenizer, _ = load_processors(str(backbone))
     processor = Qwen2VLImageProcessorPil.from_pretrained(str(backbone), size=QWEN2_VL_PIXELS, local_files_only=True)
-    return ConversationBatches(
+    return ConversationBatches.for_tokenizer(
         directory,
         directory,  # the ingest shards: only stage 2 reads images from them
         processor,
-        pad_id=tokenizer.pad_token_id,
-        image_pad_id=tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD),
-        emb_id=tokenizer.convert_tokens_to_ids(tokens.EMB_TOKEN),
+        tokenizer,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,

@@ -24,6 +24,7 @@ from muco_flow.data.conversations import MODES, FormatConfig
 from muco_flow.data.formatting import TurnTokenizer, assemble_conversations, image_token_count
 from muco_flow.modeling import tokens
 from muco_flow.modeling.embedder import MuCoEmbedder, build_training_embedder
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.data import Batch, collate_conversations
 from muco_flow.training.deepspeed_config import training_deepspeed_config
 
@@ -143,7 +144,7 @@ def training_engine(embedder: MuCoEmbedder, training: dict[str, Any], template: 
     """A DeepSpeed engine over ``embedder``'s trainable parameters, configured as training configures it."""
     import deepspeed
 
-    config = training_deepspeed_config(training, on_cpu=True, template=template)
+    config = training_deepspeed_config(TrainingConfig.from_dict(training), on_cpu=True, template=template)
     trainable = [p for p in embedder.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=embedder, model_parameters=trainable, config=config)
     engine.train()

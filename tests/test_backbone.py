@@ -51,14 +51,14 @@ def test_a_token_id_is_its_vocabulary_entry_and_a_missing_token_is_named():
     # the BPE trainer gives the special tokens the first ids, in the order they are passed
     assert [tokens.token_id(tokenizer, t) for t in ALL_SPECIAL] == list(range(len(ALL_SPECIAL)))
     # byte-level: no unknown token, so convert_tokens_to_ids answers None for a missing one
-    with pytest.raises(KeyError, match=re.escape("<|not_a_token|>")):
+    with pytest.raises(ValueError, match=re.escape("<|not_a_token|>")):
         tokens.token_id(tokenizer, "<|not_a_token|>")
     # with an unknown token, a missing token would silently be the unknown token's id
     word_level = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "red": 1}, unk_token="[UNK]")), unk_token="[UNK]"
     )
     assert (tokens.token_id(word_level, "red"), tokens.token_id(word_level, "[UNK]")) == (1, 0)
-    with pytest.raises(KeyError, match="blue"):
+    with pytest.raises(ValueError, match="blue"):
         tokens.token_id(word_level, "blue")
 
 

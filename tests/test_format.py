@@ -186,13 +186,11 @@ def test_training_refuses_shards_formatted_by_another_version(ingested, processo
         writer.write_table(older)
     os.replace(str(shard) + ".new", shard)  # the mapped original stays readable until unmapped
     with pytest.raises(ValueError, match=r"no column part_turns, target_key\); re-run the format pipeline"):
-        ConversationBatches(
+        ConversationBatches.for_tokenizer(
             formatted,
             ingested,
             processors[1],
-            pad_id=0,
-            image_pad_id=1,
-            emb_id=2,
+            processors[0],
             batch_size=2,
             rank=0,
             world_size=1,

@@ -9,6 +9,7 @@ import pytest
 from muco_flow.data.conversations import FormatConfig, target_key
 from muco_flow.data.formatting import assemble_conversations
 from muco_flow.modeling.inputs import build_model_inputs
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.data import ConversationBatches
 from muco_flow.training.launch import validate_grad_cache
 from tests.conftest import load_params
@@ -17,13 +18,11 @@ from tests.test_format import SYSTEM, ingested, processors, run_format, source_r
 
 def batches_of(formatted, ingested_dir, processor_pair, **options):
     tokenizer, image_processor = processor_pair
-    return ConversationBatches(
+    return ConversationBatches.for_tokenizer(
         formatted,
         ingested_dir,
         image_processor,
-        pad_id=tokenizer.pad_token_id,
-        image_pad_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        emb_id=tokenizer.convert_tokens_to_ids("<|emb|>"),
+        tokenizer,
         rank=0,
         world_size=1,
         seed=0,
@@ -125,12 +124,13 @@ def test_a_sample_without_negatives_is_named(ingested, processors, tmp_path):  #
 def test_grad_cache_settings_that_cannot_run_are_named(overrides, message):
     training = {**load_params()["training"], **overrides}
     with pytest.raises(ValueError, match=message):
-        validate_grad_cache(training, {"zero_optimization": {"stage": 2}})
-    validate_grad_cache(load_params()["training"], {"zero_optimization": {"stage": 0}})  # off: nothing to check
+        validate_grad_cache(TrainingConfig.from_dict(training), {"zero_optimization": {"stage": 2}})
+    off = TrainingConfig.from_dict(load_params()["training"])
+    validate_grad_cache(off, {"zero_optimization": {"stage": 0}})  # off: nothing to check
 
 
 def test_grad_cache_needs_a_zero_stage():
     training = {**load_params()["training"], "grad_cache": {"chunk_size": 2}}
     with pytest.raises(ValueError, match="needs ZeRO stage 1, 2 or 3"):
-        validate_grad_cache(training, {"zero_optimization": {"stage": 0}})
-    validate_grad_cache(training, {"zero_optimization": {"stage": 2}})
+        validate_grad_cache(TrainingConfig.from_dict(training), {"zero_optimization": {"stage": 0}})
+    validate_grad_cache(TrainingConfig.from_dict(training), {"zero_optimization": {"stage": 2}})

@@ -431,19 +431,14 @@ def test_draws_are_fixed_per_epoch_and_sample():
 def test_batches_hold_two_embeddings_per_side_and_one_per_hard_negative(ingested, processors, tmp_path):
     tokenizer, image_processor = processors
     out, _, _ = formatted(ingested, processors, tmp_path, finetune_config())
-    ids = {
-        name: tokenizer.convert_tokens_to_ids(tok)
-        for name, tok in (("emb", tokens.EMB_TOKEN), ("pad", tokens.IMAGE_PAD))
-    }
+    image_pad = tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD)
 
     def batches(rank: int) -> ConversationBatches:
-        return ConversationBatches(
+        return ConversationBatches.for_tokenizer(
             out,
             ingested[0],
             image_processor,
-            pad_id=tokenizer.pad_token_id,
-            image_pad_id=ids["pad"],
-            emb_id=ids["emb"],
+            tokenizer,
             batch_size=3,
             rank=rank,
             world_size=2,
@@ -461,7 +456,7 @@ def test_batches_hold_two_embeddings_per_side_and_one_per_hard_negative(ingested
         assert a.negative["emb_index"][:, 0].tolist() == [0, 1, 2]
         assert again.query["input_ids"].equal(a.query["input_ids"])  # the same draw in a new process
         for side in (s for batch in (a, b) for s in (batch.query, batch.target, batch.negative)):
-            pads = int((side["input_ids"] == ids["pad"]).sum())
+            pads = int((side["input_ids"] == image_pad).sum())
             assert pads == (int(side["image_grid_thw"].prod(-1).sum()) // 4 if "image_grid_thw" in side else 0)
     assert not first.batch(0).query["input_ids"].equal(first.batch(1).query["input_ids"])
 

@@ -42,13 +42,11 @@ def formatted(small_sample_root, tiny_backbone_dir, tmp_path_factory):
 
 def make_batches(formatted, rank=0, world_size=1, batch_size=2):
     ingested, out, tokenizer, image_processor = formatted
-    return ConversationBatches(
+    return ConversationBatches.for_tokenizer(
         out,
         ingested,
         image_processor,
-        pad_id=tokenizer.pad_token_id,
-        image_pad_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        emb_id=tokenizer.convert_tokens_to_ids("<|emb|>"),
+        tokenizer,
         batch_size=batch_size,
         rank=rank,
         world_size=world_size,
@@ -212,3 +210,21 @@ def test_the_cli_formats_as_two_torchrun_nodes_then_merges(formatted, tiny_backb
         )
     subprocess.run([*cli, "format-merge", *common], env=env, check=True, cwd=PROJECT_ROOT)
     assert tree(split) == tree(out)
+
+
+def test_token_ids_come_from_the_vocabulary_or_the_tokenizer_is_refused():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from muco_flow.modeling.tokens import token_id
+
+    def tokenizer(vocabulary: list[str]) -> PreTrainedTokenizerFast:
+        word_level = models.WordLevel({token: i for i, token in enumerate(vocabulary)}, unk_token="[UNK]")
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(word_level), unk_token="[UNK]")
+
+    muco = tokenizer(["[UNK]", "<|endoftext|>", "<|image_pad|>", "<|emb|>"])
+    assert (token_id(muco, "<|endoftext|>"), token_id(muco, "<|image_pad|>"), token_id(muco, "<|emb|>")) == (1, 2, 3)
+    with pytest.raises(ValueError, match=r"the tokenizer has no <\|emb\|> token"):
+        token_id(tokenizer(["[UNK]", "<|endoftext|>", "<|image_pad|>"]), "<|emb|>")  # it maps to [UNK]
+    with pytest.raises(ValueError, match="the tokenizer has no padding token"):
+        token_id(muco, muco.pad_token)  # None: no padding token was set

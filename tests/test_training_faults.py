@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from muco_flow.pipelines.train.nodes import train_muco_model
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.data import StaleConversationsError, check_conversations_match_shards
 from muco_flow.training.launch import ERROR_MARKER, failure_message, resolve_run_config
 from muco_flow.training.lock import LOCK_FILE, TrainingLockedError, lock_file_name, output_folder_lock
+from muco_flow.training.stage import run_training_stage
 from muco_flow.training.train import NonFiniteLossError, check_finite
 from tests.conftest import PROJECT_ROOT, load_params
 
@@ -111,7 +112,7 @@ def test_conversations_of_other_shards_stop_training_before_it_starts(tmp_path, 
     )
     with pytest.raises(StaleConversationsError, match=message):
         # the node refuses first: no tracking server, backbone or process is touched
-        train_muco_model(str(conversations), str(shards), "no-checkpoint", {}, {}, {}, {}, {})
+        run_training_stage(str(conversations), str(shards), "no-checkpoint", {}, {}, {}, {}, {})
 
 
 def run_fingerprint(project: Path) -> str:
@@ -120,7 +121,7 @@ def run_fingerprint(project: Path) -> str:
     training["output_dir"] = str(project / "data/06_models/muco")
     training["deepspeed"]["config"] = str(project / "conf/zero2.json")
     return resolve_run_config(
-        training=training,
+        training=TrainingConfig.from_dict(training),
         backbone=load_params()["backbone"],
         encode_template="{text}<|emb|>",
         tracking_uri="sqlite:///mlflow.db",

@@ -123,12 +123,13 @@ def zero2_engine(seed: int):
     """
     import deepspeed
 
+    from muco_flow.training.config import TrainingConfig
     from muco_flow.training.launch import resolve_run_config
 
     training = load_params()["training"]
     training["deepspeed"]["config"] = str(PROJECT_ROOT / training["deepspeed"]["config"])
     config = resolve_run_config(
-        training=training,
+        training=TrainingConfig.from_dict(training),
         backbone={},
         encode_template="",
         tracking_uri="",

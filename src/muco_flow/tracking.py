@@ -10,7 +10,7 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -228,7 +228,7 @@ class MetricBuffer:
                     len(self._pending),
                 )
 
-    def log_missing(self, records: list[Mapping[str, float]], key: str = "loss") -> int:
+    def log_missing(self, records: Sequence[Mapping[str, float]], key: str = "loss") -> int:
         """Sends the records (metrics.jsonl lines: a step and its values) whose step MLflow lacks; returns how many.
 
         A resumed run calls it with the steps before its checkpoint: a rank 0

@@ -46,13 +46,15 @@ QWEN2_VL_SPECIAL_TOKENS = (
 )
 
 
-def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
-    """The id of ``token`` in ``tokenizer``'s vocabulary; a token it lacks is an error.
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str | None) -> int:
+    """The id of ``token`` in ``tokenizer``'s vocabulary; a token it lacks (or None: no padding token set) is an error.
 
     ``convert_tokens_to_ids`` answers a missing token with the unknown token's
     id, or None where there is none (Qwen2-VL's byte-level tokenizer).
     """
-    found = tokenizer.convert_tokens_to_ids(token)
+    found = tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
     if not isinstance(found, int) or (found == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        raise KeyError(f"{token} is not in the tokenizer's vocabulary")
+        raise ValueError(
+            f"the tokenizer has no {token or 'padding'} token; was it saved by muco-flow's backbone pipeline?"
+        )
     return found

@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,7 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds objects that weights-only unpickling does not allow."""
 
 
-def deepspeed_checkpoint_types() -> list[type]:
+def deepspeed_checkpoint_types() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
     """The non-tensor types DeepSpeed's ZeRO optimizer files hold (stages 1-3, fp32 and bf16)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

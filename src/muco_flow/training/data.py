@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from muco_flow.data import mmeb_train, mmeb_train_ingest, schema
@@ -182,7 +183,11 @@ class FormattedRecords:
         return record
 
     def _image(self, file: int, record: dict[str, Any]) -> bytes:
-        path = self.files[file][1]
+        records, path = self.files[file]
+        if path is None:  # a manifest edited by hand, or of another version
+            raise ValueError(
+                f"{records} places images in an image file that its manifest does not name; re-run the format pipeline"
+            )
         fd = os.open(path, os.O_RDONLY)
         try:
             # no read-ahead: the next image this process needs is elsewhere
@@ -261,13 +266,14 @@ class ConversationBatches:
         hard_negatives: bool = False,
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
-        self.kind = RECORD_KINDS.get(manifest.get("schema_version"))
-        if self.kind is None:
+        kind = RECORD_KINDS.get(manifest.get("schema_version"))
+        if kind is None:
             raise ValueError(
                 f"{conversations_dir} was formatted by another muco-flow version (schema "
                 f"{manifest.get('schema_version')}, this one reads {', '.join(RECORD_KINDS)}); "
                 "re-run the format pipeline"
             )
+        self.kind: RecordKind = kind
         # stage 1 reads the formatted hard negatives only when training asks for them
         self.settings = manifest["settings"]
         if self.kind is RECORD_KINDS.get(schema.SCHEMA_VERSION):
@@ -294,6 +300,38 @@ class ConversationBatches:
                 "ranks; lower training.micro_batch_size or use more data"
             )
 
+    @classmethod
+    def for_tokenizer(
+        cls,
+        conversations_dir: Path,
+        shards_dir: Path,
+        image_processor: Qwen2VLImageProcessorPil,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        hard_negatives: bool = False,
+    ) -> ConversationBatches:
+        """Batches collated with ``tokenizer``'s padding, ``<|image_pad|>`` and ``<|emb|>`` ids.
+
+        ``tokenizer`` is the one the conversations were formatted with, MuCo's tokens added.
+        """
+        return cls(
+            conversations_dir,
+            shards_dir,
+            image_processor,
+            pad_id=tokens.token_id(tokenizer, tokenizer.pad_token),
+            image_pad_id=tokens.token_id(tokenizer, tokens.IMAGE_PAD),
+            emb_id=tokens.token_id(tokenizer, tokens.EMB_TOKEN),
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            hard_negatives=hard_negatives,
+        )
+
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
@@ -312,12 +350,12 @@ class ConversationBatches:
         groups, left_out = [], 0
         for turns in np.unique(self.unit_turns):
             units = np.flatnonzero(self.unit_turns == turns)
-            rng.shuffle(units)
+            rng.shuffle(units)  # type: ignore[arg-type]  # an ndarray shuffles in place like a list
             full = len(units) // self.global_batch * self.global_batch
             left_out += len(units) - full
             groups.append(units[:full].reshape(-1, self.global_batch))
         order = np.arange(self.steps_per_epoch)
-        rng.shuffle(order)
+        rng.shuffle(order)  # type: ignore[arg-type]  # as above
         batches = np.concatenate(groups)[order]
         if left_out and epoch == 0 and self.rank == 0:
             # different conversations are left out each epoch, since the shuffle differs
@@ -351,10 +389,11 @@ class ConversationBatches:
         ]
         conversations = [conversation for conversation, _ in rows]
 
-        def side(name: str) -> SideImages | None:
-            if name not in rows[0][1]:
-                return None
+        def side(name: str) -> SideImages:
             return [images[name][0] for _, images in rows], [images[name][1] for _, images in rows]
+
+        def optional_side(name: str) -> SideImages | None:
+            return side(name) if name in rows[0][1] else None
 
         query_images, query_tokens = side("query")
         return collate_conversations(
@@ -366,8 +405,8 @@ class ConversationBatches:
             image_pad_id=self.image_pad_id,
             emb_id=self.emb_id,
             short_side=self.settings.get("image_short_side"),
-            target_images=side("target"),
-            negative_images=side("negative"),
+            target_images=optional_side("target"),
+            negative_images=optional_side("negative"),
         )
 
 
@@ -417,6 +456,14 @@ def batch_loader(
         generator=torch.Generator().manual_seed(0),
     )
     return iter(loader)
+
+
+def _of_every(conversations: Sequence[Conversation], field: str, what: str) -> list[Any]:
+    """Each conversation's ``field``; raises if some have it and some have None."""
+    values = [getattr(c, field) for c in conversations]
+    if any(value is None for value in values):
+        raise ValueError(f"some conversations of the batch have {what} and some have none")
+    return values
 
 
 def _open_image(data: bytes) -> Image.Image:
@@ -548,17 +595,18 @@ def collate_conversations(
     counts = {"query": (query, len(conversations) * turns), "target": (target, len(conversations) * turns)}
     negative = negative_keys = None
     if conversations[0].negative_ids is not None:
-        if any(c.negative_ids is None for c in conversations):
-            raise ValueError("some conversations of the batch have a hard negative and some have none")
         # one row per hard negative: one per turn (stage 1) or per sample (stage 2, with its image)
-        rows = [row for c in conversations for row in c.negative_ids]
+        rows = [row for ids in _of_every(conversations, "negative_ids", "a hard negative") for row in ids]
         negative = collate(rows, pad_id, image_pad_id)
         if negative_images is not None:
             negative = _with_images(negative, negative_images, ids_, "hard negative", image_processor, short_side)
         negative["emb_index"] = (negative["input_ids"] == emb_id).nonzero()
         counts["hard negative"] = (negative, len(rows))
         if conversations[0].negative_key is not None:
-            negative_keys = torch.tensor([key for c in conversations for key in c.negative_key], dtype=torch.long)
+            negative_keys = torch.tensor(
+                [key for keys in _of_every(conversations, "negative_key", "a hard negative key") for key in keys],
+                dtype=torch.long,
+            )
     for side, (batch, expected) in counts.items():
         if batch["emb_index"].shape[0] != expected:
             raise ValueError(

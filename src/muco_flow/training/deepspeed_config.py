@@ -10,7 +10,10 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from muco_flow.training.config import TrainingConfig
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -67,21 +70,20 @@ def resolve_deepspeed_config(
 
 
 def training_deepspeed_config(
-    training: dict[str, Any], *, on_cpu: bool, template: dict[str, Any] | None = None
+    training: TrainingConfig, *, on_cpu: bool, template: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The DeepSpeed config of a run with the `training` parameters.
+    """The DeepSpeed config of a run with the `training` settings.
 
     ``template`` replaces the file named by `training.deepspeed.config`.
     """
-    ds = training["deepspeed"]
     return resolve_deepspeed_config(
-        load_deepspeed_template(ds["config"]) if template is None else template,
-        precision=training["precision"],
-        learning_rate=training["learning_rate"],
-        offload_optimizer=ds["offload_optimizer"],
-        micro_batch_size=training["micro_batch_size"],
-        gradient_accumulation_steps=training["gradient_accumulation_steps"],
-        gradient_clipping=training["gradient_clipping"],
+        load_deepspeed_template(training.deepspeed.config) if template is None else template,
+        precision=training.precision,
+        learning_rate=training.learning_rate,
+        offload_optimizer=training.deepspeed.offload_optimizer,
+        micro_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        gradient_clipping=training.gradient_clipping,
         on_cpu=on_cpu,
     )
 

@@ -101,8 +101,8 @@ def grad_cache_step(
     # all-gather's backward sums what every rank's loss owes these rows.
     whole = [torch.cat(parts).requires_grad_() for parts in zip(*cached, strict=True)]
     value, terms = loss(whole)
-    gradients = torch.autograd.grad(value, whole, allow_unused=True)
-    gradients = [torch.zeros_like(w) if g is None else g for w, g in zip(whole, gradients, strict=True)]
+    found = torch.autograd.grad(value, whole, allow_unused=True)
+    gradients = [torch.zeros_like(w) if g is None else g for w, g in zip(whole, found, strict=True)]
     sizes = [[len(outputs[i]) for outputs in cached] for i in range(len(whole))]
     per_chunk = list(zip(*(g.split(s) for g, s in zip(gradients, sizes, strict=True)), strict=True))
     del whole, cached

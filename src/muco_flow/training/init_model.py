@@ -32,7 +32,7 @@ def resolve_init_model(
     return init_from, None
 
 
-def _download_registered(uri: str, tracking_uri: str, download_dir: Path, marker: str) -> tuple[str, str]:
+def _download_registered(uri: str, tracking_uri: str, download_dir: Path, marker: str) -> tuple[str, str | None]:
     import shutil
 
     import mlflow.artifacts
@@ -40,8 +40,10 @@ def _download_registered(uri: str, tracking_uri: str, download_dir: Path, marker
     from mlflow.tracking import MlflowClient
 
     reference = uri.removeprefix("models:/")
-    name, alias = reference.split("@", 1) if "@" in reference else (reference, None)
-    name, _, number = name.partition("/") if alias is None else (name, "", None)
+    name, _, alias = reference.partition("@")
+    number = ""
+    if not alias:
+        name, _, number = name.partition("/")
     if not name or not (alias or number):
         raise InitModelError(f"finetune.init_from {uri!r}: expected models:/<name>/<version> or models:/<name>@<alias>")
     client = MlflowClient(tracking_uri)

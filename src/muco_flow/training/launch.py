@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from muco_flow.torchrun import on_cpu, run_torchrun
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.deepspeed_config import training_deepspeed_config, validate_deepspeed_config
 from muco_flow.training.lock import lock_file_name, output_folder_lock
 
@@ -22,7 +23,7 @@ ERROR_MARKER = "muco-flow training error"
 
 def resolve_run_config(
     *,
-    training: dict[str, Any],
+    training: TrainingConfig,
     backbone: dict[str, Any],
     encode_template: str,
     tracking_uri: str,
@@ -34,6 +35,8 @@ def resolve_run_config(
     parent_run_id: str | None = None,
 ) -> dict[str, Any]:
     """Everything one rank needs, in one JSON-serialisable dict, plus its fingerprint.
+
+    ``training`` goes in as ``to_dict()``: each rank reads it back with ``TrainingConfig.from_dict``.
 
     ``stage``: "train" (MuCo's stage 1, M3T conversations) or "finetune" (stage 2, MMEB-train samples).
     ``parent_run_id``: the stage-1 run a fine-tuning starts from; part of the
@@ -47,38 +50,22 @@ def resolve_run_config(
     validate_grad_cache(training, deepspeed)
     config = {
         "stage": stage,
-        "output_dir": training["output_dir"],
+        "output_dir": training.output_dir,
         "checkpoint": checkpoint,
         "conversations_dir": conversations_dir,
         "shards_dir": shards_dir,
         "backbone": backbone,
-        "training": training,
+        "training": training.to_dict(),
         "deepspeed": deepspeed,
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_name": training.get("run_name")},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_name": training.run_name},
         "encode_template": encode_template,
     }
     # What decides the weights: a checkpoint made under another fingerprint is not resumed. Contents, not
-    # paths: a project moved or copied elsewhere resumes its checkpoints.
+    # paths: a project moved or copied elsewhere resumes its checkpoints. Which training settings count is
+    # declared on their fields (training/config.py).
     decisive = {k: config[k] for k in ("backbone", "deepspeed", "encode_template")} | {
         "checkpoint": _checkpoint_fingerprint(checkpoint),
-        "training": {
-            k: v
-            for k, v in training.items()
-            # data_workers: where batches are made, not what they hold
-            if k
-            not in (
-                "save_every",
-                "keep_last",
-                "log_every",
-                "launcher",
-                "run_name",
-                "output_dir",
-                "deepspeed",
-                "data_workers",
-            )
-        }
-        # the DeepSpeed file's path: its content is in `deepspeed` above
-        | {"deepspeed": {k: v for k, v in training.get("deepspeed", {}).items() if k != "config"}},
+        "training": training.fingerprinted(),
         "data": _data_fingerprint(conversations_dir),
     }
     if parent_run_id:
@@ -87,18 +74,15 @@ def resolve_run_config(
     return config
 
 
-def validate_grad_cache(training: dict[str, Any], deepspeed: dict[str, Any]) -> None:
+def validate_grad_cache(training: TrainingConfig, deepspeed: dict[str, Any]) -> None:
     """Raises ValueError naming the setting if `training.grad_cache` cannot run with the others."""
-    chunk_size = (training.get("grad_cache") or {}).get("chunk_size")
-    if chunk_size is None:
+    if training.grad_cache.chunk_size is None:
         return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"training.grad_cache.chunk_size must be a positive integer or null, got {chunk_size!r}")
-    if training["gradient_accumulation_steps"] != 1:
+    if training.gradient_accumulation_steps != 1:
         # DeepSpeed coalesces the chunks' gradient reduction within one step only
         raise ValueError(
             "training.grad_cache replaces gradient accumulation: set training.gradient_accumulation_steps to 1 "
-            f"(it is {training['gradient_accumulation_steps']}) and raise training.micro_batch_size instead, "
+            f"(it is {training.gradient_accumulation_steps}) and raise training.micro_batch_size instead, "
             "which also makes every conversation a negative of the others"
         )
     if deepspeed["zero_optimization"]["stage"] == 0:

@@ -8,12 +8,13 @@ resume from the newest complete checkpoint, then loop: two forward passes
 from every rank, the multi-turn contrastive loss, one DeepSpeed step (with
 `training.grad_cache.chunk_size`, the forwards and backwards go chunk by
 chunk, see grad_cache.py); log, checkpoint, repeat. Rank
-0 finally writes the merged model and the MLflow artifacts.
+0 finally writes the merged model and the MLflow artifacts. Rank 0's MLflow
+run, from start to finish or failure, is run_tracking.py's TrainingRun.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
     from muco_flow.training.data import Batch
 
 logger = logging.getLogger("muco_flow.train")
-
-# The tag that holds why a training stopped, on its MLflow run (ended FAILED or KILLED)
-ERROR_TAG = "muco_flow.error"
 
 
 def setup_logging(output_dir: Path, rank: int) -> None:
@@ -96,7 +94,7 @@ def forward_backward(
     hard_negatives = parts[0].negative is not None
 
     def embed(part: Batch) -> list[torch.Tensor]:
-        sides = [part.query, part.target] + ([part.negative] if hard_negatives else [])
+        sides = [part.query, part.target] + ([part.negative] if part.negative is not None else [])
         return [engine(**{k: v.to(device) for k, v in side.items()}) for side in sides]
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -127,7 +125,10 @@ def forward_backward(
         if hard_negatives:
             all_negatives = all_gather_with_grad(negative[0])
             if mask_duplicate_targets:
-                negative_keys = all_gather_without_grad(torch.cat([p.negative_keys for p in parts]).to(device))
+                keyed = [p.negative_keys for p in parts if p.negative_keys is not None]
+                if len(keyed) != len(parts):
+                    raise ValueError("the batch's hard negatives have no target keys to mask duplicates with")
+                negative_keys = all_gather_without_grad(torch.cat(keyed).to(device))
         value = multi_turn_contrastive_loss(
             query,
             all_targets,
@@ -185,7 +186,6 @@ def train(config: dict[str, Any]) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from muco_flow.modeling import tokens
     from muco_flow.modeling.embedder import build_training_embedder
     from muco_flow.training.checkpoint import (
         checkpoint_run_id,
@@ -194,10 +194,12 @@ def train(config: dict[str, Any]) -> None:
         remove_staging_leftovers,
         save_checkpoint,
     )
+    from muco_flow.training.config import TrainingConfig
     from muco_flow.training.data import ConversationBatches, batch_loader
+    from muco_flow.training.run_tracking import TrainingRun, ended_as_failed_on_error
 
     output_dir = Path(config["output_dir"])
-    settings = config["training"]
+    settings = TrainingConfig.from_dict(config["training"])
 
     # --- processes ----------------------------------------------------------
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -212,12 +214,12 @@ def train(config: dict[str, Any]) -> None:
     logger.info("rank %d of %d on %s", rank, world, device)
 
     # --- model ---------------------------------------------------------------
-    # the same seed gives the same LoRA init on every rank...
+    # the same seed gives the same LoRA init on every rank... (build_training_embedder takes the parameters' dict)
     embedder = build_training_embedder(
-        config["checkpoint"], config["backbone"], settings["embedder"], seed=settings["seed"]
+        config["checkpoint"], config["backbone"], dataclasses.asdict(settings.embedder), seed=settings.seed
     ).to(device)
-    random.seed(settings["seed"] + rank)  # ...and each rank its own dropout masks from here on
-    torch.manual_seed(settings["seed"] + rank)
+    random.seed(settings.seed + rank)  # ...and each rank its own dropout masks from here on
+    torch.manual_seed(settings.seed + rank)
     trainable = [p for p in embedder.parameters() if p.requires_grad]
     logger.info(
         "trainable parameters: %d of %d",
@@ -226,18 +228,16 @@ def train(config: dict[str, Any]) -> None:
     )
 
     # --- data ----------------------------------------------------------------
-    batches = ConversationBatches(
+    batches = ConversationBatches.for_tokenizer(
         Path(config["conversations_dir"]),
         Path(config["shards_dir"]),
         embedder.image_processor,
-        pad_id=embedder.tokenizer.pad_token_id,
-        image_pad_id=embedder.tokenizer.convert_tokens_to_ids(tokens.IMAGE_PAD),
-        emb_id=embedder.emb_token_id,
-        batch_size=settings["micro_batch_size"],
+        embedder.tokenizer,
+        batch_size=settings.micro_batch_size,
         rank=rank,
         world_size=world,
-        seed=settings["seed"],
-        hard_negatives=settings.get("hard_negatives", False),
+        seed=settings.seed,
+        hard_negatives=settings.hard_negatives,
     )
     data_stage, stage = stage_of(batches), config.get("stage", "train")
     four_way = data_stage == "finetune"
@@ -246,15 +246,15 @@ def train(config: dict[str, Any]) -> None:
             f"the {stage} pipeline got {data_stage} data in {config['conversations_dir']} "
             "(train reads M3T conversations from the format pipeline, finetune MMEB-train samples from finetune_data)"
         )
-    chunk_size = (settings.get("grad_cache") or {}).get("chunk_size")
-    total_steps = settings.get("max_steps") or settings["epochs"] * batches.steps_per_epoch
+    chunk_size = settings.grad_cache.chunk_size
+    total_steps = settings.max_steps or settings.epochs * batches.steps_per_epoch
     logger.info(
         "%d steps (%d per epoch), %d conversations per step", total_steps, batches.steps_per_epoch, batches.global_batch
     )
 
     # --- DeepSpeed engine ------------------------------------------------------
     def scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings["warmup_steps"], total_steps))
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total_steps))
 
     engine, _, _, lr_scheduler = deepspeed.initialize(
         model=embedder, model_parameters=trainable, config=config["deepspeed"], lr_scheduler=scheduler
@@ -276,15 +276,11 @@ def train(config: dict[str, Any]) -> None:
         logger.warning("no usable checkpoint in %s; training from step 0", checkpoints)
     dist.barrier()
 
-    tracker = metrics_file = None
-    if rank == 0:
-        tracker = _start_tracking(config, output_dir, resuming=start > 0, checkpoint_run=resumed_run)
-        metrics_file, earlier = _open_metrics(output_dir / "metrics.jsonl", start)
-        if earlier:  # a killed rank 0 may have died with steps it had not sent to MLflow yet
-            logger.info("sent %d earlier steps that MLflow did not have", tracker.log_missing(earlier))
+    # rank 0 keeps the MLflow run and metrics.jsonl
+    run = TrainingRun.start(config, output_dir, start_step=start, checkpoint_run=resumed_run) if rank == 0 else None
 
     # --- loop ------------------------------------------------------------------
-    with _ended_as_failed_on_error(tracker):
+    with ended_as_failed_on_error(run):
         from tqdm.auto import tqdm
 
         engine.train()
@@ -298,9 +294,7 @@ def train(config: dict[str, Any]) -> None:
             mininterval=2.0,
         )
         # step s is batch s: records, images and collation in worker processes, steps ahead of the model
-        loader = batch_loader(
-            batches, start, total_steps, chunk_size=chunk_size, workers=settings.get("data_workers", 0)
-        )
+        loader = batch_loader(batches, start, total_steps, chunk_size=chunk_size, workers=settings.data_workers)
         step = start
         for step in range(start, total_steps):
             began = time.perf_counter()  # the step's time includes waiting for its batch
@@ -309,9 +303,9 @@ def train(config: dict[str, Any]) -> None:
                 engine,
                 parts,
                 device,
-                temperature=settings["temperature"],
-                symmetric_loss=settings["symmetric_loss"],
-                mask_duplicate_targets=settings["mask_duplicate_targets"],
+                temperature=settings.temperature,
+                symmetric_loss=settings.symmetric_loss,
+                mask_duplicate_targets=settings.mask_duplicate_targets,
                 grad_cache=bool(chunk_size),
                 four_way=four_way,
             )
@@ -331,13 +325,11 @@ def train(config: dict[str, Any]) -> None:
             }
             # a loss made of several terms (stage 2's four-way loss) logs each, averaged over ranks
             metrics |= {f"loss/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
-            if rank == 0:
-                metrics_file.write(json.dumps({"step": step + 1, **metrics}) + "\n")
-                metrics_file.flush()
-                tracker.log(step + 1, metrics)
+            if run is not None:  # rank 0
+                run.log(step + 1, metrics)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
                 progress.update()
-            if (step + 1) % settings["log_every"] == 0 or step + 1 == total_steps:
+            if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
                 # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
                 logger.info(
                     "step %d/%d loss %.4f lr %.3g grad_norm %.3g pairs/s %.1f",
@@ -348,7 +340,7 @@ def train(config: dict[str, Any]) -> None:
                     metrics["grad_norm"],
                     metrics["pairs_per_second"],
                 )
-            if (step + 1) % settings["save_every"] == 0 or step + 1 == total_steps:
+            if (step + 1) % settings.save_every == 0 or step + 1 == total_steps:
                 save_checkpoint(
                     engine,
                     checkpoints,
@@ -356,36 +348,23 @@ def train(config: dict[str, Any]) -> None:
                     rank=rank,
                     world_size=world,
                     fingerprint=config["fingerprint"],
-                    keep_last=settings["keep_last"],
+                    keep_last=settings.keep_last,
                     client_state={"step": step + 1},
-                    mlflow_run_id=tracker.run_id if rank == 0 else None,
+                    mlflow_run_id=run.run_id if run is not None else None,
                 )
         progress.close()
 
         # --- final model and artifacts (rank 0) --------------------------------------------
-        if rank == 0:
-            metrics_file.close()
+        if run is not None:
             _write_final_model(
                 engine.module,
                 output_dir / "model",
                 config["encode_template"],
-                mlflow_run_id=tracker.run_id,
+                mlflow_run_id=run.run_id,
                 fingerprint=config["fingerprint"],
             )
-            tracker.flush()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
-            _finish_tracking(config, output_dir, tracker)
+            run.finish()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
     dist.barrier()
-
-
-def _open_metrics(path: Path, start: int):
-    """The per-step metrics file, cut back to the resumed step so that the curve has no repeats.
-
-    Returns it open for appending, with the records it kept.
-    """
-    lines = [line for line in path.read_text().splitlines() if line] if path.exists() else []
-    kept = [line for line in lines if json.loads(line)["step"] <= start]
-    path.write_text("".join(line + "\n" for line in kept))
-    return path.open("a"), [json.loads(line) for line in kept]
 
 
 def _write_final_model(
@@ -407,124 +386,6 @@ def _write_final_model(
     os.replace(staging, target)
     shutil.rmtree(retired, ignore_errors=True)
     logger.info("final model written to %s", target)
-
-
-def _start_tracking(config: dict[str, Any], output_dir: Path, *, resuming: bool, checkpoint_run: str | None):
-    """Starts the MLflow run, with system metrics on; returns a metric buffer.
-
-    A resumed training continues the run that wrote its checkpoint (run.json's,
-    for a checkpoint that does not say). A training from step 0 always starts a
-    new run: one run never holds two trainings' curves, and the previous run,
-    if it never finished, is ended (KILLED) rather than left RUNNING.
-    """
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from muco_flow.tracking import TRAINING_METRICS_SECTION, MetricBuffer, flatten
-
-    settings = config["mlflow"]
-    mlflow.set_tracking_uri(settings["tracking_uri"])
-    client = MlflowClient(settings["tracking_uri"])
-    run_file = output_dir / "run.json"
-    previous = json.loads(run_file.read_text()) if run_file.exists() else {}
-    run_id = None
-    if resuming:
-        run_id = checkpoint_run or (
-            previous.get("mlflow_run_id") if previous.get("fingerprint") == config["fingerprint"] else None
-        )
-    elif previous.get("mlflow_run_id"):
-        _end_unfinished_run(client, previous["mlflow_run_id"])
-    if run_id is not None:
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)
-    else:
-        experiment = mlflow.set_experiment(settings["experiment"])
-        run_id = mlflow.start_run(
-            experiment_id=experiment.experiment_id,
-            run_name=settings["run_name"],
-            description=settings["description"],
-            tags={"muco_flow.stage": config.get("stage", "train"), **settings["tags"]},
-            log_system_metrics=True,
-        ).info.run_id
-        params = flatten({k: config[k] for k in ("training", "backbone")}) | {"checkpoint": config["checkpoint"]}
-        items = list(params.items())
-        for i in range(0, len(items), 100):
-            from mlflow.entities import Param
-
-            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
-        client.log_dict(run_id, config["deepspeed"], "config/deepspeed.json")
-        client.log_dict(run_id, config, "config/run_config.json")
-        _log_training_data(config)
-    run_file.write_text(
-        json.dumps(
-            {"mlflow_run_id": run_id, "fingerprint": config["fingerprint"], "tracking_uri": settings["tracking_uri"]},
-            indent=2,
-        )
-    )
-    return MetricBuffer(client, run_id, every=config["training"]["log_every"], section=TRAINING_METRICS_SECTION)
-
-
-def _end_unfinished_run(client: Any, run_id: str) -> None:
-    """Marks a previous training's run KILLED if it is still RUNNING: this training will not continue it."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        status = client.get_run(run_id).info.status
-    except MlflowException:
-        return  # deleted, or another tracking store: nothing to end
-    if status == "RUNNING":
-        client.set_terminated(run_id, status="KILLED")
-        logger.info("ended MLflow run %s (KILLED): this training starts from step 0 in a new run", run_id)
-
-
-def _log_training_data(config: dict[str, Any]) -> None:
-    """The shards trained on, as the run's "training" dataset: where they are and their fingerprint."""
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    shards = Path(config["shards_dir"])
-    fingerprint = config["mlflow"]["data_fingerprint"]
-    # MLflow keeps 36 characters of a digest; the version tag data_fingerprint has all 64
-    dataset = MetaDataset(resolve_dataset_source(str(shards.resolve())), name=shards.name, digest=fingerprint[:36])
-    mlflow.log_input(dataset, context="training", tags={"data_fingerprint": fingerprint})
-
-
-def _finish_tracking(config: dict[str, Any], output_dir: Path, tracker: Any) -> None:
-    import mlflow
-
-    from muco_flow.training.report import loss_curve_figure, read_metrics
-
-    history = read_metrics(output_dir / "metrics.jsonl")
-    figure = loss_curve_figure(history)
-    tracker.client.log_figure(tracker.run_id, figure, "plots/loss_curve.png")
-    tracker.client.log_artifact(tracker.run_id, str(output_dir / "metrics.jsonl"), "metrics")
-    mlflow.end_run()  # FINISHED, and the system metrics monitor stops
-
-
-@contextlib.contextmanager
-def _ended_as_failed_on_error(tracker: Any):
-    """Ends rank 0's MLflow run as FAILED (KILLED on Ctrl-C) when training stops with an error.
-
-    Otherwise a run stopped by a NaN loss or a crash stays RUNNING in the UI
-    forever. The steps not yet sent go first, so the curve shows where it
-    broke, and the error is the run's ``muco_flow.error`` tag. A resume from
-    a checkpoint reopens the same run. Tracking trouble here is only logged:
-    the training error is what the user needs to see.
-    """
-    try:
-        yield
-    except BaseException as err:
-        if tracker is not None:
-            import mlflow
-
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            try:
-                tracker.flush()
-                tracker.client.set_tag(tracker.run_id, ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
-                mlflow.end_run(status=status)
-            except Exception as tracking_error:  # MLflow, requests and socket errors alike
-                logger.warning("could not end MLflow run %s as %s: %s", tracker.run_id, status, tracking_error)
-        raise
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Nodes of the `finetune` pipeline: `train`'s node function, run as MuCo's stage 2."""
+"""Nodes of the `finetune` pipeline: the training stage run as MuCo's stage 2."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 import pandas as pd
 
-from muco_flow.pipelines.train.nodes import run_training_stage
 from muco_flow.tracking import resolve_tracking_uri
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.init_model import resolve_init_model
+from muco_flow.training.stage import run_training_stage
 
 
 def finetuning_settings(training: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -38,9 +39,10 @@ def finetune_muco_model(
     Returns the run record (with the stage-1 run as ``parent_run_id``), loss history and loss plot.
     """
     settings = finetuning_settings(training, finetune.get("training") or {})
+    output_dir = TrainingConfig.from_dict(settings).output_dir  # checked before a model is fetched
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     model_dir, parent_run_id = resolve_init_model(
-        finetune.get("init_from"), train_run, tracking_uri, Path(settings["output_dir"]) / "init_model"
+        finetune.get("init_from"), train_run, tracking_uri, Path(output_dir) / "init_model"
     )
     return run_training_stage(
         samples_dir,

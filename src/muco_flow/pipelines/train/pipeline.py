@@ -1,14 +1,15 @@
 from kedro.pipeline import Pipeline, node, pipeline
 
 from muco_flow.hooks import KEDRO_RUN, MLFLOW_TAG
-from muco_flow.pipelines.train.nodes import train_muco_model
+from muco_flow.training.stage import run_training_stage
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return pipeline(
         [
             node(
-                train_muco_model,
+                # the library function itself: it takes the parameters as Kedro passes them
+                run_training_stage,
                 [
                     "m3t_conversations",
                     "m3t_shards",

@@ -1,8 +1,14 @@
-"""Nodes of the `train` pipeline."""
+"""One MuCo training stage under torchrun, from the Kedro node's parameters to the run record.
+
+`train` (stage 1, M3T conversations) and `finetune` (stage 2, MMEB-train
+samples) run the same function: check the data and the tracking server,
+resolve one run configuration, launch the ranks, read back what they wrote.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,36 +23,24 @@ from muco_flow.tracking import (
     run_name,
     source_commit,
 )
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.data import check_conversations_match_shards
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
+from muco_flow.training.run_tracking import METRICS_FILE, RUN_FILE
 
-
-def train_muco_model(
-    conversations_dir: str,
-    shards_dir: str,
-    checkpoint: str,
-    training: dict[str, Any],
-    backbone: dict[str, Any],
-    format_params: dict[str, Any],
-    mlflow: dict[str, Any],
-    kedro_run: dict[str, Any],
-) -> tuple[dict[str, Any], pd.DataFrame, Any]:
-    """Trains on every configured process; returns the run record, loss history and loss plot.
-
-    Re-running resumes from the newest complete checkpoint of the same settings.
-    """
-    return run_training_stage(
-        conversations_dir, shards_dir, checkpoint, training, backbone, format_params, mlflow, kedro_run
-    )
+# The tag that names a fine-tuning run's stage-1 run (not mlflow.parentRunId: the runs may be in different experiments)
+PARENT_RUN_TAG = "muco_flow.parent_run_id"
+# The MLflow run's name when training.run_name is empty
+DEFAULT_RUN_NAME = "{pipelines}-{checkpoint}-lr{training.learning_rate}"
 
 
 def run_training_stage(
     conversations_dir: str,
     shards_dir: str,
     checkpoint: str,
-    training: dict[str, Any],
+    training: Mapping[str, Any],
     backbone: dict[str, Any],
     format_params: dict[str, Any],
     mlflow: dict[str, Any],
@@ -57,13 +51,17 @@ def run_training_stage(
 ) -> tuple[dict[str, Any], pd.DataFrame, Any]:
     """One MuCo training stage under torchrun: `train` (stage 1) or `finetune` (stage 2 from ``parent_run_id``'s model).
 
-    The run record names the parent run, so that register can name both.
+    The `train` pipeline's node: ``training`` is the `training` parameters,
+    checked into a TrainingConfig here. Returns the run record, loss history
+    and loss plot; the record names the parent run, so that register can name
+    both. Re-running resumes from the newest complete checkpoint of the same settings.
     """
     check_conversations_match_shards(Path(conversations_dir), Path(shards_dir))
+    settings = TrainingConfig.from_dict(training)
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     check_tracking_server(tracking_uri)  # before any data or model is loaded
     config = resolve_run_config(
-        training=training,
+        training=settings,
         backbone=backbone,
         encode_template=FormatConfig.from_params(format_params).templates.single_turn(),
         tracking_uri=tracking_uri,
@@ -76,11 +74,11 @@ def run_training_stage(
     )
     # lineage and the MLflow run's name, description and tags: not part of the resume fingerprint
     config["git_commit"] = source_commit()
-    config["mlflow"] |= describe_run(config, kedro_run, parent_run_id)
+    config["mlflow"] |= describe_run(config, settings, kedro_run, parent_run_id)
     launch_training(config)
-    output_dir = Path(training["output_dir"])
-    history = read_metrics(output_dir / "metrics.jsonl")
-    run = json.loads((output_dir / "run.json").read_text())
+    output_dir = Path(settings.output_dir)
+    history = read_metrics(output_dir / METRICS_FILE)
+    run = json.loads((output_dir / RUN_FILE).read_text())
     identity = read_model_identity(output_dir / "model")
     if identity["mlflow_run_id"] != run["mlflow_run_id"]:
         raise ModelIdentityError(
@@ -103,25 +101,31 @@ def run_training_stage(
     return record, history, loss_curve_figure(history)
 
 
-def describe_run(config: dict[str, Any], kedro_run: dict[str, Any], parent_run_id: str | None = None) -> dict[str, Any]:
+def describe_run(
+    config: dict[str, Any], training: TrainingConfig, kedro_run: dict[str, Any], parent_run_id: str | None = None
+) -> dict[str, Any]:
     """The MLflow run's name (``training.run_name``), description, context tags and data fingerprint.
 
     A fine-tuning run names its stage-1 run in the description and in the tag
     ``muco_flow.parent_run_id`` (not mlflow.parentRunId: the two runs may be in different experiments).
     """
-    training = config["training"]
     pipelines = kedro_run["pipelines"].replace("__default__", "default")
     checkpoint = Path(config["checkpoint"]).name
-    values = {"training": training, "backbone": config["backbone"], "pipelines": pipelines, "checkpoint": checkpoint}
+    values = {
+        "training": training.to_dict(),
+        "backbone": config["backbone"],
+        "pipelines": pipelines,
+        "checkpoint": checkpoint,
+    }
     manifest = Path(config["shards_dir"]) / "manifest.json"
     fingerprint = canonical_hash(json.loads(manifest.read_text())) if manifest.is_file() else "missing"
-    launcher = training["launcher"]
-    length = f"{training['max_steps']} steps" if training.get("max_steps") else f"{training['epochs']} epochs"
+    launcher = training.launcher
+    length = f"{training.max_steps} steps" if training.max_steps else f"{training.epochs} epochs"
     description = (
         f"MuCo embedder trained from `{config['checkpoint']}` on `{config['shards_dir']}` "
-        f"(data fingerprint {fingerprint[:12]}): {length}, learning rate {training['learning_rate']}, "
-        f"{training['micro_batch_size']} conversations x {launcher['processes_per_node']} processes "
-        f"x {launcher.get('nodes', 1)} nodes per step, temperature {training['temperature']}. "
+        f"(data fingerprint {fingerprint[:12]}): {length}, learning rate {training.learning_rate}, "
+        f"{training.micro_batch_size} conversations x {launcher.processes_per_node} processes "
+        f"x {launcher.nodes} nodes per step, temperature {training.temperature}. "
         f"Started by `{kedro_run['command']}` at commit {config['git_commit']}."
     )
     if parent_run_id:
@@ -135,12 +139,8 @@ def describe_run(config: dict[str, Any], kedro_run: dict[str, Any], parent_run_i
     if parent_run_id:
         tags[PARENT_RUN_TAG] = parent_run_id
     return {
-        "run_name": run_name(training.get("run_name") or DEFAULT_RUN_NAME, values),
+        "run_name": run_name(training.run_name or DEFAULT_RUN_NAME, values),
         "description": description,
         "tags": tags,
         "data_fingerprint": fingerprint,
     }
-
-
-PARENT_RUN_TAG = "muco_flow.parent_run_id"
-DEFAULT_RUN_NAME = "{pipelines}-{checkpoint}-lr{training.learning_rate}"

@@ -1,0 +1,202 @@
+"""The MLflow run of one training, kept by rank 0: started or resumed, every step logged, finished or failed.
+
+Each step goes to ``metrics.jsonl`` in the output folder (the record the loss
+curve and the resume read back) and, in batches, to MLflow (see
+``MetricBuffer``). The other ranks keep no run: they pass ``None`` where a
+``TrainingRun`` is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from muco_flow.tracking import TRAINING_METRICS_SECTION, MetricBuffer, flatten
+
+logger = logging.getLogger(__name__)
+
+# The tag that holds why a training stopped, on its MLflow run (ended FAILED or KILLED)
+ERROR_TAG = "muco_flow.error"
+METRICS_FILE = "metrics.jsonl"
+# Where a training records its MLflow run (and the fingerprint it ran with) for the next start to find
+RUN_FILE = "run.json"
+
+
+class TrainingRun:
+    """Rank 0's record of a training: ``metrics.jsonl`` and the MLflow run, from ``start`` to ``finish``."""
+
+    def __init__(self, output_dir: Path, metrics: MetricBuffer, metrics_file: IO[str]) -> None:
+        self.output_dir, self.metrics, self._metrics_file = output_dir, metrics, metrics_file
+
+    @property
+    def run_id(self) -> str:
+        return self.metrics.run_id
+
+    @classmethod
+    def start(
+        cls, config: dict[str, Any], output_dir: Path, *, start_step: int, checkpoint_run: str | None
+    ) -> TrainingRun:
+        """Starts the MLflow run (system metrics on), or continues it when resuming from ``start_step`` > 0.
+
+        A resumed training continues the run that wrote its checkpoint
+        (``checkpoint_run``; run.json's, for a checkpoint that does not say). A
+        training from step 0 always starts a new run: one run never holds two
+        trainings' curves, and the previous run, if it never finished, is ended
+        (KILLED) rather than left RUNNING. ``metrics.jsonl`` is cut back to
+        ``start_step``, and the steps it keeps that MLflow lacks are sent.
+        """
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        settings = config["mlflow"]
+        mlflow.set_tracking_uri(settings["tracking_uri"])
+        client = MlflowClient(settings["tracking_uri"])
+        run_file = output_dir / RUN_FILE
+        previous = json.loads(run_file.read_text()) if run_file.exists() else {}
+        run_id = None
+        if start_step > 0:
+            run_id = checkpoint_run or (
+                previous.get("mlflow_run_id") if previous.get("fingerprint") == config["fingerprint"] else None
+            )
+        elif previous.get("mlflow_run_id"):
+            _end_unfinished_run(client, previous["mlflow_run_id"])
+        if run_id is not None:
+            mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        else:
+            run_id = _start_new_run(config, client)
+        run_file.write_text(
+            json.dumps(
+                {
+                    "mlflow_run_id": run_id,
+                    "fingerprint": config["fingerprint"],
+                    "tracking_uri": settings["tracking_uri"],
+                },
+                indent=2,
+            )
+        )
+        metrics = MetricBuffer(client, run_id, every=config["training"]["log_every"], section=TRAINING_METRICS_SECTION)
+        metrics_file, earlier = _open_metrics(output_dir / METRICS_FILE, start_step)
+        if earlier:  # a killed rank 0 may have died with steps it had not sent to MLflow yet
+            logger.info("sent %d earlier steps that MLflow did not have", metrics.log_missing(earlier))
+        return cls(output_dir, metrics, metrics_file)
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        """One step's metrics: a line of metrics.jsonl now, MLflow with the next batch."""
+        self._metrics_file.write(json.dumps({"step": step, **values}) + "\n")
+        self._metrics_file.flush()
+        self.metrics.log(step, values)
+
+    def finish(self) -> None:
+        """Sends what is left, the loss curve and metrics.jsonl, and ends the run FINISHED.
+
+        Raises if MLflow still refuses metrics: called once the model and checkpoints are safe.
+        """
+        import mlflow
+
+        from muco_flow.training.report import loss_curve_figure, read_metrics
+
+        self._metrics_file.close()
+        self.metrics.flush()
+        metrics_path = self.output_dir / METRICS_FILE
+        client = self.metrics.client
+        client.log_figure(self.run_id, loss_curve_figure(read_metrics(metrics_path)), "plots/loss_curve.png")
+        client.log_artifact(self.run_id, str(metrics_path), "metrics")
+        mlflow.end_run()  # FINISHED, and the system metrics monitor stops
+
+    def end_on_error(self, err: BaseException) -> None:
+        """Ends the run FAILED (KILLED on Ctrl-C), with the steps not yet sent and the error as its tag.
+
+        Tracking trouble here is only logged: the training error is what the user needs to see.
+        """
+        import mlflow
+
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            self.metrics.flush()
+            self.metrics.client.set_tag(self.run_id, ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+            mlflow.end_run(status=status)
+        except Exception as tracking_error:  # MLflow, requests and socket errors alike
+            logger.warning("could not end MLflow run %s as %s: %s", self.run_id, status, tracking_error)
+
+
+@contextlib.contextmanager
+def ended_as_failed_on_error(run: TrainingRun | None) -> Iterator[None]:
+    """Ends rank 0's MLflow run as FAILED (KILLED on Ctrl-C) when the block stops with an error, then re-raises.
+
+    Otherwise a run stopped by a NaN loss or a crash stays RUNNING in the UI
+    forever. The steps not yet sent go first, so the curve shows where it
+    broke. A resume from a checkpoint reopens the same run. ``None``: a rank
+    other than 0, which keeps no run.
+    """
+    try:
+        yield
+    except BaseException as err:
+        if run is not None:
+            run.end_on_error(err)
+        raise
+
+
+def _start_new_run(config: dict[str, Any], client: Any) -> str:
+    """A new run named and described by the stage, with the run's parameters, configs and training data."""
+    import mlflow
+    from mlflow.entities import Param
+
+    settings = config["mlflow"]
+    experiment = mlflow.set_experiment(settings["experiment"])
+    run_id = mlflow.start_run(
+        experiment_id=experiment.experiment_id,
+        run_name=settings["run_name"],
+        description=settings["description"],
+        tags={"muco_flow.stage": config.get("stage", "train"), **settings["tags"]},
+        log_system_metrics=True,
+    ).info.run_id
+    params = flatten({k: config[k] for k in ("training", "backbone")}) | {"checkpoint": config["checkpoint"]}
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 parameters per request
+        client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+    client.log_dict(run_id, config["deepspeed"], "config/deepspeed.json")
+    client.log_dict(run_id, config, "config/run_config.json")
+    _log_training_data(Path(config["shards_dir"]), settings["data_fingerprint"])
+    return run_id
+
+
+def _end_unfinished_run(client: Any, run_id: str) -> None:
+    """Marks a previous training's run KILLED if it is still RUNNING: this training will not continue it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException:
+        return  # deleted, or another tracking store: nothing to end
+    if status == "RUNNING":
+        client.set_terminated(run_id, status="KILLED")
+        logger.info("ended MLflow run %s (KILLED): this training starts from step 0 in a new run", run_id)
+
+
+def _log_training_data(shards: Path, fingerprint: str) -> None:
+    """The shards trained on, as the active run's "training" dataset: where they are and their fingerprint."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    # MLflow keeps 36 characters of a digest; the version tag data_fingerprint has all 64
+    # mlflow's Dataset declares profile abstract but is no ABC, so MetaDataset (which has none) instantiates
+    dataset = MetaDataset(  # type: ignore[abstract]
+        resolve_dataset_source(str(shards.resolve())), name=shards.name, digest=fingerprint[:36]
+    )
+    mlflow.log_input(dataset, context="training", tags={"data_fingerprint": fingerprint})
+
+
+def _open_metrics(path: Path, start_step: int) -> tuple[IO[str], list[dict[str, Any]]]:
+    """The per-step metrics file, cut back to the resumed step so that the curve has no repeats.
+
+    Returns it open for appending, with the records it kept.
+    """
+    lines = [line for line in path.read_text().splitlines() if line] if path.exists() else []
+    kept = [line for line in lines if json.loads(line)["step"] <= start_step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a"), [json.loads(line) for line in kept]
