@@ -88,14 +88,6 @@ FORMATTED_SCHEMA = pa.schema(
 )
 
 
-def special_token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
-    """The id of ``token``; ValueError if the tokenizer does not know it (MuCo's tokens not added yet)."""
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {token} token; add MuCo's tokens to the backbone first")
-    return token_id
-
-
 def image_token_count(
     image_processor: Qwen2VLImageProcessorPil, width: int | None, height: int | None, short_side: int | None = None
 ) -> int:
@@ -123,7 +115,7 @@ class TurnTokenizer:
 
     def __post_init__(self) -> None:
         t = self.config.templates
-        self.emb_id = special_token_id(self.tokenizer, tokens.EMB_TOKEN)
+        self.emb_id = tokens.token_id(self.tokenizer, tokens.EMB_TOKEN)
         self.system_ids = self._ids(t.system)
         self.separator_ids = self._ids(t.turn_separator)
 

@@ -36,13 +36,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from muco_flow.data import mmeb_train, schema
 from muco_flow.data.conversations import target_key
-from muco_flow.data.formatting import (
-    CONVERSATIONS_DIR,
-    UNKNOWN_TURN_TYPE,
-    Conversation,
-    image_token_count,
-    special_token_id,
-)
+from muco_flow.data.formatting import CONVERSATIONS_DIR, UNKNOWN_TURN_TYPE, Conversation, image_token_count
 from muco_flow.data.ingest import MANIFEST_FILE
 from muco_flow.data.mmeb_train_conversations import (
     EMBEDDINGS,
@@ -129,8 +123,8 @@ class FinetuneTokenizer:
     config: FinetuneFormatConfig
 
     def __post_init__(self) -> None:
-        self.emb_id = special_token_id(self.tokenizer, tokens.EMB_TOKEN)
-        self.mask_id = special_token_id(self.tokenizer, tokens.MASK_TOKEN)
+        self.emb_id = tokens.token_id(self.tokenizer, tokens.EMB_TOKEN)
+        self.mask_id = tokens.token_id(self.tokenizer, tokens.MASK_TOKEN)
         self.head, self.middle, self.tail = self.config.templates.train_parts()
         self.suffix_ids = self._ids(self.tail)
 
