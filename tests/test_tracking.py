@@ -157,6 +157,7 @@ def test_a_resumed_run_sends_the_earlier_steps_mlflow_never_got(tmp_path):
         assert sorted((m.step, m.value) for m in history) == [(s, value(s)) for s in range(1, 6)]  # no repeats
 
 
+@pytest.mark.slow
 def test_a_copied_project_store_reads_and_writes_its_own_artifacts(tmp_path, monkeypatch):
     """A store made in one folder and copied elsewhere: after relocation every artifact path is the copy's."""
     import shutil
