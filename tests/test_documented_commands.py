@@ -6,6 +6,7 @@ a document is edited into something that does not run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -130,13 +131,14 @@ def is_parameter(params: dict, key: str) -> bool:
 def test_every_documented_kedro_run_uses_an_existing_env_and_known_parameters():
     """`--params` with a misspelt key runs without complaint and changes nothing: check the keys exist."""
     wrong = []
+    configuration = functools.cache(lambda env: (load_params(env), runtime_param_names(env)))  # per env, not command
     for doc, command in documented_kedro_runs():
         given = options(command)
         env = given.get("--env", ["base"])[-1]
         if not (PROJECT_ROOT / "conf" / env).is_dir():
             wrong.append(f"{doc}: `{command}` names env {env!r}, which has no conf/{env}")
             continue
-        params, runtime = load_params(env), runtime_param_names(env)
+        params, runtime = configuration(env)
         for assignment in ",".join(given.get("--params", [])).split(","):
             key = assignment.partition("=")[0]
             if key and not is_placeholder(key) and key not in runtime and not is_parameter(params, key):

@@ -125,7 +125,10 @@ def assert_same_batch(a, b):
         assert all(torch.equal(got[k], want[k]) for k in got)
 
 
-@pytest.mark.parametrize(("workers", "chunk_size"), [(0, None), (2, None), (2, 1)])
+@pytest.mark.parametrize(  # 2 workers are DataLoader processes: slow
+    ("workers", "chunk_size"),
+    [(0, None), pytest.param(2, None, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow)],
+)
 def test_the_loader_gives_step_s_batch_s_from_any_start(formatted, workers, chunk_size):
     batches = make_batches(formatted)
     start, stop = 10, 27  # resumed mid-epoch, across an epoch boundary (24 steps per epoch)
@@ -166,6 +169,7 @@ def tree(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_format_parts_and_workers_write_the_same_bytes_as_one_process(formatted, tmp_path):
     ingested, out, tokenizer, image_processor = formatted
     split = tmp_path / "split"
@@ -191,6 +195,7 @@ def test_the_format_merge_names_a_missing_part_or_other_settings(formatted, tmp_
         format_m3t_part(ingested, split, tokenizer, image_processor, config, part_index=2, num_parts=2)
 
 
+@pytest.mark.slow
 def test_the_cli_formats_as_two_torchrun_nodes_then_merges(formatted, tiny_backbone_dir, tmp_path):
     ingested, out, _, _ = formatted
     override = tmp_path / "override.yml"
