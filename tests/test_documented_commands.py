@@ -173,7 +173,7 @@ def registered_project(model_dir, tmp_path, monkeypatch) -> Path:
     and `.venv` (the running interpreter's environment)."""
     from mlflow.tracking import MlflowClient
 
-    from muco_flow.registry import register_model_version
+    from muco_flow.registry.registration import register_model_version
 
     project = tmp_path / "project"
     project.mkdir()

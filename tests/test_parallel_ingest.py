@@ -13,14 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from muco_flow.data import schema
-from muco_flow.data.ingest import (
-    MANIFEST_FILE,
-    PARTS_DIR,
-    IngestConfig,
-    ingest_m3t_part,
-    ingest_m3t_snapshot,
-    merge_ingest_parts,
-)
+from muco_flow.data.ingest import MANIFEST_FILE, PARTS_DIR, IngestConfig, merge_ingest_parts
+from muco_flow.data.m3t_ingest import ingest_m3t_part, ingest_m3t_snapshot
 from muco_flow.data.sources import LocalSnapshot
 from tests.corrupt_corpus import corrupt_snapshot
 

@@ -19,20 +19,10 @@ from PIL import Image
 
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.modeling.embedder import load_embedder
-from muco_flow.registry import (
-    CHALLENGER,
-    CHAMPION,
-    ModelInputError,
-    PromotionPolicy,
-    RegistryError,
-    ServingLimits,
-    decide_promotion,
-    fluent_tracking_uri,
-    parse_batch_size,
-    parse_records,
-    promote_challenger,
-    register_model_version,
-)
+from muco_flow.registry import CHALLENGER, CHAMPION, RegistryError
+from muco_flow.registry.promotion import PromotionPolicy, decide_promotion, promote_challenger
+from muco_flow.registry.registration import fluent_tracking_uri, register_model_version
+from muco_flow.registry.serving import ModelInputError, ServingLimits, parse_batch_size, parse_records
 from tests.conftest import PROJECT_ROOT
 from tests.servers import background_server, free_port
 

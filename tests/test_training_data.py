@@ -16,7 +16,8 @@ import torch
 from muco_flow.data import schema
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_part, format_m3t_shards, merge_format_parts
-from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.ingest import IngestConfig
+from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
@@ -190,7 +191,7 @@ def test_the_format_merge_names_a_missing_part_or_other_settings(formatted, tmp_
     format_m3t_part(ingested, split, tokenizer, image_processor, other, part_index=1, num_parts=2)
     with pytest.raises(ValueError, match=r"format parts 0 and 1 were run with other format settings"):
         merge_format_parts(ingested, split, 2)
-    with pytest.raises(ValueError, match=r"part index 2 is not one of 0\.\.1"):
+    with pytest.raises(ValueError, match=r"format part 2 of 2: need num_parts >= 1 and 0 <= part_index < num_parts"):
         format_m3t_part(ingested, split, tokenizer, image_processor, config, part_index=2, num_parts=2)
 
 

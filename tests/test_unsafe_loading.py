@@ -262,7 +262,8 @@ def test_loading_the_registered_model_unpickles_nothing(model_dir, tmp_path, mon
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from muco_flow.registry import CHALLENGER, fluent_tracking_uri, register_model_version
+    from muco_flow.registry import CHALLENGER
+    from muco_flow.registry.registration import fluent_tracking_uri, register_model_version
 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact root is relative to the working directory
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
