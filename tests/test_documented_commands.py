@@ -146,6 +146,76 @@ def test_every_documented_kedro_run_uses_an_existing_env_and_known_parameters():
     assert not wrong, "\n".join(wrong)
 
 
+# ---------------------------------------------------------------- links between the documents and the first screen
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, every character but letters, digits, `_`, `-`
+    and spaces dropped, spaces turned into `-`; a repeated heading gets `-1`, `-2`, ... Lines in fenced code
+    (`#SBATCH`, shell comments) are not headings."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for title in re.findall(r"^#{1,6} +(.+?)\s*$", prose, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def relative_links(text: str) -> list[str]:
+    """Targets of Markdown links outside fenced code that point into the repository (not to a web address)."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    return [target for target in re.findall(r"\]\(([^)\s]+)\)", prose) if not re.match(r"[a-z]+:", target)]
+
+
+def test_heading_anchors_are_githubs():
+    text = (
+        "# Training\n## Stage 2: fine-tuning (`finetune`)\n## 6. Training input at realistic sizes (`training_input`)\n"
+        "### M-BEIR, as UniIR evaluates it\n## Notes\n```bash\n#SBATCH --nodes=4\n# a comment\n```\n## Notes\n"
+        "Not a heading: #hashtag\n"
+    )
+    assert heading_anchors(text) == {
+        "training",
+        "stage-2-fine-tuning-finetune",
+        "6-training-input-at-realistic-sizes-training_input",
+        "m-beir-as-uniir-evaluates-it",
+        "notes",
+        "notes-1",
+    }
+    assert relative_links("[a](docs/a.md#x), [web](https://example.org), [b](#y)\n```\n[c](z.md)\n```") == [
+        "docs/a.md#x",
+        "#y",
+    ]
+
+
+def test_every_link_between_the_documents_reaches_a_file_and_a_heading():
+    links = [(path, target) for path in DOCUMENTS for target in relative_links(path.read_text())]
+    assert len(links) >= 30, links  # the check below would pass vacuously if the parser found none
+    broken = []
+    for path, target in links:
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file) if file else path
+        where = f"{path.relative_to(PROJECT_ROOT)}: ({target})"
+        if not linked.exists():
+            broken.append(f"{where}: no file {file}")
+        elif anchor and anchor not in heading_anchors(linked.read_text()):
+            broken.append(f"{where}: no heading with anchor #{anchor} in {file or path.name}")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readmes_first_screen_says_what_muco_flow_is_the_two_commands_and_the_pipelines():
+    first_screen = "\n".join((PROJECT_ROOT / "README.md").read_text().splitlines()[:45])
+    for needed in (
+        "https://arxiv.org/abs/",
+        "https://github.com/naver-ai/muco",
+        "make run",
+        "make test",
+        "| `train` |",
+    ):
+        assert needed in first_screen, f"README.md's first 45 lines lack {needed!r}"
+
+
 # ---------------------------------------------------------------- load by alias, serve and curl (slow)
 
 
