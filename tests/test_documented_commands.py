@@ -216,6 +216,36 @@ def test_the_readmes_first_screen_says_what_muco_flow_is_the_two_commands_and_th
         assert needed in first_screen, f"README.md's first 45 lines lack {needed!r}"
 
 
+def code_map() -> str:
+    """The README's code map: the code block under its "Code map" heading."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    return re.search(r"## Code map\n+```\n(.*?)```", readme, re.DOTALL).group(1)
+
+
+def code_map_modules() -> set[str]:
+    """The module paths the code map names; a bare file name stands in the folder of its line's first path
+    ("evaluation/retrieval.py ...; metrics.py: ..." names evaluation/metrics.py)."""
+    named = set()
+    for line in code_map().splitlines():
+        paths = re.findall(r"[\w/]+\.py", line)
+        folder = paths[0].rpartition("/")[0] if paths else ""
+        named |= {path if "/" in path or not folder else f"{folder}/{path}" for path in paths}
+    return named
+
+
+def test_the_code_map_names_every_library_module():
+    """A module added, renamed or moved without a line in the code map fails here (pipelines/ is one line,
+    packages' __init__.py files are optional)."""
+    named = code_map_modules()
+    library = PROJECT_ROOT / "src" / "muco_flow"
+    missing = [
+        path
+        for path in sorted(module.relative_to(library).as_posix() for module in library.rglob("*.py"))
+        if not path.startswith("pipelines/") and not path.endswith("__init__.py") and path not in named
+    ]
+    assert not missing, f"README.md's code map does not name: {', '.join(missing)}"
+
+
 # ---------------------------------------------------------------- load by alias, serve and curl (slow)
 
 
