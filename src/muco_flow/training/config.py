@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from muco_flow.modeling.backbone import PRECISIONS
 from muco_flow.modeling.embedder import EmbedderSettings
-from muco_flow.training.deepspeed_config import PRECISIONS
 
 PARAMETERS_FILE = "conf/base/parameters_train.yml"
 
