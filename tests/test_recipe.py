@@ -28,6 +28,7 @@ REQUIRED_KEYS = {
     "training.embedder.lora.r",
     "training.embedder.lora.alpha",
     "training.embedder.lora.dropout",
+    "training.embedder.lora.init",
     "training.temperature",
     "format.turns_per_conversation",
     "format.shuffle_turns",
