@@ -55,8 +55,9 @@ class Row:
 
 
 def _cells(line: str) -> list[str]:
-    # a cell may hold an escaped pipe (`<\|emb\|>`)
-    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+    # a cell may hold an escaped pipe (`<\|emb\|>`), which is a pipe inside it
+    cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+    return [cell.strip().replace("\\|", "|") for cell in cells]
 
 
 def _code(cell: str) -> str | None:
@@ -175,10 +176,12 @@ def test_rows_are_read_from_markdown_tables():
         "| Rate | `training.learning_rate` | `5.0e-5` | `5.0e-4` |\n"
         "| Token | — (`<\\|emb\\|>` rows) | same | same |\n"
         "| Flag | `training.hard_negatives` | `false` | `true` |\n"
+        "| Pattern | `training.embedder.lora.target_modules` | `(q\\|k)_proj` | `q_proj` |\n"
     )
     assert parse_recipe(text) == [
         Row("Stage: Rate", "training.learning_rate", {"cluster": 5.0e-5, "base": 5.0e-4}),
         Row("Stage: Flag", "training.hard_negatives", {"cluster": False, "base": True}),
+        Row("Stage: Pattern", "training.embedder.lora.target_modules", {"cluster": "(q|k)_proj", "base": "q_proj"}),
     ]
     with pytest.raises(ValueError, match="Stage: Rate: the conf/cluster cell must be one `value`"):
         parse_recipe(text.replace("`5.0e-5`", "5e-5 (official)"))
