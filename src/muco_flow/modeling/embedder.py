@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ LANGUAGE_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate
 # How PEFT initialises the adapters (B is zero in both, so training starts
 # from the backbone): "kaiming", PEFT's default (A Kaiming-uniform), or
 # "gaussian" (A normal with std 1/r), MuCo's (naver-ai/muco src/model/model.py:151)
-LORA_INITS = {"kaiming": True, "gaussian": "gaussian"}
+LORA_INITS: dict[str, bool | Literal["gaussian"]] = {"kaiming": True, "gaussian": "gaussian"}
 
 
 @dataclass(frozen=True)
