@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from muco_flow.pipelines.finetune.nodes import finetuning_settings
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.deepspeed_config import load_deepspeed_template, training_deepspeed_config
 from tests.conftest import PROJECT_ROOT, load_params
 
@@ -24,6 +25,7 @@ NOT_A_SETTING = "—"  # a key cell that starts so names code, not a setting
 REQUIRED_KEYS = {
     "deepspeed:optimizer.type",
     "training.learning_rate",
+    "training.lr_schedule",
     "training.warmup_steps",
     "training.embedder.lora.r",
     "training.embedder.lora.alpha",
@@ -113,8 +115,8 @@ def _lookup(tree: Any, dotted: str) -> Any:
 def resolve(params: dict[str, Any], key: str) -> Any:
     """The value ``key`` has in ``params``: a parameter, a stage-2 training setting or a DeepSpeed entry."""
     if key.startswith(DEEPSPEED):
-        training = params["training"]
-        template = load_deepspeed_template(PROJECT_ROOT / training["deepspeed"]["config"])
+        training = TrainingConfig.from_dict(params["training"])
+        template = load_deepspeed_template(PROJECT_ROOT / training.deepspeed.config)
         config = training_deepspeed_config(training, on_cpu=False, template=template)
         return _lookup(config, key.removeprefix(DEEPSPEED))
     if key.startswith(STAGE_2):
