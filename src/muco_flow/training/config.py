@@ -23,6 +23,7 @@ from typing import Any
 
 from muco_flow.modeling.backbone import PRECISIONS
 from muco_flow.modeling.embedder import EmbedderSettings
+from muco_flow.training.schedule import SCHEDULES
 
 PARAMETERS_FILE = "conf/base/parameters_train.yml"
 
@@ -90,7 +91,10 @@ class TrainingConfig:
     seed: int = field(metadata=setting(minimum=0))
     precision: str = field(metadata=setting(choices=PRECISIONS))
     learning_rate: float = field(metadata=setting(minimum=0, exclusive_minimum=True))
+    # the rate after warmup (training/schedule.py); lr_min_ratio is where cosine and linear end
+    lr_schedule: str = field(metadata=setting(choices=SCHEDULES))
     warmup_steps: int = field(metadata=setting(minimum=0))
+    lr_min_ratio: float = field(metadata=setting(minimum=0, maximum=1))
     epochs: int = field(metadata=setting(minimum=1))
     max_steps: int | None = field(metadata=setting(minimum=1))
     micro_batch_size: int = field(metadata=setting(minimum=1))
