@@ -6,7 +6,7 @@ parameters, refusing an unknown, missing, mistyped or out-of-range setting
 with one error naming its dotted key. What a field accepts beyond its type is
 declared on it: ``field(metadata=setting(minimum=1))``. Fields may be
 ``bool``, ``int``, ``float``, ``str``, a nested dataclass, ``list[X]``,
-``dict[str, X]`` or any of these ``| None``; a bound or ``choices`` on a list
+``dict[str, X]``, ``Any`` (not checked here) or any of these ``| None``; a bound or ``choices`` on a list
 or dict applies to its elements.
 """
 
@@ -85,6 +85,8 @@ def _checked(kind: Any, value: Any, key: str, metadata: Mapping[str, Any], sourc
         if value is None:
             return None
         (kind,) = (arg for arg in typing.get_args(kind) if arg is not type(None))
+    if kind is Any:  # checked elsewhere (finetune.training's values: by TrainingConfig, once merged)
+        return value
     if dataclasses.is_dataclass(kind):
         return _build(typing.cast(type, kind), value, key, source)
     container = typing.get_origin(kind)
