@@ -8,7 +8,6 @@ registration (``registration.lineage_tags``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,20 +20,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PromotionPolicy:
-    """When the challenger takes `champion`: higher primary metric by at least ``margin``."""
+    """When the challenger takes `champion`: higher primary metric by at least ``margin``.
+
+    No defaults: the values are conf/base's (``RegistryConfig.promotion_policy``) or a caller's own.
+    """
 
     primary_metric: str
-    margin: float = 0.0
-    promote_first: bool = False
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> PromotionPolicy:
-        promotion = params.get("promotion", {})
-        return cls(
-            primary_metric=params["primary_metric"],
-            margin=float(promotion.get("margin", 0.0)),
-            promote_first=bool(promotion.get("promote_first", False)),
-        )
+    margin: float
+    promote_first: bool
 
 
 def decide_promotion(challenger: float, champion: float | None, policy: PromotionPolicy) -> tuple[bool, str]:

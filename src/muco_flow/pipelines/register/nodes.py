@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from muco_flow.registry.config import RegistryConfig
 from muco_flow.registry.registration import lineage_tags, register_model_version, version_description
 from muco_flow.tracking import UNKNOWN_COMMIT, source_commit
 from muco_flow.training.model_identity import verify_evaluated_model, verify_trained_model
@@ -21,6 +22,7 @@ def register_trained_model(
     """
     from mlflow.tracking import MlflowClient
 
+    config = RegistryConfig.from_dict(registry)  # checked before the model or MLflow is reached
     run_id, tracking_uri = train_run["mlflow_run_id"], train_run["tracking_uri"]
     verify_evaluated_model(evaluation_metrics, verify_trained_model(train_run["model_dir"], train_run))
     run = MlflowClient(tracking_uri).get_run(run_id)
@@ -32,7 +34,7 @@ def register_trained_model(
         git_commit=trained_at if trained_at != UNKNOWN_COMMIT else source_commit(),
         data_manifest=manifest,
         training_fingerprint=train_run["fingerprint"],
-        primary_metric=registry["primary_metric"],
+        primary_metric=config.primary_metric,
         headline_metrics=evaluation_metrics["headline"],
     )
     description = version_description(run_id, evaluation_metrics["headline"], evaluation_metrics["delta_vs_baseline"])
@@ -45,11 +47,11 @@ def register_trained_model(
         )
     return register_model_version(
         tracking_uri,
-        name=registry["model_name"],
+        name=config.model_name,
         run_id=run_id,
         model_dir=train_run["model_dir"],
         tags=tags,
         description=description,
-        allow_older_challenger=bool(registry.get("allow_older_challenger", False)),
-        serving=registry.get("serving"),
+        allow_older_challenger=config.allow_older_challenger,
+        serving=config.serving,
     )
