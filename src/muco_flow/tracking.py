@@ -228,15 +228,20 @@ class MetricBuffer:
                     len(self._pending),
                 )
 
-    def log_missing(self, records: Sequence[Mapping[str, float]], key: str = "loss") -> int:
+    def logged_steps(self, key: str = "loss") -> set[int]:
+        """The steps MLflow has a value of ``key`` for (one request)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, self.prefix + key)}
+
+    def log_missing(self, records: Sequence[Mapping[str, float]], logged: set[int] | None = None) -> int:
         """Sends the records (metrics.jsonl lines: a step and its values) whose step MLflow lacks; returns how many.
 
         A resumed run calls it with the steps before its checkpoint: a rank 0
-        killed between two batches took its unsent steps with it.
+        killed between two batches took its unsent steps with it. ``logged``:
+        the steps MLflow has (``logged_steps``), when the caller has them already.
         """
         from mlflow.entities import Metric
 
-        logged = {m.step for m in self.client.get_metric_history(self.run_id, self.prefix + key)}
+        logged = self.logged_steps() if logged is None else logged
         missing = [r for r in records if r["step"] not in logged]
         now = int(time.time() * 1000)
         for record in missing:
