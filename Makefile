@@ -1,5 +1,6 @@
 # The README commands: `make run` (install + run on the bundled sample),
-# `make test` and `make bench`. Everything runs inside .venv, created on first use.
+# `make test`, `make test-fast` and `make bench`. Everything runs inside .venv, created on first use.
+# The two test loops are described in docs/development.md.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
@@ -10,7 +11,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test bench lint lock clean
+.PHONY: install run test test-fast bench lint lock clean
 
 install: $(VENV)/.installed
 
@@ -35,10 +36,20 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium
 
+# The whole suite: lint, types, every test (the slow ones too: pipelines, servers, the browser).
 test: install $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The loop to run while editing: the same lint and types, and only the tests not marked slow
+# (nothing that starts a process, a server, a browser or a pipeline run), so no Chromium.
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest -m "not slow"
 
 # All benchmarks (about 20 minutes on 2 cores), on the bundled sample and the
 # tiny backbone (built first if missing); JSON and report.md in

@@ -57,7 +57,8 @@ def child_format(shards: Path, out: Path, workers: int, backbone: Path, part: in
 def child(snapshot: Path, out: Path, workers: int, rows_per_shard: int, part: int, parts: int) -> dict[str, Any]:
     """Ingest part ``part`` of ``parts`` into ``out`` (all of it when parts is 1); the last part also merges."""
     from muco_flow.data import schema
-    from muco_flow.data.ingest import IngestConfig, ingest_m3t_part, merge_ingest_parts
+    from muco_flow.data.ingest import IngestConfig, merge_ingest_parts
+    from muco_flow.data.m3t_ingest import ingest_m3t_part
     from muco_flow.data.sources import LocalSnapshot
 
     params = common.load_parameters()["ingest"]

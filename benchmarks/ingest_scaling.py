@@ -56,7 +56,8 @@ def build_snapshot(root: Path, rows: int) -> None:
 
 def ingest(root: Path, out: Path) -> dict[str, Any]:
     """One ingest of the snapshot at ``root`` into ``out``: its manifest."""
-    from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+    from muco_flow.data.ingest import IngestConfig
+    from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
     from muco_flow.data.sources import LocalSnapshot
 
     return ingest_m3t_snapshot(LocalSnapshot(str(root), schema.TRAIN_META_FILE), out, IngestConfig())

@@ -143,6 +143,7 @@ def test_both_modes_hold_the_same_pairs_and_differ_by_the_repeated_header_and_im
     assert single_work.vision_patches == turns * multi_work.vision_patches == turns * 2 * 4 * image_tokens
 
 
+@pytest.mark.slow
 def test_training_throughput_quick(results_dir, small_sample_root, tiny_backbone_dir):
     document = run_benchmark(
         "training_throughput", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)
@@ -168,6 +169,7 @@ def test_training_throughput_quick(results_dir, small_sample_root, tiny_backbone
     )
 
 
+@pytest.mark.slow
 def test_data_path_quick(results_dir, tiny_backbone_dir):
     document = run_benchmark("data_path", results_dir, "--backbone", str(tiny_backbone_dir))
     stages = {r["stage"]: r for r in document["results"]}
@@ -179,6 +181,7 @@ def test_data_path_quick(results_dir, tiny_backbone_dir):
     assert [g["goal"].split(" at least")[0] for g in document["goals"]] == ["ingest", "format", "batch assembly"]
 
 
+@pytest.mark.slow
 def test_ingest_scaling_quick(results_dir):
     document = run_benchmark("ingest_scaling", results_dir)
     for result in document["results"]:
@@ -186,6 +189,7 @@ def test_ingest_scaling_quick(results_dir):
     assert len(document["goals"]) == 1
 
 
+@pytest.mark.slow
 def test_data_parallelism_quick(results_dir, tiny_backbone_dir):
     document = run_benchmark("data_parallelism", results_dir, "--backbone", str(tiny_backbone_dir))
     one, two, parts = document["results"]
@@ -201,6 +205,7 @@ def test_data_parallelism_quick(results_dir, tiny_backbone_dir):
     assert document["goals"][1]["met"] and document["goals"][1]["measured"].startswith("identical")
 
 
+@pytest.mark.slow
 def test_retrieval_scaling_quick(results_dir):
     document = run_benchmark("retrieval_scaling", results_dir)
     parameters = document["parameters"]
@@ -251,6 +256,7 @@ def test_zero_theory_for_a_known_parameter_count():
     assert theoretical_bytes(3, p, f, n, persistent=500)["parameters"] == 8_000 + 2_000
 
 
+@pytest.mark.slow
 def test_zero_memory_quick_matches_the_theory(results_dir, small_sample_root, tiny_backbone_dir):
     document = run_benchmark(
         "zero_memory", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)
@@ -265,6 +271,7 @@ def test_zero_memory_quick_matches_the_theory(results_dir, small_sample_root, ti
                 assert rank_bytes[category] == pytest.approx(theory, rel=0.01), (stage, category)
 
 
+@pytest.mark.slow
 def test_grad_cache_memory_quick(results_dir, small_sample_root, tiny_backbone_dir):
     document = run_benchmark(
         "grad_cache_memory", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)
@@ -279,6 +286,7 @@ def test_grad_cache_memory_quick(results_dir, small_sample_root, tiny_backbone_d
     assert [g["goal"].split(":")[0] for g in document["goals"]] == [f"GradCache (chunk {parameters['chunk']})"] * 2
 
 
+@pytest.mark.slow
 def test_evaluation_memory_quick(results_dir):
     document = run_benchmark("evaluation_memory", results_dir)
     assert [r["candidates"] for r in document["results"]] == document["parameters"]["sizes"]
@@ -288,6 +296,7 @@ def test_evaluation_memory_quick(results_dir):
     assert len(document["goals"]) == 1
 
 
+@pytest.mark.slow
 def test_training_input_quick(results_dir, small_sample_root, tiny_backbone_dir):
     document = run_benchmark(
         "training_input", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)
@@ -305,6 +314,7 @@ def test_training_input_quick(results_dir, small_sample_root, tiny_backbone_dir)
     assert len(document["goals"]) == 3
 
 
+@pytest.mark.slow  # reads what the slow benchmark runs above wrote
 def test_the_report_holds_every_table_and_goal(results_dir, tmp_path):
     ran = [name for name in BENCHMARKS if (results_dir / f"{name}.json").exists()]
     assert ran, "the quick benchmarks above write their JSON here"

@@ -6,6 +6,7 @@ a document is edited into something that does not run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -130,18 +131,119 @@ def is_parameter(params: dict, key: str) -> bool:
 def test_every_documented_kedro_run_uses_an_existing_env_and_known_parameters():
     """`--params` with a misspelt key runs without complaint and changes nothing: check the keys exist."""
     wrong = []
+    configuration = functools.cache(lambda env: (load_params(env), runtime_param_names(env)))  # per env, not command
     for doc, command in documented_kedro_runs():
         given = options(command)
         env = given.get("--env", ["base"])[-1]
         if not (PROJECT_ROOT / "conf" / env).is_dir():
             wrong.append(f"{doc}: `{command}` names env {env!r}, which has no conf/{env}")
             continue
-        params, runtime = load_params(env), runtime_param_names(env)
+        params, runtime = configuration(env)
         for assignment in ",".join(given.get("--params", [])).split(","):
             key = assignment.partition("=")[0]
             if key and not is_placeholder(key) and key not in runtime and not is_parameter(params, key):
                 wrong.append(f"{doc}: `{command}` sets {key!r}, not a parameter or runtime_params key of {env!r}")
     assert not wrong, "\n".join(wrong)
+
+
+# ---------------------------------------------------------------- links between the documents and the first screen
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, every character but letters, digits, `_`, `-`
+    and spaces dropped, spaces turned into `-`; a repeated heading gets `-1`, `-2`, ... Lines in fenced code
+    (`#SBATCH`, shell comments) are not headings."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    anchors: set[str] = set()
+    seen: dict[str, int] = {}
+    for title in re.findall(r"^#{1,6} +(.+?)\s*$", prose, re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def relative_links(text: str) -> list[str]:
+    """Targets of Markdown links outside fenced code that point into the repository (not to a web address)."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
+    return [target for target in re.findall(r"\]\(([^)\s]+)\)", prose) if not re.match(r"[a-z]+:", target)]
+
+
+def test_heading_anchors_are_githubs():
+    text = (
+        "# Training\n## Stage 2: fine-tuning (`finetune`)\n## 6. Training input at realistic sizes (`training_input`)\n"
+        "### M-BEIR, as UniIR evaluates it\n## Notes\n```bash\n#SBATCH --nodes=4\n# a comment\n```\n## Notes\n"
+        "Not a heading: #hashtag\n"
+    )
+    assert heading_anchors(text) == {
+        "training",
+        "stage-2-fine-tuning-finetune",
+        "6-training-input-at-realistic-sizes-training_input",
+        "m-beir-as-uniir-evaluates-it",
+        "notes",
+        "notes-1",
+    }
+    assert relative_links("[a](docs/a.md#x), [web](https://example.org), [b](#y)\n```\n[c](z.md)\n```") == [
+        "docs/a.md#x",
+        "#y",
+    ]
+
+
+def test_every_link_between_the_documents_reaches_a_file_and_a_heading():
+    links = [(path, target) for path in DOCUMENTS for target in relative_links(path.read_text())]
+    assert len(links) >= 30, links  # the check below would pass vacuously if the parser found none
+    broken = []
+    for path, target in links:
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file) if file else path
+        where = f"{path.relative_to(PROJECT_ROOT)}: ({target})"
+        if not linked.exists():
+            broken.append(f"{where}: no file {file}")
+        elif anchor and anchor not in heading_anchors(linked.read_text()):
+            broken.append(f"{where}: no heading with anchor #{anchor} in {file or path.name}")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readmes_first_screen_says_what_muco_flow_is_the_two_commands_and_the_pipelines():
+    first_screen = "\n".join((PROJECT_ROOT / "README.md").read_text().splitlines()[:45])
+    for needed in (
+        "https://arxiv.org/abs/",
+        "https://github.com/naver-ai/muco",
+        "make run",
+        "make test",
+        "| `train` |",
+    ):
+        assert needed in first_screen, f"README.md's first 45 lines lack {needed!r}"
+
+
+def code_map() -> str:
+    """The README's code map: the code block under its "Code map" heading."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    return re.search(r"## Code map\n+```\n(.*?)```", readme, re.DOTALL).group(1)
+
+
+def code_map_modules() -> set[str]:
+    """The module paths the code map names; a bare file name stands in the folder of its line's first path
+    ("evaluation/retrieval.py ...; metrics.py: ..." names evaluation/metrics.py)."""
+    named = set()
+    for line in code_map().splitlines():
+        paths = re.findall(r"[\w/]+\.py", line)
+        folder = paths[0].rpartition("/")[0] if paths else ""
+        named |= {path if "/" in path or not folder else f"{folder}/{path}" for path in paths}
+    return named
+
+
+def test_the_code_map_names_every_library_module():
+    """A module added, renamed or moved without a line in the code map fails here (pipelines/ is one line,
+    packages' __init__.py files are optional)."""
+    named = code_map_modules()
+    library = PROJECT_ROOT / "src" / "muco_flow"
+    missing = [
+        path
+        for path in sorted(module.relative_to(library).as_posix() for module in library.rglob("*.py"))
+        if not path.startswith("pipelines/") and not path.endswith("__init__.py") and path not in named
+    ]
+    assert not missing, f"README.md's code map does not name: {', '.join(missing)}"
 
 
 # ---------------------------------------------------------------- load by alias, serve and curl (slow)
@@ -171,7 +273,7 @@ def registered_project(model_dir, tmp_path, monkeypatch) -> Path:
     and `.venv` (the running interpreter's environment)."""
     from mlflow.tracking import MlflowClient
 
-    from muco_flow.registry import register_model_version
+    from muco_flow.registry.registration import register_model_version
 
     project = tmp_path / "project"
     project.mkdir()

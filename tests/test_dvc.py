@@ -269,6 +269,7 @@ def sample_evaluation_results(evaluate: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dvc_metrics_show_prints_the_sample_headline_within_200_columns(tmp_path):
     """The real `dvc metrics show` over headline_metrics.json as the evaluate node writes it for the sample."""

@@ -156,6 +156,7 @@ def distinct_queries(sets) -> int:
     return len(queries)
 
 
+@pytest.mark.slow  # starts nothing, but scores the whole sample seven times (minutes)
 def test_the_sample_scores_the_same_with_pools_on_disk_and_a_rerun_encodes_only_the_queries(
     sample_sets, tiny_backbone_dir, model_dir, tmp_path, monkeypatch
 ):
@@ -201,6 +202,7 @@ def test_the_sample_scores_the_same_with_pools_on_disk_and_a_rerun_encodes_only_
     assert trained != in_memory
 
 
+@pytest.mark.slow
 def test_two_processes_split_every_pool_and_score_as_one(sample_sets, tiny_backbone_dir, tmp_path, monkeypatch):
     import io
 

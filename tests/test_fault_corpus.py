@@ -10,7 +10,8 @@ import pytest
 from muco_flow.data import schema
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_shards
-from muco_flow.data.ingest import REJECT_REASONS, IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.ingest import IngestConfig
+from muco_flow.data.m3t_ingest import REJECT_REASONS_M3T, ingest_m3t_snapshot
 from muco_flow.data.meta_file import MetaFileError
 from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
@@ -60,7 +61,7 @@ def rows_of(path):
 def test_every_reason_code_has_a_corrupt_input_in_one_of_the_two_corpora():
     produced = {r for r in CORRUPTIONS.values() if r} | {r for r in ROW_FAULTS.values() if r}
     # WRONG_TYPE: tests/corrupt_corpus.py COLUMN_CORRUPTIONS; INTERNAL_ERROR and IMAGE_UNREADABLE: their own tests
-    assert produced == set(REJECT_REASONS) - {"WRONG_TYPE", "INTERNAL_ERROR", "IMAGE_UNREADABLE"}
+    assert produced == set(REJECT_REASONS_M3T) - {"WRONG_TYPE", "INTERNAL_ERROR", "IMAGE_UNREADABLE"}
 
 
 @pytest.mark.timeout(120)  # a hang (a FIFO read, a trickling download) fails here instead of stalling CI

@@ -17,7 +17,8 @@ from PIL import Image
 
 from muco_flow.data import schema
 from muco_flow.data.fetch import FetchConfig, FetchError, fetch_url, fetch_urls
-from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.ingest import IngestConfig
+from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.sources import LocalSnapshot
 
 

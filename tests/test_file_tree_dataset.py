@@ -43,6 +43,7 @@ def test_empty_trees_and_missing_roots_are_errors(tmp_path):
         dataset.load()
 
 
+@pytest.mark.slow  # starts `true` for a dead pid
 def test_trees_left_by_killed_writers_are_removed_by_the_next_save(tmp_path):
     import os
     import socket

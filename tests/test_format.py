@@ -15,7 +15,8 @@ from muco_flow.data import schema
 from muco_flow.data.conversations import FormatConfig, plan_turns, target_key
 from muco_flow.data.fetch import FetchConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_shards
-from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.ingest import IngestConfig
+from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors

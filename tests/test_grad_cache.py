@@ -137,6 +137,7 @@ def _run(worker, out: Path, *args) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_without_dropout_the_gradients_are_the_uncached_steps(tmp_path, stage):
     for result in _run(_plain_worker, tmp_path, stage, 0.0):
@@ -152,6 +153,7 @@ def test_without_dropout_the_gradients_are_the_uncached_steps(tmp_path, stage):
             torch.testing.assert_close(cached["gradients"][name], gradient, **TOLERANCE, msg=name)
 
 
+@pytest.mark.slow
 def test_with_dropout_each_chunk_is_rerun_with_its_own_masks(tmp_path):
     """Dropout draws per forward: GradCache must equal the same forwards done with a graph."""
     for result in _run(_plain_worker, tmp_path, 1, 0.3):
@@ -208,6 +210,7 @@ def _deepspeed_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_under_deepspeed_zero2_the_gradients_and_updates_are_the_uncached_steps(tmp_path):
     """ZeRO-2 reduces the chunks' gradients once per step (coalesce_grad_reduction); one optimizer step per batch."""
     assert json.loads((PROJECT_ROOT / "conf/base/deepspeed/zero2.json").read_text())["zero_optimization"]["stage"] == 2

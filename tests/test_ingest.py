@@ -12,15 +12,9 @@ import pytest
 from PIL import Image
 
 from muco_flow.data import schema
-from muco_flow.data.ingest import (
-    REJECT_REASONS,
-    IngestConfig,
-    IngestQualityError,
-    Reject,
-    check_reject_budget,
-    ingest_m3t_snapshot,
-    validate_text_fields,
-)
+from muco_flow.data.ingest import IngestConfig, IngestQualityError, check_reject_budget
+from muco_flow.data.m3t_ingest import REJECT_REASONS_M3T, ingest_m3t_snapshot, validate_text_fields
+from muco_flow.data.row_checks import Reject
 from muco_flow.data.sources import LocalSnapshot
 from tests.corrupt_corpus import COLUMN_CORRUPTIONS, CORRUPTIONS, corrupt_snapshot, retype_column
 
@@ -60,7 +54,7 @@ def corrupted(small_sample_root, tmp_path_factory):
 
 def test_every_reason_code_of_this_corpus_is_known():
     # the codes no kind here produces are in tests/fault_corpus.py (test_fault_corpus.py checks all are covered)
-    assert {reason for reason in CORRUPTIONS.values() if reason} <= set(REJECT_REASONS)
+    assert {reason for reason in CORRUPTIONS.values() if reason} <= set(REJECT_REASONS_M3T)
     assert {reason for _, _, reason in COLUMN_CORRUPTIONS.values()} == {"WRONG_TYPE", "MISSING_FIELD"}
 
 
@@ -226,4 +220,4 @@ def test_mutated_image_bytes_end_as_a_reason_never_as_a_crash():
                 check_image(bytes(data), 40_000_000)
             except ImageDecodeError as err:
                 reasons.add(err.code)
-    assert reasons <= set(REJECT_REASONS) and "IMAGE_UNDECODABLE" in reasons
+    assert reasons <= set(REJECT_REASONS_M3T) and "IMAGE_UNDECODABLE" in reasons

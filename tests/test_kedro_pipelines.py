@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 
 from muco_flow.modeling.backbone import load_backbone
 from tests.conftest import kedro_run
+
+pytestmark = pytest.mark.slow  # every test here is a `kedro run` subprocess
 
 
 def test_default_pipeline_writes_the_sample_and_a_loadable_backbone(project):

@@ -271,6 +271,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_gradients(tmp_path):
     world = 2
     mp.spawn(_rank_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)

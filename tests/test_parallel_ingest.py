@@ -13,14 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from muco_flow.data import schema
-from muco_flow.data.ingest import (
-    MANIFEST_FILE,
-    PARTS_DIR,
-    IngestConfig,
-    ingest_m3t_part,
-    ingest_m3t_snapshot,
-    merge_ingest_parts,
-)
+from muco_flow.data.ingest import MANIFEST_FILE, PARTS_DIR, IngestConfig, merge_ingest_parts
+from muco_flow.data.m3t_ingest import ingest_m3t_part, ingest_m3t_snapshot
 from muco_flow.data.sources import LocalSnapshot
 from tests.corrupt_corpus import corrupt_snapshot
 
@@ -98,7 +92,11 @@ def test_one_process_rejects_as_one_pass_over_the_file(snapshot, one_process):
     assert not (out / PARTS_DIR).exists()
 
 
-@pytest.mark.parametrize(("num_parts", "num_workers"), [(1, 2), (3, 1), (2, 2)])
+# num_workers 2 forks worker processes (slow: docs/development.md); 3 parts on 1 worker run in this process
+@pytest.mark.parametrize(
+    ("num_parts", "num_workers"),
+    [pytest.param(1, 2, marks=pytest.mark.slow), (3, 1), pytest.param(2, 2, marks=pytest.mark.slow)],
+)
 def test_parts_and_workers_give_the_files_of_one_process(snapshot, one_process, tmp_path, num_parts, num_workers):
     root, _ = snapshot
     reference, reference_out = one_process
@@ -176,6 +174,7 @@ def test_a_part_outside_the_split_is_refused(snapshot, tmp_path, part_index, num
         ingest_m3t_part(LocalSnapshot(root, schema.TRAIN_META_FILE), tmp_path, CONFIG, part_index, num_parts)
 
 
+@pytest.mark.slow
 def test_the_cli_as_a_two_task_slurm_array_then_merge(snapshot, one_process, tmp_path):
     root, _ = snapshot
     reference, reference_out = one_process
@@ -205,6 +204,7 @@ def test_the_cli_as_a_two_task_slurm_array_then_merge(snapshot, one_process, tmp
     assert files_of(out) == files_of(reference_out)
 
 
+@pytest.mark.slow
 def test_the_cli_says_what_to_give_outside_an_array(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "GROUP_"))}
     env["PYTHONPATH"] = str(PROJECT_ROOT / "src")

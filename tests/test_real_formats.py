@@ -23,7 +23,8 @@ from PIL import Image
 
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_shards
-from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.ingest import IngestConfig
+from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.evaluation.datasets import Item, RetrievalSet

@@ -19,20 +19,10 @@ from PIL import Image
 
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.modeling.embedder import load_embedder
-from muco_flow.registry import (
-    CHALLENGER,
-    CHAMPION,
-    ModelInputError,
-    PromotionPolicy,
-    RegistryError,
-    ServingLimits,
-    decide_promotion,
-    fluent_tracking_uri,
-    parse_batch_size,
-    parse_records,
-    promote_challenger,
-    register_model_version,
-)
+from muco_flow.registry import CHALLENGER, CHAMPION, RegistryError
+from muco_flow.registry.promotion import PromotionPolicy, decide_promotion, promote_challenger
+from muco_flow.registry.registration import fluent_tracking_uri, register_model_version
+from muco_flow.registry.serving import ModelInputError, ServingLimits, parse_batch_size, parse_records
 from tests.conftest import PROJECT_ROOT
 from tests.servers import background_server, free_port
 
@@ -218,6 +208,7 @@ def versions_of(uri: str, name: str) -> list:
     return MlflowClient(uri).search_model_versions(f"name = '{name}'")
 
 
+@pytest.mark.slow
 def test_registration_leaves_no_process_wide_tracking_uri_behind(tracking_server, model_dir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_id = new_run(tracking_server)
@@ -228,6 +219,7 @@ def test_registration_leaves_no_process_wide_tracking_uri_behind(tracking_server
     assert not mlflow.tracking.is_tracking_uri_set()
 
 
+@pytest.mark.slow
 def test_registration_is_idempotent_and_a_retry_after_a_failure_makes_one_version(
     tracking_server, model_dir, monkeypatch
 ):
@@ -256,6 +248,7 @@ def test_registration_is_idempotent_and_a_retry_after_a_failure_makes_one_versio
     assert version.tags["primary_metric_value"] == "0.3" and version.tags["git_commit"] == "abc123"
 
 
+@pytest.mark.slow
 def test_promotion_with_no_champion_a_better_and_a_worse_challenger(tracking_server, model_dir):
     name = "promotion"
     client = MlflowClient(tracking_server)
@@ -309,6 +302,7 @@ def champion(tracking_server, model_dir) -> str:
     return name
 
 
+@pytest.mark.slow
 def test_loading_by_alias_gives_the_in_process_embedders_vectors(tracking_server, champion, model_dir):
     with fluent_tracking_uri(tracking_server):
         loaded = mlflow.pyfunc.load_model(f"models:/{champion}@{CHAMPION}")
@@ -323,6 +317,7 @@ def test_loading_by_alias_gives_the_in_process_embedders_vectors(tracking_server
     assert [param.name for param in loaded.metadata.get_params_schema().params] == ["batch_size"]
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion, model_dir, tmp_path):
     port = free_port()
     command = [
@@ -391,6 +386,7 @@ def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion
             assert expected in response.json()["message"], (case, response.json()["message"])
 
 
+@pytest.mark.slow
 def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tracking_server, champion):
     from playwright.sync_api import sync_playwright
 
@@ -412,6 +408,7 @@ def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tra
     assert champion in text and CHAMPION in text and CHALLENGER in text
 
 
+@pytest.mark.slow
 def test_moving_challenger_back_to_an_older_version_needs_an_explicit_setting(tracking_server, model_dir):
     """`register` with an older train_run.json would silently make an older version the challenger."""
     name = "no-downgrade"

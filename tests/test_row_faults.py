@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from muco_flow.data import ingest as ingest_module
-from muco_flow.data import schema
-from muco_flow.data.ingest import IngestConfig, IngestQualityError, check_reject_budget, ingest_m3t_snapshot
+from muco_flow.data import m3t_ingest, schema
+from muco_flow.data.ingest import IngestConfig, IngestQualityError, check_reject_budget
+from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.row_checks import Reject, is_blank, normalise_sample_id
 from muco_flow.data.sources import ImageUnreadableError, LocalSnapshot, read_regular_file
 
@@ -21,15 +22,15 @@ def reasons(out):
 
 
 def test_an_unexpected_exception_in_a_row_check_is_that_rows_internal_error(small_sample_root, tmp_path, monkeypatch):
-    real = ingest_module.validate_text_fields
+    real = m3t_ingest.validate_text_fields
 
     def broken_for_row_5(row, config):
         if row[schema.QRY_IMAGE_PATH] == "images/train/000005.png":
             raise KeyError("a key nobody expected")
         return real(row, config)
 
-    broken_format = dataclasses.replace(ingest_module.M3T_ROW_FORMAT, validate=broken_for_row_5)
-    monkeypatch.setattr(ingest_module, "M3T_ROW_FORMAT", broken_format)
+    broken_format = dataclasses.replace(m3t_ingest.M3T_ROW_FORMAT, validate=broken_for_row_5)
+    monkeypatch.setattr(m3t_ingest, "M3T_ROW_FORMAT", broken_format)
     manifest = ingest_m3t_snapshot(LocalSnapshot(small_sample_root, schema.TRAIN_META_FILE), tmp_path, FAST)
     assert manifest["counts"] == {"read": 24, "accepted": 23, "rejected": 1}
     code, message = reasons(tmp_path)[5]

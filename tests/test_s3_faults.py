@@ -13,7 +13,7 @@ import time
 import pytest
 
 from muco_flow.data import schema
-from muco_flow.data.ingest import ingest_m3t_snapshot
+from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.sources import RetryPolicy, S3Snapshot, SourceError
 from tests.s3_server import (
     ACCESS_KEY,

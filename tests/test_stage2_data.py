@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from muco_flow.data import mmeb_train
-from muco_flow.data.finetune_conversations import (
+from muco_flow.data.ingest import IngestConfig
+from muco_flow.data.mmeb_train_conversations import (
     FinetuneFormatConfig,
     MaskConfig,
     MaskDraw,
@@ -31,8 +32,7 @@ from muco_flow.data.finetune_conversations import (
     plan_sample,
     stage2_texts,
 )
-from muco_flow.data.finetune_formatting import assemble_finetune_sample, format_mmeb_train_shards
-from muco_flow.data.ingest import IngestConfig, Reject
+from muco_flow.data.mmeb_train_formatting import assemble_finetune_sample, format_mmeb_train_shards
 from muco_flow.data.mmeb_train_ingest import (
     REJECT_REASONS_MMEB_TRAIN,
     ingest_mmeb_train,
@@ -40,6 +40,7 @@ from muco_flow.data.mmeb_train_ingest import (
     parse_text_list,
     validate_mmeb_train_row,
 )
+from muco_flow.data.row_checks import Reject
 from muco_flow.data.shards import read_shard
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import load_processors

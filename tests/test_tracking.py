@@ -114,12 +114,18 @@ class FlakyClient:
         self.client.log_batch(run_id, metrics=metrics)
 
 
-def test_a_tracking_hiccup_during_training_loses_no_metric(tmp_path, caplog):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow SQLite store for the metric tests, an experiment each: a new store's migrations take seconds."""
     from mlflow.tracking import MlflowClient
 
+    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+
+
+def test_a_tracking_hiccup_during_training_loses_no_metric(store, tmp_path, caplog):
     from muco_flow.tracking import MetricBuffer
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store
     run_id = client.create_run(client.create_experiment("hiccup", str(tmp_path / "artifacts"))).info.run_id
     flaky = FlakyClient(client, failures=2)
     buffer = MetricBuffer(flaky, run_id, every=5)
@@ -139,12 +145,10 @@ def test_a_tracking_hiccup_during_training_loses_no_metric(tmp_path, caplog):
     assert buffer.pending == 1
 
 
-def test_a_resumed_run_sends_the_earlier_steps_mlflow_never_got(tmp_path):
-    from mlflow.tracking import MlflowClient
-
+def test_a_resumed_run_sends_the_earlier_steps_mlflow_never_got(store, tmp_path):
     from muco_flow.tracking import MetricBuffer
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = store
     run_id = client.create_run(client.create_experiment("resume", str(tmp_path / "artifacts"))).info.run_id
     buffer = MetricBuffer(client, run_id, every=3, section="batch")
     for step in range(1, 6):
@@ -157,6 +161,7 @@ def test_a_resumed_run_sends_the_earlier_steps_mlflow_never_got(tmp_path):
         assert sorted((m.step, m.value) for m in history) == [(s, value(s)) for s in range(1, 6)]  # no repeats
 
 
+@pytest.mark.slow
 def test_a_copied_project_store_reads_and_writes_its_own_artifacts(tmp_path, monkeypatch):
     """A store made in one folder and copied elsewhere: after relocation every artifact path is the copy's."""
     import shutil

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -132,19 +133,25 @@ def final_weights(project, output_dir: str) -> dict[str, torch.Tensor]:
     return load_file(project / output_dir / "model/model.safetensors")
 
 
-def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
-    """SIGKILL a rank at a random step, damage the newest checkpoint, re-run: the uninterrupted run's result."""
-    project, _ = prepared
-    out = "data/06_models/run-killed"
-    seed = int(os.environ.get("MUCO_KILL_SEED", time.time_ns() % 10_000))
-    rng = random.Random(seed)
-    kill_after, rank = rng.randint(7, STEPS - 1), rng.choice(["0", "1"])
-    scenario = f"kill rank {rank} after step {kill_after} (MUCO_KILL_SEED={seed} repeats this)"
+def kill_and_resume(
+    project: Path,
+    out: str,
+    reference: str,
+    params: dict,
+    *,
+    kill_after: int,
+    rank: str,
+    pause_s: float = 0.0,
+    scenario: str = "",
+    before_resume: Callable[[int], None] = lambda steps_done: None,
+) -> str:
+    """Trains into ``out`` and SIGKILLs ``rank`` once ``kill_after`` steps are logged (and ``pause_s`` later),
+    calls ``before_resume(steps_done)``, trains again, and checks that the resumed run ends with the loss curve
+    and final weights of the uninterrupted run in ``reference``. Returns the resumed run's log."""
     metrics = project / out / "metrics.jsonl"
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
-    # checkpoints every 3 steps here, every 4 in run-a: how often it saves must not change the result
     run = subprocess.Popen(
-        [KEDRO, "run", "--pipelines=train", train_params(out, **{"training.save_every": 3})],
+        [KEDRO, "run", "--pipelines=train", train_params(out, **params)],
         cwd=project,
         env=env,
         stdout=subprocess.PIPE,
@@ -157,7 +164,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
             f"training ended before it could be killed: {scenario}"
         )
         time.sleep(0.05)
-    time.sleep(rng.uniform(0, 0.3))  # anywhere in the next step, a checkpoint save included
+    time.sleep(pause_s)
     victim = _training_process(psutil.Process(run.pid), rank=rank)
     assert victim is not None, scenario
     victim.send_signal(signal.SIGKILL)
@@ -165,33 +172,60 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     assert run.returncode != 0 and "training failed" in output, scenario
     steps_done = len(metrics.read_text().splitlines())
     assert kill_after <= steps_done < STEPS, scenario
-    run_before = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+    before_resume(steps_done)
 
-    # The newest complete checkpoint (renamed into place only once whole) is damaged on purpose:
-    # resume must skip it with a warning and take the one before.
-    complete = sorted(int(p.name.split("-")[1]) for p in (project / out / "checkpoints").glob("step-*"))
-    newest = complete[-1]
-    assert newest in {steps_done // 3 * 3, steps_done // 3 * 3 - 3} and complete == [newest - 3, newest], scenario
-    victim_file = next((project / out / f"checkpoints/step-{newest:08d}").glob("zero_pp_rank_*_optim_states.pt"))
-    victim_file.write_bytes(victim_file.read_bytes()[:100])
-
-    resumed = kedro_run(project, "--pipelines=train", train_params(out, **{"training.save_every": 3}))
-    log = resumed.stdout + resumed.stderr
-    assert f"skipping checkpoint {out}/checkpoints/step-{newest:08d}" in log and "truncated" in log, scenario
-    assert f"resumed from checkpoint step-{newest - 3:08d} (step {newest - 3})" in log, scenario
-
+    resumed = kedro_run(project, "--pipelines=train", train_params(out, **params))
     # The curve and the final weights are the uninterrupted run's.
-    reference = losses(project, "data/06_models/run-a")
-    assert losses(project, out) == pytest.approx(reference, abs=1e-5), scenario
-    expected, got = final_weights(project, "data/06_models/run-a"), final_weights(project, out)
+    assert losses(project, out) == pytest.approx(losses(project, reference), abs=1e-5), scenario
+    expected, got = final_weights(project, reference), final_weights(project, out)
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m} ({scenario})")
+    return resumed.stdout + resumed.stderr
+
+
+def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
+    """SIGKILL a rank at a random step, damage the newest checkpoint, re-run: the uninterrupted run's result."""
+    project, _ = prepared
+    out = "data/06_models/run-killed"
+    seed = int(os.environ.get("MUCO_KILL_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    kill_after, rank = rng.randint(7, STEPS - 1), rng.choice(["0", "1"])
+    scenario = f"kill rank {rank} after step {kill_after} (MUCO_KILL_SEED={seed} repeats this)"
+    killed = {}  # what the killed run left, read before the resume
+
+    def damage_the_newest_checkpoint(steps_done: int) -> None:
+        killed["mlflow_run_id"] = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+        # The newest complete checkpoint (renamed into place only once whole) is damaged on purpose:
+        # resume must skip it with a warning and take the one before.
+        complete = sorted(int(p.name.split("-")[1]) for p in (project / out / "checkpoints").glob("step-*"))
+        newest = killed["newest_checkpoint"] = complete[-1]
+        assert newest in {steps_done // 3 * 3, steps_done // 3 * 3 - 3} and complete == [newest - 3, newest], scenario
+        victim_file = next((project / out / f"checkpoints/step-{newest:08d}").glob("zero_pp_rank_*_optim_states.pt"))
+        victim_file.write_bytes(victim_file.read_bytes()[:100])
+
+    # checkpoints every 3 steps here, every 4 in run-a: how often it saves must not change the result
+    log = kill_and_resume(
+        project,
+        out,
+        "data/06_models/run-a",
+        {"training.save_every": 3},
+        kill_after=kill_after,
+        rank=rank,
+        pause_s=rng.uniform(0, 0.3),  # anywhere in the next step, a checkpoint save included
+        scenario=scenario,
+        before_resume=damage_the_newest_checkpoint,
+    )
+    newest = killed["newest_checkpoint"]
+    assert f"skipping checkpoint {out}/checkpoints/step-{newest:08d}" in log and "truncated" in log, scenario
+    assert f"resumed from checkpoint step-{newest - 3:08d} (step {newest - 3})" in log, scenario
+
     # ...and it continues the same MLflow run, whose curve is the same (steps logged twice hold equal values)
-    assert json.loads((project / out / "run.json").read_text())["mlflow_run_id"] == run_before
+    reference = losses(project, "data/06_models/run-a")
+    assert json.loads((project / out / "run.json").read_text())["mlflow_run_id"] == killed["mlflow_run_id"]
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    assert client.get_run(run_before).info.status == "FINISHED"
-    history = client.get_metric_history(run_before, "batch/loss")
+    assert client.get_run(killed["mlflow_run_id"]).info.status == "FINISHED"
+    history = client.get_metric_history(killed["mlflow_run_id"], "batch/loss")
     assert {m.step for m in history} == set(range(1, STEPS + 1))
     for metric in history:
         assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
@@ -494,32 +528,7 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
     project, _ = prepared
     grad_cache = {"training.grad_cache.chunk_size": 2, "training.save_every": 3}
     kedro_run(project, "--pipelines=train", train_params("data/06_models/run-gc", **grad_cache))
-    out = "data/06_models/run-gc-killed"
-    metrics = project / out / "metrics.jsonl"
-    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
-    run = subprocess.Popen(
-        [KEDRO, "run", "--pipelines=train", train_params(out, **grad_cache)],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    log = kill_and_resume(
+        project, "data/06_models/run-gc-killed", "data/06_models/run-gc", grad_cache, kill_after=7, rank="1"
     )
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 7):
-        assert run.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    victim = _training_process(psutil.Process(run.pid), rank="1")
-    assert victim is not None
-    victim.send_signal(signal.SIGKILL)
-    output, _ = run.communicate(timeout=120)
-    assert run.returncode != 0 and "training failed" in output
-    assert len(metrics.read_text().splitlines()) < STEPS
-
-    resumed = kedro_run(project, "--pipelines=train", train_params(out, **grad_cache))
-    assert "resumed from checkpoint step-00000006 (step 6)" in resumed.stdout + resumed.stderr
-    reference = losses(project, "data/06_models/run-gc")
-    assert losses(project, out) == pytest.approx(reference, abs=1e-5)
-    expected, got = final_weights(project, "data/06_models/run-gc"), final_weights(project, out)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert "resumed from checkpoint step-00000006 (step 6)" in log

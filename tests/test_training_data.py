@@ -16,7 +16,8 @@ import torch
 from muco_flow.data import schema
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_part, format_m3t_shards, merge_format_parts
-from muco_flow.data.ingest import IngestConfig, ingest_m3t_snapshot
+from muco_flow.data.ingest import IngestConfig
+from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
@@ -124,7 +125,10 @@ def assert_same_batch(a, b):
         assert all(torch.equal(got[k], want[k]) for k in got)
 
 
-@pytest.mark.parametrize(("workers", "chunk_size"), [(0, None), (2, None), (2, 1)])
+@pytest.mark.parametrize(  # 2 workers are DataLoader processes: slow
+    ("workers", "chunk_size"),
+    [(0, None), pytest.param(2, None, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow)],
+)
 def test_the_loader_gives_step_s_batch_s_from_any_start(formatted, workers, chunk_size):
     batches = make_batches(formatted)
     start, stop = 10, 27  # resumed mid-epoch, across an epoch boundary (24 steps per epoch)
@@ -165,6 +169,7 @@ def tree(directory):
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_format_parts_and_workers_write_the_same_bytes_as_one_process(formatted, tmp_path):
     ingested, out, tokenizer, image_processor = formatted
     split = tmp_path / "split"
@@ -186,10 +191,11 @@ def test_the_format_merge_names_a_missing_part_or_other_settings(formatted, tmp_
     format_m3t_part(ingested, split, tokenizer, image_processor, other, part_index=1, num_parts=2)
     with pytest.raises(ValueError, match=r"format parts 0 and 1 were run with other format settings"):
         merge_format_parts(ingested, split, 2)
-    with pytest.raises(ValueError, match=r"part index 2 is not one of 0\.\.1"):
+    with pytest.raises(ValueError, match=r"format part 2 of 2: need num_parts >= 1 and 0 <= part_index < num_parts"):
         format_m3t_part(ingested, split, tokenizer, image_processor, config, part_index=2, num_parts=2)
 
 
+@pytest.mark.slow
 def test_the_cli_formats_as_two_torchrun_nodes_then_merges(formatted, tiny_backbone_dir, tmp_path):
     ingested, out, _, _ = formatted
     override = tmp_path / "override.yml"

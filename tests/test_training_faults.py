@@ -45,6 +45,7 @@ def hold_lock_in_child(output_dir: Path, ready, release) -> None:
         release.wait(60)
 
 
+@pytest.mark.slow  # a spawned process holds the lock
 def test_a_second_training_into_the_same_folder_is_refused_naming_the_holder(tmp_path):
     context = multiprocessing.get_context("spawn")
     ready, release = context.Event(), context.Event()
@@ -64,6 +65,7 @@ def test_a_second_training_into_the_same_folder_is_refused_naming_the_holder(tmp
     assert (tmp_path / LOCK_FILE).read_text() == ""
 
 
+@pytest.mark.slow  # a finished python process gives a dead pid
 def test_the_lock_of_a_dead_training_on_this_host_is_taken_over(tmp_path, caplog):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = {"pid": int(dead.stdout), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00"}

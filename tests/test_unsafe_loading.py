@@ -173,6 +173,7 @@ def saved_checkpoint(process_group, tmp_path_factory):
     return root, train_steps(engine, 3)
 
 
+@pytest.mark.slow  # DeepSpeed builds its CPU Adam op (ninja, c++) on first use
 def test_resuming_reads_every_checkpoint_file_weights_only(saved_checkpoint, monkeypatch):
     from muco_flow.training.checkpoint import checkpoint_tag, load_checkpoint
 
@@ -197,6 +198,7 @@ def test_resuming_reads_every_checkpoint_file_weights_only(saved_checkpoint, mon
     assert train_steps(engine, 3) == pytest.approx(losses_after, abs=1e-6)
 
 
+@pytest.mark.slow  # the same DeepSpeed engine and its compiled op
 def test_a_checkpoint_file_that_would_run_code_is_refused(saved_checkpoint, tmp_path):
     from muco_flow.training.checkpoint import UnsafeCheckpointError, checkpoint_tag, load_checkpoint
 
@@ -253,13 +255,15 @@ def test_the_audit_hook_sees_what_an_unpickler_resolves():
     assert unpickled and any("PosixPath" in name for name in unpickled)
 
 
+@pytest.mark.slow  # MLflow runs `git` while it logs the model
 def test_loading_the_registered_model_unpickles_nothing(model_dir, tmp_path, monkeypatch):
     """The pyfunc is models-from-code: loading it by alias resolves no class from a pickle."""
     import mlflow
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from muco_flow.registry import CHALLENGER, fluent_tracking_uri, register_model_version
+    from muco_flow.registry import CHALLENGER
+    from muco_flow.registry.registration import fluent_tracking_uri, register_model_version
 
     monkeypatch.chdir(tmp_path)  # MLflow's local artifact root is relative to the working directory
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -1,4 +1,8 @@
-"""The project's pipelines: one folder each under muco_flow/pipelines/."""
+"""The project's pipelines: one folder each under muco_flow/pipelines/.
+
+Each pipeline a run can name has a folder, `data` (ingest + format) too: Kedro
+imports only the folders of the pipelines a run names (``find_pipelines``).
+"""
 
 from __future__ import annotations
 
@@ -13,5 +17,7 @@ NOT_IN_DEFAULT_RUN = {"promote", "finetune_data", "finetune"}
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
     # Kedro orders nodes by their datasets, so the sum runs in data order.
-    pipelines["__default__"] = sum(p for name, p in pipelines.items() if name not in NOT_IN_DEFAULT_RUN)
+    pipelines["__default__"] = sum(
+        (p for name, p in pipelines.items() if name not in NOT_IN_DEFAULT_RUN), start=Pipeline([])
+    )
     return pipelines

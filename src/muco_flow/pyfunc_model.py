@@ -6,6 +6,6 @@ path); no pickle is written or read.
 
 import mlflow
 
-from muco_flow.registry import MuCoEmbeddingModel
+from muco_flow.registry.serving import MuCoEmbeddingModel
 
 mlflow.models.set_model(MuCoEmbeddingModel())

@@ -55,6 +55,14 @@ class ChatTemplates:
         return check_single_turn_template(self.system + self.turn.replace(CONTENT_SLOT, TEXT_SLOT))
 
 
+def check_size_settings(section: str, max_length: int, image_short_side: int | None) -> None:
+    """Refuses sequences too short to hold a turn, and a resize below Qwen2-VL's 28-pixel minimum."""
+    if max_length < 8:
+        raise ValueError(f"{section}.max_length must be at least 8, got {max_length}")
+    if image_short_side is not None and image_short_side < 28:
+        raise ValueError(f"{section}.image_short_side must be null or at least 28, got {image_short_side}")
+
+
 @dataclass(frozen=True)
 class FormatConfig:
     """The `format` parameters (conf/base/parameters_format.yml)."""
@@ -93,10 +101,7 @@ class FormatConfig:
             raise ValueError(f"format.target_field must be pos_text or pos_sentence, got '{self.target_field}'")
         if self.target_layout not in TARGET_LAYOUTS:
             raise ValueError(f"format.target_layout must be one of {TARGET_LAYOUTS}, got '{self.target_layout}'")
-        if self.max_length < 8:
-            raise ValueError(f"format.max_length must be at least 8, got {self.max_length}")
-        if self.image_short_side is not None and self.image_short_side < 28:
-            raise ValueError(f"format.image_short_side must be null or at least 28, got {self.image_short_side}")
+        check_size_settings("format", self.max_length, self.image_short_side)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FormatConfig:

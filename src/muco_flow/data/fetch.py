@@ -59,7 +59,7 @@ class FetchConfig:
             backoff_jitter=self.backoff_jitter_s,
             backoff_max=self.max_backoff_s,
             respect_retry_after_header=True,
-            retry_after_max=self.max_backoff_s,
+            retry_after_max=int(self.max_backoff_s),  # whole seconds (urllib3's type); rounding down keeps the bound
             raise_on_status=False,
         )
 
@@ -130,6 +130,7 @@ def fetch_url(
         raise FetchError(f"unsupported URL scheme in '{url}'")
     retry = config.retry_policy()
     deadline = time.monotonic() + config.deadline_s
+    reason: Exception | str  # what the last try met, for the messages
     for attempt in range(1, config.retries + 2):
         response = error = None
         try:

@@ -48,7 +48,7 @@ from muco_flow.data.conversations import (
     target_turn_content,
 )
 from muco_flow.data.ingest import MANIFEST_FILE
-from muco_flow.data.parallel import map_in_processes, worker_state
+from muco_flow.data.parallel import check_part, map_in_processes, part_stem, worker_state
 from muco_flow.data.sources import file_sha256
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import short_side_size
@@ -89,9 +89,14 @@ FORMATTED_SCHEMA = pa.schema(
 
 
 def image_token_count(
-    image_processor: Qwen2VLImageProcessorPil, width: int, height: int, short_side: int | None = None
+    image_processor: Qwen2VLImageProcessorPil, width: int | None, height: int | None, short_side: int | None = None
 ) -> int:
-    """LLM tokens the image takes: its patch grid after the short-side resize and Qwen2-VL's own, merged."""
+    """LLM tokens the image takes: its patch grid after the short-side resize and Qwen2-VL's own, merged.
+
+    0 for no image (a shard row without one has null sizes).
+    """
+    if width is None or height is None:
+        return 0
     width, height = short_side_size(width, height, short_side)
     patches = image_processor.get_number_of_image_patches(height, width, {})
     return patches // image_processor.merge_size**2
@@ -110,9 +115,7 @@ class TurnTokenizer:
 
     def __post_init__(self) -> None:
         t = self.config.templates
-        self.emb_id = self.tokenizer.convert_tokens_to_ids(tokens.EMB_TOKEN)
-        if self.emb_id == self.tokenizer.unk_token_id or self.emb_id is None:
-            raise ValueError(f"the tokenizer has no {tokens.EMB_TOKEN} token; add MuCo's tokens to the backbone first")
+        self.emb_id = tokens.token_id(self.tokenizer, tokens.EMB_TOKEN)
         self.system_ids = self._ids(t.system)
         self.separator_ids = self._ids(t.turn_separator)
 
@@ -275,12 +278,7 @@ def _format_sample(
 ) -> dict[str, Any] | None:
     """The sample's record, less where its image is; None (counted) when no turn fits."""
     config = turn_tokenizer.config
-    has_image = sample["image_width"] is not None
-    n_image = (
-        image_token_count(image_processor, sample["image_width"], sample["image_height"], config.image_short_side)
-        if has_image
-        else 0
-    )
+    n_image = image_token_count(image_processor, sample["image_width"], sample["image_height"], config.image_short_side)
     qry, targets = sample[schema.QRY], sample[config.target_field]
     negatives = None
     if config.hard_negatives:
@@ -307,12 +305,7 @@ def _format_shard_in_worker(shard: dict[str, Any]) -> dict[str, Any]:
 
 
 def _part_summary_path(output_dir: Path, part_index: int, num_parts: int) -> Path:
-    return Path(output_dir) / PARTS_DIR / f"part-{part_index:05d}-of-{num_parts:05d}.json"
-
-
-def _check_part(part_index: int, num_parts: int) -> None:
-    if num_parts < 1 or not 0 <= part_index < num_parts:
-        raise ValueError(f"format: part index {part_index} is not one of 0..{num_parts - 1} (num_parts {num_parts})")
+    return Path(output_dir) / PARTS_DIR / f"{part_stem(part_index, num_parts)}.json"
 
 
 def format_m3t_part(
@@ -329,7 +322,7 @@ def format_m3t_part(
 
     Writes their files and a part summary that ``merge_format_parts`` reads.
     """
-    _check_part(part_index, num_parts)
+    check_part("format", part_index, num_parts)
     shards_dir, output_dir = Path(shards_dir), Path(output_dir)
     ingest_manifest = json.loads((shards_dir / MANIFEST_FILE).read_text())
     mine = ingest_manifest["shards"][part_index::num_parts]
@@ -381,10 +374,10 @@ def merge_format_parts(shards_dir: Path, output_dir: Path, num_parts: int) -> di
                 "run every part with the same parameters"
             )
     by_shard = {result["entry"]["ingest_shard"]: result for summary in summaries for result in summary["shards"]}
-    results = [by_shard.get(shard["file"]) for shard in ingest_manifest["shards"]]
-    missing = [shard["file"] for shard, result in zip(ingest_manifest["shards"], results, strict=True) if not result]
+    missing = [shard["file"] for shard in ingest_manifest["shards"] if shard["file"] not in by_shard]
     if missing:
         raise ValueError(f"no format part formatted {len(missing)} ingest shards, e.g. {missing[0]}")
+    results = [by_shard[shard["file"]] for shard in ingest_manifest["shards"]]
     counts = {name: sum(result["counts"][name] for result in results) for name in COUNT_NAMES}
     if counts["samples"] != ingest_manifest["counts"]["accepted"]:
         raise ValueError(

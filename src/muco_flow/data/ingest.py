@@ -1,4 +1,10 @@
-"""Ingestion: an M3T snapshot in, validated parquet shards with embedded images out.
+"""The ingest engine: meta files in, validated parquet shards with embedded images out.
+
+A format's rules (``m3t_ingest.py``: M3T, ``mmeb_train_ingest.py``:
+MMEB-train) come as a ``RowFormat``: the columns it needs, how a row is
+checked, which images it names and what a shard row holds. This module runs
+them: it reads the rows, loads and checks the images, and writes the shards,
+the rejects, the manifest, and checks the reject budget.
 
 The meta file is streamed in batches of rows, so memory stays flat however
 many rows there are (only the set of seen sample ids grows, a few bytes per
@@ -7,7 +13,7 @@ reason code; the manifest checks read = accepted + rejected.
 
 The source's rows are cut into blocks of ``rows_per_shard``; block b becomes
 ``shards/part-<b>.parquet``. Blocks are independent units of work: a part
-(``ingest_m3t_part``: a SLURM array task or a torchrun node) ingests every
+(``ingest_part``; ``m3t_ingest.ingest_m3t_part``: a SLURM array task or a torchrun node) ingests every
 ``num_parts``-th block on ``num_workers`` processes, and the merge
 (``merge_ingest_parts``) turns ids an earlier block claimed into
 ``DUPLICATE_ID`` rejects and writes the one manifest, so the files do not
@@ -20,8 +26,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
-import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,13 +50,13 @@ from muco_flow.data.images import (
     confined_key,
 )
 from muco_flow.data.meta_file import MetaFileError, UndecodableRow, decode_rows, iter_batches, open_parquet
-from muco_flow.data.parallel import map_in_processes, worker_state
+from muco_flow.data.parallel import check_part, map_in_processes, part_stem, worker_state
 from muco_flow.data.row_checks import (
     Reject,
     check_limit_settings,
     check_row_limits,
     internal_error,
-    is_blank,
+    is_missing,
     normalise_sample_id,
 )
 from muco_flow.data.sources import (
@@ -71,10 +75,11 @@ SHARDS_DIR = "shards"
 REJECTS_FILE = "rejects.parquet"
 MANIFEST_FILE = "manifest.json"
 
-REJECT_REASONS = {
+# The codes any format's rows may get: the engine's (ids, values, images) and those of the shared row checks
+# (row_checks.py). A format adds its own (m3t_ingest.REJECT_REASONS_M3T, mmeb_train_ingest.REJECT_REASONS_MMEB_TRAIN).
+COMMON_REJECT_REASONS = {
     "MISSING_FIELD": "a required field is null or NaN",
     "WRONG_TYPE": "a field has the wrong type (for example a number where text belongs)",
-    "TURN_COUNT_MISMATCH": "qry, pos_text, pos_sentence (and neg_text) have different numbers of turns",
     "IMAGE_PLACEHOLDER": f"a text holds an image placeholder other than one {tokens.IMAGE_1} (one image per sample)",
     "EMPTY_TEXT": "a query phrasing or target is empty or only invisible characters (zero-width, whitespace)",
     "TEXT_TOO_LONG": "a text, id or path is longer than ingest.max_text_chars, max_id_chars or max_path_chars",
@@ -92,31 +97,9 @@ REJECT_REASONS = {
     "IMAGE_NOT_A_FILE": "the image path is a FIFO, socket, device or symlink loop, not a regular file",
     "IMAGE_UNREADABLE": "the image file exists but cannot be read (permissions, an I/O error)",
     "IMAGE_ASPECT_RATIO": "the image's long side is more than ingest.max_aspect_ratio times its short side",
-    "TARGET_IMAGE_UNSUPPORTED": "a target has an image (pos_image_path); stage 1 ingests text targets only",
     "INTERNAL_ERROR": "a check failed in a way nobody foresaw (the message names the exception); please report it",
 }
 
-REQUIRED = (schema.QRY, schema.POS_TEXT, schema.POS_SENTENCE, schema.QRY_IMAGE_PATH)
-OPTIONAL = (schema.NEG_TEXT, schema.QRY_SENTENCE, schema.POS_IMAGE_PATH, schema.IMAGE_URL)
-
-INGESTED_SCHEMA = pa.schema(
-    [
-        pa.field(schema.SAMPLE_ID, pa.string(), nullable=False),
-        pa.field("source_row", pa.int64(), nullable=False),
-        pa.field(schema.QRY, pa.list_(pa.list_(pa.string())), nullable=False),
-        pa.field(schema.POS_TEXT, pa.list_(pa.string()), nullable=False),
-        pa.field(schema.POS_SENTENCE, pa.list_(pa.string()), nullable=False),
-        pa.field(schema.NEG_TEXT, pa.list_(pa.string())),
-        pa.field(schema.QRY_SENTENCE, pa.string()),
-        # a sample without an image (qry_image_path "") has "" and nulls here
-        pa.field("image_path", pa.string(), nullable=False),
-        pa.field("image_bytes", pa.binary()),
-        pa.field("image_sha256", pa.string()),
-        pa.field("image_width", pa.int32()),
-        pa.field("image_height", pa.int32()),
-        pa.field("image_upscaled", pa.bool_()),
-    ]
-)
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field("source_row", pa.int64(), nullable=False),
@@ -183,114 +166,22 @@ class IngestQualityError(RuntimeError):
     """More rows were rejected than ingest.max_reject_fraction allows."""
 
 
-# --- row checks ---------------------------------------------------------------
-
-
-def string_list(value: Any, name: str) -> list[str]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise Reject("WRONG_TYPE", f"{name} must be a list of strings, got {type(value).__name__}")
-    return list(value)
-
-
-def _phrasings(value: Any) -> list[list[str]]:
-    if not isinstance(value, list | tuple):
-        raise Reject("WRONG_TYPE", f"qry must be a list of turns, got {type(value).__name__}")
-    # a turn is a list of phrasings; a bare string is one phrasing
-    return [[turn] if isinstance(turn, str) else string_list(turn, "qry turn") for turn in value]
-
-
-def is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-CONTROL_TOKENS = (*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS)
-
-
-PLACEHOLDER_PATTERN = re.compile(r"<\|image_\d+\|>")
-
-
-def check_text(text: str, name: str, limit: int, *, allow_empty: bool = False) -> None:
-    """Reject if ``text`` cannot be put into a conversation; ``allow_empty``: an image may stand alone."""
-    if not allow_empty and is_blank(text.replace(tokens.IMAGE_1, "")):
-        raise Reject("EMPTY_TEXT", f"{name} is empty or only invisible characters")
-    placeholders = PLACEHOLDER_PATTERN.findall(text)
-    if len(placeholders) > 1 or any(p != tokens.IMAGE_1 for p in placeholders):
-        raise Reject("IMAGE_PLACEHOLDER", f"{name} holds {', '.join(placeholders)}; at most one {tokens.IMAGE_1}")
-    if len(text) > limit:
-        raise Reject("TEXT_TOO_LONG", f"{name} has {len(text)} characters, the limit is {limit}")
-    # A control token in the data would add turns or image slots the
-    # conversation does not have.
-    found = next((tok for tok in CONTROL_TOKENS if tok in text), None)
-    if found:
-        raise Reject("SPECIAL_TOKEN_IN_TEXT", f"{name} contains the control token {found}")
-
-
-def _target_image_path(value: Any) -> str:
-    """pos_image_path as one string: the published file's string (or the first path of a list of them)."""
-    if is_missing(value):
-        return ""
-    if isinstance(value, str):
-        return value
-    return next((p for p in string_list(value, schema.POS_IMAGE_PATH) if p), "")
-
-
-def validate_text_fields(row: dict[str, Any], config: IngestConfig) -> dict[str, Any]:
-    """The row's fields in our schema, or Reject with the first problem found."""
-    for name in REQUIRED:
-        if is_missing(row.get(name)):
-            raise Reject("MISSING_FIELD", f"{name} is missing")
-    qry = _phrasings(row[schema.QRY])
-    pos_text = string_list(row[schema.POS_TEXT], schema.POS_TEXT)
-    pos_sentence = string_list(row[schema.POS_SENTENCE], schema.POS_SENTENCE)
-    neg_text = None if is_missing(row.get(schema.NEG_TEXT)) else string_list(row[schema.NEG_TEXT], schema.NEG_TEXT)
-    counts = {"qry": len(qry), "pos_text": len(pos_text), "pos_sentence": len(pos_sentence)}
-    if neg_text is not None:
-        counts["neg_text"] = len(neg_text)
-    if len(set(counts.values())) != 1 or not qry:
-        raise Reject("TURN_COUNT_MISMATCH", "turn counts differ: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    for k, phrasings in enumerate(qry):
-        if not phrasings:
-            raise Reject("EMPTY_TEXT", f"qry turn {k} has no phrasing")
-        for p in phrasings:
-            check_text(p, f"qry turn {k}", config.max_text_chars)
-    for name, texts in (("pos_text", pos_text), ("pos_sentence", pos_sentence), ("neg_text", neg_text or [])):
-        for k, text in enumerate(texts):
-            check_text(text, f"{name} turn {k}", config.max_text_chars)
-    image_path = row[schema.QRY_IMAGE_PATH]
-    if not isinstance(image_path, str):
-        raise Reject("WRONG_TYPE", f"qry_image_path must be a string, got {type(image_path).__name__}")
-    if _target_image_path(row.get(schema.POS_IMAGE_PATH)):
-        raise Reject("TARGET_IMAGE_UNSUPPORTED", "pos_image_path names a target image")
-    sentence = row.get(schema.QRY_SENTENCE)
-    if not is_missing(sentence) and not isinstance(sentence, str):
-        raise Reject("WRONG_TYPE", f"qry_sentence must be a string, got {type(sentence).__name__}")
-    url = row.get(schema.IMAGE_URL)
-    return {
-        schema.QRY: qry,
-        schema.POS_TEXT: pos_text,
-        schema.POS_SENTENCE: pos_sentence,
-        schema.NEG_TEXT: neg_text,
-        schema.QRY_SENTENCE: None if is_missing(sentence) else sentence,
-        "image_path": image_path,
-        "image_url": url if isinstance(url, str) and url else None,
-    }
-
-
-def derived_sample_id(index: int, row: dict[str, Any]) -> str:
-    """An id for a row of a file without an id column: its position and a hash of its content.
+def derived_sample_id(index: int, row: dict[str, Any], content_columns: Sequence[str]) -> str:
+    """An id for a row of a file without an id column: its position and a hash of its ``content_columns``.
 
     The position keeps ids unique; the hash makes an id name one content, so a
     reordered or edited snapshot does not silently reuse ids for other samples.
     """
-    content = json.dumps(
-        [row.get(schema.QRY_IMAGE_PATH), row.get(schema.QRY), row.get(schema.POS_TEXT)], default=str, ensure_ascii=False
-    )
+    content = json.dumps([row.get(column) for column in content_columns], default=str, ensure_ascii=False)
     return f"{index:09d}-{hashlib.blake2b(content.encode(), digest_size=6).hexdigest()}"
 
 
-def sample_id_of(row: dict[str, Any], index: int, config: IngestConfig, has_id_column: bool) -> str:
+def sample_id_of(
+    row: dict[str, Any], index: int, config: IngestConfig, has_id_column: bool, content_columns: Sequence[str]
+) -> str:
+    """The row's id column, else the id derived from its position and ``content_columns``; Reject if unusable."""
     if not has_id_column:
-        return derived_sample_id(index, row)
+        return derived_sample_id(index, row, content_columns)
     value = row.get(schema.SAMPLE_ID)
     if is_missing(value):
         raise Reject("MISSING_FIELD", f"sample id column '{config.id_column}' is missing")
@@ -354,7 +245,9 @@ class RowFormat:
     fields, or raises Reject; ``image_paths`` lists the images those fields
     name, each with a label for messages ("" = the row's only image, which may
     come from its URL); ``image_columns`` turns the loaded images (None where
-    a path is "") into the shard row's image columns.
+    a path is "") into the shard row's image columns. ``id_content_columns``
+    are what identifies a sample in a file without an id column (hashed into
+    its derived id).
     """
 
     schema_version: str
@@ -364,23 +257,11 @@ class RowFormat:
     validate: Callable[[dict[str, Any], IngestConfig], dict[str, Any]]
     image_paths: Callable[[dict[str, Any]], list[tuple[str, str]]]
     image_columns: Callable[[dict[str, Any], list[CheckedImage | None]], dict[str, Any]]
+    id_content_columns: tuple[str, ...]
     # for the layout-independent limits (row_checks.check_row_limits): the
     # field holding turns of phrasings (None: no turns), and the path/URL fields
     turns_field: str | None = None
     path_fields: tuple[str, ...] = ()
-
-
-M3T_ROW_FORMAT = RowFormat(
-    schema_version=schema.SCHEMA_VERSION,
-    required=REQUIRED,
-    optional=OPTIONAL,
-    output_schema=INGESTED_SCHEMA,
-    validate=validate_text_fields,
-    image_paths=lambda fields: [("", fields["image_path"])],
-    image_columns=lambda fields, images: image_columns(images[0]),
-    turns_field=schema.QRY,
-    path_fields=("image_path", "image_url"),
-)
 
 
 def check_row(
@@ -390,7 +271,8 @@ def check_row(
 
     ``position`` is the row's index in its own file, ``prefix`` names the file's dataset (MMEB-train).
     """
-    sample_id = normalise_sample_id(prefix + sample_id_of(row, position, config, has_id_column), config.max_id_chars)
+    own_id = sample_id_of(row, position, config, has_id_column, row_format.id_content_columns)
+    sample_id = normalise_sample_id(prefix + own_id, config.max_id_chars)
     fields = row_format.validate(row, config)
     check_row_limits(
         fields,
@@ -441,7 +323,7 @@ def shard_name(block: int) -> str:
 
 def part_name(part_index: int, num_parts: int) -> str:
     """The summary of one part, relative to the output directory (``.json``, ``.rejects.parquet``)."""
-    return f"{PARTS_DIR}/part-{part_index:05d}-of-{num_parts:05d}"
+    return f"{PARTS_DIR}/{part_stem(part_index, num_parts)}"
 
 
 @dataclass(frozen=True)
@@ -490,7 +372,8 @@ class _BlockResult:
 
 def _row_groups_of(meta: pq.ParquetFile, start: int, stop: int) -> tuple[list[int], int]:
     """The row groups holding rows ``start`` .. ``stop - 1``, and the first one's first row."""
-    groups, first, row = [], 0, 0
+    groups: list[int] = []
+    first = row = 0
     for g in range(meta.num_row_groups):
         rows = meta.metadata.row_group(g).num_rows
         if row < stop and row + rows > start:
@@ -625,16 +508,6 @@ def _forks_safely(source: SnapshotSource) -> bool:
     return isinstance(source, LocalSnapshot)
 
 
-def ingest_m3t_part(
-    source: SnapshotSource, output_dir: Path, config: IngestConfig, part_index: int = 0, num_parts: int = 1
-) -> dict[str, Any]:
-    """Part ``part_index`` of an M3T ingest split over ``num_parts`` machines (a SLURM array task, a torchrun node).
-
-    ``merge_ingest_parts`` writes the manifest once every part is done.
-    """
-    return ingest_part([MetaPart(source)], output_dir, config, M3T_ROW_FORMAT, part_index, num_parts)
-
-
 def ingest_part(
     parts: Sequence[MetaPart],
     output_dir: Path,
@@ -652,10 +525,7 @@ def ingest_part(
     processes: S3). A shard depends only on its block, so any split gives the
     same files.
     """
-    if num_parts < 1 or not 0 <= part_index < num_parts:
-        raise ValueError(
-            f"ingest part {part_index} of {num_parts}: need num_parts >= 1 and 0 <= part_index < num_parts"
-        )
+    check_part("ingest", part_index, num_parts)
     output_dir = Path(output_dir)
     labels = [f"{part.source.uri.rstrip('/')}/{part.source.meta_file}" for part in parts]
     metas = [open_parquet(part.source.meta_path(), label) for part, label in zip(parts, labels, strict=True)]
@@ -832,7 +702,7 @@ def _reject_duplicates_across_blocks(
     by_row = {r["source_row"]: r for r in rejects}
     by_block: dict[int, dict[str, Any]] = {int(s["file"].rsplit("-", 1)[1].split(".")[0]): s for s in shards}
     seen: set[bytes] = set()
-    duplicates: dict[str, set[int]] = {}
+    duplicates: dict[int, set[int]] = {}  # block -> source rows to drop from its shard
     for block in sorted(set(by_block) | set(claimed)):
         claims: list[tuple[int, str]] = [(row, by_row[row][schema.SAMPLE_ID]) for row in claimed.get(block, [])]
         shard = by_block.get(block)
@@ -848,13 +718,11 @@ def _reject_duplicates_across_blocks(
             if row in by_row:
                 by_row[row].update(_reject_record(row, sample_id, _duplicate_id(sample_id)))
             else:
-                duplicates.setdefault(shard["file"], set()).add(row)
+                duplicates.setdefault(block, set()).add(row)
                 rejects.append(_reject_record(row, sample_id, _duplicate_id(sample_id)))
         seen.update(digests)
-    for shard in shards:
-        rows = duplicates.get(shard["file"])
-        if rows:
-            _drop_rows(output_dir, shard, rows)
+    for block, rows in duplicates.items():
+        _drop_rows(output_dir, by_block[block], rows)
 
 
 def _drop_rows(output_dir: Path, shard: dict[str, Any], rows: set[int]) -> None:
@@ -880,14 +748,6 @@ def _drop_rows(output_dir: Path, shard: dict[str, Any], rows: set[int]) -> None:
     shard.update(rows=kept, sha256=file_sha256(path))
 
 
-def ingest_m3t_snapshot(source: SnapshotSource, output_dir: Path, config: IngestConfig) -> dict[str, Any]:
-    """Validates every row of ``source`` and writes shards, rejects and a manifest into ``output_dir``.
-
-    One part on this machine, on ``config.num_workers`` processes.
-    """
-    return ingest_snapshot([MetaPart(source)], output_dir, config, M3T_ROW_FORMAT)
-
-
 def ingest_snapshot(
     parts: Sequence[MetaPart], output_dir: Path, config: IngestConfig, row_format: RowFormat
 ) -> dict[str, Any]:
@@ -901,7 +761,7 @@ def ingest_snapshot(
 
 
 def check_reject_budget(
-    manifest: dict[str, Any], max_reject_fraction: float, where: str, reasons: dict[str, str] = REJECT_REASONS
+    manifest: dict[str, Any], max_reject_fraction: float, where: str, reasons: dict[str, str] = COMMON_REJECT_REASONS
 ) -> None:
     """Raises IngestQualityError with a per-reason summary if too many rows were rejected (``reasons``: codes)."""
     counts = manifest["counts"]
@@ -919,3 +779,10 @@ def check_reject_budget(
             f"Rejects by reason:\n{by_reason or '  (the source has no rows)'}\n"
             f"Every rejected row, with its reason, is in {where}/{REJECTS_FILE}."
         )
+
+
+def checked_manifest(shards_dir: str | Path, max_reject_fraction: float, reasons: dict[str, str]) -> dict[str, Any]:
+    """The manifest of the ingest run in ``shards_dir``; IngestQualityError if too many rows were rejected."""
+    manifest: dict[str, Any] = json.loads((Path(shards_dir) / MANIFEST_FILE).read_text())
+    check_reject_budget(manifest, max_reject_fraction, where=str(shards_dir), reasons=reasons)
+    return manifest

@@ -18,8 +18,9 @@ loader's single-turn branch reads them (lines 241-261):
   i's image is ``neg_image_path[min(i, len - 1)]`` (line 257). A plain
   string that is no list literal is one negative (VLM2Vec's own files).
 
-This module names the format; ``mmeb_train_ingest.py`` reads it with M3T's
-ingest machinery, and the bundled sample writes a small set in it.
+This module names the format; ``mmeb_train_ingest.py`` reads it with the ingest
+engine that M3T's rules use too (``ingest.py``), and the bundled sample writes a
+small set in it.
 """
 
 from __future__ import annotations

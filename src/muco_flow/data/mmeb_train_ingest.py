@@ -2,9 +2,10 @@
 
 The columns and their rules are described in ``mmeb_train.py``.
 
-Ingest reuses M3T's machinery (``ingest.ingest_snapshot``): the same row
-checks, reason codes, rejects file and manifest, with every image of a row
-(query, target, each negative) stored in the shard.
+The ingest engine (``ingest.ingest_snapshot``) runs these rules as it runs
+M3T's (``m3t_ingest.py``): the same shared row checks, reason codes, rejects
+file and manifest, with every image of a row (query, target, each negative)
+stored in the shard.
 """
 
 from __future__ import annotations
@@ -20,17 +21,13 @@ import pyarrow as pa
 from muco_flow.data import schema
 from muco_flow.data.images import CheckedImage, confined_key
 from muco_flow.data.ingest import (
+    COMMON_REJECT_REASONS,
     IMAGE_FIELDS,
-    REJECT_REASONS,
     IngestConfig,
     MetaPart,
-    Reject,
     RowFormat,
-    check_text,
     image_columns,
     ingest_snapshot,
-    is_missing,
-    string_list,
 )
 from muco_flow.data.mmeb_train import (
     META_GLOB,
@@ -44,6 +41,7 @@ from muco_flow.data.mmeb_train import (
     QRY_SENTENCE,
     SCHEMA_VERSION,
 )
+from muco_flow.data.row_checks import Reject, check_text, is_missing, string_list
 from muco_flow.data.sources import SnapshotSource, SourceError, open_snapshot, s3_client
 
 logger = logging.getLogger(__name__)
@@ -51,9 +49,9 @@ logger = logging.getLogger(__name__)
 REQUIRED = (QRY, POS_TEXT, QRY_IMAGE_PATH)
 OPTIONAL = (POS_IMAGE_PATH, NEG_TEXT, NEG_IMAGE_PATH, QRY_SENTENCE, POS_SENTENCE)
 
-# M3T's codes, less the two about M3T's turns and target images, plus one of MMEB-train's
+# the codes of every format, MISSING_FIELD's meaning widened, plus one of MMEB-train's
 REJECT_REASONS_MMEB_TRAIN = {
-    **{k: v for k, v in REJECT_REASONS.items() if k not in ("TURN_COUNT_MISMATCH", "TARGET_IMAGE_UNSUPPORTED")},
+    **COMMON_REJECT_REASONS,
     "MISSING_FIELD": "a required field is null or NaN, or a side with an image has no description (*_sentence)",
     "NEGATIVE_COUNT_MISMATCH": "neg_image_path names images but neg_text lists no hard negative",
 }
@@ -206,6 +204,8 @@ MMEB_TRAIN_ROW_FORMAT = RowFormat(
     validate=validate_mmeb_train_row,
     image_paths=_image_paths,
     image_columns=_image_columns,
+    # MMEB-train has no id column either; ids are <Dataset>/<row>-<hash of these>
+    id_content_columns=(QRY_IMAGE_PATH, QRY, POS_TEXT),
     path_fields=("image_path", POS_IMAGE_PATH, NEG_IMAGE_PATH),
 )
 

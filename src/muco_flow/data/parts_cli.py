@@ -96,7 +96,8 @@ def _ingest_part_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_ingest_part(args: argparse.Namespace) -> None:
-    from muco_flow.data.ingest import IngestConfig, ingest_m3t_part
+    from muco_flow.data.ingest import IngestConfig
+    from muco_flow.data.m3t_ingest import ingest_m3t_part
     from muco_flow.data.sources import open_snapshot
 
     index, count = part(args)

@@ -1,15 +1,20 @@
-"""Row checks that do not depend on the column layout: ids, invisible text, length and count limits.
+"""Row checks that do not depend on the column layout: types, texts, ids, invisible text, length and count limits.
 
-``ingest.py`` knows the M3T columns; these checks walk whatever fields it
-validated, so they hold when the schema changes. Every limit is an
+The formats' row rules (``m3t_ingest.py``, ``mmeb_train_ingest.py``) know
+their columns and call these on each field; the limits walk whatever fields a
+row rule validated, so they hold when a schema changes. Every limit is an
 ``ingest`` setting and its message names it.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import unicodedata
 from collections.abc import Iterator
 from typing import Any
+
+from muco_flow.modeling import tokens
 
 # The most turns and phrasings a setting may allow. Format tokenizes every
 # phrasing of every turn (twice: as the first turn and as a later one) and a
@@ -42,6 +47,39 @@ class Reject(Exception):
 def is_blank(text: str) -> bool:
     """Whether ``text`` shows nothing: empty, or only whitespace and invisible characters."""
     return not any(ch not in _BLANK_SYMBOLS and unicodedata.category(ch) not in _INVISIBLE_CATEGORIES for ch in text)
+
+
+def is_missing(value: Any) -> bool:
+    """Whether a field is absent: null, or NaN (as pandas writes a missing value)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def string_list(value: Any, name: str) -> list[str]:
+    """``value`` as a list of strings, or Reject (WRONG_TYPE) naming the field ``name``."""
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise Reject("WRONG_TYPE", f"{name} must be a list of strings, got {type(value).__name__}")
+    return list(value)
+
+
+CONTROL_TOKENS = (*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS)
+
+PLACEHOLDER_PATTERN = re.compile(r"<\|image_\d+\|>")
+
+
+def check_text(text: str, name: str, limit: int, *, allow_empty: bool = False) -> None:
+    """Reject if ``text`` cannot be put into a conversation; ``allow_empty``: an image may stand alone."""
+    if not allow_empty and is_blank(text.replace(tokens.IMAGE_1, "")):
+        raise Reject("EMPTY_TEXT", f"{name} is empty or only invisible characters")
+    placeholders = PLACEHOLDER_PATTERN.findall(text)
+    if len(placeholders) > 1 or any(p != tokens.IMAGE_1 for p in placeholders):
+        raise Reject("IMAGE_PLACEHOLDER", f"{name} holds {', '.join(placeholders)}; at most one {tokens.IMAGE_1}")
+    if len(text) > limit:
+        raise Reject("TEXT_TOO_LONG", f"{name} has {len(text)} characters, the limit is {limit}")
+    # A control token in the data would add turns or image slots the
+    # conversation does not have.
+    found = next((tok for tok in CONTROL_TOKENS if tok in text), None)
+    if found:
+        raise Reject("SPECIAL_TOKEN_IN_TEXT", f"{name} contains the control token {found}")
 
 
 def internal_error(err: BaseException) -> Reject:
@@ -90,7 +128,7 @@ def check_row_limits(
     and URLs (limited by ``max_path_chars``); every other string is text
     (``max_text_chars``), wherever it is nested.
     """
-    turns = fields.get(query_field) or []
+    turns = (fields.get(query_field) if query_field else None) or []
     if len(turns) > max_turns:
         raise Reject("TOO_MANY_TURNS", f"{query_field} has {len(turns)} turns, ingest.max_turns is {max_turns}")
     for k, phrasings in enumerate(turns):

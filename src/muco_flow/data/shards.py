@@ -32,25 +32,26 @@ class ShardWriter:
         self._writer: pq.ParquetWriter | None = None
         self._rows = 0
 
-    def _roll(self) -> None:
+    def _roll(self) -> Any:
+        """Finishes the current shard and starts the next; its writer (Parquet or Arrow IPC)."""
         self.close()
         name = f"part-{len(self.shards):05d}{FILE_FORMATS[self.file_format]}"
         self.shards.append({"file": f"{self.directory.name}/{name}", "rows": 0})
         if self.file_format == "arrow":
-            self._writer = pa.ipc.new_file(str(self.directory / name), self.schema)
+            writer = pa.ipc.new_file(str(self.directory / name), self.schema)
         else:
-            self._writer = pq.ParquetWriter(
-                self.directory / name, self.schema, compression="zstd", write_page_checksum=True
-            )
-        self._rows = 0
+            writer = pq.ParquetWriter(self.directory / name, self.schema, compression="zstd", write_page_checksum=True)
+        self._writer, self._rows = writer, 0
+        return writer
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         while rows:
-            if self._writer is None or self._rows == self.rows_per_shard:
-                self._roll()
+            writer = self._writer
+            if writer is None or self._rows == self.rows_per_shard:
+                writer = self._roll()
             take = rows[: self.rows_per_shard - self._rows]
             rows = rows[len(take) :]
-            self._writer.write_table(pa.Table.from_pylist(take, schema=self.schema))
+            writer.write_table(pa.Table.from_pylist(take, schema=self.schema))
             self._rows += len(take)
             self.shards[-1]["rows"] += len(take)
 

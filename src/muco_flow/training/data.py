@@ -40,10 +40,10 @@ from transformers import PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from muco_flow.data import mmeb_train, mmeb_train_ingest, schema
-from muco_flow.data.finetune_formatting import RECORD_COLUMNS as STAGE2_RECORD_COLUMNS
-from muco_flow.data.finetune_formatting import assemble_finetune_sample
 from muco_flow.data.formatting import FORMATTED_SCHEMA, Conversation, assemble_conversations
 from muco_flow.data.ingest import MANIFEST_FILE
+from muco_flow.data.mmeb_train_formatting import RECORD_COLUMNS as STAGE2_RECORD_COLUMNS
+from muco_flow.data.mmeb_train_formatting import assemble_finetune_sample
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import collate, image_inputs
 from muco_flow.training.preemption import ignore_stop_signals

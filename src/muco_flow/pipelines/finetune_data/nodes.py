@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from muco_flow.data.finetune_conversations import FinetuneFormatConfig
-from muco_flow.data.finetune_formatting import format_mmeb_train_shards
-from muco_flow.data.ingest import IngestConfig, MetaPart
+from muco_flow.data.ingest import IngestConfig, IngestQualityError, MetaPart, checked_manifest
+from muco_flow.data.mmeb_train_conversations import FinetuneFormatConfig
+from muco_flow.data.mmeb_train_formatting import format_mmeb_train_shards
 from muco_flow.data.mmeb_train_ingest import REJECT_REASONS_MMEB_TRAIN, ingest_mmeb_train
 from muco_flow.datasets.file_tree import TreeWriter
 from muco_flow.modeling.backbone import BackboneConfig, load_processors
-from muco_flow.pipelines.ingest.nodes import check_ingest_quality
 
 
 def plan_mmeb_train_ingest(parts: list[MetaPart], params: dict[str, Any]) -> TreeWriter:
@@ -29,8 +28,12 @@ def plan_mmeb_train_ingest(parts: list[MetaPart], params: dict[str, Any]) -> Tre
 
 
 def check_mmeb_train_quality(shards_dir: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The manifest as a report; fails the run if too many rows were rejected (MMEB-train's reason codes)."""
-    return check_ingest_quality(shards_dir, params, reasons=REJECT_REASONS_MMEB_TRAIN)
+    """The manifest as a report; fails the run (SystemExit, as `ingest`) if too many rows were rejected."""
+    config = IngestConfig.from_params(params)
+    try:
+        return checked_manifest(shards_dir, config.max_reject_fraction, REJECT_REASONS_MMEB_TRAIN)
+    except IngestQualityError as err:
+        raise SystemExit(f"ingest failed: {err}") from None
 
 
 def format_finetune_samples(

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from muco_flow.data.ingest import (
-    MANIFEST_FILE,
-    REJECT_REASONS,
-    IngestConfig,
-    IngestQualityError,
-    check_reject_budget,
-    ingest_m3t_snapshot,
-)
+from muco_flow.data.ingest import IngestConfig, IngestQualityError, checked_manifest
+from muco_flow.data.m3t_ingest import REJECT_REASONS_M3T, ingest_m3t_snapshot
 from muco_flow.data.meta_file import MetaFileError
 from muco_flow.data.sources import SnapshotSource
 from muco_flow.datasets.file_tree import TreeWriter
@@ -36,19 +29,13 @@ def plan_ingest(source: SnapshotSource, params: dict[str, Any]) -> TreeWriter:
     return write
 
 
-def check_ingest_quality(
-    shards_dir: str, params: dict[str, Any], reasons: dict[str, str] = REJECT_REASONS
-) -> dict[str, Any]:
+def check_ingest_quality(shards_dir: str, params: dict[str, Any]) -> dict[str, Any]:
     """The manifest as a report; fails the run if too many rows were rejected.
 
     Too many rejects is a verdict on the data, not a bug: the run ends with
     the summary alone (SystemExit), not a traceback through Kedro's runner.
     """
-    manifest = json.loads((Path(shards_dir) / MANIFEST_FILE).read_text())
     try:
-        check_reject_budget(
-            manifest, IngestConfig.from_params(params).max_reject_fraction, where=shards_dir, reasons=reasons
-        )
+        return checked_manifest(shards_dir, IngestConfig.from_params(params).max_reject_fraction, REJECT_REASONS_M3T)
     except IngestQualityError as err:
         raise SystemExit(f"ingest failed: {err}") from None
-    return manifest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from muco_flow.registry import PromotionPolicy, promote_challenger
+from muco_flow.registry.promotion import PromotionPolicy, promote_challenger
 from muco_flow.tracking import resolve_tracking_uri
 
 

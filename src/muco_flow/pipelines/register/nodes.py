@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from muco_flow.registry import lineage_tags, register_model_version, version_description
+from muco_flow.registry.registration import lineage_tags, register_model_version, version_description
 from muco_flow.tracking import UNKNOWN_COMMIT, source_commit
 from muco_flow.training.model_identity import verify_evaluated_model, verify_trained_model
 

@@ -36,7 +36,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from muco_flow.data import mmeb_train, schema
 from muco_flow.data.conversations import target_key
-from muco_flow.data.finetune_conversations import (
+from muco_flow.data.formatting import CONVERSATIONS_DIR, UNKNOWN_TURN_TYPE, Conversation, image_token_count
+from muco_flow.data.ingest import MANIFEST_FILE
+from muco_flow.data.mmeb_train_conversations import (
     EMBEDDINGS,
     FinetuneFormatConfig,
     MaskConfig,
@@ -49,8 +51,7 @@ from muco_flow.data.finetune_conversations import (
     plan_sample,
     user_text,
 )
-from muco_flow.data.formatting import CONVERSATIONS_DIR, UNKNOWN_TURN_TYPE, Conversation, image_token_count
-from muco_flow.data.ingest import CONTROL_TOKENS, MANIFEST_FILE
+from muco_flow.data.row_checks import CONTROL_TOKENS
 from muco_flow.data.shards import ShardWriter
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import expand_image_pads
@@ -122,13 +123,8 @@ class FinetuneTokenizer:
     config: FinetuneFormatConfig
 
     def __post_init__(self) -> None:
-        self.emb_id = self.tokenizer.convert_tokens_to_ids(tokens.EMB_TOKEN)
-        self.mask_id = self.tokenizer.convert_tokens_to_ids(tokens.MASK_TOKEN)
-        unknown = {self.tokenizer.unk_token_id, None}
-        if self.emb_id in unknown or self.mask_id in unknown:
-            raise ValueError(
-                f"the tokenizer has no {tokens.EMB_TOKEN} or {tokens.MASK_TOKEN} token; add MuCo's tokens first"
-            )
+        self.emb_id = tokens.token_id(self.tokenizer, tokens.EMB_TOKEN)
+        self.mask_id = tokens.token_id(self.tokenizer, tokens.MASK_TOKEN)
         self.head, self.middle, self.tail = self.config.templates.train_parts()
         self.suffix_ids = self._ids(self.tail)
 
@@ -169,10 +165,6 @@ class FinetuneTokenizer:
         return ids_
 
 
-def _tokens_of(image_processor: Qwen2VLImageProcessorPil, width: int | None, height: int | None, short: int | None):
-    return 0 if width is None else image_token_count(image_processor, width, height, short)
-
-
 INGESTED_COLUMNS = [
     schema.SAMPLE_ID,
     "dataset",
@@ -200,8 +192,8 @@ def format_record(
     """One ingested sample's record, or None (counted) if it cannot be formatted within max_length."""
     config = tokenizer.config
     t, short = config.templates, config.image_short_side
-    query_tokens = _tokens_of(image_processor, sample["image_width"], sample["image_height"], short)
-    target_tokens = _tokens_of(image_processor, sample["pos_image_width"], sample["pos_image_height"], short)
+    query_tokens = image_token_count(image_processor, sample["image_width"], sample["image_height"], short)
+    target_tokens = image_token_count(image_processor, sample["pos_image_width"], sample["pos_image_height"], short)
     query_user = user_text(sample[mmeb_train.QRY], query_tokens > 0, t.image)
     target_user = user_text(sample[mmeb_train.POS_TEXT], target_tokens > 0, t.image)
     query_answer = answer_text(query_user, sample[mmeb_train.QRY_SENTENCE] if query_tokens else None, t)
@@ -221,7 +213,7 @@ def format_record(
     if config.hard_negatives:
         widths, heights = sample["neg_image_width"], sample["neg_image_height"]
         for i, text in enumerate(sample[mmeb_train.NEG_TEXT]):
-            n = _tokens_of(image_processor, widths[i], heights[i], short)
+            n = image_token_count(image_processor, widths[i], heights[i], short)
             sequence = tokenizer.negative(text, n)
             if len(sequence) + max(n - 1, 0) > limit:
                 counts["negatives_dropped_too_long"] += 1

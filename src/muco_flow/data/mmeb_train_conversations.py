@@ -37,6 +37,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from muco_flow.data.conversations import check_size_settings
 from muco_flow.modeling import tokens
 
 USER_SLOT = "{user_sentence}"
@@ -113,12 +114,7 @@ class FinetuneFormatConfig:
     rows_per_shard: int = 20000
 
     def __post_init__(self) -> None:
-        if self.max_length < 8:
-            raise ValueError(f"finetune_format.max_length must be at least 8, got {self.max_length}")
-        if self.image_short_side is not None and self.image_short_side < 28:
-            raise ValueError(
-                f"finetune_format.image_short_side must be null or at least 28, got {self.image_short_side}"
-            )
+        check_size_settings("finetune_format", self.max_length, self.image_short_side)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> FinetuneFormatConfig:
