@@ -143,8 +143,13 @@ def _save_through_python(state: Any, path: str | Path) -> None:
     Given a path, torch writes with its own file writer and reports any failure
     as "unexpected pos N vs M".
     """
-    with open(path, "wb") as handle:
-        torch.save(state, handle)
+    try:
+        with open(path, "wb") as handle:
+            torch.save(state, handle)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err  # a failed write() does not name its file
 
 
 def verify_checkpoint(directory: Path, fingerprint: str, world_size: int) -> str | None:
