@@ -8,6 +8,7 @@ data, parameters, evaluation); its description shows the evaluation.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -230,7 +231,7 @@ def register_model_version(
             )
     number = version.version
     for key, value in tags.items():
-        retry_while_locked(lambda key=key, value=value: client.set_model_version_tag(name, number, key, value))
+        retry_while_locked(functools.partial(client.set_model_version_tag, name, number, key, value))
     if description:
         retry_while_locked(lambda: client.update_model_version(name, number, description=description))
     retry_while_locked(lambda: client.set_registered_model_alias(name, CHALLENGER, number))
