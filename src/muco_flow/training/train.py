@@ -210,6 +210,9 @@ def train(config: dict[str, Any]) -> None:
 
     output_dir = Path(config["output_dir"])
     settings = TrainingConfig.from_dict(config["training"])
+    # SIGTERM and SIGUSR1 from here on ask for a stop after the current step (preemption.py), no longer kill
+    stop = StopRequest()
+    stop.install()
 
     # --- processes ----------------------------------------------------------
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -222,9 +225,6 @@ def train(config: dict[str, Any]) -> None:
     if not on_cpu:
         get_accelerator().set_device(device.index)
     logger.info("rank %d of %d on %s", rank, world, device)
-    # SIGTERM and SIGUSR1 from here on ask for a stop after the current step (preemption.py), no longer kill
-    stop = StopRequest()
-    stop.install()
 
     # --- model ---------------------------------------------------------------
     # the same seed gives the same LoRA init on every rank... (build_training_embedder takes the parameters' dict)
