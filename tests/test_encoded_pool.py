@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import muco_flow
+from muco_flow.evaluation.config import EvaluationConfig
 from muco_flow.evaluation.datasets import Item, RetrievalSet
 from muco_flow.evaluation.encoded_pool import EncodedPool, InMemoryPool
 from muco_flow.evaluation.encoding import ENCODING_MODULES, EncodingCache
@@ -167,8 +168,8 @@ def test_the_sample_scores_the_same_with_pools_on_disk_and_a_rerun_encodes_only_
     params = load_params()
     evaluate, fmt, backbone = params["evaluate"], params["format"], params["backbone"]
     assert evaluate["pool_cache_dir"] is None  # the sample's default: in memory, as before
-    in_memory = _score(str(tiny_backbone_dir), sample_sets, evaluate, fmt, backbone)
-    on_disk = {**evaluate, "pool_cache_dir": str(tmp_path / "pools"), "pool_block_rows": 5}
+    in_memory = _score(str(tiny_backbone_dir), sample_sets, EvaluationConfig.from_dict(evaluate), fmt, backbone)
+    on_disk = EvaluationConfig.from_dict({**evaluate, "pool_cache_dir": str(tmp_path / "pools"), "pool_block_rows": 5})
     encoded = []
     original = MuCoEmbedder.encode
     monkeypatch.setattr(
@@ -198,7 +199,7 @@ def test_the_sample_scores_the_same_with_pools_on_disk_and_a_rerun_encodes_only_
     assert sum(encoded) > distinct_queries(sample_sets)
     trained_pools = {p.parent for p in (tmp_path / "pools").glob("*/block-*.npy")} - first_pools
     assert len(trained_pools) == pool_count
-    assert trained == _score(str(model_dir), sample_sets, evaluate, fmt, backbone)
+    assert trained == _score(str(model_dir), sample_sets, EvaluationConfig.from_dict(evaluate), fmt, backbone)
     assert trained != in_memory
 
 
@@ -213,11 +214,12 @@ def test_two_processes_split_every_pool_and_score_as_one(sample_sets, tiny_backb
 
     params = load_params()
     evaluate, fmt, backbone = params["evaluate"], params["format"], params["backbone"]
-    one_process = score_model(str(tiny_backbone_dir), sample_sets, evaluate, fmt, backbone)
+    one_process = score_model(str(tiny_backbone_dir), sample_sets, EvaluationConfig.from_dict(evaluate), fmt, backbone)
     on_ranks = {**evaluate, "pool_cache_dir": str(tmp_path / "pools"), "pool_block_rows": 5, "processes": 2}
     output = io.StringIO()
     root = sample_sets["data_root"]  # each rank reads the sets from it
-    assert score_on_ranks(str(tiny_backbone_dir), root, on_ranks, fmt, backbone, stream=output) == one_process
+    ranks = EvaluationConfig.from_dict(on_ranks)
+    assert score_on_ranks(str(tiny_backbone_dir), root, ranks, fmt, backbone, stream=output) == one_process
     # each rank encoded its own blocks of the pools, and between them every block
     shares = re.findall(r"rank (\d) of 2: encoding (\d+) of (\d+) blocks", output.getvalue())
     assert {rank for rank, _, _ in shares} == {"0", "1"}
@@ -229,10 +231,13 @@ def test_two_processes_split_every_pool_and_score_as_one(sample_sets, tiny_backb
     monkeypatch.setattr(
         MuCoEmbedder, "encode", lambda self, items, **kw: encoded.append(len(items)) or original(self, items, **kw)
     )
-    assert score_model(str(tiny_backbone_dir), sample_sets, {**on_ranks, "processes": 1}, fmt, backbone) == one_process
+    one = EvaluationConfig.from_dict({**on_ranks, "processes": 1})
+    assert score_model(str(tiny_backbone_dir), sample_sets, one, fmt, backbone) == one_process
     assert sum(encoded) == distinct_queries(sample_sets)
     with pytest.raises(ValueError, match=r"evaluate\.processes is 2: .* set it"):
-        score_on_ranks(str(tiny_backbone_dir), root, {**evaluate, "processes": 2}, fmt, backbone)
+        score_on_ranks(
+            str(tiny_backbone_dir), root, EvaluationConfig.from_dict({**evaluate, "processes": 2}), fmt, backbone
+        )
 
 
 def test_a_checkpoint_is_named_by_its_content_or_its_hub_commit(tiny_backbone_dir, tmp_path, monkeypatch):

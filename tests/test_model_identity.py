@@ -19,6 +19,7 @@ from muco_flow.training.model_identity import (
     verify_trained_model,
 )
 from muco_flow.training.train import _write_final_model
+from tests.conftest import load_params
 
 FILES = {"model.safetensors": b"\x01" * 64, "config.json": b"{}", "sub/tokenizer.json": b'{"a": 1}'}
 
@@ -80,7 +81,7 @@ def test_a_model_folder_of_another_run_is_refused_by_evaluate_and_register(tmp_p
     trained(tmp_path, run_id="run-new", files=FILES | {"model.safetensors": b"\x03" * 64})
     message = re.escape(f"{target} holds the model of MLflow run run-new, but train_run.json names run run-old")
     with pytest.raises(ModelIdentityError, match=message):
-        evaluate_trained_model({}, old_record, {}, {}, {})  # refused before any model is loaded
+        evaluate_trained_model({}, old_record, load_params()["evaluate"], {}, {})  # refused before any model is loaded
     metrics = {"scored_model": {"mlflow_run_id": "run-old", "content_hash": old_record["model_content_hash"]}}
     with pytest.raises(ModelIdentityError, match=message):
         register_trained_model(old_record, metrics, str(tmp_path), {})
@@ -115,7 +116,7 @@ def test_register_refuses_an_evaluation_of_another_model(tmp_path):
 
 def test_metrics_record_the_scored_model(tmp_path):
     target, train_run = trained(tmp_path)
-    assert scored_model(train_run, {"model": None}) == {
+    assert scored_model(train_run, None) == {
         "model_dir": str(target),
         "mlflow_run_id": "run-new",
         "content_hash": expected_hash(FILES),
@@ -123,7 +124,7 @@ def test_metrics_record_the_scored_model(tmp_path):
     release = tmp_path / "release"
     release.mkdir()
     (release / "config.json").write_bytes(b"{}")
-    assert scored_model(train_run, {"model": str(release)}) == {
+    assert scored_model(train_run, str(release)) == {
         "model_dir": str(release),
         "mlflow_run_id": None,
         "content_hash": expected_hash({"config.json": b"{}"}),

@@ -217,8 +217,7 @@ def test_a_weight_the_files_lack_is_an_error_not_a_random_init(qwen_dir, tmp_pat
 
 def test_evaluate_scores_a_release_as_model_and_as_baseline(small_sample_root, qwen_dir, muco_dir):
     params = {**load_params()["evaluate"], "batch_size": 16}
-    params.pop("m3t_heldout")
-    params.pop("mbeir")  # MMEB only, two of its sets (below): kept small
+    params["m3t_heldout"] = params["mbeir"] = None  # MMEB only, two of its sets (below): kept small
     sets = load_evaluation_sets(str(small_sample_root), params)
     sets["mmeb"] = [s for s in sets["mmeb"] if s.name in ("MiniShapes-Color", "MiniShapes-T2I")]  # kept small
     format_params = load_params()["format"]

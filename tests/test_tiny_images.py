@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from muco_flow.data.images import check_image, upscale_tiny_image
+from muco_flow.data.images import check_image
+from muco_flow.modeling.image_sizing import upscale_tiny_image
 from muco_flow.modeling.inputs import image_inputs
 
 # MuCo's official limits (src/arguments.py lines 65-67): 256 to 1280 merged 28 x 28 tiles

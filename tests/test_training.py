@@ -625,3 +625,21 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
         project, "data/06_models/run-gc-killed", "data/06_models/run-gc", grad_cache, kill_after=7, rank="1"
     )
     assert "resumed from checkpoint step-00000006 (step 6)" in log
+
+
+def test_the_learning_rate_follows_the_configured_schedule(prepared):
+    project, _ = prepared
+
+    def rates(output_dir: str) -> list[float]:
+        lines = (project / output_dir / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["learning_rate"] for line in lines]
+
+    # run-a: conf/base's cosine to 0.1 of 5e-4, after 2 warmup steps, over 12 steps. By hand, step s
+    # (from 0): (s+1)/2 in warmup, then 0.1 + 0.9 (1 + cos(pi (s-2)/10)) / 2: 1, 0.977975, ..., 0.122025
+    cosine = rates("data/06_models/run-a")
+    assert len(cosine) == STEPS
+    assert cosine[:4] == pytest.approx([2.5e-4, 5e-4, 5e-4, 0.977975 * 5e-4], rel=1e-5)
+    assert cosine[-1] == pytest.approx(0.122025 * 5e-4, rel=1e-5)
+    constant = train_params("data/06_models/run-constant", **{"training.lr_schedule": "constant"})
+    kedro_run(project, "--pipelines=train", constant)
+    assert rates("data/06_models/run-constant") == pytest.approx([2.5e-4] + [5e-4] * (STEPS - 1), rel=1e-6)

@@ -45,7 +45,7 @@ def test_every_environment_and_the_finetune_stage_validate():
     cluster = TrainingConfig.from_dict(load_params("cluster")["training"])
     assert (cluster.precision, cluster.data_workers, cluster.launcher.processes_per_node) == ("bf16", 4, 8)
     assert cluster.embedder.gradient_checkpointing and cluster.deepspeed.offload_optimizer
-    assert cluster.warmup_steps == base.warmup_steps  # what conf/cluster does not name comes from conf/base
+    assert cluster.temperature == base.temperature  # what conf/cluster does not name comes from conf/base
     params = load_params()
     finetune = TrainingConfig.from_dict(finetuning_settings(params["training"], params["finetune"]["training"]))
     assert (finetune.output_dir, finetune.warmup_steps) == ("data/06_models/muco_finetune", 5)

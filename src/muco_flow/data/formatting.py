@@ -51,7 +51,7 @@ from muco_flow.data.ingest import MANIFEST_FILE
 from muco_flow.data.parallel import check_part, map_in_processes, part_stem, worker_state
 from muco_flow.data.sources import file_sha256
 from muco_flow.modeling import tokens
-from muco_flow.modeling.inputs import short_side_size
+from muco_flow.modeling.image_sizing import short_side_size
 
 CONVERSATIONS_DIR = "conversations"
 RECORD_FILE_SUFFIX = ".arrow"

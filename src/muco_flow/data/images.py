@@ -11,12 +11,8 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-# Qwen2-VL's smallest grid is 28 px (two 14 px patches). MuCo stretches an
-# image with either side under it to 56 x 56, aspect ratio not kept, rather
-# than dropping it: in training (naver-ai/muco src/loader.py lines 286-287,
-# 299-300, 312-313) and in evaluation (src/model/processor.py lines 99-102).
-MIN_IMAGE_SIDE = 28
-TINY_IMAGE_SIZE = (56, 56)
+from muco_flow.modeling.image_sizing import TINY_IMAGE_SIZE, tiny_image_size, upscale_tiny_image
+
 # Qwen2-VL's image processor refuses a long side more than 200 times the short one.
 MAX_ASPECT_RATIO = 200.0
 
@@ -67,20 +63,6 @@ class CheckedImage:
     width: int
     height: int
     upscaled: bool
-
-
-def tiny_image_size(width: int, height: int) -> tuple[int, int]:
-    """(width, height) as MuCo gives them to the model: TINY_IMAGE_SIZE if a side is under MIN_IMAGE_SIDE."""
-    return TINY_IMAGE_SIZE if min(width, height) < MIN_IMAGE_SIDE else (width, height)
-
-
-def upscale_tiny_image(image: Image.Image) -> Image.Image:
-    """``image`` stretched to TINY_IMAGE_SIZE if it is tiny (``tiny_image_size``), else ``image`` itself.
-
-    Bicubic, Pillow's default filter for the RGB images MuCo resizes.
-    """
-    size = tiny_image_size(*image.size)
-    return image if size == image.size else image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
 
 
 def _check_aspect_ratio(width: int, height: int, limit: float) -> None:

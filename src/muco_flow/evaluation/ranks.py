@@ -25,7 +25,10 @@ import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from muco_flow.evaluation.config import EvaluationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class EvaluationFailedError(RuntimeError):
 def score_on_ranks(
     model_dir: str,
     data_root: str,
-    params: dict[str, Any],
+    config: EvaluationConfig,
     format_params: dict[str, Any],
     backbone: dict[str, Any],
     stream: TextIO | None = None,
@@ -48,23 +51,23 @@ def score_on_ranks(
     """``score_model``'s metrics on the sets under ``data_root``, computed by `evaluate.processes` torchrun ranks."""
     from muco_flow.torchrun import run_torchrun
 
-    processes = params["processes"]
-    if not params.get("pool_cache_dir"):
+    processes = config.processes
+    if not config.pool_cache_dir:
         raise ValueError(
             f"evaluate.processes is {processes}: evaluation on several processes shares pools through "
             "evaluate.pool_cache_dir; set it (conf/cluster sets data/07_model_output/pool_encodings)"
         )
     with tempfile.TemporaryDirectory(prefix="muco-evaluate-") as folder:
         work = Path(folder)
-        config = {
+        settings = {
             "model_dir": model_dir,
             "data_root": str(data_root),
-            "params": params,
+            "evaluate": config.to_dict(),
             "format": format_params,
             "backbone": backbone,
             "result": str(work / "metrics.json"),
         }
-        (work / "config.json").write_text(json.dumps(config))
+        (work / "config.json").write_text(json.dumps(settings))
         launcher = {"processes_per_node": processes}
         returncode, causes, tail = run_torchrun(work / "config.json", launcher, __name__, stream)
         if returncode != 0:
@@ -79,10 +82,12 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
+    from muco_flow.evaluation.config import EvaluationConfig
     from muco_flow.evaluation.scoring import read_evaluation_sets, score_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = json.loads(Path(sys.argv[1]).read_text())
+    evaluate = EvaluationConfig.from_dict(config["evaluate"])  # each rank checks the settings, as the node did
     on_gpu = torch.cuda.is_available()
     dist.init_process_group("nccl" if on_gpu else "gloo", timeout=BARRIER_TIMEOUT)
     rank, ranks = dist.get_rank(), dist.get_world_size()
@@ -91,8 +96,8 @@ def main() -> None:
         torch.cuda.set_device(device)
     metrics = score_model(
         config["model_dir"],
-        read_evaluation_sets(config["data_root"], config["params"]),
-        config["params"],
+        read_evaluation_sets(config["data_root"], evaluate),
+        evaluate,
         config["format"],
         config["backbone"],
         device=device,

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from muco_flow.data.conversations import FormatConfig
+from muco_flow.evaluation.config import EvaluationConfig
 from muco_flow.evaluation.datasets import RetrievalSet, read_m3t_heldout
-from muco_flow.evaluation.encoded_pool import DEFAULT_BLOCK_ROWS
 from muco_flow.evaluation.encoding import EncodingCache, checkpoint_identity
 from muco_flow.evaluation.mbeir import MBeirBenchmark, read_mbeir, score_mbeir
 from muco_flow.evaluation.metrics import argmax_hit, candidate_rank, hit_at_1, mrr, recall_at_k
@@ -106,7 +106,7 @@ def chance_mmeb_average(mmeb: list[RetrievalSet]) -> float:
     return mean(mean(1 / len(own) for own in own_candidate_lists(s)) for s in mmeb)
 
 
-def read_evaluation_sets(data_root: str | Path, params: dict[str, Any]) -> dict[str, Any]:
+def read_evaluation_sets(data_root: str | Path, config: EvaluationConfig) -> dict[str, Any]:
     """Every set `evaluate` configures (mmeb, mbeir, m3t_heldout), read and checked; paths relative to ``data_root``.
 
     The result keeps ``data_root``, so that the ranks of a multi-process
@@ -114,20 +114,19 @@ def read_evaluation_sets(data_root: str | Path, params: dict[str, Any]) -> dict[
     """
     root = Path(data_root)
     sets: dict[str, Any] = {"mmeb": [], "mbeir": None, "m3t": [], "data_root": str(root)}
-    if mmeb := params.get("mmeb"):
-        sets["mmeb"] = read_mmeb(root / mmeb["dir"], root / mmeb["image_root"], mmeb["datasets"])
-    if mbeir := params.get("mbeir"):
-        options = {k: v for k, v in mbeir.items() if k not in ("root", "tasks")}
-        sets["mbeir"] = read_mbeir(root / mbeir["root"], list(mbeir["tasks"]), **options)
-    if m3t := params.get("m3t_heldout"):
-        sets["m3t"] = read_m3t_heldout(root / m3t["meta_file"], root / m3t.get("image_root", "."))
+    if mmeb := config.mmeb:
+        sets["mmeb"] = read_mmeb(root / mmeb.dir, root / mmeb.image_root, mmeb.dataset_tasks())
+    if mbeir := config.mbeir:
+        sets["mbeir"] = read_mbeir(root / mbeir.root, mbeir.tasks, **mbeir.reader_options())
+    if m3t := config.m3t_heldout:
+        sets["m3t"] = read_m3t_heldout(root / m3t.meta_file, root / m3t.image_root)
     return sets
 
 
 def score_model(
     model_dir: str,
     sets: dict[str, Any],
-    params: dict[str, Any],
+    config: EvaluationConfig,
     format_params: dict[str, Any],
     backbone: dict[str, Any],
     *,
@@ -156,15 +155,15 @@ def score_model(
     )
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     embedder.to(device)
-    pool_dir = params.get("pool_cache_dir") or None
+    pool_dir = config.pool_cache_dir or None
     model = f"{checkpoint_identity(model_dir)} {settings} {attn_implementation} {device.type}" if pool_dir else ""
     cache = EncodingCache(
         embedder,
         template,
-        params["batch_size"],
+        config.batch_size,
         pool_dir=pool_dir,
         model=model,
-        block_rows=params.get("pool_block_rows", DEFAULT_BLOCK_ROWS),
+        block_rows=config.pool_block_rows,
         share=share,
         barrier=barrier,
     )

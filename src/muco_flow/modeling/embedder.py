@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,15 @@ EMBEDDER_FILE = "muco_embedder.json"
 LANGUAGE_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
+# How PEFT initialises the adapters (B is zero in both, so training starts
+# from the backbone): "kaiming", PEFT's default (A Kaiming-uniform), or
+# "gaussian" (A normal with std 1/r), MuCo's (naver-ai/muco src/model/model.py:151)
+LORA_INITS: dict[str, bool | Literal["gaussian"]] = {"kaiming": True, "gaussian": "gaussian"}
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """The `training.lora` parameters; MuCo's reference values are the defaults."""
+    """The `training.embedder.lora` parameters; MuCo's reference values are the defaults, but for `init`."""
 
     enabled: bool = True
     r: int = 16
@@ -50,6 +56,11 @@ class LoraSettings:
     dropout: float = 0.1
     use_dora: bool = True
     target_modules: str = LANGUAGE_LINEAR_LAYERS
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        if self.init not in LORA_INITS:
+            raise ValueError(f"training.embedder.lora.init must be one of {tuple(LORA_INITS)}, got {self.init!r}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,7 @@ class MuCoEmbedder(nn.Module):
                     lora_dropout=settings.lora.dropout,
                     use_dora=settings.lora.use_dora,
                     target_modules=settings.lora.target_modules,
+                    init_lora_weights=LORA_INITS[settings.lora.init],
                     # Only the rows of the added tokens train, not the whole vocabulary.
                     trainable_token_indices={"embed_tokens": self.special_token_ids},
                 ),

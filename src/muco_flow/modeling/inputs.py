@@ -15,26 +15,8 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from muco_flow.data.images import upscale_tiny_image
 from muco_flow.modeling import tokens
-
-
-def short_side_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
-    """(width, height) after scaling the short side to ``short_side`` (None: unchanged).
-
-    As MuCo's pre-training loader (naver-ai/muco src/loader.py lines 424-439):
-    the long side is truncated to an integer, and a square counts as landscape.
-    """
-    if short_side is None:
-        return width, height
-    if width < height:
-        return short_side, int(height * (short_side / width))
-    return int(width * (short_side / height)), short_side
-
-
-def resize_short_side(image: Image.Image, short_side: int | None) -> Image.Image:
-    size = short_side_size(*image.size, short_side)
-    return image if size == image.size else image.resize(size, resample=Image.Resampling.LANCZOS)
+from muco_flow.modeling.image_sizing import resize_short_side, upscale_tiny_image
 
 
 def image_inputs(

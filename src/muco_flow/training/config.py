@@ -15,14 +15,14 @@ resume fingerprint, is declared on its field: ``field(metadata=setting(fingerpri
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from muco_flow.modeling.backbone import PRECISIONS
 from muco_flow.modeling.embedder import EmbedderSettings
-from muco_flow.training.deepspeed_config import PRECISIONS
+from muco_flow.settings_schema import read_settings, setting
+from muco_flow.training.schedule import SCHEDULES
 
 PARAMETERS_FILE = "conf/base/parameters_train.yml"
 
@@ -33,28 +33,6 @@ NOT_FINGERPRINTED = {"fingerprint": False}
 
 class TrainingConfigError(ValueError):
     """A `training` parameter is unknown, missing, of the wrong type or out of range; names its dotted key."""
-
-
-def setting(
-    *,
-    fingerprint: bool = True,
-    minimum: float | None = None,
-    exclusive_minimum: bool = False,
-    maximum: float | None = None,
-    choices: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """A field's metadata: what the setting accepts, and whether it enters the resume fingerprint.
-
-    ``fingerprint=False``: where or how often, not what is trained (paths, logging, checkpointing,
-    processes); a checkpoint made with another value is resumed.
-    """
-    return {
-        "fingerprint": fingerprint,
-        "minimum": minimum,
-        "exclusive_minimum": exclusive_minimum,
-        "maximum": maximum,
-        "choices": choices,
-    }
 
 
 @dataclass(frozen=True)
@@ -99,7 +77,10 @@ class TrainingConfig:
     seed: int = field(metadata=setting(minimum=0))
     precision: str = field(metadata=setting(choices=PRECISIONS))
     learning_rate: float = field(metadata=setting(minimum=0, exclusive_minimum=True))
+    # the rate after warmup (training/schedule.py); lr_min_ratio is where cosine and linear end
+    lr_schedule: str = field(metadata=setting(choices=SCHEDULES))
     warmup_steps: int = field(metadata=setting(minimum=0))
+    lr_min_ratio: float = field(metadata=setting(minimum=0, maximum=1))
     epochs: int = field(metadata=setting(minimum=1))
     max_steps: int | None = field(metadata=setting(minimum=1))
     micro_batch_size: int = field(metadata=setting(minimum=1))
@@ -134,7 +115,7 @@ class TrainingConfig:
         Raises TrainingConfigError naming the dotted key (``training.…``) of a setting that is
         unknown, missing, of the wrong type or out of range.
         """
-        return _build(cls, values, "training")
+        return read_settings(cls, values, "training", PARAMETERS_FILE, TrainingConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as the parameters hold them (JSON-serialisable); ``from_dict`` reads them back."""
@@ -152,69 +133,3 @@ def _fingerprinted(settings: Any) -> dict[str, Any]:
             value = getattr(settings, spec.name)
             kept[spec.name] = _fingerprinted(value) if dataclasses.is_dataclass(value) else value
     return kept
-
-
-def _build(cls: type, values: Any, key: str) -> Any:
-    if not isinstance(values, Mapping):
-        raise TrainingConfigError(f"{key} must be a mapping of settings, got {values!r}")
-    specs = {spec.name: spec for spec in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(specs))
-    if unknown:
-        raise TrainingConfigError(f"{key}.{unknown[0]} is not a training setting ({PARAMETERS_FILE})")
-    hints = typing.get_type_hints(cls)
-    checked = {}
-    for name, spec in specs.items():
-        if name in values:
-            checked[name] = _checked(hints[name], values[name], f"{key}.{name}", spec.metadata)
-        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise TrainingConfigError(f"{key}.{name} is missing ({PARAMETERS_FILE} sets every training setting)")
-    return cls(**checked)
-
-
-def _checked(kind: Any, value: Any, key: str, metadata: Mapping[str, Any]) -> Any:
-    """``value`` as a ``kind``; raises naming ``key`` and what it accepts."""
-    optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
-    if optional:
-        if value is None:
-            return None
-        (kind,) = (arg for arg in typing.get_args(kind) if arg is not type(None))
-    if dataclasses.is_dataclass(kind):
-        return _build(typing.cast(type, kind), value, key)
-    # bool is an int to Python, not to a setting; an integer is a fine float (1 means 1.0)
-    fits = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, int | float) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[kind]
-    low, high = metadata.get("minimum"), metadata.get("maximum")
-    in_range = fits and not (
-        (low is not None and (value <= low if metadata.get("exclusive_minimum") else value < low))
-        or (high is not None and value > high)
-        or (metadata.get("choices") and value not in metadata["choices"])
-    )
-    if not in_range:
-        raise TrainingConfigError(f"{key} must be {_accepted(kind, metadata, optional)}, got {value!r}")
-    return float(value) if kind is float else value
-
-
-def _accepted(kind: type, metadata: Mapping[str, Any], optional: bool) -> str:
-    """What a setting accepts, in words: "a positive integer or null"."""
-    low, high = metadata.get("minimum"), metadata.get("maximum")
-    if metadata.get("choices"):
-        words = "one of " + ", ".join(repr(choice) for choice in metadata["choices"])
-    elif kind is bool:
-        words = "true or false"
-    elif kind is str:
-        words = "a string"
-    else:
-        noun = "integer" if kind is int else "number"
-        if low is not None and high is not None:
-            words = f"an {noun} from {low} to {high}" if kind is int else f"a {noun} from {low} to {high}"
-        elif (low == 0 and metadata.get("exclusive_minimum")) or (low == 1 and kind is int):
-            words = f"a positive {noun}"
-        elif low == 0:
-            words = f"a non-negative {noun}"
-        else:
-            words = f"an {noun}" if kind is int else f"a {noun}"
-    return words + (" or null" if optional else "")

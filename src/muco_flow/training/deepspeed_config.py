@@ -10,12 +10,10 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from muco_flow.training.config import TrainingConfig
-
-PRECISIONS = ("fp32", "bf16")
+from muco_flow.modeling.backbone import PRECISIONS
+from muco_flow.training.config import TrainingConfig
 
 
 def load_deepspeed_template(path: str | Path) -> dict[str, Any]:

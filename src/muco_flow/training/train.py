@@ -52,18 +52,6 @@ def setup_logging(output_dir: Path, rank: int) -> None:
     )
 
 
-def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def mean_over_ranks(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor)
@@ -207,6 +195,7 @@ def train(config: dict[str, Any]) -> None:
         checkpoint_fits,
     )
     from muco_flow.training.run_tracking import TrainingRun, ended_as_failed_on_error
+    from muco_flow.training.schedule import lr_factor
 
     output_dir = Path(config["output_dir"])
     settings = TrainingConfig.from_dict(config["training"])
@@ -267,7 +256,8 @@ def train(config: dict[str, Any]) -> None:
 
     # --- DeepSpeed engine ------------------------------------------------------
     def scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total_steps))
+        factor = lr_factor(settings.lr_schedule, settings.warmup_steps, total_steps, settings.lr_min_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     engine, _, _, lr_scheduler = deepspeed.initialize(
         model=embedder, model_parameters=trainable, config=config["deepspeed"], lr_scheduler=scheduler
@@ -346,6 +336,7 @@ def train(config: dict[str, Any]) -> None:
                 )
                 mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
                 check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
+                rate = lr_scheduler.get_last_lr()[0]  # this step's: engine.step() moves the schedule on
                 engine.step()
                 seconds = time.perf_counter() - began
                 grad_norm = float(engine.get_global_grad_norm() or 0.0)
@@ -354,7 +345,7 @@ def train(config: dict[str, Any]) -> None:
 
                 metrics = {
                     "loss": mean_loss,
-                    "learning_rate": lr_scheduler.get_last_lr()[0],
+                    "learning_rate": rate,
                     "grad_norm": grad_norm,
                     "pairs_per_second": sum(p.pairs for p in parts) * world / seconds,
                     "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,

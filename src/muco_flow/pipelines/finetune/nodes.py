@@ -9,6 +9,7 @@ import pandas as pd
 
 from muco_flow.tracking import resolve_tracking_uri
 from muco_flow.training.config import TrainingConfig
+from muco_flow.training.finetune_config import FinetuneConfig
 from muco_flow.training.init_model import resolve_init_model
 from muco_flow.training.stage import run_training_stage
 
@@ -38,11 +39,12 @@ def finetune_muco_model(
 
     Returns the run record (with the stage-1 run as ``parent_run_id``), loss history and loss plot.
     """
-    settings = finetuning_settings(training, finetune.get("training") or {})
+    stage = FinetuneConfig.from_dict(finetune)
+    settings = finetuning_settings(training, stage.training or {})
     output_dir = TrainingConfig.from_dict(settings).output_dir  # checked before a model is fetched
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     model_dir, parent_run_id = resolve_init_model(
-        finetune.get("init_from"), train_run, tracking_uri, Path(output_dir) / "init_model"
+        stage.init_from, train_run, tracking_uri, Path(output_dir) / "init_model"
     )
     return run_training_stage(
         samples_dir,
