@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
+import torch
 
 from muco_flow.training.checkpoint import (
     COMPLETE_FILE,
+    CheckpointDiskFullError,
     checkpoint_run_id,
     checkpoint_tag,
     find_resumable,
     remove_staging_leftovers,
+    save_checkpoint,
     verify_checkpoint,
 )
 
@@ -126,3 +132,35 @@ def test_staging_leftovers_of_killed_saves_are_removed_before_a_run_saves(tmp_pa
 
 def test_a_checkpoint_names_the_mlflow_run_that_wrote_it(tmp_path):
     assert checkpoint_run_id(write_checkpoint(tmp_path, 4, run_id="abc123")) == "abc123"
+
+
+class FullDiskEngine:
+    """A DeepSpeed engine as save_checkpoint sees it, whose model file lands on a full disk (/dev/full: ENOSPC)."""
+
+    def __init__(self) -> None:
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        self._config = None
+        self.checkpoint_engine = TorchCheckpointEngine(None)
+
+    def save_checkpoint(self, save_dir: str, tag: str, **options) -> None:
+        target = Path(save_dir) / tag / "mp_rank_00_model_states.pt"
+        target.parent.mkdir(parents=True)
+        target.symlink_to("/dev/full")
+        self.checkpoint_engine.save({"module": torch.zeros(4096)}, str(target))  # as DeepSpeed saves each file
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_named_with_its_free_bytes_not_as_torchs_unexpected_pos(tmp_path):
+    root = tmp_path / "checkpoints"
+    with pytest.raises(CheckpointDiskFullError) as raised:
+        save_checkpoint(FullDiskEngine(), root, 8, rank=0, world_size=1, fingerprint=FINGERPRINT, keep_last=2,
+                        client_state={"step": 8})  # fmt: skip
+    error = raised.value
+    assert error.errno == errno.ENOSPC
+    assert str(error).startswith(
+        f"[Errno 28] No space left on device (ENOSPC) writing checkpoint step-00000008 to {root} ("
+    )
+    assert re.search(r"\(\d+ bytes free; it failed at \S+mp_rank_00_model_states\.pt\)", str(error))
+    assert "unexpected pos" not in str(error)
+    assert not (root / "step-00000008").exists()  # never renamed into place: the checkpoints before it stay the newest

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -436,3 +437,78 @@ def test_the_configured_serving_limits_are_valid_and_the_documented_defaults():
     from tests.conftest import load_params
 
     assert ServingLimits.from_config(load_params()["registry"]["serving"]) == ServingLimits()
+
+
+# ---------------------------------------------------------------- a project's own SQLite store
+
+
+def project_run(project: Path, name: str) -> tuple[str, str]:
+    """A training run in ``project``'s own SQLite store, as `kedro run` makes them: (tracking URI, run id)."""
+    project.mkdir()
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(name, artifact_location=str(project / "mlruns" / name))
+    return uri, client.create_run(experiment).info.run_id
+
+
+@pytest.mark.slow
+def test_no_file_of_a_registered_model_names_a_path_of_the_registering_machine(model_dir, tmp_path):
+    import muco_flow
+
+    project = tmp_path / "project"
+    uri, run_id = project_run(project, "portable")
+    tags = tags_with_score(run_id, 0.3)
+    version = register_model_version(uri, name="portable", run_id=run_id, model_dir=str(model_dir), tags=tags)
+    downloaded = tmp_path / "downloaded"
+    with fluent_tracking_uri(uri):
+        mlflow.artifacts.download_artifacts(version["model_uri"], dst_path=str(downloaded))
+    machine_paths = {
+        str(project),  # the store and its artifacts
+        str(model_dir.parent),  # the trained model's folder
+        str(Path(muco_flow.__file__).parents[1]),  # the source the model's code was copied from
+        str(PROJECT_ROOT),
+        sys.prefix,  # the environment
+    }
+    texts = {}
+    for path in sorted(downloaded.rglob("*")):
+        if path.is_file():
+            try:
+                texts[path.relative_to(downloaded).as_posix()] = path.read_text()
+            except UnicodeDecodeError:
+                continue  # weights
+    assert {"MLmodel", "requirements.txt", "python_env.yaml", "pyfunc_model.py"} <= texts.keys()
+    assert len(texts) > 50  # the muco_flow package, the model's config and tokenizer files
+    found = {(name, p) for name, text in texts.items() for p in machine_paths if p in text}
+    assert not found, found
+    pyfunc = yaml.safe_load(texts["MLmodel"])["flavors"]["python_function"]
+    assert pyfunc["model_code_path"] == "pyfunc_model.py"
+    assert pyfunc["artifacts"] == {"model_dir": {"path": "artifacts/model"}}
+
+    # ...and MLflow loads it from the store, as from any copy of it
+    with fluent_tracking_uri(uri):
+        loaded = mlflow.pyfunc.load_model(f"models:/portable@{CHALLENGER}")
+    vectors = loaded.predict(pd.DataFrame(probe_records()))
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_registration_waits_out_a_store_another_writer_holds_past_mlflows_own_wait(model_dir, tmp_path, caplog):
+    """MLflow's SQL store waits 20 s for a lock (SQLite's busy timeout); the registry retries beyond that."""
+    import sqlite3
+    import threading
+
+    project = tmp_path / "project"
+    uri, run_id = project_run(project, "locked")
+    holder = sqlite3.connect(project / "mlflow.db", isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another writer: reads go on, writes wait
+    release = threading.Timer(24.0, lambda: holder.execute("COMMIT"))
+    release.start()
+    try:
+        version = register_model_version(
+            uri, name="locked", run_id=run_id, model_dir=str(model_dir), tags=tags_with_score(run_id, 0.3)
+        )
+    finally:
+        release.join()
+    assert version["version"] == 1
+    assert str(MlflowClient(uri).get_model_version_by_alias("locked", CHALLENGER).version) == "1"
+    assert "the MLflow store is locked by another writer; trying again" in caplog.text

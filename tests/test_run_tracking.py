@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
+from mlflow.tracking import MlflowClient, is_tracking_uri_set
 
-from muco_flow.training.run_tracking import ERROR_TAG, TrainingRun, ended_as_failed_on_error
+from muco_flow.training.run_tracking import (
+    ERROR_TAG,
+    PREDECESSOR_TAG,
+    STOPPED_TAG,
+    TrainingRun,
+    ended_as_failed_on_error,
+)
 
 
 @pytest.fixture
 def config(tmp_path):
     """The parts of a run config (launch.py's resolve_run_config) that tracking reads."""
-    previous_uri = mlflow.get_tracking_uri()
+    # TrainingRun.start sets the process-wide tracking URI (and exports MLFLOW_TRACKING_URI): both are put back
+    previous_uri = mlflow.get_tracking_uri() if is_tracking_uri_set() else None
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
     (tmp_path / "shards").mkdir()
     yield {
         "stage": "train",
@@ -36,6 +45,10 @@ def config(tmp_path):
     if mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(previous_uri)
+    if exported is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = exported
 
 
 def run_steps(run: TrainingRun, steps: range) -> None:
@@ -100,3 +113,55 @@ def test_an_error_ends_the_run_failed_with_its_steps_and_the_error(config, tmp_p
 def test_a_rank_without_a_run_passes_the_error_on():
     with pytest.raises(KeyboardInterrupt), ended_as_failed_on_error(None):
         raise KeyboardInterrupt
+
+
+def test_a_preempted_run_ends_killed_with_its_step_and_a_resume_logs_no_step_twice(config, tmp_path):
+    client = MlflowClient(config["mlflow"]["tracking_uri"])
+    first = TrainingRun.start(config, tmp_path, start_step=0, checkpoint_run=None)
+    run_steps(first, range(1, 6))  # every 2 steps to MLflow: 1-4 sent, 5 buffered
+    first.end_preempted(5, "SIGTERM")
+    stopped = client.get_run(first.run_id)
+    assert stopped.info.status == "KILLED"
+    assert {k: stopped.data.tags[k] for k in (STOPPED_TAG, "muco_flow.stopped_at_step", "muco_flow.stopped_by")} == {
+        STOPPED_TAG: "preempted",
+        "muco_flow.stopped_at_step": "5",
+        "muco_flow.stopped_by": "SIGTERM",
+    }
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "batch/loss")) == [1, 2, 3, 4, 5]
+
+    # resumed from an older checkpoint (step 3): steps 4 and 5 are trained again and must not reach MLflow twice
+    resumed = TrainingRun.start(config, tmp_path, start_step=3, checkpoint_run=first.run_id)
+    assert resumed.run_id == first.run_id
+    run_steps(resumed, range(4, 9))
+    resumed.finish()
+    finished = client.get_run(first.run_id)
+    assert finished.info.status == "FINISHED" and STOPPED_TAG not in finished.data.tags
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "batch/loss")) == list(range(1, 9))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+
+
+def test_a_resume_whose_run_is_gone_continues_in_a_new_run_naming_it(config, tmp_path):
+    first = TrainingRun.start(config, tmp_path, start_step=0, checkpoint_run=None)
+    run_steps(first, range(1, 5))
+    first.end_preempted(4, "SIGTERM")
+    # the project moves without its mlflow.db: a new, empty store
+    config["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'moved.db'}"
+    client = MlflowClient(config["mlflow"]["tracking_uri"])
+
+    resumed = TrainingRun.start(config, tmp_path, start_step=4, checkpoint_run=first.run_id)
+    assert resumed.run_id != first.run_id
+    new_run = client.get_run(resumed.run_id)
+    assert new_run.data.tags[PREDECESSOR_TAG] == first.run_id and new_run.info.status == "RUNNING"
+    # the new run has the whole curve: the steps before the checkpoint come from metrics.jsonl
+    assert sorted(m.step for m in client.get_metric_history(resumed.run_id, "batch/loss")) == [1, 2, 3, 4]
+    run_steps(resumed, range(5, 7))
+    resumed.end_preempted(6, "SIGUSR1")
+
+    # the checkpoint of step 4 still names the gone run: the next resume continues the new one, not a third
+    again = TrainingRun.start(config, tmp_path, start_step=4, checkpoint_run=first.run_id)
+    assert again.run_id == resumed.run_id
+    run_steps(again, range(5, 9))
+    again.finish()
+    assert sorted(m.step for m in client.get_metric_history(resumed.run_id, "batch/loss")) == list(range(1, 9))
+    assert len(client.search_runs([new_run.info.experiment_id])) == 1

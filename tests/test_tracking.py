@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -13,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from muco_flow.tracking import check_tracking_server
+from muco_flow.tracking import check_tracking_server, is_locked_store, retry_while_locked
 from tests.conftest import kedro_run
 from tests.servers import free_port
 
@@ -223,3 +225,59 @@ def test_a_store_whose_artifacts_live_elsewhere_is_left_alone(tmp_path, monkeypa
         original / "mlruns" / experiment
     )
     assert relocate_project_store("http://127.0.0.1:5000", copy) is None  # a server keeps its own paths
+
+
+def locked_sqlite(path) -> sqlite3.Connection:
+    """A connection holding ``path``'s write lock, as another writer mid-transaction does (readers still read)."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def insert_row(path) -> None:
+    """One write that waits for no lock: a locked database fails it at once with "database is locked"."""
+    with contextlib.closing(sqlite3.connect(path, timeout=0)) as connection, connection:
+        connection.execute("INSERT INTO t VALUES (1)")
+
+
+def test_a_write_to_a_locked_sqlite_store_is_tried_again_until_the_lock_is_released(tmp_path):
+    database = tmp_path / "store.db"
+    holder = locked_sqlite(database)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:
+            holder.execute("COMMIT")  # the other writer finishes during the third wait
+
+    retry_while_locked(lambda: insert_row(database), sleep=sleep)
+    assert waits == [1.0, 2.0, 4.0]  # doubling from LOCKED_STORE_FIRST_WAIT_S
+    assert holder.execute("SELECT count(*) FROM t").fetchone() == (1,)
+
+
+def test_a_lock_that_stays_fails_after_the_last_attempt_and_other_errors_are_not_retried(tmp_path):
+    database = tmp_path / "store.db"
+    holder = locked_sqlite(database)
+    waits: list[float] = []
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        retry_while_locked(lambda: insert_row(database), sleep=waits.append)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0]  # 6 attempts, 31 s in all
+    holder.execute("ROLLBACK")
+
+    def refused() -> None:
+        raise ValueError("not a lock")
+
+    with pytest.raises(ValueError, match="not a lock"):
+        retry_while_locked(refused, sleep=waits.append)
+    assert len(waits) == 5
+    # MLflow's SQL store wraps SQLite's error in its own: still recognised through the cause
+    from mlflow.exceptions import MlflowException
+
+    locked_sqlite(database)
+    with pytest.raises(MlflowException) as wrapped:
+        try:
+            insert_row(database)
+        except sqlite3.OperationalError as err:
+            raise MlflowException("(sqlite3.OperationalError) see the cause") from err
+    assert is_locked_store(wrapped.value) and not is_locked_store(ValueError("not a lock"))

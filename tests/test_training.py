@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.tracking import TRAINING_METRICS_SECTION
+from muco_flow.training.checkpoint import verify_checkpoint
 from tests.conftest import KEDRO, PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, new_project
 
 BIN = Path(KEDRO).parent
@@ -27,6 +29,7 @@ BIN = Path(KEDRO).parent
 pytestmark = pytest.mark.slow
 
 STEPS = 12
+GRACE_S = 25  # training.preemption.grace_s in conf/base
 
 
 def train_params(output_dir: str, **extra) -> str:
@@ -133,6 +136,20 @@ def final_weights(project, output_dir: str) -> dict[str, torch.Tensor]:
     return load_file(project / output_dir / "model/model.safetensors")
 
 
+def sigkill_rank(rank: str) -> Callable[[subprocess.Popen, str], str]:
+    """Stops a training by SIGKILL to one rank (``kill_and_resume``): kedro fails with "training failed"."""
+
+    def stop(run: subprocess.Popen, scenario: str) -> str:
+        victim = _training_process(psutil.Process(run.pid), rank=rank)
+        assert victim is not None, scenario
+        victim.send_signal(signal.SIGKILL)
+        output, _ = run.communicate(timeout=120)
+        assert run.returncode != 0 and "training failed" in output, scenario
+        return output
+
+    return stop
+
+
 def kill_and_resume(
     project: Path,
     out: str,
@@ -140,14 +157,15 @@ def kill_and_resume(
     params: dict,
     *,
     kill_after: int,
-    rank: str,
+    stop: Callable[[subprocess.Popen, str], str],
     pause_s: float = 0.0,
     scenario: str = "",
     before_resume: Callable[[int], None] = lambda steps_done: None,
 ) -> str:
-    """Trains into ``out`` and SIGKILLs ``rank`` once ``kill_after`` steps are logged (and ``pause_s`` later),
-    calls ``before_resume(steps_done)``, trains again, and checks that the resumed run ends with the loss curve
-    and final weights of the uninterrupted run in ``reference``. Returns the resumed run's log."""
+    """Trains into ``out`` and stops it with ``stop(run, scenario)`` (``sigkill_rank``, ``sigterm``) once
+    ``kill_after`` steps are logged (and ``pause_s`` later), calls ``before_resume(steps_done)``, trains again,
+    and checks that the resumed run ends with the loss curve and final weights of the uninterrupted run in
+    ``reference``. Returns the resumed run's log."""
     metrics = project / out / "metrics.jsonl"
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
     run = subprocess.Popen(
@@ -165,11 +183,7 @@ def kill_and_resume(
         )
         time.sleep(0.05)
     time.sleep(pause_s)
-    victim = _training_process(psutil.Process(run.pid), rank=rank)
-    assert victim is not None, scenario
-    victim.send_signal(signal.SIGKILL)
-    output, _ = run.communicate(timeout=120)
-    assert run.returncode != 0 and "training failed" in output, scenario
+    stop(run, scenario)
     steps_done = len(metrics.read_text().splitlines())
     assert kill_after <= steps_done < STEPS, scenario
     before_resume(steps_done)
@@ -211,7 +225,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
         "data/06_models/run-a",
         {"training.save_every": 3},
         kill_after=kill_after,
-        rank=rank,
+        stop=sigkill_rank(rank),
         pause_s=rng.uniform(0, 0.3),  # anywhere in the next step, a checkpoint save included
         scenario=scenario,
         before_resume=damage_the_newest_checkpoint,
@@ -229,6 +243,85 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     assert {m.step for m in history} == set(range(1, STEPS + 1))
     for metric in history:
         assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
+
+
+def sigterm(everyone: bool, grace_s: float) -> Callable[[subprocess.Popen, str], str]:
+    """Stops a training by SIGTERM to kedro and every process under it at once, as SLURM preempts a job, or to
+    kedro alone, as `kill` does; checks that none of them outlives kedro by more than ``grace_s``."""
+
+    def stop(run: subprocess.Popen, scenario: str) -> str:
+        kedro = psutil.Process(run.pid)
+        processes = [kedro, *kedro.children(recursive=True)]  # torchrun, the ranks, their batch workers
+        assert sum("muco_flow.training.train" in " ".join(p.cmdline()) for p in processes) >= 2, scenario
+        for process in processes if everyone else [kedro]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=grace_s + 60)
+        _, outliving = psutil.wait_procs(processes[1:], timeout=grace_s)
+        assert not outliving, (outliving, scenario)
+        assert run.returncode == 1, output[-3000:]
+        return output
+
+    return stop
+
+
+@pytest.mark.parametrize("everyone", [True, False], ids=["every-process", "kedro-alone"])
+def test_sigterm_checkpoints_the_current_step_and_the_requeued_run_resumes_there(prepared, everyone):
+    """SIGTERM mid-epoch: every rank ends the step, checkpoints it, the run is marked preempted; the same
+    command resumes at that step, logs no step twice and ends with the uninterrupted run's weights."""
+    project, _ = prepared
+    out = f"data/06_models/run-preempted-{'all' if everyone else 'kedro'}"
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    stopped: dict = {}  # what the stopped run left, read before the resume
+    signal_them = sigterm(everyone, grace_s=GRACE_S)
+
+    def stop(run: subprocess.Popen, scenario: str) -> str:
+        stopped["output"] = signal_them(run, scenario)
+        return stopped["output"]
+
+    def stopped_at_a_checkpoint(steps_done: int) -> None:
+        run_id = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+        stopped.update(step=steps_done, run_id=run_id)
+        checkpoints = project / out / "checkpoints"
+        assert (checkpoints / "latest").read_text() == f"step-{steps_done:08d}"  # the step in progress, saved
+        assert verify_checkpoint(checkpoints / f"step-{steps_done:08d}", *fingerprint_and_world(project, out)) is None
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED"
+        assert {key: run.data.tags.get(key) for key in ("muco_flow.stopped", "muco_flow.stopped_at_step")} == {
+            "muco_flow.stopped": "preempted",
+            "muco_flow.stopped_at_step": str(steps_done),
+        }
+        assert (project / out / "train.lock").read_text() == ""  # released
+
+    log = kill_and_resume(
+        project,
+        out,
+        "data/06_models/run-a",
+        {},
+        kill_after=5,  # the last checkpoint is step 4 (save_every 4)
+        stop=stop,
+        scenario=f"SIGTERM to {'every process' if everyone else 'kedro'}",
+        before_resume=stopped_at_a_checkpoint,
+    )
+    step = stopped["step"]
+    assert 5 <= step < STEPS
+    expected = (
+        f"training preempted at step {step} by SIGTERM: every rank stopped after it and checkpoint step {step} "
+        f"holds it; run the same command again to resume from step {step}"
+    )
+    assert expected in stopped["output"], stopped["output"][-3000:]
+    assert f"resumed from checkpoint step-{step:08d} (step {step})" in log
+    # the same MLflow run, finished, with every step once
+    assert json.loads((project / out / "run.json").read_text())["mlflow_run_id"] == stopped["run_id"]
+    run = client.get_run(stopped["run_id"])
+    assert run.info.status == "FINISHED" and "muco_flow.stopped" not in run.data.tags
+    steps = [m.step for m in client.get_metric_history(stopped["run_id"], f"{TRAINING_METRICS_SECTION}/loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1))
+
+
+def fingerprint_and_world(project: Path, out: str) -> tuple[str, int]:
+    config = json.loads((project / out / "run_config.json").read_text())
+    return config["fingerprint"], config["training"]["launcher"]["processes_per_node"]
 
 
 def test_a_non_finite_loss_stops_the_run_with_a_clear_error_and_no_final_model(prepared):

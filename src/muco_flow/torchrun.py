@@ -6,6 +6,7 @@ Training (``training.launch``) and multi-process evaluation
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -16,8 +17,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TextIO
 
-# Signals that stop a launch: `kill PID`, `timeout`, SLURM's scancel, Ctrl-C.
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Signals that stop a launch: `kill PID`, `timeout`, SLURM's scancel, preemption and time limit, Ctrl-C, and the
+# SIGUSR1 that `sbatch --signal=USR1@N` sends ahead of the time limit.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# What torchrun passes on to its ranks (its default and SIGUSR1, which would otherwise end torchrun alone)
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 # How long the ranks have, once signalled, to end on their own before the group is killed.
 STOP_GRACE_S = 30.0
 
@@ -30,9 +34,12 @@ class LaunchInterrupted(SystemExit):
     gone, and the run ends with this one line, not a traceback.
     """
 
-    def __init__(self, signal_name: str) -> None:
-        super().__init__(f"stopped by {signal_name}: passed on to torchrun and its ranks, which have all ended")
+    def __init__(self, signal_name: str, tail: list[str] | None = None, message: str | None = None) -> None:
+        super().__init__(
+            message or f"stopped by {signal_name}: passed on to torchrun and its ranks, which have all ended"
+        )
         self.signal_name = signal_name
+        self.tail = tail or []  # the last lines the processes wrote: what they did with the signal
 
 
 def on_cpu() -> bool:
@@ -41,8 +48,14 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def torchrun_command(config_path: Path, launcher: dict[str, Any], module: str) -> list[str]:
+def torchrun_command(
+    config_path: Path, launcher: dict[str, Any], module: str, grace_s: float = STOP_GRACE_S
+) -> list[str]:
     """torchrun of ``module`` on the config file: one process per GPU (or per `processes_per_node` on CPU).
+
+    A signal torchrun gets (TORCHRUN_SIGNALS) is passed on to the ranks, which
+    then have ``grace_s`` to end before torchrun kills them: the same grace
+    as the launcher's (``run_process_group``), so neither cuts the other's short.
 
     A single node with no master_port uses torchrun's `--standalone`
     rendezvous, which binds a free port itself and keeps it (choosing one here
@@ -66,6 +79,8 @@ def torchrun_command(config_path: Path, launcher: dict[str, Any], module: str) -
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={launcher['processes_per_node']}",
         *rendezvous,
+        f"--signals-to-handle={TORCHRUN_SIGNALS}",
+        f"--shutdown-timeout={math.ceil(grace_s)}",
         "-m", module, str(config_path),
     ]  # fmt: skip
 
@@ -87,7 +102,8 @@ def run_torchrun(
         env.setdefault("DS_ACCELERATOR", "cpu")
         # one thread per process: two processes on two cores do not fight over them
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores // launcher["processes_per_node"])))
-    return run_process_group(torchrun_command(config_path, launcher, module), env, stream, error_marker, grace_s)
+    command = torchrun_command(config_path, launcher, module, grace_s)
+    return run_process_group(command, env, stream, error_marker, grace_s)
 
 
 def run_process_group(
@@ -135,7 +151,7 @@ def run_process_group(
 
     with _signal_handlers(forward if own_group else None):
         if received:
-            raise LaunchInterrupted(signal.Signals(received[0]).name)
+            raise LaunchInterrupted(signal.Signals(received[0]).name, [])
         process = subprocess.Popen(
             command,
             env=env,
@@ -161,7 +177,7 @@ def run_process_group(
                 process.wait()
             killer.cancel()
     if received:
-        raise LaunchInterrupted(signal.Signals(received[0]).name)
+        raise LaunchInterrupted(signal.Signals(received[0]).name, tail)
     return returncode, causes, tail
 
 

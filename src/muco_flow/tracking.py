@@ -10,12 +10,14 @@ import json
 import logging
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 UNKNOWN_COMMIT = "unknown"
@@ -98,6 +100,56 @@ def relocate_project_store(uri: str, project: Path, artifact_folder: str = "mlru
                 )
     logger.warning("the project's MLflow store named artifacts under %s (moved or copied): now %s", old, root)
     return old
+
+
+# A locked SQLite store: how often and how long registry writes wait for it (see ``retry_while_locked``)
+LOCKED_STORE_ATTEMPTS = 6
+LOCKED_STORE_FIRST_WAIT_S = 1.0
+
+
+def is_locked_store(err: BaseException) -> bool:
+    """Whether ``err`` (or what it wraps) is SQLite's "database is locked": another writer holds the store."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if "database is locked" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def retry_while_locked(
+    call: Callable[[], T],
+    *,
+    attempts: int = LOCKED_STORE_ATTEMPTS,
+    first_wait_s: float = LOCKED_STORE_FIRST_WAIT_S,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """``call()``, tried again while a SQLite store is locked by another writer: at most ``attempts`` times,
+    waiting ``first_wait_s``, then twice as long each time (1 + 2 + 4 + 8 + 16 s by default).
+
+    MLflow's SQL store already waits for the lock inside each request (SQLite's
+    busy timeout); a store that stays locked longer, or a lock that SQLite
+    refuses at once to avoid a deadlock, fails the request with "database is
+    locked". The writes retried here are each one transaction that either
+    happened or did not, so trying again is safe. A small loop rather than a
+    retry library: only this one error is retried, and no dependency is added
+    for it. Any other error, and the last attempt's, is raised as it is.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as err:
+            if attempt == attempts or not is_locked_store(err):
+                raise
+            wait_s = first_wait_s * 2 ** (attempt - 1)
+            logger.warning(
+                "the MLflow store is locked by another writer; trying again in %.0f s (%d of %d)",
+                wait_s,
+                attempt + 1,
+                attempts,
+            )
+            sleep(wait_s)
+    raise AssertionError("unreachable")
 
 
 def source_commit(directory: str | Path = ".") -> str:
@@ -228,15 +280,20 @@ class MetricBuffer:
                     len(self._pending),
                 )
 
-    def log_missing(self, records: Sequence[Mapping[str, float]], key: str = "loss") -> int:
+    def logged_steps(self, key: str = "loss") -> set[int]:
+        """The steps MLflow has a value of ``key`` for (one request)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, self.prefix + key)}
+
+    def log_missing(self, records: Sequence[Mapping[str, float]], logged: set[int] | None = None) -> int:
         """Sends the records (metrics.jsonl lines: a step and its values) whose step MLflow lacks; returns how many.
 
         A resumed run calls it with the steps before its checkpoint: a rank 0
-        killed between two batches took its unsent steps with it.
+        killed between two batches took its unsent steps with it. ``logged``:
+        the steps MLflow has (``logged_steps``), when the caller has them already.
         """
         from mlflow.entities import Metric
 
-        logged = {m.step for m in self.client.get_metric_history(self.run_id, self.prefix + key)}
+        logged = self.logged_steps() if logged is None else logged
         missing = [r for r in records if r["step"] not in logged]
         now = int(time.time() * 1000)
         for record in missing:

@@ -8,6 +8,7 @@ data, parameters, evaluation); its description shows the evaluation.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -29,7 +30,7 @@ from muco_flow.registry.serving import (
     input_example,
     model_signature,
 )
-from muco_flow.tracking import canonical_hash
+from muco_flow.tracking import canonical_hash, retry_while_locked
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensor
 
 # models-from-code: the file MLflow logs as the model and runs at load time
 PYFUNC_MODEL_MODULE = "muco_flow.pyfunc_model"
+# The logged model's name (its page in the experiment's Models tab)
+MODEL_ARTIFACT_NAME = "embedding_model"
 
 
 def pinned_requirements() -> list[str]:
@@ -115,6 +118,71 @@ def find_version_for_run(client, name: str, run_id: str):
     return versions[0] if versions else None
 
 
+def log_pyfunc_model(
+    client, run_id: str, model_dir: str, model_code: str, *, hidden_size: int, serving: dict[str, Any]
+) -> str:
+    """Logs the pyfunc of ``model_dir`` (models-from-code: ``model_code``) as a model of ``run_id``; returns its
+    ``models:/<model_id>`` URI. ``serving``: its model_config, also logged as the run's parameters.
+
+    What `mlflow.pyfunc.log_model` does, with one step between saving and
+    uploading: MLflow writes into MLmodel the absolute paths of this machine
+    (the models-from-code file, ``model_code_path``; where the artifacts came
+    from, ``uri``), which then travel with every copy of the model. They are
+    written relative (``model_code_path`` as the file's name, which is all
+    MLflow reads back when it loads: pyfunc/model.py `_load_context_model_and_signature`),
+    and the source ``uri`` is left out.
+    """
+    import tempfile
+
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Param
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = retry_while_locked(
+        lambda: client.create_logged_model(experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id)
+    )
+    try:
+        with tempfile.TemporaryDirectory() as staging:
+            local = Path(staging) / MODEL_ARTIFACT_NAME
+            mlflow.pyfunc.save_model(
+                path=str(local),
+                # models-from-code: the model is this file's source, run at load time; nothing is pickled
+                python_model=model_code,
+                artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+                signature=model_signature(hidden_size),
+                input_example=input_example(),
+                model_config=serving,
+                pip_requirements=pinned_requirements(),
+                code_paths=[str(Path(muco_flow.__file__).parent)],  # the muco_flow package: the model's own code
+                mlflow_model=Model(run_id=run_id, model_id=logged.model_id, model_uuid=logged.model_id),
+            )
+            without_local_paths(local)
+            client.log_model_artifacts(logged.model_id, str(local))
+        retry_while_locked(lambda: client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)]))
+    except BaseException:
+        retry_while_locked(lambda: client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED))
+        raise
+    retry_while_locked(lambda: client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY))
+    try:  # as log_model does: the serving limits as the run's parameters, where its page shows them
+        client.log_batch(run_id, params=[Param(key, str(value)) for key, value in serving.items()])
+    except MlflowException as err:  # a later registration with other limits: the first ones stay
+        logger.warning("the serving limits are not logged as parameters of run %s: %s", run_id, err)
+    return f"models:/{logged.model_id}"
+
+
+def without_local_paths(model_path: Path) -> None:
+    """Rewrites the MLmodel in ``model_path`` without this machine's paths: see ``log_pyfunc_model``."""
+    from mlflow.models import Model
+
+    mlmodel = Model.load(str(model_path))
+    pyfunc = mlmodel.flavors["python_function"]
+    pyfunc["model_code_path"] = Path(pyfunc["model_code_path"]).name
+    for artifact in pyfunc.get("artifacts", {}).values():
+        artifact.pop("uri", None)
+    mlmodel.save(str(model_path / "MLmodel"))
+
+
 def register_model_version(
     tracking_uri: str,
     *,
@@ -146,20 +214,11 @@ def register_model_version(
             raise RegistryError(f"no module {PYFUNC_MODEL_MODULE}: the model's code is not installed with muco_flow")
         config = json.loads((Path(model_dir) / "config.json").read_text())
         hidden_size = (config.get("text_config") or config)["hidden_size"]
-        with fluent_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="embedding_model",
-                # models-from-code: the model is this file's source, run at load time; nothing is pickled
-                python_model=model_code.origin,
-                artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
-                signature=model_signature(hidden_size),
-                input_example=input_example(),
-                model_config=dict(serving or {}),
-                pip_requirements=pinned_requirements(),
-                code_paths=[str(Path(muco_flow.__file__).parent)],  # the muco_flow package: the model's own code
-            )
         with fluent_tracking_uri(tracking_uri):
-            version = mlflow.register_model(info.model_uri, name, tags=dict(tags))
+            model_uri = log_pyfunc_model(
+                client, run_id, model_dir, model_code.origin, hidden_size=hidden_size, serving=dict(serving or {})
+            )
+            version = retry_while_locked(lambda: mlflow.register_model(model_uri, name, tags=dict(tags)))
         logger.info("registered %s version %s from run %s", name, version.version, run_id)
     else:
         logger.info("%s version %s already holds run %s; not registering again", name, version.version, run_id)
@@ -170,11 +229,12 @@ def register_model_version(
                 f"{version.version}, and moving challenger back needs registry.allow_older_challenger: true "
                 "(is data/06_models/train_run.json an older training's?)"
             )
+    number = version.version
     for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
+        retry_while_locked(functools.partial(client.set_model_version_tag, name, number, key, value))
     if description:
-        client.update_model_version(name, version.version, description=description)
-    client.set_registered_model_alias(name, CHALLENGER, version.version)
+        retry_while_locked(lambda: client.update_model_version(name, number, description=description))
+    retry_while_locked(lambda: client.set_registered_model_alias(name, CHALLENGER, number))
     return {
         "name": name,
         "version": int(version.version),

@@ -15,13 +15,15 @@ them with ``weights_only=False``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import pickle
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +76,12 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(root / staging, ignore_errors=True)  # a leftover of a crash
     _barrier()
-    engine.save_checkpoint(
-        str(root), tag=staging, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
-    )
-    torch.save(rng_state(), root / staging / f"rng_state_rank{rank}.pt")
+    with _disk_full_named(root, tag):
+        engine.checkpoint_engine = _checkpoint_engine(engine)
+        engine.save_checkpoint(
+            str(root), tag=staging, client_state=client_state, save_latest=False, exclude_frozen_parameters=True
+        )
+        _save_through_python(rng_state(), root / staging / f"rng_state_rank{rank}.pt")
     _barrier()
     if rank == 0:
         files = {
@@ -92,7 +96,8 @@ def save_checkpoint(
             "mlflow_run_id": mlflow_run_id,
             "files": files,
         }
-        (root / staging / COMPLETE_FILE).write_text(json.dumps(complete, indent=1))
+        with _disk_full_named(root, tag):
+            (root / staging / COMPLETE_FILE).write_text(json.dumps(complete, indent=1))
         shutil.rmtree(root / tag, ignore_errors=True)
         os.replace(root / staging, root / tag)
         latest = root / ".latest.tmp"
@@ -102,6 +107,49 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return root / tag
+
+
+class CheckpointDiskFullError(OSError):
+    """A checkpoint could not be written: the disk holding the checkpoints is full (ENOSPC)."""
+
+
+@contextmanager
+def _disk_full_named(root: Path, tag: str) -> Iterator[None]:
+    """Turns ENOSPC inside the block into one error naming the disk's free bytes and the checkpoint's path.
+
+    The message is what the user sees (training's one line on stderr needs no
+    disk); without it a full disk showed as torch's "unexpected pos 8000 vs 7892".
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        try:
+            free = f"{shutil.disk_usage(root).free} bytes free"
+        except OSError:
+            free = "free space unknown"
+        raise CheckpointDiskFullError(
+            errno.ENOSPC,
+            f"No space left on device (ENOSPC) writing checkpoint {tag} to {root} ({free}; it failed at "
+            f"{err.filename or 'a file of it'}): make room there, lower training.keep_last, or set "
+            "training.output_dir to a disk with space; the checkpoints before it are intact",
+        ) from err
+
+
+def _save_through_python(state: Any, path: str | Path) -> None:
+    """``torch.save`` through a file Python opened: a failed write raises the OS's error (ENOSPC, EIO) as such.
+
+    Given a path, torch writes with its own file writer and reports any failure
+    as "unexpected pos N vs M".
+    """
+    try:
+        with open(path, "wb") as handle:
+            torch.save(state, handle)
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err  # a failed write() does not name its file
 
 
 def verify_checkpoint(directory: Path, fingerprint: str, world_size: int) -> str | None:
@@ -189,26 +237,30 @@ def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
         ) from err
 
 
-def _weights_only_engine(engine: Any) -> Any:
-    """The engine's checkpoint engine, made to load with ``weights_only=True``."""
+def _checkpoint_engine(engine: Any) -> Any:
+    """The engine's checkpoint engine, made to load with ``weights_only=True`` and to save through Python files
+    (``_save_through_python``: a full disk is then ENOSPC)."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     current = engine.checkpoint_engine
-    if getattr(current, "loads_weights_only", False):
+    if getattr(current, "muco_flow_engine", False):
         return current
     if type(current) is not TorchCheckpointEngine:
         raise TypeError(
-            f"DeepSpeed uses the checkpoint engine {type(current).__name__}; muco-flow resumes only through "
-            "its torch engine, which it makes load with weights_only=True"
+            f"DeepSpeed uses the checkpoint engine {type(current).__name__}; muco-flow saves and resumes only "
+            "through its torch engine, which it makes load with weights_only=True"
         )
 
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        loads_weights_only = True
+    class MuCoCheckpointEngine(TorchCheckpointEngine):
+        muco_flow_engine = True
 
         def load(self, path: str, map_location: Any = None) -> Any:
             return load_weights_only(path, map_location)
 
-    return WeightsOnlyCheckpointEngine(engine._config)
+        def save(self, state_dict: Any, path: str) -> None:
+            _save_through_python(state_dict, path)
+
+    return MuCoCheckpointEngine(engine._config)
 
 
 def load_checkpoint(engine: Any, root: Path, tag: str, rank: int) -> dict[str, Any]:
@@ -216,7 +268,7 @@ def load_checkpoint(engine: Any, root: Path, tag: str, rank: int) -> dict[str, A
 
     Every file is read with ``weights_only=True``: see ``load_weights_only``.
     """
-    engine.checkpoint_engine = _weights_only_engine(engine)
+    engine.checkpoint_engine = _checkpoint_engine(engine)
     _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
     restore_rng_state(load_weights_only(Path(root) / tag / f"rng_state_rank{rank}.pt"))
     return client_state or {}

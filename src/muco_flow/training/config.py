@@ -60,6 +60,15 @@ class LauncherSettings:
 
 
 @dataclass(frozen=True)
+class PreemptionSettings:
+    """What a training does with SIGTERM or SIGUSR1 (preemption, a time limit): see training/preemption.py."""
+
+    # seconds from the signal to the end of every process: the ranks finish their step and checkpoint it if
+    # that fits, then the launcher and torchrun kill what is left; below SLURM's KillWait
+    grace_s: float = field(metadata=setting(minimum=0, exclusive_minimum=True))
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """The `training` parameters; conf/base/parameters_train.yml says what each one does."""
 
@@ -90,6 +99,7 @@ class TrainingConfig:
     embedder: EmbedderSettings
     deepspeed: DeepSpeedSettings
     launcher: LauncherSettings = field(metadata=NOT_FINGERPRINTED)
+    preemption: PreemptionSettings = field(metadata=NOT_FINGERPRINTED)
 
     def __post_init__(self) -> None:
         if self.launcher.node_rank >= self.launcher.nodes:

@@ -46,6 +46,7 @@ from muco_flow.data.mmeb_train_formatting import RECORD_COLUMNS as STAGE2_RECORD
 from muco_flow.data.mmeb_train_formatting import assemble_finetune_sample
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import collate, image_inputs
+from muco_flow.training.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -454,6 +455,7 @@ def batch_loader(
         # the workers' seeds come from this generator, not from the global one, whose state (dropout)
         # a resumed run restores from its checkpoint and must continue unchanged
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_stop_signals,  # the rank stops for them, after its step (training/preemption.py)
     )
     return iter(loader)
 

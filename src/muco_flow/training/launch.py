@@ -7,14 +7,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-from muco_flow.torchrun import on_cpu, run_torchrun
+from muco_flow.torchrun import LaunchInterrupted, on_cpu, run_torchrun
 from muco_flow.training.config import TrainingConfig
 from muco_flow.training.deepspeed_config import training_deepspeed_config, validate_deepspeed_config
 from muco_flow.training.lock import lock_file_name, output_folder_lock
+from muco_flow.training.preemption import Preemption
 
 
 class TrainingFailedError(RuntimeError):
     """A training process exited with an error; the message holds its traceback."""
+
+
+class TrainingPreempted(LaunchInterrupted):
+    """The ranks stopped on SIGTERM or SIGUSR1 after one step, every one of them, and have ended.
+
+    What `kedro run` ends with (exit status 1, this one line, no traceback):
+    "training preempted at step s by SIGTERM: ...; run the same command again
+    to resume from step s". The training lock is released by then; the MLflow
+    run is KILLED with the tag ``muco_flow.stopped=preempted``.
+    """
+
+    def __init__(self, preemption: Preemption, tail: list[str] | None = None) -> None:
+        super().__init__(
+            preemption.signal_name,
+            tail,
+            f"training preempted at step {preemption.step} by {preemption.signal_name}: every rank stopped after "
+            f"it and {preemption.outcome()}; run the same command again to resume from step {preemption.resume_step}",
+        )
+        self.preemption = preemption
 
 
 # The start of the line each failing rank prints to stderr with its exception.
@@ -134,8 +154,21 @@ def _launch_training(config: dict[str, Any], stream=None) -> None:
     launcher = config["training"]["launcher"]
     config_path = output_dir / run_config_name(launcher)
     config_path.write_text(json.dumps(config, indent=2))
-    returncode, causes, tail = run_torchrun(config_path, launcher, TRAINING_MODULE, stream, ERROR_MARKER)
+    # the ranks' grace (their last step and checkpoint) is the launcher's and torchrun's before they kill
+    grace_s = config["training"]["preemption"]["grace_s"]
+    try:
+        returncode, causes, tail = run_torchrun(
+            config_path, launcher, TRAINING_MODULE, stream, ERROR_MARKER, grace_s=grace_s
+        )
+    except LaunchInterrupted as stopped:  # this process was signalled (kedro, SLURM): did the ranks stop cleanly?
+        preemption = Preemption.from_output(stopped.tail)
+        if preemption is None:
+            raise
+        raise TrainingPreempted(preemption, stopped.tail) from None
     if returncode != 0:
+        preemption = Preemption.from_output(tail)  # only the ranks were signalled
+        if preemption is not None:
+            raise TrainingPreempted(preemption, tail)
         raise TrainingFailedError(failure_message(logs, returncode, causes, tail))
 
 

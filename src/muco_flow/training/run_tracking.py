@@ -22,6 +22,13 @@ logger = logging.getLogger(__name__)
 # The tag that holds why a training stopped, on its MLflow run (ended FAILED or KILLED)
 ERROR_TAG = "muco_flow.error"
 METRICS_FILE = "metrics.jsonl"
+# Why a run ended KILLED: "preempted" (a stop signal); the step it stopped after; the signal
+STOPPED_TAG = "muco_flow.stopped"
+STOPPED_AT_STEP_TAG = "muco_flow.stopped_at_step"
+STOPPED_BY_TAG = "muco_flow.stopped_by"
+PREEMPTED = "preempted"
+# On a run that continues a training whose run the tracking store no longer has: that run's id
+PREDECESSOR_TAG = "muco_flow.predecessor_run_id"
 # Where a training records its MLflow run (and the fingerprint it ran with) for the next start to find
 RUN_FILE = "run.json"
 
@@ -29,8 +36,11 @@ RUN_FILE = "run.json"
 class TrainingRun:
     """Rank 0's record of a training: ``metrics.jsonl`` and the MLflow run, from ``start`` to ``finish``."""
 
-    def __init__(self, output_dir: Path, metrics: MetricBuffer, metrics_file: IO[str]) -> None:
+    def __init__(
+        self, output_dir: Path, metrics: MetricBuffer, metrics_file: IO[str], in_mlflow: set[int] | None = None
+    ) -> None:
         self.output_dir, self.metrics, self._metrics_file = output_dir, metrics, metrics_file
+        self._in_mlflow = in_mlflow or set()  # steps MLflow has already: not sent again
 
     @property
     def run_id(self) -> str:
@@ -57,17 +67,19 @@ class TrainingRun:
         client = MlflowClient(settings["tracking_uri"])
         run_file = output_dir / RUN_FILE
         previous = json.loads(run_file.read_text()) if run_file.exists() else {}
-        run_id = None
+        run_id = predecessor = None
         if start_step > 0:
-            run_id = checkpoint_run or (
+            wrote = checkpoint_run or (
                 previous.get("mlflow_run_id") if previous.get("fingerprint") == config["fingerprint"] else None
             )
+            run_id, predecessor = _run_to_continue(client, wrote, previous.get("mlflow_run_id"))
         elif previous.get("mlflow_run_id"):
             _end_unfinished_run(client, previous["mlflow_run_id"])
         if run_id is not None:
             mlflow.start_run(run_id=run_id, log_system_metrics=True)
+            _clear_stop_tags(client, run_id)
         else:
-            run_id = _start_new_run(config, client)
+            run_id = _start_new_run(config, client, predecessor=predecessor)
         run_file.write_text(
             json.dumps(
                 {
@@ -80,15 +92,19 @@ class TrainingRun:
         )
         metrics = MetricBuffer(client, run_id, every=config["training"]["log_every"], section=TRAINING_METRICS_SECTION)
         metrics_file, earlier = _open_metrics(output_dir / METRICS_FILE, start_step)
+        # the steps MLflow has: a step is never sent twice, though a killed run may have sent steps past its
+        # checkpoint (they come again, with the same values, after the resume)
+        in_mlflow = metrics.logged_steps() if start_step > 0 else set()
         if earlier:  # a killed rank 0 may have died with steps it had not sent to MLflow yet
-            logger.info("sent %d earlier steps that MLflow did not have", metrics.log_missing(earlier))
-        return cls(output_dir, metrics, metrics_file)
+            logger.info("sent %d earlier steps that MLflow did not have", metrics.log_missing(earlier, in_mlflow))
+        return cls(output_dir, metrics, metrics_file, in_mlflow | {record["step"] for record in earlier})
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         """One step's metrics: a line of metrics.jsonl now, MLflow with the next batch."""
         self._metrics_file.write(json.dumps({"step": step, **values}) + "\n")
         self._metrics_file.flush()
-        self.metrics.log(step, values)
+        if step not in self._in_mlflow:
+            self.metrics.log(step, values)
 
     def finish(self) -> None:
         """Sends what is left, the loss curve and metrics.jsonl, and ends the run FINISHED.
@@ -122,6 +138,25 @@ class TrainingRun:
         except Exception as tracking_error:  # MLflow, requests and socket errors alike
             logger.warning("could not end MLflow run %s as %s: %s", self.run_id, status, tracking_error)
 
+    def end_preempted(self, step: int, signal_name: str) -> None:
+        """Ends the run KILLED, tagged ``muco_flow.stopped=preempted`` and the step, every step up to it sent.
+
+        A resume reopens it (the checkpoint names it) and takes the tags off.
+        Tracking trouble is only logged, as in ``end_on_error``.
+        """
+        import mlflow
+
+        self._metrics_file.close()
+        try:
+            self.metrics.flush()
+            client = self.metrics.client
+            client.set_tag(self.run_id, STOPPED_TAG, PREEMPTED)
+            client.set_tag(self.run_id, STOPPED_AT_STEP_TAG, str(step))
+            client.set_tag(self.run_id, STOPPED_BY_TAG, signal_name)
+            mlflow.end_run(status="KILLED")
+        except Exception as tracking_error:  # MLflow, requests and socket errors alike
+            logger.warning("could not end MLflow run %s as preempted: %s", self.run_id, tracking_error)
+
 
 @contextlib.contextmanager
 def ended_as_failed_on_error(run: TrainingRun | None) -> Iterator[None]:
@@ -140,8 +175,56 @@ def ended_as_failed_on_error(run: TrainingRun | None) -> Iterator[None]:
         raise
 
 
-def _start_new_run(config: dict[str, Any], client: Any) -> str:
-    """A new run named and described by the stage, with the run's parameters, configs and training data."""
+def _run_to_continue(client: Any, wrote: str | None, last: str | None) -> tuple[str | None, str | None]:
+    """The run a resumed training continues, and the run it replaces when that one is gone: (run, predecessor).
+
+    The run that wrote the checkpoint (``wrote``), if the tracking store still
+    has it. If not (the project was moved without its mlflow.db, or the
+    tracking server is a new one), a new run continues the training and names
+    ``wrote`` as its predecessor; ``last``, run.json's run, is that new run
+    when an earlier resume already made it.
+    """
+    if wrote is None or _run_exists(client, wrote):
+        return wrote, None
+    replaced = last and last != wrote and _run_exists(client, last)
+    if replaced and client.get_run(last).data.tags.get(PREDECESSOR_TAG) == wrote:
+        return last, None
+    logger.warning(
+        "MLflow run %s, which wrote the checkpoint, is not in the tracking store %s (a project moved without its "
+        "mlflow.db, or another tracking server): the training continues in a new run, tagged %s=%s",
+        wrote,
+        client.tracking_uri,
+        PREDECESSOR_TAG,
+        wrote,
+    )
+    return None, wrote
+
+
+def _run_exists(client: Any, run_id: str) -> bool:
+    """Whether the store has ``run_id`` and it is not deleted (MLflow cannot reopen a deleted run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return False
+        raise
+
+
+def _clear_stop_tags(client: Any, run_id: str) -> None:
+    """A reopened run runs again: the tags of an earlier preemption no longer say how it stands."""
+    tags = client.get_run(run_id).data.tags
+    for tag in (STOPPED_TAG, STOPPED_AT_STEP_TAG, STOPPED_BY_TAG):
+        if tag in tags:
+            client.delete_tag(run_id, tag)
+
+
+def _start_new_run(config: dict[str, Any], client: Any, predecessor: str | None = None) -> str:
+    """A new run named and described by the stage, with the run's parameters, configs and training data.
+
+    ``predecessor``: the run this one continues (gone from the store), as the tag ``muco_flow.predecessor_run_id``.
+    """
     import mlflow
     from mlflow.entities import Param
 
@@ -151,7 +234,8 @@ def _start_new_run(config: dict[str, Any], client: Any) -> str:
         experiment_id=experiment.experiment_id,
         run_name=settings["run_name"],
         description=settings["description"],
-        tags={"muco_flow.stage": config.get("stage", "train"), **settings["tags"]},
+        tags={"muco_flow.stage": config.get("stage", "train"), **settings["tags"]}
+        | ({PREDECESSOR_TAG: predecessor} if predecessor else {}),
         log_system_metrics=True,
     ).info.run_id
     params = flatten({k: config[k] for k in ("training", "backbone")}) | {"checkpoint": config["checkpoint"]}

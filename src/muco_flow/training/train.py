@@ -7,9 +7,12 @@ resume from the newest complete checkpoint, then loop: two forward passes
 (query and target conversations; a third for hard negatives), gather targets
 from every rank, the multi-turn contrastive loss, one DeepSpeed step (with
 `training.grad_cache.chunk_size`, the forwards and backwards go chunk by
-chunk, see grad_cache.py); log, checkpoint, repeat. Rank
-0 finally writes the merged model and the MLflow artifacts. Rank 0's MLflow
-run, from start to finish or failure, is run_tracking.py's TrainingRun.
+chunk, see grad_cache.py); log, checkpoint, agree whether to stop, repeat.
+Rank 0 finally writes the merged model and the MLflow artifacts. Rank 0's
+MLflow run, from start to finish or failure, is run_tracking.py's TrainingRun.
+SIGTERM or SIGUSR1 (preemption, a time limit) ends the loop after the step in
+progress on every rank, with a checkpoint of it; the rank then exits with
+PREEMPTED_EXIT_CODE (preemption.py).
 """
 
 from __future__ import annotations
@@ -184,11 +187,21 @@ def train(config: dict[str, Any]) -> None:
     )
     from muco_flow.training.config import TrainingConfig
     from muco_flow.training.data import ConversationBatches, batch_loader
+    from muco_flow.training.preemption import (
+        PreemptedError,
+        Preemption,
+        StopRequest,
+        agreed_stop,
+        checkpoint_fits,
+    )
     from muco_flow.training.run_tracking import TrainingRun, ended_as_failed_on_error
     from muco_flow.training.schedule import lr_factor
 
     output_dir = Path(config["output_dir"])
     settings = TrainingConfig.from_dict(config["training"])
+    # SIGTERM and SIGUSR1 from here on ask for a stop after the current step (preemption.py), no longer kill
+    stop = StopRequest()
+    stop.install()
 
     # --- processes ----------------------------------------------------------
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -269,7 +282,24 @@ def train(config: dict[str, Any]) -> None:
     # rank 0 keeps the MLflow run and metrics.jsonl
     run = TrainingRun.start(config, output_dir, start_step=start, checkpoint_run=resumed_run) if rank == 0 else None
 
+    def save(step: int) -> float:
+        """Every rank saves the checkpoint of ``step``; returns the seconds it took."""
+        began = time.perf_counter()
+        save_checkpoint(
+            engine,
+            checkpoints,
+            step,
+            rank=rank,
+            world_size=world,
+            fingerprint=config["fingerprint"],
+            keep_last=settings.keep_last,
+            client_state={"step": step},
+            mlflow_run_id=run.run_id if run is not None else None,
+        )
+        return time.perf_counter() - began
+
     # --- loop ------------------------------------------------------------------
+    preemption: Preemption | None = None
     with ended_as_failed_on_error(run):
         from tqdm.auto import tqdm
 
@@ -285,68 +315,86 @@ def train(config: dict[str, Any]) -> None:
         )
         # step s is batch s: records, images and collation in worker processes, steps ahead of the model
         loader = batch_loader(batches, start, total_steps, chunk_size=chunk_size, workers=settings.data_workers)
-        step = start
-        for step in range(start, total_steps):
-            began = time.perf_counter()  # the step's time includes waiting for its batch
-            parts = next(loader)
-            loss, terms = forward_backward(
-                engine,
-                parts,
-                device,
-                temperature=settings.temperature,
-                symmetric_loss=settings.symmetric_loss,
-                mask_duplicate_targets=settings.mask_duplicate_targets,
-                grad_cache=bool(chunk_size),
-                four_way=four_way,
-            )
-            mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
-            check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
-            rate = lr_scheduler.get_last_lr()[0]  # this step's: engine.step() moves the schedule on
-            engine.step()
-            seconds = time.perf_counter() - began
-            grad_norm = float(engine.get_global_grad_norm() or 0.0)
-            check_finite(step + 1, "gradient norm", grad_norm)  # global: the same on every rank
-
-            metrics = {
-                "loss": mean_loss,
-                "learning_rate": rate,
-                "grad_norm": grad_norm,
-                "pairs_per_second": sum(p.pairs for p in parts) * world / seconds,
-                "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,
-            }
-            # a loss made of several terms (stage 2's four-way loss) logs each, averaged over ranks
-            metrics |= {f"loss/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
-            if run is not None:  # rank 0
-                run.log(step + 1, metrics)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-                progress.update()
-            if (step + 1) % settings.log_every == 0 or step + 1 == total_steps:
-                # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
-                logger.info(
-                    "step %d/%d loss %.4f lr %.3g grad_norm %.3g pairs/s %.1f",
-                    step + 1,
-                    total_steps,
-                    metrics["loss"],
-                    metrics["learning_rate"],
-                    metrics["grad_norm"],
-                    metrics["pairs_per_second"],
-                )
-            if (step + 1) % settings.save_every == 0 or step + 1 == total_steps:
-                save_checkpoint(
+        saved, save_seconds = start, 0.0  # the newest checkpoint's step, and how long the last save took
+        step_done = start
+        stopped_by = agreed_stop(stop)  # a signal while the run was starting: no step to finish
+        try:
+            for step in range(start, total_steps):
+                if stopped_by:
+                    break
+                began = time.perf_counter()  # the step's time includes waiting for its batch
+                parts = next(loader)
+                loss, terms = forward_backward(
                     engine,
-                    checkpoints,
-                    step + 1,
-                    rank=rank,
-                    world_size=world,
-                    fingerprint=config["fingerprint"],
-                    keep_last=settings.keep_last,
-                    client_state={"step": step + 1},
-                    mlflow_run_id=run.run_id if run is not None else None,
+                    parts,
+                    device,
+                    temperature=settings.temperature,
+                    symmetric_loss=settings.symmetric_loss,
+                    mask_duplicate_targets=settings.mask_duplicate_targets,
+                    grad_cache=bool(chunk_size),
+                    four_way=four_way,
                 )
+                mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
+                check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
+                rate = lr_scheduler.get_last_lr()[0]  # this step's: engine.step() moves the schedule on
+                engine.step()
+                seconds = time.perf_counter() - began
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)
+                check_finite(step + 1, "gradient norm", grad_norm)  # global: the same on every rank
+                step_done = step + 1
+
+                metrics = {
+                    "loss": mean_loss,
+                    "learning_rate": rate,
+                    "grad_norm": grad_norm,
+                    "pairs_per_second": sum(p.pairs for p in parts) * world / seconds,
+                    "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,
+                }
+                # a loss made of several terms (stage 2's four-way loss) logs each, averaged over ranks
+                metrics |= {f"loss/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
+                if run is not None:  # rank 0
+                    run.log(step_done, metrics)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+                    progress.update()
+                if step_done % settings.log_every == 0 or step_done == total_steps:
+                    # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
+                    logger.info(
+                        "step %d/%d loss %.4f lr %.3g grad_norm %.3g pairs/s %.1f",
+                        step_done,
+                        total_steps,
+                        metrics["loss"],
+                        metrics["learning_rate"],
+                        metrics["grad_norm"],
+                        metrics["pairs_per_second"],
+                    )
+                if step_done % settings.save_every == 0 or step_done == total_steps:
+                    save_seconds = save(step_done)
+                    saved = step_done
+                stopped_by = agreed_stop(stop)  # every rank the same answer, after the same step
+        finally:
+            stop_batch_workers(loader)
         progress.close()
 
-        # --- final model and artifacts (rank 0) --------------------------------------------
-        if run is not None:
+        if stopped_by:
+            # --- stopped by a signal: this step's checkpoint if it is new and fits in the grace -------
+            if saved < step_done:
+                if checkpoint_fits(stop, settings.preemption.grace_s, save_seconds):
+                    save(step_done)
+                    saved = step_done
+                else:
+                    logger.warning(
+                        "no checkpoint of step %d: the last save took %.1f s, more than is left of "
+                        "training.preemption.grace_s (%.0f s since the signal)",
+                        step_done,
+                        save_seconds,
+                        stop.seconds_since(),
+                    )
+            preemption = Preemption(step=step_done, signal_name=stopped_by, resume_step=saved)
+            logger.info("training %s", preemption.describe())
+            if run is not None:
+                run.end_preempted(step_done, stopped_by)
+        elif run is not None:
+            # --- final model and artifacts (rank 0) --------------------------------------------
             _write_final_model(
                 engine.module,
                 output_dir / "model",
@@ -356,6 +404,19 @@ def train(config: dict[str, Any]) -> None:
             )
             run.finish()  # raises if MLflow still refuses metrics; the model and checkpoints are safe by now
     dist.barrier()
+    if preemption is not None:
+        raise PreemptedError(preemption)
+
+
+def stop_batch_workers(loader: Any) -> None:
+    """Ends the loader's worker processes now (they ignore stop signals, see ``ignore_stop_signals``).
+
+    Left to the interpreter's exit, multiprocessing would ``terminate()`` them
+    with SIGTERM, which they ignore, and then wait for them for ever.
+    """
+    shutdown = getattr(loader, "_shutdown_workers", None)  # the DataLoader's iterator with worker processes
+    if shutdown is not None:
+        shutdown()
 
 
 def _write_final_model(
@@ -381,14 +442,19 @@ def _write_final_model(
 
 def main() -> None:
     from muco_flow.training.launch import ERROR_MARKER
+    from muco_flow.training.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER, PreemptedError
 
     config = json.loads(Path(sys.argv[1]).read_text())
+    rank = os.environ.get("RANK", "0")
     try:
         train(config)
+    except PreemptedError as stopped:
+        # the launcher reads the step from this line (Preemption.from_output); the exit status says "resume"
+        print(f"{PREEMPTED_MARKER} (rank {rank}): {stopped}", file=sys.__stderr__, flush=True)
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
     except BaseException as err:
         # The launcher reports which rank failed and why: one line on stderr, which needs no disk space
         # (ENOSPC, EIO), and the traceback in a file, when it can be written.
-        rank = os.environ.get("RANK", "0")
         print(f"{ERROR_MARKER} (rank {rank}): {type(err).__name__}: {err}", file=sys.__stderr__, flush=True)
         error_file = Path(config["output_dir"]) / "logs" / f"rank{rank}.error"
         try:
