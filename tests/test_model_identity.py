@@ -84,7 +84,7 @@ def test_a_model_folder_of_another_run_is_refused_by_evaluate_and_register(tmp_p
         evaluate_trained_model({}, old_record, load_params()["evaluate"], {}, {})  # refused before any model is loaded
     metrics = {"scored_model": {"mlflow_run_id": "run-old", "content_hash": old_record["model_content_hash"]}}
     with pytest.raises(ModelIdentityError, match=message):
-        register_trained_model(old_record, metrics, str(tmp_path), {})
+        register_trained_model(old_record, metrics, str(tmp_path), load_params()["registry"])
 
 
 def test_changed_files_or_a_record_of_other_content_are_refused(tmp_path):
@@ -108,7 +108,7 @@ def test_register_refuses_an_evaluation_of_another_model(tmp_path):
     stale = {"mlflow_run_id": "run-new", "scored_model": {"mlflow_run_id": "run-new", "content_hash": "e" * 64}}
     stale_message = re.escape("metrics.json scored run run-new, content hash eeeeeeeeeeee")
     with pytest.raises(ModelIdentityError, match=stale_message):
-        register_trained_model(train_run, stale, str(tmp_path), {})
+        register_trained_model(train_run, stale, str(tmp_path), load_params()["registry"])
     with pytest.raises(ModelIdentityError, match="no recorded model"):
         verify_evaluated_model({"mlflow_run_id": "run-new"}, identity)
     verify_evaluated_model({"scored_model": identity}, identity)
