@@ -11,6 +11,7 @@ import signal
 import pytest
 import torch.multiprocessing as mp
 
+from muco_flow.training.distributed import all_reduce_scalar
 from muco_flow.training.launch import TrainingPreempted
 from muco_flow.training.preemption import (
     EXIT_RESERVE_S,
@@ -80,6 +81,7 @@ def _rank(rank: int, port: int, results: dict) -> None:
         request.record(signal.SIGTERM)
         request.received_at -= 30.0
     results[rank] = (agreed_stop(request), checkpoint_fits(request, grace_s=25.0, save_seconds=1.0))
+    results[f"sum{rank}"] = all_reduce_scalar(rank + 1.5)  # 1.5 + 2.5 on both ranks
     dist.destroy_process_group()
 
 
@@ -91,4 +93,5 @@ def test_every_rank_agrees_on_the_stop_and_on_whether_a_checkpoint_fits():
         results = manager.dict()
         mp.spawn(_rank, args=(free_port(), results), nprocs=2, join=True)
         # rank 0 stops too, and no rank checkpoints: rank 1 has no time left
-        assert dict(results) == {0: ("SIGTERM", False), 1: ("SIGTERM", False)}
+        assert {rank: results[rank] for rank in (0, 1)} == {0: ("SIGTERM", False), 1: ("SIGTERM", False)}
+        assert (results["sum0"], results["sum1"]) == (4.0, 4.0)

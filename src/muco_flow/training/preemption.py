@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from muco_flow.training.distributed import all_reduce_scalar
 
 # What a rank takes as a request to stop: SLURM's preemption and time limit, `scancel`, `kill`; `--signal=USR1@N`
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -78,10 +79,8 @@ def agreed_stop(request: StopRequest) -> str | None:
     and it keeps every rank in step with the others, so that none is left
     waiting in a collective for a rank that has stopped.
     """
-    number = torch.tensor([request.signal_number], dtype=torch.int64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(number, op=dist.ReduceOp.MAX)
-    return signal.Signals(int(number.item())).name if number.item() else None
+    number = int(all_reduce_scalar(request.signal_number, "max", torch.int64))
+    return signal.Signals(number).name if number else None
 
 
 def checkpoint_fits(request: StopRequest, grace_s: float, save_seconds: float) -> bool:
@@ -91,10 +90,8 @@ def checkpoint_fits(request: StopRequest, grace_s: float, save_seconds: float) -
     ``grace_s`` and SLURM after its KillWait. ``EXIT_RESERVE_S`` stays for
     ending the MLflow run and exiting. All ranks get the same answer (MIN).
     """
-    fits = torch.tensor([int(request.seconds_since() + save_seconds + EXIT_RESERVE_S <= grace_s)])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
-    return bool(fits.item())
+    fits = int(request.seconds_since() + save_seconds + EXIT_RESERVE_S <= grace_s)
+    return bool(all_reduce_scalar(fits, "min", torch.int64))
 
 
 @dataclass(frozen=True)

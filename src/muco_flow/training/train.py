@@ -53,9 +53,9 @@ def setup_logging(output_dir: Path, rank: int) -> None:
 
 
 def mean_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
+    from muco_flow.training.distributed import all_reduce_scalar
+
+    return all_reduce_scalar(value) / dist.get_world_size()
 
 
 def forward_backward(
