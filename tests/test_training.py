@@ -622,7 +622,12 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
     grad_cache = {"training.grad_cache.chunk_size": 2, "training.save_every": 3}
     kedro_run(project, "--pipelines=train", train_params("data/06_models/run-gc", **grad_cache))
     log = kill_and_resume(
-        project, "data/06_models/run-gc-killed", "data/06_models/run-gc", grad_cache, kill_after=7, rank="1"
+        project,
+        "data/06_models/run-gc-killed",
+        "data/06_models/run-gc",
+        grad_cache,
+        kill_after=7,
+        stop=sigkill_rank("1"),
     )
     assert "resumed from checkpoint step-00000006 (step 6)" in log
 
