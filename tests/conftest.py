@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -37,6 +38,24 @@ def config_loader(env: str = "base") -> OmegaConfigLoader:
 
 def load_params(env: str = "base") -> dict:
     return config_loader(env)["parameters"]
+
+
+# with_value(params, "a.b", DELETE) removes the setting instead of changing it
+DELETE = object()
+
+
+def with_value(params: dict, dotted: str, value) -> dict:
+    """A deep copy of a parameter block with the setting at ``dotted`` (e.g. "promotion.margin") set to ``value``."""
+    changed = copy.deepcopy(params)
+    *parents, name = dotted.split(".")
+    node = changed
+    for parent in parents:
+        node = node[parent]
+    if value is DELETE:
+        del node[name]
+    else:
+        node[name] = value
+    return changed
 
 
 @pytest.fixture(scope="session")

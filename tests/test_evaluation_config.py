@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import typing
@@ -15,26 +14,11 @@ from kedro.framework.cli.utils import _split_params
 from muco_flow import settings
 from muco_flow.evaluation.config import EvaluationConfig, EvaluationConfigError
 from muco_flow.pipelines.evaluate.nodes import evaluate_baseline, select_headline_metrics
-from tests.conftest import PROJECT_ROOT, load_params
-
-DELETE = object()
+from tests.conftest import DELETE, PROJECT_ROOT, load_params, with_value
 
 
 def base_evaluate() -> dict:
     return load_params()["evaluate"]
-
-
-def with_value(evaluate: dict, dotted: str, value) -> dict:
-    changed = copy.deepcopy(evaluate)
-    *parents, name = dotted.split(".")
-    node = changed
-    for parent in parents:
-        node = node[parent]
-    if value is DELETE:
-        del node[name]
-    else:
-        node[name] = value
-    return changed
 
 
 def test_conf_base_and_conf_cluster_validate():

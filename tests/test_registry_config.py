@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -15,26 +14,11 @@ from muco_flow.pipelines.promote.nodes import promote_challenger_if_better
 from muco_flow.pipelines.register.nodes import register_trained_model
 from muco_flow.registry.config import PromotionSettings, RegistryConfig, RegistryConfigError
 from muco_flow.registry.promotion import PromotionPolicy
-from tests.conftest import PROJECT_ROOT, load_params
-
-DELETE = object()
+from tests.conftest import DELETE, PROJECT_ROOT, load_params, with_value
 
 
 def base_registry() -> dict:
     return load_params()["registry"]
-
-
-def with_value(registry: dict, dotted: str, value) -> dict:
-    changed = copy.deepcopy(registry)
-    *parents, name = dotted.split(".")
-    node = changed
-    for parent in parents:
-        node = node[parent]
-    if value is DELETE:
-        del node[name]
-    else:
-        node[name] = value
-    return changed
 
 
 def test_conf_base_validates_with_the_values_its_yaml_writes():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import typing
@@ -11,7 +10,7 @@ import pytest
 
 from muco_flow.pipelines.finetune.nodes import finetuning_settings
 from muco_flow.training.config import TrainingConfig, TrainingConfigError
-from tests.conftest import load_params
+from tests.conftest import DELETE, load_params, with_value
 
 # The settings that did not enter the resume fingerprint when launch.py kept their list by hand
 # (deepspeed: its config path only; offload_optimizer did enter)
@@ -20,22 +19,6 @@ HAND_KEPT_EXCLUSIONS = ("save_every", "keep_last", "log_every", "launcher", "run
 
 def base_training() -> dict:
     return load_params()["training"]
-
-
-def with_value(training: dict, dotted: str, value) -> dict:
-    changed = copy.deepcopy(training)
-    *parents, name = dotted.split(".")
-    node = changed
-    for parent in parents:
-        node = node[parent]
-    if value is DELETE:
-        del node[name]
-    else:
-        node[name] = value
-    return changed
-
-
-DELETE = object()
 
 
 def test_every_environment_and_the_finetune_stage_validate():
