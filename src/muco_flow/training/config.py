@@ -125,6 +125,15 @@ class TrainingConfig:
         """The settings that decide the weights (``to_dict`` without those declared ``fingerprint=False``)."""
         return _fingerprinted(self)
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The optimizer steps a run takes: ``max_steps`` when set, else ``epochs`` x ``steps_per_epoch``."""
+        return self.max_steps or self.epochs * steps_per_epoch
+
+    @property
+    def world_size(self) -> int:
+        """The training processes, all nodes together."""
+        return self.launcher.processes_per_node * self.launcher.nodes
+
 
 def _fingerprinted(settings: Any) -> dict[str, Any]:
     kept = {}

@@ -249,7 +249,7 @@ def train(config: dict[str, Any]) -> None:
             "(train reads M3T conversations from the format pipeline, finetune MMEB-train samples from finetune_data)"
         )
     chunk_size = settings.grad_cache.chunk_size
-    total_steps = settings.max_steps or settings.epochs * batches.steps_per_epoch
+    total_steps = settings.total_steps(batches.steps_per_epoch)
     logger.info(
         "%d steps (%d per epoch), %d conversations per step", total_steps, batches.steps_per_epoch, batches.global_batch
     )
