@@ -96,6 +96,7 @@ class TrainingConfig:
     save_every: int = field(metadata=setting(fingerprint=False, minimum=1))
     keep_last: int = field(metadata=setting(fingerprint=False, minimum=1))
     log_every: int = field(metadata=setting(fingerprint=False, minimum=1))
+    progress_every_s: float = field(metadata=setting(fingerprint=False, minimum=0, exclusive_minimum=True))
     embedder: EmbedderSettings
     deepspeed: DeepSpeedSettings
     launcher: LauncherSettings = field(metadata=NOT_FINGERPRINTED)

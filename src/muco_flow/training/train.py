@@ -301,17 +301,11 @@ def train(config: dict[str, Any]) -> None:
     # --- loop ------------------------------------------------------------------
     preemption: Preemption | None = None
     with ended_as_failed_on_error(run):
-        from tqdm.auto import tqdm
+        from muco_flow.progress import progress as progress_display
 
         engine.train()
-        progress = tqdm(
-            total=total_steps,
-            initial=start,
-            desc="train",
-            unit="step",
-            disable=rank != 0,
-            file=sys.__stdout__,
-            mininterval=2.0,
+        progress = progress_display(
+            total_steps, initial=start, desc="train", unit="step", every_s=settings.progress_every_s, disable=rank != 0
         )
         # step s is batch s: records, images and collation in worker processes, steps ahead of the model
         loader = batch_loader(batches, start, total_steps, chunk_size=chunk_size, workers=settings.data_workers)
