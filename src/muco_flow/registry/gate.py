@@ -95,10 +95,12 @@ def check_champion(client, name: str, version: str, policy: PromotionPolicy) -> 
         champion = None
         verdict = f"refused: `{CHAMPION}` set on version {version} was removed"
     line = f"**Gate** {verdict}: {reason}"
-    for affected in [version, *([approved] if approved else [])]:
-        client.set_model_version_tag(name, affected, GATE_DECISION_TAG, f"{verdict}: {reason}"[:5000])
-        record_decision(client, name, affected, line)
-    show_eligibility(client, name, policy)
+    affected = [version, *([approved] if approved else [])]
+    for number in affected:
+        record_decision(client, name, number, line)
+    show_eligibility(client, name, policy, champion)
+    for number in affected:  # the tags last: who reads them finds the descriptions and eligibility written
+        client.set_model_version_tag(name, number, GATE_DECISION_TAG, f"{verdict}: {reason}"[:5000])
     logger.info("%s: %s: %s", name, verdict, reason)
     return GateDecision(name, version, allowed, champion, reason)
 
@@ -106,8 +108,8 @@ def check_champion(client, name: str, version: str, policy: PromotionPolicy) -> 
 def register_gate_webhook(client, name: str, url: str, secret: str, policy: PromotionPolicy):
     """Subscribes ``url`` to alias changes (one webhook per model, updated in place); returns the webhook.
 
-    Also adopts the current `champion` as the approved holder when the gate has
-    none yet, and shows the policy and every version's eligibility.
+    Also adopts the current `champion` as the approved holder (whoever starts the
+    gate accepts the registry as it is), and shows the policy and every version's eligibility.
     """
     from mlflow.entities.webhook import WebhookStatus
 
@@ -121,9 +123,10 @@ def register_gate_webhook(client, name: str, url: str, secret: str, policy: Prom
         )  # fmt: skip
     else:
         webhook = client.create_webhook(hook_name, url, [ALIAS_CREATED], description=description, secret=secret)
-    if APPROVED_CHAMPION_TAG not in client.get_registered_model(name).tags:
-        holder = version_by_alias(client, name, CHAMPION)
-        if holder is not None:
-            client.set_registered_model_tag(name, APPROVED_CHAMPION_TAG, holder.version)
+    holder = version_by_alias(client, name, CHAMPION)
+    if holder is not None:
+        client.set_registered_model_tag(name, APPROVED_CHAMPION_TAG, holder.version)
+    elif APPROVED_CHAMPION_TAG in client.get_registered_model(name).tags:
+        client.delete_registered_model_tag(name, APPROVED_CHAMPION_TAG)
     show_eligibility(client, name, policy)
     return webhook

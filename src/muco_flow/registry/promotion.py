@@ -110,19 +110,21 @@ def with_gate_paragraphs(description: str | None, *, gate_line: str | None = Non
     return "\n\n".join([*([gate] if gate else []), *([record] if record else []), *paragraphs])
 
 
-def show_eligibility(client, name: str, policy: PromotionPolicy) -> dict[str, bool]:
+def show_eligibility(client, name: str, policy: PromotionPolicy, champion: str | None = None) -> dict[str, bool]:
     """Marks every version of ``name`` with whether it may take `champion` now, and why; {version: eligible}.
 
     Also states the policy in the registered model's description. Run after every change of `champion`.
+    ``champion``: the version that holds it (default: the alias's), for the gate, which
+    knows the holder while the alias may still point at a version it is undoing.
     """
     client.update_registered_model(name, description=policy_statement(policy))
-    champion = version_by_alias(client, name, CHAMPION)
+    holder = client.get_model_version(name, champion) if champion else version_by_alias(client, name, CHAMPION)
     eligible: dict[str, bool] = {}
     for version in client.search_model_versions(f"name = '{name}'"):
-        if champion is not None and version.version == champion.version:
+        if holder is not None and version.version == holder.version:
             ok, reason = True, f"version {version.version} is the champion"
         else:
-            ok, reason = judge_versions(version, champion, by_hand(policy))
+            ok, reason = judge_versions(version, holder, by_hand(policy))
         verdict = "eligible for champion" if ok else "not eligible for champion"
         line = f"{GATE_LINE_PREFIX} {verdict}: {reason}."
         if version.tags.get(ELIGIBLE_TAG) != str(ok).lower():
