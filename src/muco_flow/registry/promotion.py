@@ -45,8 +45,8 @@ def decide_promotion(challenger: float, champion: float | None, policy: Promotio
     gain = challenger - champion
     comparison = f"{metric} {challenger:.4f} vs champion's {champion:.4f} (gain {gain:+.4f}, margin {policy.margin})"
     if gain >= policy.margin:
-        return True, f"challenger beats the champion: {comparison}"
-    return False, f"challenger does not beat the champion by the margin: {comparison}"
+        return True, f"beats the champion: {comparison}"
+    return False, f"does not beat the champion by the margin: {comparison}"
 
 
 # The version the gate last let hold `champion` (a registered-model tag): the holder it restores.
