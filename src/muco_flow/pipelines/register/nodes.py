@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from muco_flow.registry.config import RegistryConfig
+from muco_flow.registry.promotion import show_eligibility
 from muco_flow.registry.registration import lineage_tags, register_model_version, version_description
 from muco_flow.tracking import UNKNOWN_COMMIT, source_commit
 from muco_flow.training.model_identity import verify_evaluated_model, verify_trained_model
@@ -45,7 +46,7 @@ def register_trained_model(
             f"Fine-tuned (MuCo stage 2) in run `{run_id}` from the stage-1 model of run `{parent_run_id}`.\n\n"
             + description
         )
-    return register_model_version(
+    registration = register_model_version(
         tracking_uri,
         name=config.model_name,
         run_id=run_id,
@@ -55,3 +56,6 @@ def register_trained_model(
         allow_older_challenger=config.allow_older_challenger,
         serving=config.serving,
     )
+    # the gate, shown before anyone acts: the policy on the model, eligibility on every version
+    show_eligibility(MlflowClient(tracking_uri), config.model_name, config.promotion_policy())
+    return registration
