@@ -32,6 +32,7 @@ from muco_flow.training.run_tracking import METRICS_FILE, RUN_FILE
 
 # The tag that names a fine-tuning run's stage-1 run (not mlflow.parentRunId: the runs may be in different experiments)
 PARENT_RUN_TAG = "muco_flow.parent_run_id"
+TAG_NAMESPACE = "muco_flow"  # of the run tags data_lineage names
 # The MLflow run's name when training.run_name is empty
 DEFAULT_RUN_NAME = "{pipelines}-{checkpoint}-lr{training.learning_rate}"
 
@@ -48,6 +49,7 @@ def run_training_stage(
     *,
     stage: str = "train",
     parent_run_id: str | None = None,
+    data_lineage: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame, Any]:
     """One MuCo training stage under torchrun: `train` (stage 1) or `finetune` (stage 2 from ``parent_run_id``'s model).
 
@@ -75,6 +77,7 @@ def run_training_stage(
     # lineage and the MLflow run's name, description and tags: not part of the resume fingerprint
     config["git_commit"] = source_commit()
     config["mlflow"] |= describe_run(config, settings, kedro_run, parent_run_id)
+    config["mlflow"]["tags"] |= {f"{TAG_NAMESPACE}.{key}": value for key, value in (data_lineage or {}).items()}
     launch_training(config)
     output_dir = Path(settings.output_dir)
     history = read_metrics(output_dir / METRICS_FILE)
