@@ -286,3 +286,45 @@ def test_shards_of_the_given_negatives_carry_no_mining_lineage(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"source": {"uri": str(tmp_path / "snapshot")}}))
     assert mined_negatives_lineage(tmp_path) == {}
     assert mined_negatives_lineage(tmp_path / "missing") == {}
+
+
+# --- the sample, the tiny model, and stage 2's ingest of the result -----------------------------
+
+
+@pytest.mark.slow  # ~30 s: a real (tiny) model encodes two of the sample's datasets
+def test_the_tiny_model_mines_the_sample_and_stage_2_ingests_the_mined_folder(small_sample_root, model_dir, tmp_path):
+    from muco_flow.data.ingest import IngestConfig
+    from muco_flow.data.mmeb_train_ingest import ingest_mmeb_train, open_meta_parts
+    from muco_flow.datasets.mined_negatives import MinedNegativesDataset
+    from muco_flow.mining.snapshot import mined_snapshot_writer
+    from tests.conftest import load_params
+
+    params = load_params()
+    # no threshold: the fixture's model is untrained, its vectors nearly alike, so 0.95 x the positive drops all
+    rule = params["mine"]["filter"] | {"max_fraction_of_positive": None}
+    config = MiningConfig.from_dict(
+        params["mine"] | {"pool_cache_dir": str(tmp_path / "pools"), "pool_block_rows": 16, "filter": rule}
+    )
+    parts = open_meta_parts(str(small_sample_root))
+    chosen = [part for part in parts if part.dataset in ("MiniShapes-Cls", "MiniShapes-VQA")]
+    stage1 = {"model_dir": str(model_dir), "mlflow_run_id": "stage-1-run"}
+    writer = mined_snapshot_writer(chosen, stage1, config, params["backbone"], params["format"], "unused")
+    mined = MinedNegativesDataset(str(tmp_path / "mined"), images_uri=str(small_sample_root))
+    mined.save(writer)
+    manifest = json.loads((tmp_path / "mined" / MANIFEST_FILE).read_text())
+    assert manifest["model"]["mlflow_run_id"] == "stage-1-run"
+    assert sorted(manifest["datasets"]) == ["MiniShapes-Cls", "MiniShapes-VQA"]
+    for counts in manifest["datasets"].values():  # every row: `keep` negatives, or the whole pool less its positive
+        assert counts["negatives"] == counts["rows"] * min(config.filter.keep, counts["pool_size"] - 1)
+    loaded = mined.load()
+    for part in loaded:
+        for row in pq.read_table(part.source.meta_path()).to_pylist():
+            positive = (normalised_text(row["pos_text"]), row["pos_image_path"])
+            negatives = zip(row["neg_text"], row["neg_image_path"], strict=True)
+            assert positive not in {(normalised_text(text), image) for text, image in negatives}
+    shards = tmp_path / "shards"
+    ingest_mmeb_train(loaded, shards, IngestConfig.from_params(params["finetune_ingest"]))
+    ingested = json.loads((shards / "manifest.json").read_text())
+    assert ingested["counts"]["rejected"] == 0, ingested["rejects_by_reason"]
+    tags = mined_negatives_lineage(shards)
+    assert tags["mining_model_run_id"] == "stage-1-run" and tags["mining_model"] == "train_run"

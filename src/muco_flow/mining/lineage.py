@@ -18,6 +18,8 @@ from muco_flow.tracking import canonical_hash
 
 MANIFEST_FILE = "mining_manifest.json"
 MANIFEST_SCHEMA = "muco-flow/mined-negatives/1"
+# what a registered version carries (a version keeps a few tags; the run that trained it has them all)
+VERSION_KEYS = ("negatives", "mining_model", "mining_model_content_hash", "mining_manifest_sha256")
 
 
 def mined_negatives_lineage(shards_dir: str | Path) -> dict[str, str]:
