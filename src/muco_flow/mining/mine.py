@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from muco_flow.data import mmeb_train
 from muco_flow.evaluation.datasets import Item
+from muco_flow.evaluation.encoded_pool import VectorPool
 from muco_flow.evaluation.encoding import EncodingCache
 from muco_flow.evaluation.retrieval import chunked_top_k
 from muco_flow.mining.config import MiningConfig
@@ -99,6 +100,47 @@ class _Duplicates:
         return same
 
 
+def rank_and_filter(
+    row_queries: Sequence[int],
+    row_positives: Sequence[int],
+    queries: VectorPool,
+    candidates: VectorPool,
+    config: MiningConfig,
+    *,
+    duplicates: Callable[[int], Callable[[int], bool]],
+    dropped: dict[str, int] | None = None,
+) -> list[list[int]]:
+    """Each row's negatives: candidate rows of the pool, ranked for its query, filtered against its positive.
+
+    Row i's query is ``queries`` row ``row_queries[i]``, its positive
+    ``candidates`` row ``row_positives[i]``; ``duplicates(positive)`` says which
+    candidates duplicate that positive. Rows go ``query_block_rows`` at a time,
+    each block against the whole pool read block by block: memory is one pool
+    block and a block of rows' top ``search_depth``, whatever the pool's size.
+    """
+    depth = min(config.search_depth, len(candidates))
+    negatives: list[list[int]] = []
+    for start in range(0, len(row_queries), config.query_block_rows):
+        block_queries = row_queries[start : start + config.query_block_rows]
+        block_positives = row_positives[start : start + config.query_block_rows]
+        vectors = queries.rows(block_queries)
+        positive_scores = (vectors * candidates.rows(block_positives)).sum(dim=1)
+        scores, indices = chunked_top_k(vectors, candidates.blocks(), depth)
+        for i, positive in enumerate(block_positives):
+            ranked = zip(indices[i].tolist(), scores[i].tolist(), strict=True)
+            negatives.append(
+                select_negatives(
+                    ranked,
+                    positive,
+                    float(positive_scores[i]),
+                    config.filter,
+                    duplicates_positive=duplicates(positive),
+                    dropped=dropped,
+                )
+            )
+    return negatives
+
+
 def mine_dataset(
     files: Sequence[TrainingFile],
     cache: EncodingCache,
@@ -123,27 +165,10 @@ def mine_dataset(
     candidates = cache.pool(pool, root)
     query_vectors = cache.pool(queries, root)
     duplicates = _Duplicates(pool, files[0].read_image)
-    depth = min(config.search_depth, len(pool))
     dropped = dict.fromkeys(RULES, 0)
-    negatives: list[list[int]] = []
-    for start in range(0, len(row_queries), config.query_block_rows):
-        block_queries = row_queries[start : start + config.query_block_rows]
-        block_positives = row_positives[start : start + config.query_block_rows]
-        vectors = query_vectors.rows(block_queries)
-        positive_scores = (vectors * candidates.rows(block_positives)).sum(dim=1)
-        scores, indices = chunked_top_k(vectors, candidates.blocks(), depth)
-        for i, positive in enumerate(block_positives):
-            ranked = zip(indices[i].tolist(), scores[i].tolist(), strict=True)
-            negatives.append(
-                select_negatives(
-                    ranked,
-                    positive,
-                    float(positive_scores[i]),
-                    config.filter,
-                    duplicates_positive=duplicates.of(positive),
-                    dropped=dropped,
-                )
-            )
+    negatives = rank_and_filter(
+        row_queries, row_positives, query_vectors, candidates, config, duplicates=duplicates.of, dropped=dropped
+    )
     row = 0
     for file, table in zip(files, tables, strict=True):
         chosen = negatives[row : row + table.num_rows]
