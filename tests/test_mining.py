@@ -17,7 +17,7 @@ from PIL import Image
 from muco_flow.evaluation.encoding import EncodingCache
 from muco_flow.mining.config import MiningConfig, MiningConfigError
 from muco_flow.mining.filters import NegativeFilter, normalised_text, select_negatives
-from muco_flow.mining.lineage import MANIFEST_FILE, mined_negatives_lineage
+from muco_flow.mining.lineage import MANIFEST_FILE, mined_negatives_lineage, version_lineage_tags
 from muco_flow.mining.mine import TrainingFile, mine_hard_negatives
 
 NV_RETRIEVER = NegativeFilter(drop_duplicates_of_positive=True, max_fraction_of_positive=0.95, skip_top=0, keep=2)
@@ -275,6 +275,12 @@ def test_shards_ingested_from_a_mined_folder_name_the_mining_model_pool_and_sett
         "mining_manifest_sha256": hashlib.sha256(raw).hexdigest(),
     }
     assert manifest["settings"]["filter"]["max_fraction_of_positive"] == 0.95
+    assert version_lineage_tags(shards) == {
+        "negatives": "mined",
+        "mining_model": "hand-made",
+        "mining_model_content_hash": "abc",
+        "mining_manifest_sha256": hashlib.sha256(raw).hexdigest(),
+    }
     # other settings, another hash
     other = mine(files, HandMadeEmbedder(), mining_config(tmp_path / "pools", keep=1), tmp_path / "mined2")
     (shards / "manifest.json").write_text(json.dumps({"source": {"uri": str(tmp_path / "mined2")}}))
@@ -328,3 +334,18 @@ def test_the_tiny_model_mines_the_sample_and_stage_2_ingests_the_mined_folder(sm
     assert ingested["counts"]["rejected"] == 0, ingested["rejects_by_reason"]
     tags = mined_negatives_lineage(shards)
     assert tags["mining_model_run_id"] == "stage-1-run" and tags["mining_model"] == "train_run"
+
+
+def test_a_training_run_on_mined_negatives_is_tagged_with_their_lineage():
+    from muco_flow.training.config import TrainingConfig
+    from muco_flow.training.stage import describe_run
+    from tests.conftest import load_params
+
+    training = TrainingConfig.from_dict(load_params()["training"])
+    config = {"checkpoint": "data/06_models/muco/model", "backbone": {}, "shards_dir": "nowhere", "git_commit": "c"}
+    kedro_run = {"pipelines": "finetune", "command": "kedro run", "env": "base"}
+    lineage = {"negatives": "mined", "mining_model_run_id": "run-1"}
+    tags = describe_run(config, training, kedro_run, "stage-1", lineage)["tags"]
+    assert tags["muco_flow.negatives"] == "mined" and tags["muco_flow.mining_model_run_id"] == "run-1"
+    assert tags["muco_flow.parent_run_id"] == "stage-1"
+    assert not any("mining" in key for key in describe_run(config, training, kedro_run, "stage-1")["tags"])

@@ -10,8 +10,8 @@ drop, each configurable (`mine.filter`, docs/training.md "Mined hard negatives")
    under two ids or two file names);
 2. with ``max_fraction_of_positive``, every candidate scoring above that
    fraction of the positive's score: NV-Retriever's positive-aware
-   "TopK-PercPos" (Moreira et al. 2024, arXiv:2407.15831, section 3), whose
-   best setting, 0.95, is the default;
+   "TopK-PercPos" (Moreira et al. 2024, arXiv:2407.15831), whose chosen
+   margin, 95% of the positive's score, is the default;
 3. the rank window over what is left: the first ``skip_top`` are skipped (the
    "top-k shifted by N" baseline of the same paper), the next ``keep`` kept.
 """

@@ -54,3 +54,8 @@ def mined_negatives_lineage(shards_dir: str | Path) -> dict[str, str]:
         "mining_code_commit": str(manifest["code"]["git_commit"]),
         "mining_manifest_sha256": hashlib.sha256(raw).hexdigest(),
     }
+
+
+def version_lineage_tags(shards_dir: str | Path) -> dict[str, str]:
+    """The few of ``mined_negatives_lineage``'s tags a registered version carries (VERSION_KEYS); {} if not mined."""
+    return {key: value for key, value in mined_negatives_lineage(shards_dir).items() if key in VERSION_KEYS}
