@@ -79,7 +79,7 @@ def mined_snapshot_writer(
                 format_params,
                 backbone,
                 batch_size=config.batch_size,
-                pool_dir=config.pool_cache_dir,
+                pool_dir=config.pool_cache_dir or None,  # empty: in memory (no resume)
                 block_rows=config.pool_block_rows,
             )
             return mine_hard_negatives(
