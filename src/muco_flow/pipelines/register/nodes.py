@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from muco_flow.mining.lineage import version_lineage_tags
 from muco_flow.registry.config import RegistryConfig
 from muco_flow.registry.promotion import show_eligibility
 from muco_flow.registry.registration import lineage_tags, register_model_version, version_description
@@ -38,6 +39,8 @@ def register_trained_model(
         primary_metric=config.primary_metric,
         headline_metrics=evaluation_metrics["headline"],
     )
+    # a model trained on mined negatives names how they were mined (the manifest's digest leads to the rest)
+    tags |= version_lineage_tags(shards_dir)
     description = version_description(run_id, evaluation_metrics["headline"], evaluation_metrics["delta_vs_baseline"])
     parent_run_id = train_run.get("parent_run_id")
     if parent_run_id:  # a fine-tuned model (the `finetune` pipeline): its lineage is both runs
