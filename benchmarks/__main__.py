@@ -30,6 +30,7 @@ BENCHMARKS = (
     "zero_memory",
     "grad_cache_memory",
     "evaluation_memory",
+    "mining_memory",
     "training_input",
 )
 TITLES = {
@@ -41,6 +42,7 @@ TITLES = {
     "zero_memory": "ZeRO memory per rank, 2 processes (bytes measured, theory in parentheses)",
     "grad_cache_memory": "GradCache memory: bounded by the chunk, not the batch",
     "evaluation_memory": "Evaluation memory with pools encoded to disk in blocks (d=1536)",
+    "mining_memory": "Hard-negative mining: throughput and memory with pools encoded to disk in blocks (d=1536)",
     "training_input": "Training input at realistic sizes (391 image tokens, 89 KB JPEGs)",
 }
 DOCS = common.PROJECT_ROOT / "docs/performance.md"

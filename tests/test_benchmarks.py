@@ -297,6 +297,18 @@ def test_evaluation_memory_quick(results_dir):
 
 
 @pytest.mark.slow
+def test_mining_memory_quick(results_dir):
+    document = run_benchmark("mining_memory", results_dir)
+    parameters = document["parameters"]
+    assert [r["candidates"] for r in document["results"]] == parameters["sizes"]
+    for result in document["results"]:
+        # queries near their positives, the rest random: every row keeps mine.filter.keep (4) negatives
+        assert result["negatives_per_row"] == 4
+        assert result["rows_per_second"] == pytest.approx(parameters["rows"] / result["mine_seconds"])
+    assert len(document["goals"]) == 1
+
+
+@pytest.mark.slow
 def test_training_input_quick(results_dir, small_sample_root, tiny_backbone_dir):
     document = run_benchmark(
         "training_input", results_dir, "--sample", str(small_sample_root), "--backbone", str(tiny_backbone_dir)

@@ -32,7 +32,7 @@ from muco_flow.pipelines.finetune.nodes import finetuning_settings
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, config_loader, kedro_run, new_project
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for, s3_env, upload_tree
 
-CHAIN = ["sample", "backbone", "ingest", "format", "finetune_data", "train", "evaluate", "register", "finetune"]
+CHAIN = ["sample", "backbone", "ingest", "format", "finetune_data", "train", "evaluate", "register", "mine", "finetune"]
 BIN = Path(sys.executable).parent
 SRC = PROJECT_ROOT / "src"
 

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,16 +16,27 @@ import pandas as pd
 import pytest
 import requests
 import yaml
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.modeling.embedder import load_embedder
 from muco_flow.registry import CHALLENGER, CHAMPION, RegistryError
-from muco_flow.registry.promotion import PromotionPolicy, decide_promotion, promote_challenger
+from muco_flow.registry.config import RegistryConfig
+from muco_flow.registry.gate import signature_is_valid
+from muco_flow.registry.promotion import (
+    GATE_LINE_PREFIX,
+    PromotionPolicy,
+    decide_promotion,
+    judge_versions,
+    promote_challenger,
+    show_eligibility,
+    with_gate_paragraphs,
+)
 from muco_flow.registry.registration import fluent_tracking_uri, register_model_version
 from muco_flow.registry.serving import ModelInputError, ServingLimits, parse_batch_size, parse_records
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, load_params
 from tests.servers import background_server, free_port
 
 ARTIFACTS = PROJECT_ROOT / "test-artifacts"  # screenshots: kept for people to look at, git-ignored
@@ -168,6 +180,56 @@ def test_promotion_rule(challenger, champion, promote_first, expected, why):
     assert why in reason
 
 
+def tagged_version(number: str, score: float | None, metric: str = "mmeb/average") -> ModelVersion:
+    tags = {} if score is None else {"primary_metric": metric, "primary_metric_value": repr(score)}
+    return ModelVersion("m", number, creation_timestamp=0, tags=[ModelVersionTag(k, v) for k, v in tags.items()])
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "allowed", "why"),
+    [
+        (tagged_version("2", 0.18), tagged_version("1", 0.48), False, "gain -0.3000"),
+        (tagged_version("3", 0.49), tagged_version("1", 0.48), True, "gain +0.0100"),
+        (tagged_version("1", 0.48), tagged_version("1", 0.48), False, "version 1 is already the champion"),
+        (tagged_version("2", None), tagged_version("1", 0.48), False, "version 2 of 'm' has no mmeb/average tag"),
+        (tagged_version("2", 0.9, "mbeir/average"), None, False, "tagged with mbeir/average"),
+        (tagged_version("2", 0.3), None, True, "no champion yet"),
+    ],
+)
+def test_the_policy_on_two_registry_versions(candidate, champion, allowed, why):
+    policy = PromotionPolicy(primary_metric="mmeb/average", margin=0.005, promote_first=True)
+    verdict, reason = judge_versions(candidate, champion, policy)
+    assert verdict is allowed
+    assert why in reason
+
+
+def test_the_gate_line_stays_first_and_the_newest_decision_comes_next():
+    registered = "From run `r`.\n\n| metric | trained |\n| --- | ---: |\n| a | 0.5000 |"
+    shown = with_gate_paragraphs(registered, gate_line=f"{GATE_LINE_PREFIX} eligible: x.")
+    assert shown == f"{GATE_LINE_PREFIX} eligible: x.\n\n{registered}"
+    decided = with_gate_paragraphs(shown, record="**Gate** refused: y")
+    assert decided == f"{GATE_LINE_PREFIX} eligible: x.\n\n**Gate** refused: y\n\n{registered}"
+    again = with_gate_paragraphs(decided, gate_line=f"{GATE_LINE_PREFIX} not eligible: z.")
+    assert again == f"{GATE_LINE_PREFIX} not eligible: z.\n\n**Gate** refused: y\n\n{registered}"
+    assert with_gate_paragraphs(None, record="**Promotion** r") == "**Promotion** r"
+
+
+def test_a_delivery_is_accepted_only_with_mlflows_signature_of_its_own_body():
+    from mlflow.webhooks.delivery import _generate_hmac_signature
+
+    body = b'{"entity": "model_version_alias", "action": "created", "data": {"alias": "champion"}}'
+    now = 1_800_000_000
+    signature = _generate_hmac_signature("s3cret", "d-1", str(now), body.decode())  # as MLflow signs a delivery
+    assert signature_is_valid("s3cret", "d-1", str(now), body, signature, now=now + 10)
+    assert signature_is_valid("s3cret", "d-1", str(now), body, f"v1,bm90LWl0 {signature}", now=now)  # key rotation
+    assert not signature_is_valid("other", "d-1", str(now), body, signature, now=now)
+    assert not signature_is_valid("s3cret", "d-1", str(now), body.replace(b"champion", b"x"), signature, now=now)
+    assert not signature_is_valid("s3cret", "d-2", str(now), body, signature, now=now)
+    assert not signature_is_valid("s3cret", "d-1", str(now), body, signature, now=now + 301)  # a replay
+    assert not signature_is_valid("s3cret", "d-1", str(now), body, "", now=now)
+    assert not signature_is_valid("s3cret", "d-1", "soon", body, signature, now=now)
+
+
 # ---------------------------------------------------------------- against a real `mlflow server`
 
 
@@ -181,7 +243,10 @@ def tracking_server(tmp_path_factory):
         "--workers", "1",
     ]  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    with background_server(command, f"{uri}/health", timeout_s=120, log=root / "server.log"):
+    # webhooks to a receiver on this machine (docs/registry.md, "The gate in the UI"), seen 1 s after they change
+    env = {"MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+           "MLFLOW_WEBHOOK_CACHE_TTL": "1"}  # fmt: skip
+    with background_server(command, f"{uri}/health", timeout_s=120, env=env, log=root / "server.log"):
         yield uri
 
 
@@ -407,6 +472,130 @@ def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tra
         finally:
             browser.close()
     assert champion in text and CHAMPION in text and CHALLENGER in text
+
+
+# ---------------------------------------------------------------- the gate receiver (real webhook deliveries)
+
+GATED_MODEL = "muco-embedder"  # the model conf/base's registry.model_name names: the one the receiver gates
+GATE_SECRET = "gate-test-secret"
+
+
+def gated_version(client: MlflowClient, score: float) -> str:
+    """A version of GATED_MODEL tagged with ``score`` as registration tags it (no model files: the gate reads tags)."""
+    run_id = new_run(client.tracking_uri)
+    version = client.create_model_version(
+        GATED_MODEL, source=f"runs:/{run_id}/model", run_id=run_id, tags=tags_with_score(run_id, score),
+        description="MuCo embedder from training run.\n\n| metric | trained |\n| --- | ---: |",
+    )  # fmt: skip
+    show_eligibility(client, GATED_MODEL, RegistryConfig.from_dict(load_params()["registry"]).promotion_policy())
+    return version.version  # shown as registration shows it: eligibility on every version
+
+
+def gate_decision(client: MlflowClient, version: str) -> str | None:
+    """The gate's last decision on ``version`` (tag ``promotion.gate``, the last thing the gate writes)."""
+    return client.get_model_version(GATED_MODEL, version).tags.get("promotion.gate")
+
+
+def wait_until(condition, timeout_s: float = 60, what: str = "the gate"):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s} s"
+        time.sleep(0.5)
+    return value
+
+
+@pytest.fixture(scope="module")
+def gate(tracking_server, tmp_path_factory) -> dict[str, str]:
+    """The receiver serving, its webhook registered (with the documented command), champion 0.48 set through it.
+
+    Versions: "champion" (0.48), "worse" (0.18), "better" (0.60); "champion" holds `champion`.
+    """
+    from muco_flow.registry import gate_server
+
+    client = MlflowClient(tracking_server)
+    client.create_registered_model(GATED_MODEL)
+    versions = {"champion": gated_version(client, 0.48), "worse": gated_version(client, 0.18)}
+    versions["better"] = gated_version(client, 0.60)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {"MUCO_GATE_SECRET": GATE_SECRET, "MLFLOW_TRACKING_URI": tracking_server}
+    command = [sys.executable, "-m", "muco_flow.registry.gate_server", "--conf-source", str(PROJECT_ROOT / "conf"),
+               "serve", "--port", str(port)]  # fmt: skip
+    log = tmp_path_factory.mktemp("gate") / "gate.log"
+    with background_server(command, f"{url}/health", timeout_s=180, env=env, log=log):
+        register = ["--conf-source", str(PROJECT_ROOT / "conf"), "register-webhook", "--url", f"{url}/webhook"]
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            gate_server.main(register)
+            gate_server.main(register)  # idempotent: the same webhook, updated in place
+        client.set_registered_model_alias(GATED_MODEL, CHAMPION, versions["champion"])
+        wait_until(lambda: gate_decision(client, versions["champion"]))  # the gate's last write
+        yield {"url": url, **versions}
+
+
+@pytest.mark.slow
+def test_the_gate_moves_champion_back_from_a_worse_version_and_says_why_on_both(tracking_server, gate):
+    client = MlflowClient(tracking_server)
+    assert [hook.name for hook in client.list_webhooks()] == [f"{GATED_MODEL}-promotion-gate"]
+    model = client.get_registered_model(GATED_MODEL)
+    assert "beats the current champion's by at least 0.005" in model.description
+
+    client.set_registered_model_alias(GATED_MODEL, CHAMPION, gate["worse"])  # as the UI does: straight to MLflow
+    refused = wait_until(lambda: gate_decision(client, gate["worse"]))
+    assert client.get_model_version_by_alias(GATED_MODEL, CHAMPION).version == gate["champion"]
+    assert refused.startswith(f"refused: `champion` set on version {gate['worse']} was moved back to version "
+                              f"{gate['champion']}") and "0.1800 vs champion's 0.4800" in refused  # fmt: skip
+    wait_until(lambda: gate_decision(client, gate["champion"]) == refused)  # the kept version's comes next
+    kept = client.get_model_version(GATED_MODEL, gate["champion"])
+    assert refused.split(": ", 1)[1] in kept.description
+    worse = client.get_model_version(GATED_MODEL, gate["worse"])
+    assert worse.tags["promotion.eligible"] == "false"
+    first, second, *_ = worse.description.split("\n\n")
+    assert first.startswith("**Promotion gate:** not eligible for champion") and second.startswith("**Gate** refused")
+    assert worse.description.endswith("| metric | trained |\n| --- | ---: |")  # the registration text stays below
+
+    assert client.get_model_version(GATED_MODEL, gate["better"]).tags["promotion.eligible"] == "true"
+    unsigned = requests.post(f"{gate['url']}/webhook", json={"entity": "model_version_alias", "action": "created",
+        "data": {"name": GATED_MODEL, "alias": CHAMPION, "version": gate["worse"]}}, timeout=30)  # fmt: skip
+    assert unsigned.status_code == 401
+    assert client.get_model_version_by_alias(GATED_MODEL, CHAMPION).version == gate["champion"]
+
+
+@pytest.mark.slow
+def test_champion_set_on_a_worse_version_in_the_mlflow_ui_is_moved_back_with_the_reason_shown(tracking_server, gate):
+    """Headless Chromium: a person adds alias `champion` to version 0.18 in the MLflow UI; the gate undoes it."""
+    from playwright.sync_api import sync_playwright
+
+    client = MlflowClient(tracking_server)
+    worse = gated_version(client, 0.17)  # its own version: the test does not depend on the one above
+    assert client.get_model_version(GATED_MODEL, worse).tags["promotion.eligible"] == "false"  # shown beforehand
+    ARTIFACTS.mkdir(exist_ok=True)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{tracking_server}/#/models/{GATED_MODEL}/versions/{worse}", wait_until="domcontentloaded")
+            page.get_by_text("not eligible for champion").first.wait_for(timeout=60_000)
+            page.get_by_role("button", name="Add", exact=True).first.click()  # Aliases: Add
+            dialog = page.get_by_role("dialog")
+            dialog.get_by_role("combobox").fill(CHAMPION)
+            dialog.get_by_role("combobox").press("Enter")
+            dialog.get_by_role("button", name="Save aliases").click()
+            dialog.wait_for(state="hidden", timeout=30_000)
+            wait_until(lambda: gate_decision(client, worse))
+            page.reload(wait_until="domcontentloaded")
+            page.get_by_text("Gate refused").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_gate_refused.png"), full_page=True)
+            text = page.inner_text("body")
+        finally:
+            browser.close()
+    assert client.get_model_version_by_alias(GATED_MODEL, CHAMPION).version == gate["champion"]
+    assert f"champion set on version {worse} was moved back to version {gate['champion']}" in text
+    assert "does not beat the champion by the margin: mmeb/average 0.1700 vs champion's 0.4800" in text
+    assert CHAMPION not in text.split("Aliases", 1)[1].split("Stage", 1)[0]  # the version's header shows no alias
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from kedro.config import OmegaConfigLoader
 from kedro.framework.cli.utils import _split_params
 
 from muco_flow import settings
-from muco_flow.pipelines.promote.nodes import promote_challenger_if_better
+from muco_flow.pipelines.promote.nodes import promote_challenger_if_better, stop_unless_promoted
 from muco_flow.pipelines.register.nodes import register_trained_model
 from muco_flow.registry.config import PromotionSettings, RegistryConfig, RegistryConfigError
 from muco_flow.registry.promotion import PromotionPolicy
@@ -106,6 +106,14 @@ def test_the_nodes_refuse_bad_settings_before_reaching_mlflow():
     bad = with_value(base_registry(), "promotion.margin", "x")
     with pytest.raises(RegistryConfigError, match=r"^registry\.promotion\.margin must be a number, got 'x'"):
         promote_challenger_if_better(bad, {})
+
+
+def test_promote_ends_non_zero_with_one_line_when_it_refuses():
+    refused = {"name": "muco-embedder", "challenger": 2, "champion": 1, "promoted": False, "reason": "gain -0.3000"}
+    with pytest.raises(SystemExit) as stopped:  # Kedro's CLI prints the message alone and exits 1
+        stop_unless_promoted(refused)
+    assert stopped.value.code == "promotion refused for muco-embedder version 2: gain -0.3000"
+    assert stop_unless_promoted({**refused, "promoted": True}) is None
 
 
 def test_the_documented_params_overrides_validate():

@@ -542,11 +542,15 @@ def test_register_and_promote_pipelines(prepared):
     assert version.tags["primary_metric"] == "mmeb/average"
     assert float(version.tags["primary_metric_value"]) == pytest.approx(metrics["model"]["mmeb"]["average"])
     assert len(version.tags) <= 8 and "mmeb/average" in version.description
+    assert version.tags["promotion.eligible"] == "true"  # no champion yet: a person may crown it
+    assert version.description.startswith("**Promotion gate:** eligible for champion: no champion yet")
     registration = json.loads((project / "data/08_reporting/registration.json").read_text())
     assert registration["version"] == int(version.version)
 
-    kedro_run(project, "--pipelines=promote")
-    decision = json.loads((project / "data/08_reporting/promotion.json").read_text())
+    refused = kedro_run(project, "--pipelines=promote", check=False)
+    assert refused.returncode != 0  # a refusal is not a success: scripts and CI see it
+    assert f"promotion refused for muco-embedder version {version.version}: no champion yet" in refused.stderr
+    decision = json.loads((project / "data/08_reporting/promotion.json").read_text())  # written all the same
     assert decision["promoted"] is False and "promote_first is not set" in decision["reason"]
     kedro_run(project, "--pipelines=promote", "--params=registry.promotion.promote_first=true")
     assert client.get_model_version_by_alias("muco-embedder", "champion").version == version.version
@@ -572,7 +576,7 @@ def test_the_mlflow_ui_shows_a_named_described_run_and_a_version_with_few_tags(p
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["m3t_shards"]
     assert any(key.startswith("system/") for key in run.data.metrics)  # MLflow's system metrics
     version = client.get_model_version_by_alias("muco-embedder", "challenger")
-    assert len(version.tags) <= 8
+    assert len(version.tags) <= 9  # lineage (7), promotion.eligible, promotion
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -613,7 +617,7 @@ def test_the_mlflow_ui_shows_a_named_described_run_and_a_version_with_few_tags(p
     # the first chart's legend names the run and its metric: a training curve, above any evaluation section
     assert metrics_page.index(f"({TRAINING_METRICS_SECTION}/") < metrics_page.index("eval/")
     shown_tags = [key for key in version.tags if key in version_page]
-    assert len(shown_tags) == len(version.tags) <= 8
+    assert len(shown_tags) == len(version.tags) <= 9
 
 
 def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepared):

@@ -10,8 +10,9 @@ from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
 
 # Promotion is a decision, made in the MLflow UI or with --pipelines=promote.
-# MuCo's stage 2 runs on its own (kedro run --pipelines=finetune_data,finetune), so the default run stays short.
-NOT_IN_DEFAULT_RUN = {"promote", "finetune_data", "finetune"}
+# MuCo's stage 2 runs on its own (kedro run --pipelines=finetune_data,finetune), so the default run stays short;
+# so does mining its hard negatives (kedro run --pipelines=mine,finetune_data_mined,finetune).
+NOT_IN_DEFAULT_RUN = {"promote", "finetune_data", "finetune", "mine", "finetune_data_mined"}
 
 
 def register_pipelines() -> dict[str, Pipeline]:

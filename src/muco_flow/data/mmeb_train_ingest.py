@@ -225,6 +225,11 @@ class ImagesUnder:
         self._source, self._root = source, image_root.strip("/")
         self.uri, self.meta_file = source.uri, source.meta_file
 
+    @property
+    def image_root(self) -> str:
+        """Where the rows' image paths start, below the snapshot's root."""
+        return self._root
+
     def meta_path(self) -> Path:
         return self._source.meta_path()
 

@@ -148,12 +148,43 @@ def score_model(
 ) -> dict[str, Any]:
     """Every metric for one model directory, loaded with the `backbone` settings (precision, attention, pixels).
 
+    With `evaluate.pool_cache_dir`, candidate pools are encoded to disk
+    (``model_encoding_cache``), so every rank of a run writes and reads the same pools.
+    """
+    cache = model_encoding_cache(
+        model_dir,
+        format_params,
+        backbone,
+        batch_size=config.batch_size,
+        pool_dir=config.pool_cache_dir or None,
+        block_rows=config.pool_block_rows,
+        device=device,
+        share=share,
+        barrier=barrier,
+    )
+    return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache, progress_every_s=config.progress_every_s)
+
+
+def model_encoding_cache(
+    model_dir: str,
+    format_params: dict[str, Any],
+    backbone: dict[str, Any],
+    *,
+    batch_size: int,
+    pool_dir: str | Path | None,
+    block_rows: int,
+    device: torch.device | None = None,
+    share: tuple[int, int] = (0, 1),
+    barrier: Callable[[], None] | None = None,
+) -> EncodingCache:
+    """An EncodingCache over one model directory, loaded with the `backbone` settings (precision, attention, pixels).
+
     The model runs on ``device`` (default: the GPU where there is one, else
-    the CPU). With `evaluate.pool_cache_dir`, candidate pools are encoded to
-    disk under a key naming everything the vectors depend on
-    (EncodingCache.pool): here the model's identity (checkpoint_identity), the
-    load settings and the kind of device, so every rank of a run, whichever
-    GPU it has, writes and reads the same pools.
+    the CPU). With ``pool_dir``, candidate pools are encoded to disk under a
+    key naming everything the vectors depend on (EncodingCache.pool): here the
+    model's identity (checkpoint_identity), the load settings and the kind of
+    device, so every rank of a run, whichever GPU it has, writes and reads the
+    same pools. Evaluation and hard-negative mining (muco_flow.mining) encode through it.
     """
     template = FormatConfig.from_params(format_params).templates.single_turn()
     settings = BackboneConfig.from_params(backbone)
@@ -167,16 +198,14 @@ def score_model(
     )
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     embedder.to(device)
-    pool_dir = config.pool_cache_dir or None
     model = f"{checkpoint_identity(model_dir)} {settings} {attn_implementation} {device.type}" if pool_dir else ""
-    cache = EncodingCache(
+    return EncodingCache(
         embedder,
         template,
-        config.batch_size,
+        batch_size,
         pool_dir=pool_dir,
         model=model,
-        block_rows=config.pool_block_rows,
+        block_rows=block_rows,
         share=share,
         barrier=barrier,
     )
-    return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache, progress_every_s=config.progress_every_s)

@@ -32,6 +32,7 @@ from muco_flow.training.run_tracking import METRICS_FILE, RUN_FILE
 
 # The tag that names a fine-tuning run's stage-1 run (not mlflow.parentRunId: the runs may be in different experiments)
 PARENT_RUN_TAG = "muco_flow.parent_run_id"
+TAG_NAMESPACE = "muco_flow"  # of the run tags data_lineage names
 # The MLflow run's name when training.run_name is empty
 DEFAULT_RUN_NAME = "{stage}-{checkpoint}-{steps}steps-seed{training.seed}"
 # What a run name calls each stage: MuCo's paper numbers them
@@ -50,6 +51,7 @@ def run_training_stage(
     *,
     stage: str = "train",
     parent_run_id: str | None = None,
+    data_lineage: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame, Any]:
     """One MuCo training stage under torchrun: `train` (stage 1) or `finetune` (stage 2 from ``parent_run_id``'s model).
 
@@ -76,7 +78,7 @@ def run_training_stage(
     )
     # lineage and the MLflow run's name, description and tags: not part of the resume fingerprint
     config["git_commit"] = source_commit()
-    config["mlflow"] |= describe_run(config, settings, kedro_run, parent_run_id)
+    config["mlflow"] |= describe_run(config, settings, kedro_run, parent_run_id, data_lineage)
     launch_training(config)
     output_dir = Path(settings.output_dir)
     history = read_metrics(output_dir / METRICS_FILE)
@@ -118,7 +120,11 @@ def planned_steps(training: TrainingConfig, conversations_dir: Path, shards_dir:
 
 
 def describe_run(
-    config: dict[str, Any], training: TrainingConfig, kedro_run: dict[str, Any], parent_run_id: str | None = None
+    config: dict[str, Any],
+    training: TrainingConfig,
+    kedro_run: dict[str, Any],
+    parent_run_id: str | None = None,
+    data_lineage: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The MLflow run's name (``training.run_name``), description, context tags and data fingerprint.
 
@@ -129,6 +135,7 @@ def describe_run(
     --pipelines` list, which says how the run was started, not what it trains.
     A fine-tuning run names its stage-1 run in the description and in the tag
     ``muco_flow.parent_run_id`` (not mlflow.parentRunId: the two runs may be in different experiments).
+    Each ``data_lineage`` entry becomes the tag ``muco_flow.<key>``.
     """
     values = {
         "training": training.to_dict(),
@@ -158,6 +165,7 @@ def describe_run(
     )
     if parent_run_id:
         tags[PARENT_RUN_TAG] = parent_run_id
+    tags |= {f"{TAG_NAMESPACE}.{key}": value for key, value in (data_lineage or {}).items()}
     return {
         "run_name": run_name(training.run_name or DEFAULT_RUN_NAME, values),
         "description": description,

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from muco_flow.mining.lineage import mined_negatives_lineage
 from muco_flow.tracking import resolve_tracking_uri
 from muco_flow.training.config import TrainingConfig
 from muco_flow.training.finetune_config import FinetuneConfig
@@ -57,4 +58,5 @@ def finetune_muco_model(
         kedro_run,
         stage="finetune",
         parent_run_id=parent_run_id,
+        data_lineage=mined_negatives_lineage(shards_dir),  # {} for the given negatives
     )

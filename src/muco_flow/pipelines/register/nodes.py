@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from muco_flow.mining.lineage import version_lineage_tags
 from muco_flow.registry.config import RegistryConfig
+from muco_flow.registry.promotion import show_eligibility
 from muco_flow.registry.registration import lineage_tags, register_model_version, version_description
 from muco_flow.tracking import UNKNOWN_COMMIT, source_commit
 from muco_flow.training.model_identity import verify_evaluated_model, verify_trained_model
@@ -37,6 +39,8 @@ def register_trained_model(
         primary_metric=config.primary_metric,
         headline_metrics=evaluation_metrics["headline"],
     )
+    # a model trained on mined negatives names how they were mined (the manifest's digest leads to the rest)
+    tags |= version_lineage_tags(shards_dir)
     description = version_description(run_id, evaluation_metrics["headline"], evaluation_metrics["delta_vs_baseline"])
     parent_run_id = train_run.get("parent_run_id")
     if parent_run_id:  # a fine-tuned model (the `finetune` pipeline): its lineage is both runs
@@ -45,7 +49,7 @@ def register_trained_model(
             f"Fine-tuned (MuCo stage 2) in run `{run_id}` from the stage-1 model of run `{parent_run_id}`.\n\n"
             + description
         )
-    return register_model_version(
+    registration = register_model_version(
         tracking_uri,
         name=config.model_name,
         run_id=run_id,
@@ -55,3 +59,6 @@ def register_trained_model(
         allow_older_challenger=config.allow_older_challenger,
         serving=config.serving,
     )
+    # the gate, shown before anyone acts: the policy on the model, eligibility on every version
+    show_eligibility(MlflowClient(tracking_uri), config.model_name, config.promotion_policy())
+    return registration

@@ -1,0 +1,1 @@
+"""Hard negatives mined with a model: a pool encoded, every training query ranked, false negatives filtered."""
