@@ -51,7 +51,7 @@ test-fast: install
 	$(BIN)/mypy
 	$(BIN)/pytest -m "not slow"
 
-# All benchmarks (about 20 minutes on 2 cores), on the bundled sample and the
+# All benchmarks (9.2 minutes on 2 cores at the last run: docs/performance.md, "Command:"), on the bundled sample and the
 # tiny backbone (built first if missing); JSON and report.md in
 # data/08_reporting/benchmarks/, the tables copied into docs/performance.md.
 bench: install

@@ -12,9 +12,14 @@ pytestmark = pytest.mark.slow  # every test here is a `kedro run` subprocess
 
 
 def test_default_pipeline_writes_the_sample_and_a_loadable_backbone(project):
-    kedro_run(
+    run = kedro_run(
         project, "--params=m3t_mini.train_images=16,m3t_mini.eval_queries_per_dataset=8,m3t_mini.eval_candidates=4"
     )
+    # the run ends with its answer (muco_flow.hooks.RunSummary), after Kedro's own last line
+    summary = [line.partition("muco_flow.hooks: ")[2] for line in run.stdout.strip().splitlines()[-5:]]
+    assert [line.split(": ")[0] for line in summary] == ["score", "registered", "MLflow run", "report", "next"]
+    assert summary[1] == "registered: muco-embedder version 1, alias challenger (models:/muco-embedder/1)"
+    assert summary[3] == "report: data/08_reporting/evaluation_report.md"
 
     snapshot = project / "data/01_raw/m3t_mini"
     train = pq.read_table(snapshot / "M3T_train/M3T.parquet")

@@ -570,7 +570,7 @@ def test_the_mlflow_ui_shows_a_named_described_run_and_a_version_with_few_tags(p
     record = json.loads((project / "data/06_models/train_run.json").read_text())
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run = client.get_run(record["mlflow_run_id"])
-    assert run.info.run_name.startswith("train-") and "lr0.0005" in run.info.run_name
+    assert run.info.run_name == f"stage1-tiny-qwen2-vl-{STEPS}steps-seed0"
     assert run.data.tags["mlflow.source.name"] == "kedro run --pipelines=train"
     assert {"mlflow.user", "mlflow.source.git.commit", "kedro.pipeline", "kedro.env"} <= set(run.data.tags)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["m3t_shards"]

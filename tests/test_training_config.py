@@ -14,7 +14,16 @@ from tests.conftest import DELETE, load_params, with_value
 
 # The settings that did not enter the resume fingerprint when launch.py kept their list by hand
 # (deepspeed: its config path only; offload_optimizer did enter)
-HAND_KEPT_EXCLUSIONS = ("save_every", "keep_last", "log_every", "launcher", "run_name", "output_dir", "data_workers")
+HAND_KEPT_EXCLUSIONS = (
+    "save_every",
+    "keep_last",
+    "log_every",
+    "progress_every_s",
+    "launcher",
+    "run_name",
+    "output_dir",
+    "data_workers",
+)
 
 
 def base_training() -> dict:

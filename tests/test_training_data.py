@@ -21,8 +21,10 @@ from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
+from muco_flow.training.config import TrainingConfig
 from muco_flow.training.data import ConversationBatches, batch_loader
-from tests.conftest import PROJECT_ROOT, load_params
+from muco_flow.training.stage import describe_run
+from tests.conftest import PROJECT_ROOT, load_params, with_value
 
 # two conversations of 4 and 3 turns per sample: batches of two K's, two units per record
 FORMAT_PARAMS = {**load_params()["format"], "turns_per_conversation": 4}
@@ -233,3 +235,31 @@ def test_token_ids_come_from_the_vocabulary_or_the_tokenizer_is_refused():
         token_id(tokenizer(["[UNK]", "<|endoftext|>", "<|image_pad|>"]), "<|emb|>")  # it maps to [UNK]
     with pytest.raises(ValueError, match="the tokenizer has no padding token"):
         token_id(muco, muco.pad_token)  # None: no padding token was set
+
+
+def run_name_of(formatted, stage, training):
+    ingested, out, _, _ = formatted
+    config = {
+        "stage": stage,
+        "checkpoint": "/models/tiny-qwen2_vl",
+        "conversations_dir": str(out),
+        "shards_dir": str(ingested),
+        "backbone": {},
+        "git_commit": "0" * 40,
+    }
+    kedro_run = {"pipelines": "evaluate,register,train", "env": "local", "command": "kedro run --pipelines=train"}
+    return describe_run(config, TrainingConfig.from_dict(training), kedro_run)["run_name"]
+
+
+def test_run_names_say_stage_backbone_steps_and_seed_never_the_pipelines(formatted):
+    training = load_params()["training"]  # 8 conversations x 2 processes per step, 2 epochs, seed 0
+    # 24 conversations of each turn count: one full global batch of 16 each, 2 steps per epoch
+    assert run_name_of(formatted, "train", training) == "stage1-tiny-qwen2_vl-4steps-seed0"
+    smaller = with_value(with_value(training, "micro_batch_size", 2), "epochs", 3)
+    assert run_name_of(formatted, "train", smaller) == "stage1-tiny-qwen2_vl-36steps-seed0"  # 3 x (6 + 6) steps
+    three_nodes = with_value(with_value(smaller, "launcher.nodes", 3), "epochs", 1)
+    assert run_name_of(formatted, "train", three_nodes) == "stage1-tiny-qwen2_vl-4steps-seed0"  # global batch 12
+    twenty = with_value(with_value(training, "max_steps", 20), "seed", 7)
+    assert run_name_of(formatted, "finetune", twenty) == "stage2-tiny-qwen2_vl-20steps-seed7"
+    with pytest.raises(ValueError, match="pipelines"):
+        run_name_of(formatted, "train", with_value(training, "run_name", "{pipelines}-{checkpoint}"))

@@ -1,9 +1,12 @@
-"""Kedro hooks: checks that must pass before any node loads data or a model, and how a bad input ends a run."""
+"""Kedro hooks: checks before any node loads data or a model; how a bad input ends a run; what a run ends with."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from kedro.framework.hooks import hook_impl
 from kedro.io import DatasetError
@@ -21,6 +24,11 @@ KEDRO_RUN = "kedro_run"
 # A verdict on an input as a whole (a damaged meta file, a snapshot that
 # cannot be read where it is said to be), not a bug: worth one line, not a traceback.
 WHOLE_INPUT_ERRORS = (MetaFileError, SourceError)
+# The datasets a run's summary reads, as stage 1 names them; stage 2 (the
+# `finetune` pipeline) writes the same under its namespace.
+SUMMARY_STAGES = {"": "", "finetune.": "stage 2 "}
+
+logger = logging.getLogger(__name__)
 
 
 class KedroRunContext:
@@ -104,3 +112,101 @@ class OneLineInputErrors:
         line = whole_input_failure_line(error)
         if line is not None:
             raise SystemExit(line) from None
+
+
+def run_summary(
+    metrics: Mapping[str, Any] | None,
+    registration: Mapping[str, Any] | None,
+    *,
+    report: str | None = None,
+    run_url: str | None = None,
+    label: str = "",
+) -> list[str]:
+    """The lines that end a run: score against the baseline, registered version, MLflow run, report, next commands.
+
+    ``metrics`` is the evaluation's ``metrics.json``, ``registration`` the
+    register node's record (either None when the run did not make it); a line
+    is there only when what it states was made by this run. ``run_url``: the
+    run's page on a tracking server. ``label`` starts each line (``stage 2 ``).
+    """
+    lines = []
+    if metrics is not None:
+        lines.append(f"{label}score: {_score(metrics['model'], metrics['baseline'])}")
+    if registration is not None:
+        lines.append(
+            f"{label}registered: {registration['name']} version {registration['version']}, "
+            f"alias {registration['alias']} ({registration['model_uri']})"
+        )
+    run_id = (registration or {}).get("run_id") or (metrics or {}).get("mlflow_run_id")
+    if run_id:
+        lines.append(f"{label}MLflow run: {run_id}" + (f" ({run_url})" if run_url else ""))
+    if report:
+        lines.append(f"{label}report: {report}")
+    if registration is not None:
+        by_alias = f"models:/{registration['name']}@{registration['alias']}"
+        lines.append(
+            f"{label}next: kedro run --pipelines=promote (champion if it beats the champion by the margin); "
+            f"serve: mlflow models serve -m {by_alias} --env-manager local -p 5001"
+        )
+    elif metrics is not None:
+        lines.append(f"{label}next: kedro run --pipelines=register, then promote")
+    return lines
+
+
+def _score(model: Mapping[str, Any], baseline: Mapping[str, Any]) -> str:
+    """MMEB-format average hit@1 and M-BEIR's averages, trained vs untrained; a ratio where the baseline is above 0."""
+    trained, untrained = model["mmeb"]["average"], baseline["mmeb"]["average"]
+    ratio = f" ({trained / untrained:.2f}x)" if untrained > 0 else ""
+    text = f"MMEB-format average hit@1 {trained:.3f} trained vs {untrained:.3f} untrained{ratio}"
+    if "mbeir" in model:
+        local, global_ = model["mbeir"]["average"], baseline["mbeir"]["average"]
+        text += (
+            f"; M-BEIR R@5 local {local['local']:.3f} vs {global_['local']:.3f}, "
+            f"global {local['global']:.3f} vs {global_['global']:.3f}"
+        )
+    return text
+
+
+class RunSummary:
+    """Ends a run that evaluated or registered a model with its answer (``run_summary``), logged, so also in log files.
+
+    Reads what the run's nodes wrote (metrics.json, registration.json), never
+    recomputes; a pipeline that made neither gets no summary.
+    """
+
+    @hook_impl
+    def after_pipeline_run(self, run_params: dict[str, Any], run_result: Any, pipeline: Any, catalog: Any) -> None:
+        made = pipeline.all_outputs()
+        for prefix, label in SUMMARY_STAGES.items():
+            metrics_name, registration_name = f"{prefix}evaluation_metrics", f"{prefix}registration"
+            if metrics_name not in made and registration_name not in made:
+                continue
+            metrics = catalog.load(metrics_name) if metrics_name in made else None
+            registration = catalog.load(registration_name) if registration_name in made else None
+            report_name = f"{prefix}evaluation_report"
+            report = _file_of(catalog, report_name) if report_name in made else None
+            run_id = (registration or {}).get("run_id") or (metrics or {}).get("mlflow_run_id")
+            tracking_uri = catalog.load("train_run")["tracking_uri"] if run_id and catalog.exists("train_run") else None
+            for line in run_summary(
+                metrics, registration, report=report, run_url=run_page(tracking_uri, run_id), label=label
+            ):
+                logger.info(line)
+
+
+def run_page(tracking_uri: str | None, run_id: str | None) -> str | None:
+    """The run's page in the MLflow UI of an http(s) tracking server; None for a local store or no run."""
+    if not tracking_uri or not run_id or urlparse(tracking_uri).scheme not in ("http", "https"):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _file_of(catalog: Any, name: str) -> str:
+    """Where dataset ``name`` writes, relative to the working directory when inside it."""
+    path = Path(str(catalog[name]._filepath))  # kedro-datasets' file datasets keep it there
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

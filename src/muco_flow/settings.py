@@ -5,12 +5,13 @@ import sys
 
 from kedro.config import OmegaConfigLoader
 
-from muco_flow.hooks import KedroRunContext, MovedProjectStore, OneLineInputErrors, TrackingServerCheck
+from muco_flow.hooks import KedroRunContext, MovedProjectStore, OneLineInputErrors, RunSummary, TrackingServerCheck
 
 # Before any node runs: the MLflow server a run will log to must answer; and
 # nodes that record the run learn which `kedro run` it is. An unreadable
-# input ends a run with one line.
-HOOKS = (TrackingServerCheck(), MovedProjectStore(), KedroRunContext(), OneLineInputErrors())
+# input ends a run with one line. A run that evaluated or registered a model
+# ends with its score, version, MLflow run, report and next commands.
+HOOKS = (TrackingServerCheck(), MovedProjectStore(), KedroRunContext(), OneLineInputErrors(), RunSummary())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

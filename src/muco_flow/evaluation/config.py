@@ -77,6 +77,7 @@ class EvaluationConfig:
     """The `evaluate` parameters; conf/base/parameters_evaluate.yml says what each one does."""
 
     batch_size: int = field(metadata=setting(minimum=1))
+    progress_every_s: float = field(metadata=setting(minimum=0, exclusive_minimum=True))
     pool_cache_dir: str | None
     pool_block_rows: int = field(metadata=setting(minimum=1))
     processes: int = field(metadata=setting(minimum=1))

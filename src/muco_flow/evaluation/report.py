@@ -119,7 +119,8 @@ def markdown_report(metrics: dict[str, Any], model_name: str, baseline_name: str
     lines += [
         f"| **MMEB average** | | | **{avg:.3f}** | {base_avg:.3f} | {avg - base_avg:+.3f} |",
         "",
-        f"Chance (random ranking): {metrics['mmeb_chance_average']:.3f}. Ties count against the correct candidate.",
+        f"Chance (random ranking): {metrics['mmeb_chance_average']:.3f}. A tie goes to the correct candidate "
+        "(VLM2Vec's hit@1); hit@1_strict counts it against.",
         "",
         "![recall@k](recall_at_k.png)",
         "",

@@ -25,6 +25,7 @@ from muco_flow.evaluation.mmeb import read_mmeb
 from muco_flow.evaluation.retrieval import chunked_positive_ranks
 from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation
 from muco_flow.modeling.embedder import load_embedder
+from muco_flow.progress import progress
 
 RECALL_KS = (1, 5, 10)
 CURVE_KS = tuple(range(1, 11))
@@ -59,12 +60,20 @@ def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[b
 
 
 def score_sets(
-    mmeb: list[RetrievalSet], mbeir: MBeirBenchmark | None, m3t: list[RetrievalSet], cache: EncodingCache
+    mmeb: list[RetrievalSet],
+    mbeir: MBeirBenchmark | None,
+    m3t: list[RetrievalSet],
+    cache: EncodingCache,
+    *,
+    progress_every_s: float,
 ) -> dict[str, Any]:
-    """Every metric for one model, as a JSON-ready dict."""
+    """Every metric for one model, as a JSON-ready dict; progress by set (first rank only)."""
+    sets = len(mmeb) + (mbeir is not None) + len(m3t)
+    shown = progress(sets, desc="evaluate", unit="set", every_s=progress_every_s, disable=cache.share[0] != 0)
     datasets: dict[str, dict[str, Any]] = {}
     for s in mmeb:
         hits, ranks = mmeb_hits(s, cache)
+        shown.update()
         datasets[s.name] = {
             "meta_task": s.group,
             "queries": len(s.queries),
@@ -86,6 +95,7 @@ def score_sets(
     results["mbeir"] = None
     if mbeir is not None:
         results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, cache.pool, CURVE_KS)
+        shown.update()
     section = {}
     for s in m3t:
         each_positive = positive_ranks(s, cache)
@@ -96,6 +106,8 @@ def score_sets(
             "candidates": len(s.candidates),
         }
         curves[s.name] = {str(k): recall_at_k(each_positive, k) for k in CURVE_KS}
+        shown.update()
+    shown.close()
     results["m3t_heldout"] = section
     results["recall_curves"] = curves
     return results
@@ -150,7 +162,7 @@ def score_model(
         share=share,
         barrier=barrier,
     )
-    return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache)
+    return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache, progress_every_s=config.progress_every_s)
 
 
 def model_encoding_cache(

@@ -96,6 +96,7 @@ class TrainingConfig:
     save_every: int = field(metadata=setting(fingerprint=False, minimum=1))
     keep_last: int = field(metadata=setting(fingerprint=False, minimum=1))
     log_every: int = field(metadata=setting(fingerprint=False, minimum=1))
+    progress_every_s: float = field(metadata=setting(fingerprint=False, minimum=0, exclusive_minimum=True))
     embedder: EmbedderSettings
     deepspeed: DeepSpeedSettings
     launcher: LauncherSettings = field(metadata=NOT_FINGERPRINTED)
@@ -124,6 +125,15 @@ class TrainingConfig:
     def fingerprinted(self) -> dict[str, Any]:
         """The settings that decide the weights (``to_dict`` without those declared ``fingerprint=False``)."""
         return _fingerprinted(self)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The optimizer steps a run takes: ``max_steps`` when set, else ``epochs`` x ``steps_per_epoch``."""
+        return self.max_steps or self.epochs * steps_per_epoch
+
+    @property
+    def world_size(self) -> int:
+        """The training processes, all nodes together."""
+        return self.launcher.processes_per_node * self.launcher.nodes
 
 
 def _fingerprinted(settings: Any) -> dict[str, Any]:

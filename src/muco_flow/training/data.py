@@ -255,7 +255,7 @@ class ConversationBatches:
         self,
         conversations_dir: Path,
         shards_dir: Path,
-        image_processor: Qwen2VLImageProcessorPil,
+        image_processor: Qwen2VLImageProcessorPil | None,
         *,
         pad_id: int,
         image_pad_id: int,
@@ -333,6 +333,25 @@ class ConversationBatches:
             hard_negatives=hard_negatives,
         )
 
+    @classmethod
+    def for_counting(
+        cls, conversations_dir: Path, shards_dir: Path, *, batch_size: int, world_size: int, hard_negatives: bool
+    ) -> ConversationBatches:
+        """Batches that count steps and collate nothing (no tokenizer or image processor): what the launcher plans."""
+        return cls(
+            conversations_dir,
+            shards_dir,
+            None,
+            pad_id=0,
+            image_pad_id=0,
+            emb_id=0,
+            batch_size=batch_size,
+            rank=0,
+            world_size=world_size,
+            seed=0,  # the order of the batches, not their number
+            hard_negatives=hard_negatives,
+        )
+
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world_size
@@ -377,6 +396,8 @@ class ConversationBatches:
         return [self._collate(mine[i : i + chunk_size], epoch) for i in range(0, len(mine), chunk_size)]
 
     def _collate(self, units: np.ndarray, epoch: int) -> Batch:
+        if self.image_processor is None:
+            raise TypeError("these batches were made for counting steps (for_counting) and collate nothing")
         rows = [
             self.kind.row(
                 self.records.record(int(self.unit_record[u])),

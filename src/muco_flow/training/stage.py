@@ -24,7 +24,7 @@ from muco_flow.tracking import (
     source_commit,
 )
 from muco_flow.training.config import TrainingConfig
-from muco_flow.training.data import check_conversations_match_shards
+from muco_flow.training.data import ConversationBatches, check_conversations_match_shards
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
@@ -34,7 +34,9 @@ from muco_flow.training.run_tracking import METRICS_FILE, RUN_FILE
 PARENT_RUN_TAG = "muco_flow.parent_run_id"
 TAG_NAMESPACE = "muco_flow"  # of the run tags data_lineage names
 # The MLflow run's name when training.run_name is empty
-DEFAULT_RUN_NAME = "{pipelines}-{checkpoint}-lr{training.learning_rate}"
+DEFAULT_RUN_NAME = "{stage}-{checkpoint}-{steps}steps-seed{training.seed}"
+# What a run name calls each stage: MuCo's paper numbers them
+STAGE_NAMES = {"train": "stage1", "finetune": "stage2"}
 
 
 def run_training_stage(
@@ -103,6 +105,20 @@ def run_training_stage(
     return record, history, loss_curve_figure(history)
 
 
+def planned_steps(training: TrainingConfig, conversations_dir: Path, shards_dir: Path) -> int:
+    """The optimizer steps a run of ``training`` takes on these conversations (read only without ``max_steps``)."""
+    if training.max_steps:
+        return training.max_steps
+    batches = ConversationBatches.for_counting(
+        conversations_dir,
+        shards_dir,
+        batch_size=training.micro_batch_size,
+        world_size=training.world_size,
+        hard_negatives=training.hard_negatives,
+    )
+    return training.total_steps(batches.steps_per_epoch)
+
+
 def describe_run(
     config: dict[str, Any],
     training: TrainingConfig,
@@ -112,17 +128,21 @@ def describe_run(
 ) -> dict[str, Any]:
     """The MLflow run's name (``training.run_name``), description, context tags and data fingerprint.
 
+    The name's template fills in {stage} (stage1: `train`, stage2: `finetune`),
+    {checkpoint} (the backbone's folder name), {steps} (the optimizer steps the
+    run takes: ``max_steps``, else epochs x full global batches of the
+    conversations) and any setting by its dotted key; never the `kedro run
+    --pipelines` list, which says how the run was started, not what it trains.
     A fine-tuning run names its stage-1 run in the description and in the tag
     ``muco_flow.parent_run_id`` (not mlflow.parentRunId: the two runs may be in different experiments).
     Each ``data_lineage`` entry becomes the tag ``muco_flow.<key>``.
     """
-    pipelines = kedro_run["pipelines"].replace("__default__", "default")
-    checkpoint = Path(config["checkpoint"]).name
     values = {
         "training": training.to_dict(),
         "backbone": config["backbone"],
-        "pipelines": pipelines,
-        "checkpoint": checkpoint,
+        "stage": STAGE_NAMES[config["stage"]],
+        "checkpoint": Path(config["checkpoint"]).name,
+        "steps": planned_steps(training, Path(config["conversations_dir"]), Path(config["shards_dir"])),
     }
     manifest = Path(config["shards_dir"]) / "manifest.json"
     fingerprint = canonical_hash(json.loads(manifest.read_text())) if manifest.is_file() else "missing"

@@ -249,7 +249,7 @@ def train(config: dict[str, Any]) -> None:
             "(train reads M3T conversations from the format pipeline, finetune MMEB-train samples from finetune_data)"
         )
     chunk_size = settings.grad_cache.chunk_size
-    total_steps = settings.max_steps or settings.epochs * batches.steps_per_epoch
+    total_steps = settings.total_steps(batches.steps_per_epoch)
     logger.info(
         "%d steps (%d per epoch), %d conversations per step", total_steps, batches.steps_per_epoch, batches.global_batch
     )
@@ -301,17 +301,11 @@ def train(config: dict[str, Any]) -> None:
     # --- loop ------------------------------------------------------------------
     preemption: Preemption | None = None
     with ended_as_failed_on_error(run):
-        from tqdm.auto import tqdm
+        from muco_flow.progress import progress as progress_display
 
         engine.train()
-        progress = tqdm(
-            total=total_steps,
-            initial=start,
-            desc="train",
-            unit="step",
-            disable=rank != 0,
-            file=sys.__stdout__,
-            mininterval=2.0,
+        progress = progress_display(
+            total_steps, initial=start, desc="train", unit="step", every_s=settings.progress_every_s, disable=rank != 0
         )
         # step s is batch s: records, images and collation in worker processes, steps ahead of the model
         loader = batch_loader(batches, start, total_steps, chunk_size=chunk_size, workers=settings.data_workers)
