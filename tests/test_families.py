@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 import shutil
 
+import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import transformers
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import build_tiny_backbone, load_backbone, load_processors
 from muco_flow.modeling.families import FAMILIES, family_named
 from muco_flow.modeling.inputs import build_model_inputs
+from muco_flow.registry.registration import fluent_tracking_uri
+from tests.conftest import SMALL_RUN_PARAMS, kedro_run
 
 # What each family's released checkpoints are (their config.json and preprocessor_config.json):
 # model class, and the pixels of one visual token's side (patch x merge).
@@ -128,3 +133,27 @@ def test_a_large_image_takes_the_visual_tokens_its_familys_grid_gives(family, fa
     batch = build_model_inputs(tokenizer, image_processor, [TEXT], [Image.new("RGB", (1000, 750))])
     image_tokens = int((batch["input_ids"] == tokens.token_id(tokenizer, tokens.IMAGE_PAD)).sum())
     assert image_tokens == {28: 6 * 9, 32: 6 * 8}[RELEASED[family][1]]
+
+
+@pytest.mark.slow  # kedro runs: torchrun with 2 processes, evaluation, MLflow registry
+@pytest.mark.timeout(2400)  # a loaded 2-core machine; one stage per run, so that a failure names its stage
+def test_a_qwen3_vl_preset_trains_evaluates_and_registers_a_model_that_serves(project):
+    """The default run's pipelines on a non-default family, a few steps on the small sample."""
+    kedro_run(project, "--pipelines=sample", f"--params={SMALL_RUN_PARAMS}")
+    kedro_run(project, "--pipelines=backbone,data", "--params=backbone.family=qwen3_vl")
+    steps = "training.max_steps=2,training.save_every=2,training.micro_batch_size=4,training.warmup_steps=1"
+    kedro_run(project, "--pipelines=train", f"--params={steps}", timeout_s=900)
+    kedro_run(project, "--pipelines=evaluate,register", timeout_s=900)
+    record = json.loads((project / "data/06_models/train_run.json").read_text())
+    assert record["steps"] == 2
+    assert json.loads((project / record["model_dir"] / "config.json").read_text())["model_type"] == "qwen3_vl"
+    metrics = json.loads((project / "data/08_reporting/metrics.json").read_text())
+    assert 0 <= metrics["model"]["mmeb"]["average"] <= 1 and 0 <= metrics["baseline"]["mmeb"]["average"] <= 1
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    version = MlflowClient(uri).get_model_version_by_alias("muco-embedder", "challenger")
+    assert version.run_id == record["mlflow_run_id"]
+    with fluent_tracking_uri(uri):
+        served = mlflow.pyfunc.load_model("models:/muco-embedder@challenger")
+    vectors = served.predict(pd.DataFrame([{"text": "a red circle", "image": None}]))
+    assert vectors.shape == (1, 128)  # the qwen3_vl preset's text.hidden_size
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
