@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,9 @@ from kedro.config import OmegaConfigLoader
 from muco_flow import settings
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.datasets import FileTreeDataset
-from muco_flow.modeling.backbone import load_backbone
+from muco_flow.modeling.backbone import family_preset, load_backbone
 from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder
+from muco_flow.modeling.families import DEFAULT_FAMILY
 from muco_flow.pipelines.backbone.nodes import build_tiny_backbone_preset, collect_tokenizer_corpus
 from muco_flow.sample.m3t_mini import MiniSampleConfig, generate_m3t_mini
 
@@ -71,16 +73,36 @@ def small_sample_root(small_sample_files, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_preset() -> dict:
+def tiny_presets() -> dict:
+    """conf/base's whole `backbone.tiny_preset` block (every family's)."""
     return load_params()["backbone"]["tiny_preset"]
 
 
 @pytest.fixture(scope="session")
-def tiny_backbone_dir(small_sample_root, tiny_preset, tmp_path_factory) -> Path:
-    corpus = collect_tokenizer_corpus(str(small_sample_root))
-    root = tmp_path_factory.mktemp("models") / "tiny-qwen2-vl"
-    FileTreeDataset(str(root)).save(build_tiny_backbone_preset(corpus, tiny_preset))
-    return root
+def tiny_preset(tiny_presets) -> dict:
+    """The default family's (Qwen2-VL's) tiny preset, resolved."""
+    return family_preset(tiny_presets, DEFAULT_FAMILY)
+
+
+@pytest.fixture(scope="session")
+def family_backbone_dir(small_sample_root, tiny_presets, tmp_path_factory) -> Callable[[str], Path]:
+    """The tiny preset of a family (model_type), built once per session on first use."""
+    built: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in built:
+            corpus = collect_tokenizer_corpus(str(small_sample_root))
+            root = tmp_path_factory.mktemp("models") / f"tiny-{family}"
+            FileTreeDataset(str(root)).save(build_tiny_backbone_preset(corpus, tiny_presets, family))
+            built[family] = root
+        return built[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(family_backbone_dir) -> Path:
+    return family_backbone_dir(DEFAULT_FAMILY)
 
 
 @pytest.fixture(scope="session")

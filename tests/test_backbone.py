@@ -13,9 +13,10 @@ from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import (
     BackboneConfig,
     load_backbone,
-    tiny_qwen2_vl_config,
+    tiny_model_config,
     train_bpe_tokenizer,
 )
+from muco_flow.modeling.families import family_named
 from muco_flow.modeling.inputs import build_model_inputs, expand_image_pads
 
 ALL_SPECIAL = (*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS)
@@ -65,7 +66,9 @@ def test_a_token_id_is_its_vocabulary_entry_and_a_missing_token_is_named():
 def test_saved_preset_reloads_to_the_same_weights(tiny_backbone_dir, tiny_preset, backbone):
     # Rebuild the model from the same seed, independently of the saved files.
     torch.manual_seed(tiny_preset["seed"])
-    reference = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(backbone.tokenizer, tiny_preset))
+    reference = Qwen2VLForConditionalGeneration(
+        tiny_model_config(backbone.tokenizer, family_named("qwen2_vl"), tiny_preset)
+    )
     loaded = backbone.model.state_dict()
     for name, tensor in reference.state_dict().items():
         assert torch.equal(loaded[name], tensor), name

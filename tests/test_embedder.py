@@ -1,4 +1,4 @@
-"""MuCoEmbedder: pooling at <|emb|>, attention direction, what trains, encode, merged save."""
+"""MuCoEmbedder on each family's tiny preset: pooling at <|emb|>, attention direction, what trains, merged save."""
 
 from __future__ import annotations
 
@@ -9,10 +9,17 @@ from PIL import Image
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.modeling.embedder import EmbedderSettings, LoraSettings, MuCoEmbedder
+from muco_flow.modeling.families import FAMILIES
 from muco_flow.modeling.inputs import build_model_inputs
 
 TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>\n"
 ENCODE_TEMPLATE = "<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>"
+
+
+@pytest.fixture(params=list(FAMILIES))
+def backbone_dir(request, family_backbone_dir):
+    """Each family's tiny preset (built once per session): MuCo's additions must hold on every one."""
+    return family_backbone_dir(request.param)
 
 
 def embedder(directory, **settings) -> MuCoEmbedder:
@@ -30,8 +37,8 @@ def two_conversations(model):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_attention_direction(tiny_backbone_dir, bidirectional):
-    model = embedder(tiny_backbone_dir, bidirectional=bidirectional)
+def test_attention_direction(backbone_dir, bidirectional):
+    model = embedder(backbone_dir, bidirectional=bidirectional)
     batch, emb_index = two_conversations(model)
     with torch.no_grad():
         vectors = model(**batch, emb_index=emb_index)
@@ -46,8 +53,8 @@ def test_attention_direction(tiny_backbone_dir, bidirectional):
     assert (vectors[1] - vectors[3]).abs().max().item() > 1e-4
 
 
-def test_pooling_matches_hidden_states_at_emb_positions(tiny_backbone_dir):
-    model = embedder(tiny_backbone_dir, lora=LoraSettings(enabled=False))
+def test_pooling_matches_hidden_states_at_emb_positions(backbone_dir):
+    model = embedder(backbone_dir, lora=LoraSettings(enabled=False))
     batch, emb_index = two_conversations(model)
     with torch.no_grad():
         pooled = model(**batch, emb_index=emb_index)
@@ -56,8 +63,8 @@ def test_pooling_matches_hidden_states_at_emb_positions(tiny_backbone_dir):
     torch.testing.assert_close(pooled, expected)
 
 
-def test_only_lora_and_the_added_token_rows_train(tiny_backbone_dir):
-    model = embedder(tiny_backbone_dir)
+def test_only_lora_and_the_added_token_rows_train(backbone_dir):
+    model = embedder(backbone_dir)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any("visual" in name for name in trainable)
     assert all("lora_" in name or "trainable_tokens" in name for name in trainable)
@@ -67,8 +74,34 @@ def test_only_lora_and_the_added_token_rows_train(tiny_backbone_dir):
     assert sorted(adapter.token_indices["default"]) == sorted(model.special_token_ids)
 
 
-def test_encode_and_the_merged_model_agree(tiny_backbone_dir, tmp_path):
-    model = embedder(tiny_backbone_dir)
+def test_one_training_step_reaches_the_adapters_and_the_emb_row_but_not_the_vision_tower(backbone_dir):
+    model = embedder(backbone_dir, gradient_checkpointing=True).train()
+    batch, emb_index = two_conversations(model)
+    vectors = model(**batch, emb_index=emb_index)
+    (vectors[0] @ vectors[2] - vectors[1] @ vectors[3]).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert all(grad is not None for grad in grads.values())
+    assert all(p.grad is None for name, p in model.named_parameters() if "visual" in name)
+    assert any(grad.abs().sum() > 0 for name, grad in grads.items() if "lora_B" in name)  # B starts at zero, A's is 0
+    # the trainable token rows: <|emb|> is in the batch and gets a gradient, <|mask|> is not and gets none
+    adapter = next(m for n, m in model.named_modules() if n.endswith("embed_tokens.token_adapter"))
+    rows = adapter.token_indices["default"]
+    delta = adapter.trainable_tokens_delta["default"].grad
+    assert delta[rows.index(model.emb_token_id)].abs().sum() > 0
+    assert delta[rows.index(model.special_token_ids[1])].abs().sum() == 0
+
+
+def test_a_bidirectional_vector_does_not_depend_on_the_padding_of_its_batch(backbone_dir):
+    model = embedder(backbone_dir, bidirectional=True, lora=LoraSettings(enabled=False))
+    picture = Image.new("RGB", (140, 112), (30, 200, 30))
+    items = [("a green square on a white background, seen from above, with two circles", picture), ("short", None)]
+    together = model.encode(items, template=ENCODE_TEMPLATE, batch_size=2, progress=False)
+    alone = torch.cat([model.encode([item], template=ENCODE_TEMPLATE, progress=False) for item in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_encode_and_the_merged_model_agree(backbone_dir, tmp_path):
+    model = embedder(backbone_dir)
     # make the adapters matter: LoRA B starts at zero
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -92,9 +125,9 @@ def test_encode_needs_one_emb_token_per_item(tiny_backbone_dir):
 
 
 @pytest.mark.parametrize("lora", [True, False])
-def test_each_parameter_is_registered_once(tiny_backbone_dir, lora):
+def test_each_parameter_is_registered_once(backbone_dir, lora):
     """DeepSpeed's zero_to_fp32 --safe_serialization refuses tensors that share memory under two names."""
-    model = embedder(tiny_backbone_dir, lora=LoraSettings(enabled=lora))
+    model = embedder(backbone_dir, lora=LoraSettings(enabled=lora))
     every = list(model.named_parameters(remove_duplicate=False))
     assert len(every) == len({id(p) for _, p in every}) == len(dict(model.named_parameters()))
     assert all(name.startswith("model.") for name, _ in every)

@@ -32,6 +32,7 @@ ENCODING_MODULES = (
     "muco_flow.evaluation.encoding",
     "muco_flow.modeling.backbone",
     "muco_flow.modeling.embedder",
+    "muco_flow.modeling.families",
     "muco_flow.modeling.image_sizing",
     "muco_flow.modeling.inputs",
     "muco_flow.modeling.prompt",

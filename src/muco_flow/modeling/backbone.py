@@ -1,13 +1,14 @@
-"""The Qwen2-VL backbone: the tiny preset, and one loader for every checkpoint.
+"""The backbone: the tiny preset of each family, and one loader for every checkpoint.
 
 The tiny preset is an ordinary Hugging Face model directory (random weights,
 a byte-level BPE tokenizer trained on the sample's text), so the code that
 loads it is the code that loads ``Qwen/Qwen2-VL-2B-Instruct`` on a cluster.
+Which transformers classes run a checkpoint is its ``model_type``'s row in
+``modeling.families``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import tempfile
@@ -18,34 +19,32 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from muco_flow.modeling import tokens
+from muco_flow.modeling.families import DEFAULT_FAMILY, Family, family_named, family_of, tiny_config, vision_sizes
 
 logger = logging.getLogger(__name__)
-
-# ChatML, as Qwen2-VL writes it; kept with the tokenizer so that the preset is
-# usable with `apply_chat_template` like any Qwen2-VL checkpoint.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @dataclass
 class Backbone:
-    model: Qwen2VLForConditionalGeneration
+    model: PreTrainedModel  # the family's ...ForConditionalGeneration
     tokenizer: PreTrainedTokenizerFast
     image_processor: Qwen2VLImageProcessorPil
+    family: Family
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with Qwen2-VL's and MuCo's special tokens.
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen's and MuCo's special tokens.
 
     Byte-level means any string encodes (no unknown token), as with Qwen's.
+    ``chat_template`` (the family's; default Qwen2-VL's) is kept with it, so
+    that the preset works with ``apply_chat_template`` like a released checkpoint.
     """
     special = [*tokens.QWEN2_VL_SPECIAL_TOKENS, *tokens.MUCO_TOKENS]
     bpe = Tokenizer(models.BPE())
@@ -64,61 +63,45 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedToke
         pad_token=tokens.PAD_TOKEN,
         additional_special_tokens=special,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = chat_template or family_named(DEFAULT_FAMILY).chat_template
     return tokenizer
 
 
-def tiny_qwen2_vl_config(tokenizer: PreTrainedTokenizerFast, preset: dict[str, Any]) -> Qwen2VLConfig:
-    """A small Qwen2-VL configuration whose token ids match ``tokenizer``."""
-    text, vision = preset["text"], preset["vision"]
-    ids = functools.partial(tokens.token_id, tokenizer)
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    # M-RoPE splits each head's rotary half into (temporal, height, width).
-    if sum(text["mrope_section"]) != head_dim // 2:
-        raise ValueError(
-            f"tiny preset: text.mrope_section {text['mrope_section']} must sum to head_dim/2 = {head_dim // 2}"
-        )
-    return Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": text["hidden_size"],
-            "intermediate_size": text["intermediate_size"],
-            "num_hidden_layers": text["num_hidden_layers"],
-            "num_attention_heads": text["num_attention_heads"],
-            "num_key_value_heads": text["num_key_value_heads"],
-            "max_position_embeddings": text.get("max_position_embeddings", 4096),
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": text["mrope_section"]},
-            "bos_token_id": ids(tokens.PAD_TOKEN),
-            "eos_token_id": ids(tokens.IM_END),
-            "pad_token_id": ids(tokens.PAD_TOKEN),
-        },
-        vision_config={
-            "depth": vision["depth"],
-            "embed_dim": vision["embed_dim"],
-            "hidden_size": text["hidden_size"],
-            "num_heads": vision["num_heads"],
-            "mlp_ratio": vision["mlp_ratio"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
-        image_token_id=ids(tokens.IMAGE_PAD),
-        video_token_id=ids(tokens.VIDEO_PAD),
-        vision_start_token_id=ids(tokens.VISION_START),
-        vision_end_token_id=ids(tokens.VISION_END),
-    )
+def family_preset(preset: dict[str, Any], family: str) -> dict[str, Any]:
+    """``backbone.tiny_preset`` resolved for one family: the shared keys and that family's block.
+
+    The block's keys (text, vision, image) replace the shared ones of the same name.
+    """
+    family_named(family)  # an unknown family is named with the supported ones
+    blocks = preset["families"]
+    if family not in blocks:
+        raise ValueError(f"backbone.tiny_preset.families has no block for '{family}'; it has {sorted(blocks)}")
+    return {k: v for k, v in preset.items() if k != "families"} | blocks[family]
 
 
-def build_tiny_backbone(texts: Iterable[str], preset: dict[str, Any]) -> dict[str, bytes]:
-    """Builds the tiny preset and returns its model directory as ``{file name: bytes}``."""
-    tokenizer = train_bpe_tokenizer(texts, preset["vocab_size"])
-    config = tiny_qwen2_vl_config(tokenizer, preset)
-    torch.manual_seed(preset["seed"])
-    model = Qwen2VLForConditionalGeneration(config)
+def tiny_model_config(tokenizer: PreTrainedTokenizerFast, family: Family, preset: dict[str, Any]) -> PreTrainedConfig:
+    """A small configuration of ``family`` (a resolved ``family_preset``) whose token ids match ``tokenizer``."""
+    token_ids = {t: tokens.token_id(tokenizer, t) for t in tokens.QWEN2_VL_SPECIAL_TOKENS}
+    return tiny_config(family, preset, token_ids, vocab_size=len(tokenizer))
+
+
+def build_tiny_backbone(texts: Iterable[str], preset: dict[str, Any], family: str = DEFAULT_FAMILY) -> dict[str, bytes]:
+    """Builds ``family``'s tiny preset and returns its model directory as ``{file name: bytes}``.
+
+    ``preset`` is the whole ``backbone.tiny_preset`` block; the image
+    processor's patch, merge and temporal sizes are the model config's.
+    """
+    chosen = family_named(family)
+    resolved = family_preset(preset, family)
+    tokenizer = train_bpe_tokenizer(texts, resolved["vocab_size"], chosen.chat_template)
+    config = tiny_model_config(tokenizer, chosen, resolved)
+    torch.manual_seed(resolved["seed"])
+    model = chosen.model_class(config)
+    processor_settings: dict[str, Any] = {**vision_sizes(config), **chosen.image_normalisation}
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=preset["image"]["min_pixels"], max_pixels=preset["image"]["max_pixels"]
+        min_pixels=resolved["image"]["min_pixels"], max_pixels=resolved["image"]["max_pixels"], **processor_settings
     )
-    logger.info("tiny Qwen2-VL preset: %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
+    logger.info("tiny %s preset: %.2fM parameters", chosen.title, sum(p.numel() for p in model.parameters()) / 1e6)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -146,20 +129,23 @@ def load_backbone(
     load from safetensors only: a checkpoint that has only pickled weights
     (``pytorch_model.bin``) is refused rather than unpickled.
 
-    Any Qwen2-VL layout loads: this preset's, the published
-    ``Qwen/Qwen2-VL-2B-Instruct`` (flat config, sharded safetensors under the
-    legacy key names ``model.layers.*``/``visual.*``, which transformers maps
-    to its modules) and a merged MuCo release. A weight the checkpoint lacks
-    is an error, not a random initialisation.
+    The model class is the family's (``modeling.families``) that the
+    checkpoint's ``model_type`` names. Any layout of a family loads: this
+    preset's, the published ``Qwen/Qwen2-VL-2B-Instruct`` (flat config,
+    sharded safetensors under the legacy key names ``model.layers.*``/
+    ``visual.*``, which transformers maps to its modules) and a merged MuCo
+    release. A weight the checkpoint lacks is an error, not a random
+    initialisation; so is an image processor whose patch grid is not the model's.
     """
     source, local_only = resolve_checkpoint(name_or_path)
     if local_only and (missing := missing_weight_files(Path(source))):
         raise FileNotFoundError(f"checkpoint '{name_or_path}' lacks its weights: {', '.join(missing)}")
+    family = checkpoint_family(name_or_path, trust_remote_code=trust_remote_code)
     tokenizer, image_processor = load_processors(
         name_or_path, trust_remote_code=trust_remote_code, image_limits=image_limits
     )
     # from_pretrained's annotation omits the (model, loading info) pair that output_loading_info returns
-    loaded: Any = Qwen2VLForConditionalGeneration.from_pretrained(
+    loaded: Any = family.model_class.from_pretrained(
         source,
         dtype=dtype,
         attn_implementation=attn_implementation,
@@ -168,12 +154,38 @@ def load_backbone(
         use_safetensors=True,
         output_loading_info=True,
     )
-    model: Qwen2VLForConditionalGeneration = loaded[0]
-    _check_loading(name_or_path, loaded[1])
-    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor)
+    model: PreTrainedModel = loaded[0]
+    _check_loading(name_or_path, loaded[1], family)
+    check_image_processor_fits(name_or_path, image_processor, model.config)
+    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor, family=family)
 
 
-def _check_loading(name_or_path: str, loading: dict[str, Any]) -> None:
+def checkpoint_family(name_or_path: str, *, trust_remote_code: bool = False) -> Family:
+    """The family that the checkpoint's config.json names (``model_type``)."""
+    source, local_only = resolve_checkpoint(name_or_path)
+    config, _ = PreTrainedConfig.get_config_dict(
+        source, local_files_only=local_only, trust_remote_code=trust_remote_code
+    )
+    try:
+        return family_of(config)
+    except ValueError as err:
+        raise ValueError(f"checkpoint '{name_or_path}': {err}") from None
+
+
+def check_image_processor_fits(
+    name_or_path: str, image_processor: Qwen2VLImageProcessorPil, config: PreTrainedConfig
+) -> None:
+    """The image processor cuts the patches the vision tower embeds (preprocessor_config.json fits config.json)."""
+    expected = vision_sizes(config)
+    actual = {name: getattr(image_processor, name) for name in expected}
+    if actual != expected:
+        raise ValueError(
+            f"checkpoint '{name_or_path}': preprocessor_config.json cuts patches {actual}, "
+            f"but config.json's vision tower takes {expected}"
+        )
+
+
+def _check_loading(name_or_path: str, loading: dict[str, Any], family: Family) -> None:
     """Refuses weights that were missing or of the wrong shape; logs unused ones.
 
     The LM head is exempt: embeddings are hidden states, and Qwen2-VL-2B ties
@@ -183,7 +195,7 @@ def _check_loading(name_or_path: str, loading: dict[str, Any]) -> None:
     mismatched = sorted(str(k) for k in loading["mismatched_keys"])
     if missing or mismatched:
         raise ValueError(
-            f"checkpoint '{name_or_path}' does not fit Qwen2VLForConditionalGeneration: "
+            f"checkpoint '{name_or_path}' does not fit {family.model_class.__name__}: "
             f"{len(missing)} weights missing (first: {missing[:5]}), "
             f"{len(mismatched)} of another shape (first: {mismatched[:5]})"
         )
@@ -232,13 +244,13 @@ def missing_weight_files(directory: Path) -> list[str]:
 
 
 def missing_checkpoint_files(directory: Path) -> list[str]:
-    """Files a local Hugging Face Qwen2-VL directory needs and lacks (empty: complete)."""
+    """Files a local Hugging Face model directory of any family needs and lacks (empty: complete)."""
     weights = missing_weight_files(directory)
     return [name for name in PROCESSOR_FILES if not (directory / name).is_file()] + weights
 
 
 def add_muco_tokens(tokenizer: PreTrainedTokenizerFast) -> int:
-    """Adds <|emb|> and <|mask|> where missing (a stock Qwen2-VL tokenizer); returns how many.
+    """Adds <|emb|> and <|mask|> where missing (a stock Qwen tokenizer); returns how many.
 
     A MuCo release already has both (after <|video_pad|>); they stay where they are.
     """
@@ -252,9 +264,11 @@ def add_muco_tokens(tokenizer: PreTrainedTokenizerFast) -> int:
 class PixelLimits:
     """The `backbone.image` parameters: pixels per image after resizing; None keeps the checkpoint's.
 
-    Qwen2-VL resizes each image to between ``min_pixels`` and ``max_pixels``
-    (sides multiples of 28); one visual token is 28 x 28 pixels, so MuCo's
-    256 to 1280 visual tokens are 200704 to 1003520 pixels.
+    The image processor resizes each image to between ``min_pixels`` and
+    ``max_pixels`` (sides multiples of patch x merge: 28 for Qwen2-VL and
+    Qwen2.5-VL, 32 for Qwen3-VL and Qwen3.5); one visual token is 28 x 28
+    pixels in Qwen2-VL, so MuCo's 256 to 1280 visual tokens are 200704 to
+    1003520 pixels (262144 to 1310720 at 32 x 32).
     """
 
     min_pixels: int | None = None

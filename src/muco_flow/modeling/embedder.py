@@ -1,4 +1,4 @@
-"""MuCoEmbedder: a Qwen2-VL backbone that returns one embedding per ``<|emb|>`` token.
+"""MuCoEmbedder: a vision-language backbone of any family that returns one embedding per ``<|emb|>`` token.
 
 The final-layer hidden state at each ``<|emb|>`` position, L2-normalised, is
 that turn's embedding; a conversation with K turns gives K embeddings from
@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,6 @@ from muco_flow.modeling.prompt import check_single_turn_template, single_turn_te
 
 if TYPE_CHECKING:
     from peft import PeftModel
-    from transformers import Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +82,8 @@ class MuCoEmbedder(nn.Module):
         settings = settings or EmbedderSettings()
         self.settings = settings
         self.tokenizer, self.image_processor = backbone.tokenizer, backbone.image_processor
-        model: Qwen2VLForConditionalGeneration | PeftModel = backbone.model
+        self.family = backbone.family
+        model: PreTrainedModel | PeftModel = backbone.model
         add_muco_tokens(self.tokenizer)
         # As MuCo does: resize only past the end of the matrix. Qwen2-VL's is
         # padded (151936 rows for 151657 tokens), so the added tokens take
@@ -118,16 +117,16 @@ class MuCoEmbedder(nn.Module):
                 ),
             )
         else:
-            language = _vlm(model).language_model
+            language = _vlm(model, self.family.base_model_class_name).language_model
             for parameter in language.parameters():
                 parameter.requires_grad_(True)
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         self.model = model
-        # The Qwen2VLModel inside any PEFT wrapping (no LM head), held outside the module tree: every
-        # parameter is registered once, under model.*, as DeepSpeed's safetensors export requires.
-        self._vlm = (_vlm(model),)
+        # The family's base model (Qwen2VLModel, Qwen3VLModel, ...) inside any PEFT wrapping (no LM head), held
+        # outside the module tree: every parameter is registered once, under model.*, as DeepSpeed's export requires.
+        self._vlm = (_vlm(model, self.family.base_model_class_name),)
         if settings.bidirectional:
             # flash-attention decides causality from this flag alone; SDPA and
             # eager read it too, with the mask built in _bidirectional_inputs
@@ -136,7 +135,7 @@ class MuCoEmbedder(nn.Module):
                     module.is_causal = False
 
     @property
-    def vlm(self) -> Qwen2VLModel:
+    def vlm(self) -> Any:  # the family's ...Model: Qwen2VLModel, Qwen2_5_VLModel, Qwen3VLModel, Qwen3_5Model
         return self._vlm[0]
 
     @property
@@ -168,9 +167,14 @@ class MuCoEmbedder(nn.Module):
     def _bidirectional_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Inputs that let every text token attend to every other (padding excluded).
 
-        Qwen2-VL would build a causal mask; a prepared mask per layer type
-        replaces it. Positions are computed here because the model computes
-        them from the 2D mask, which this replaces.
+        The model would build a causal mask; a prepared 4D mask, which every
+        family's text model takes as it is, replaces it in its attention
+        layers. Qwen3.5's linear-attention (Gated DeltaNet) layers are
+        recurrent, causal by construction: there, only the attention layers
+        (every fourth) see both directions; padding is on the right, after
+        every ``<|emb|>``, so their recurrence never reads it before one.
+        Positions are computed here because the model computes them from the
+        2D mask, which this replaces.
         """
         input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
         shape_only = torch.empty(*input_ids.shape, 1, dtype=self.vlm.dtype, device=input_ids.device)
@@ -178,13 +182,16 @@ class MuCoEmbedder(nn.Module):
             input_ids=input_ids,
             inputs_embeds=shape_only,
             image_grid_thw=inputs["image_grid_thw"],
+            video_grid_thw=None,  # Qwen2.5-VL's signature has no defaults for these two
+            past_key_values=None,
             attention_mask=mask,
             mm_token_type_ids=inputs["mm_token_type_ids"],
         )
         text_config = self.vlm.config.get_text_config()
-        full = create_bidirectional_mask(config=text_config, inputs_embeds=shape_only, attention_mask=mask)
-        masks = {layer_type: full for layer_type in set(text_config.layer_types)}
-        return {**inputs, "attention_mask": masks, "position_ids": position_ids}
+        full = create_bidirectional_mask(
+            config=text_config, inputs_embeds=shape_only, attention_mask=mask, allow_is_bidirectional_skip=False
+        )
+        return {**inputs, "attention_mask": full, "position_ids": position_ids}
 
     @torch.inference_mode()
     def encode(
@@ -259,12 +266,12 @@ def build_training_embedder(
     return MuCoEmbedder(loaded, EmbedderSettings.from_params(embedder))
 
 
-def _vlm(model: nn.Module) -> Qwen2VLModel:
-    """The Qwen2VLModel under a Qwen2VLForConditionalGeneration, PEFT-wrapped or not."""
+def _vlm(model: nn.Module, class_name: str) -> Any:
+    """The family's base model (``class_name``) under its ...ForConditionalGeneration, PEFT-wrapped or not."""
     for module in model.modules():
-        if type(module).__name__ == "Qwen2VLModel":  # by name: a trust_remote_code copy of the class is one too
-            return cast("Qwen2VLModel", module)
-    raise TypeError(f"{type(model).__name__} holds no Qwen2VLModel")
+        if type(module).__name__ == class_name:  # by name: a trust_remote_code copy of the class is one too
+            return module
+    raise TypeError(f"{type(model).__name__} holds no {class_name}")
 
 
 def load_embedder(
@@ -278,7 +285,7 @@ def load_embedder(
     """An embedder for inference from a model directory, and its encode template.
 
     A directory written by training says how it encodes (muco_embedder.json).
-    Any other (the untrained baseline, a stock Qwen2-VL, a released MuCo such
+    Any other (the untrained baseline, a stock checkpoint, a released MuCo such
     as naver-ai/MuCo-2B) uses ``default_template`` with causal attention,
     pooling the last hidden state at ``<|emb|>``: how MuCo's eval_mmeb.py
     encodes with its released models (no ``--use_bidirectional``; pooling at

@@ -1,4 +1,4 @@
-"""Special tokens: Qwen2-VL's own, and the two MuCo adds."""
+"""Special tokens: Qwen2-VL's own (every supported family spells its vision tokens the same), and the two MuCo adds."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`backbone`: builds the tiny Qwen2-VL preset into data/06_models/."""
+"""`backbone`: builds the tiny preset of `backbone.family` (Qwen2-VL by default) into data/06_models/."""
 
 from muco_flow.pipelines.backbone.pipeline import create_pipeline
 

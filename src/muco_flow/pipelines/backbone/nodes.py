@@ -21,6 +21,6 @@ def collect_tokenizer_corpus(snapshot_root: str) -> list[str]:
     return corpus
 
 
-def build_tiny_backbone_preset(corpus: list[str], preset: dict[str, Any]) -> dict[str, bytes]:
-    """The tiny preset's Hugging Face model directory, as files."""
-    return build_tiny_backbone(corpus, preset)
+def build_tiny_backbone_preset(corpus: list[str], preset: dict[str, Any], family: str) -> dict[str, bytes]:
+    """``family``'s tiny preset (`backbone.family`) as a Hugging Face model directory, as files."""
+    return build_tiny_backbone(corpus, preset, family)

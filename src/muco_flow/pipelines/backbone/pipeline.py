@@ -9,7 +9,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(collect_tokenizer_corpus, "m3t_mini_snapshot", "tokenizer_corpus", name="collect_tokenizer_corpus"),
             node(
                 build_tiny_backbone_preset,
-                ["tokenizer_corpus", "params:backbone.tiny_preset"],
+                ["tokenizer_corpus", "params:backbone.tiny_preset", "params:backbone.family"],
                 "backbone_checkpoint",
                 name="build_tiny_backbone",
             ),
