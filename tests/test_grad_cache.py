@@ -149,7 +149,7 @@ def _run(worker, out: Path, *args) -> list[dict]:
 def test_without_dropout_the_gradients_are_the_uncached_steps(tmp_path, stage, matryoshka):
     terms = {"query_target", "query_target_aux", "query_aux_target", "query_aux_target_aux"} if stage == 2 else set()
     if matryoshka:
-        terms = {f"matryoshka@{d}" for d in MATRYOSHKA_DIMS}
+        terms = {f"matryoshka_at_{d}" for d in MATRYOSHKA_DIMS}
     for result in _run(_plain_worker, tmp_path, stage, 0.0, matryoshka):
         uncached, cached = result["uncached"], result["grad_cache"]
         torch.testing.assert_close(cached["loss"], uncached["loss"], **TOLERANCE)

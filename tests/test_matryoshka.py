@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from mlflow.utils.validation import _validate_metric_name
 
 from muco_flow.modeling.loss import four_way_contrastive_loss, matryoshka_loss, multi_turn_contrastive_loss
 from muco_flow.modeling.matryoshka import nested_prefix
@@ -54,13 +55,13 @@ def test_the_stage1_loss_is_the_weighted_sum_of_a_reference_per_dimension(weight
 
     expected = {}  # a plain loop over the widths, InfoNCE written pair by pair on hand-cut prefixes
     for dim in dims:
-        expected[f"matryoshka@{dim}"] = reference_loss(
+        expected[f"matryoshka_at_{dim}"] = reference_loss(
             cut(query, dim), cut(target, dim), turns, TEMPERATURE, rank, cut(negatives, dim), keys
         )
     assert {name: term.item() for name, term in terms.items()} == pytest.approx(expected, rel=1e-9)
     factors = weights or [1.0, 1.0, 1.0]
     assert total.item() == pytest.approx(
-        sum(w * expected[f"matryoshka@{d}"] for w, d in zip(factors, dims, strict=True)), rel=1e-9
+        sum(w * expected[f"matryoshka_at_{d}"] for w, d in zip(factors, dims, strict=True)), rel=1e-9
     )
 
 
@@ -78,8 +79,8 @@ def test_the_four_way_loss_per_dimension_logs_each_widths_terms():
     expected_total = 0.0
     for dim, weight in zip(dims, weights, strict=True):
         reference = reference_four_way(*(cut(s, dim) for s in sides), TEMPERATURE, 1, cut(negatives, dim))
-        assert {name: terms[f"{name}@{dim}"].item() for name in reference} == pytest.approx(reference, rel=1e-9)
-        assert terms[f"matryoshka@{dim}"].item() == pytest.approx(sum(reference.values()), rel=1e-9)
+        assert {name: terms[f"{name}_at_{dim}"].item() for name in reference} == pytest.approx(reference, rel=1e-9)
+        assert terms[f"matryoshka_at_{dim}"].item() == pytest.approx(sum(reference.values()), rel=1e-9)
         expected_total += weight * sum(reference.values())
     assert total.item() == pytest.approx(expected_total, rel=1e-9)
 
@@ -143,13 +144,15 @@ def test_under_grad_cache_the_matryoshka_step_gives_the_whole_batchs_loss_and_gr
     assert cached_loss.item() == pytest.approx(loss.item(), rel=1e-6)
     assert {k: v.item() for k, v in cached_terms.items()} == pytest.approx({k: v.item() for k, v in terms.items()})
     torch.testing.assert_close(cached.weight.grad, whole.weight.grad, rtol=1e-5, atol=1e-6)
-    assert sorted(name for name in terms if name.startswith("matryoshka@")) == [
-        "matryoshka@2",
-        "matryoshka@4",
-        "matryoshka@6",
+    for name in terms:  # train.py logs each as loss/<name>: a name MLflow takes
+        _validate_metric_name(f"loss/{name}")
+    assert sorted(name for name in terms if name.startswith("matryoshka_at_")) == [
+        "matryoshka_at_2",
+        "matryoshka_at_4",
+        "matryoshka_at_6",
     ]
     assert loss.item() == pytest.approx(
-        sum(w * terms[f"matryoshka@{d}"].item() for d, w in zip([2, 4, 6], [1, 0.5, 0.25], strict=True))
+        sum(w * terms[f"matryoshka_at_{d}"].item() for d, w in zip([2, 4, 6], [1, 0.5, 0.25], strict=True))
     )
 
 
@@ -173,7 +176,7 @@ def test_the_stage2_step_at_one_width_is_the_reference_on_the_cut_embeddings():
         matryoshka=MatryoshkaSettings(dims=[3], weights=[2.0]),
     )
     expected = reference_terms(cut(query * weight, 3), cut(target * weight, 3), None)
-    assert {name: terms[f"{name}@3"].item() for name in expected} == pytest.approx(expected, rel=1e-5)
+    assert {name: terms[f"{name}_at_3"].item() for name in expected} == pytest.approx(expected, rel=1e-5)
     assert loss.item() == pytest.approx(2 * sum(expected.values()), rel=1e-5)
 
 

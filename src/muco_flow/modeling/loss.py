@@ -250,8 +250,8 @@ def matryoshka_loss(
     weighted sum, as in Kusupati et al. (2022, eq. 1: the sum over nested
     dimensions of c_m times the loss) and sentence-transformers'
     ``MatryoshkaLoss`` (weights default to 1 each, so equal weights are a sum,
-    not a mean). The terms are each width's loss, ``matryoshka@<d>``, and
-    ``loss``'s own terms per width, ``<name>@<d>``.
+    not a mean). The terms are each width's loss, ``matryoshka_at_<d>``, and
+    ``loss``'s own terms per width, ``<name>_at_<d>`` (MLflow refuses ``@`` in a name).
 
     ``loss`` is called once per width with the cut embeddings, so whatever it
     does with them (an all-gather across ranks) happens on the prefixes, and
@@ -268,8 +268,8 @@ def matryoshka_loss(
     terms: dict[str, torch.Tensor] = {}
     for dim, weight in zip(dims, weights, strict=True):
         value, inner = loss([nested_prefix(e, dim) for e in embeddings])
-        terms[f"matryoshka@{dim}"] = value
-        terms |= {f"{name}@{dim}": term for name, term in inner.items()}
+        terms[f"matryoshka_at_{dim}"] = value
+        terms |= {f"{name}_at_{dim}": term for name, term in inner.items()}
         total = weight * value if total is None else total + weight * value
     assert total is not None  # dims is not empty (dimensions_problem)
     return total, terms
