@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from muco_flow.modeling.loss import four_way_contrastive_loss, multi_turn_contrastive_loss
+from muco_flow.modeling.loss import four_way_contrastive_loss, matryoshka_loss, multi_turn_contrastive_loss
 from muco_flow.training.distributed import all_gather_with_grad
 from muco_flow.training.grad_cache import grad_cache_step
 from tests.servers import free_port
@@ -24,6 +24,7 @@ SAMPLES = 6  # per rank; chunks of 4 leave a last chunk of 2
 CHUNK = 4
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MATRYOSHKA_DIMS = (2, 4, 8)  # nested prefixes of the Encoder's 8-d output
 
 
 class Encoder(nn.Module):
@@ -102,14 +103,20 @@ def _gradients(*modules: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
 
 
-def _plain_worker(rank: int, port: int, out: str, stage: int, dropout: float) -> None:
+def _plain_worker(rank: int, port: int, out: str, stage: int, dropout: float, matryoshka: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     inputs = rank_inputs(rank)
     results = {}
     for mode in ("uncached", "chunked_graph", "grad_cache"):
         modules = [Encoder(dropout)] + ([Encoder(dropout)] if stage == 2 else [])
-        embed, loss = stage_1(*modules) if stage == 1 else stage_2(*modules)
+        embed, stage_loss = stage_1(*modules) if stage == 1 else stage_2(*modules)
+        if matryoshka:  # the prefixes are gathered across ranks inside stage_loss, once per width
+
+            def loss(embeddings, stage_loss=stage_loss):
+                return matryoshka_loss(stage_loss, embeddings, MATRYOSHKA_DIMS, [1.0, 0.5, 0.25])
+        else:
+            loss = stage_loss
         torch.manual_seed(1000 + rank)
         if mode == "grad_cache":
             value, terms = grad_cache_step(chunks_of(inputs, CHUNK // TURNS), embed, loss)
@@ -138,13 +145,15 @@ def _run(worker, out: Path, *args) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2])
-def test_without_dropout_the_gradients_are_the_uncached_steps(tmp_path, stage):
-    for result in _run(_plain_worker, tmp_path, stage, 0.0):
+@pytest.mark.parametrize("stage, matryoshka", [(1, False), (2, False), (1, True)])
+def test_without_dropout_the_gradients_are_the_uncached_steps(tmp_path, stage, matryoshka):
+    terms = {"query_target", "query_target_aux", "query_aux_target", "query_aux_target_aux"} if stage == 2 else set()
+    if matryoshka:
+        terms = {f"matryoshka_at_{d}" for d in MATRYOSHKA_DIMS}
+    for result in _run(_plain_worker, tmp_path, stage, 0.0, matryoshka):
         uncached, cached = result["uncached"], result["grad_cache"]
         torch.testing.assert_close(cached["loss"], uncached["loss"], **TOLERANCE)
-        assert cached["terms"].keys() == uncached["terms"].keys() == (set() if stage == 1 else {
-            "query_target", "query_target_aux", "query_aux_target", "query_aux_target_aux"})  # fmt: skip
+        assert cached["terms"].keys() == uncached["terms"].keys() == terms
         for name, term in uncached["terms"].items():
             torch.testing.assert_close(cached["terms"][name], term, **TOLERANCE)
         assert cached["gradients"].keys() == uncached["gradients"].keys()

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import torch
 import yaml
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 from mlflow.tracking import MlflowClient
@@ -35,7 +36,14 @@ from muco_flow.registry.promotion import (
     with_gate_paragraphs,
 )
 from muco_flow.registry.registration import fluent_tracking_uri, register_model_version
-from muco_flow.registry.serving import ModelInputError, ServingLimits, parse_batch_size, parse_records
+from muco_flow.registry.serving import (
+    ModelInputError,
+    MuCoEmbeddingModel,
+    ServingLimits,
+    parse_batch_size,
+    parse_dimensions,
+    parse_records,
+)
 from tests.conftest import PROJECT_ROOT, load_params
 from tests.servers import background_server, free_port
 
@@ -136,6 +144,39 @@ def test_batch_size_defaults_to_16_and_takes_whole_numbers_in_range():
     limits = ServingLimits()
     assert parse_batch_size(None, limits) == 16
     assert [parse_batch_size({"batch_size": v}, limits) for v in (1, 64, np.int64(8))] == [1, 64, 8]
+
+
+@pytest.mark.parametrize("value", [0, -4, 129, 2.5, "32", True, [16]])
+def test_bad_dimensions_are_refused_naming_the_field(value):
+    message = re.escape(f"dimensions must be a whole number from 1 to 128 (the model's embedding width), got {value!r}")
+    with pytest.raises(ModelInputError, match=message) as raised:
+        parse_dimensions({"dimensions": value}, 128)
+    assert raised.value.get_http_status_code() == 400
+
+
+def test_dimensions_default_to_the_whole_width_and_take_whole_numbers_up_to_it():
+    assert parse_dimensions(None, 128) is None and parse_dimensions({"batch_size": 4}, 128) is None
+    assert [parse_dimensions({"dimensions": v}, 128) for v in (1, 64, 128, np.int64(32))] == [1, 64, 128, 32]
+
+
+class FixedEmbedder:
+    """Gives every record the vector (3, 4, 12) / 13, whatever it holds."""
+
+    hidden_size = 3
+
+    def encode(self, items, **_):
+        return torch.tensor([[3.0, 4.0, 12.0]] * len(items)) / 13
+
+
+def test_the_served_vectors_are_cut_to_the_requested_dimensions_and_renormalised():
+    model = MuCoEmbeddingModel()
+    model.embedder, model.template, model.limits = FixedEmbedder(), "", ServingLimits()
+    records = pd.DataFrame([{"text": "a"}, {"text": "b"}])
+    np.testing.assert_allclose(model.predict(None, records, {"dimensions": 2}), [[0.6, 0.8]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(model.predict(None, records, {"dimensions": 1}), [[1.0]] * 2)
+    np.testing.assert_allclose(model.predict(None, records, None), [[3 / 13, 4 / 13, 12 / 13]] * 2, rtol=1e-6)
+    with pytest.raises(ModelInputError, match="dimensions must be a whole number from 1 to 3"):
+        model.predict(None, records, {"dimensions": 4})
 
 
 def test_serving_limits_come_from_the_model_config_then_the_environment():
@@ -380,7 +421,7 @@ def test_loading_by_alias_gives_the_in_process_embedders_vectors(tracking_server
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     # no input schema (MLflow would drop unknown columns before the model could refuse them); batch_size is a param
     assert loaded.metadata.get_input_schema() is None
-    assert [param.name for param in loaded.metadata.get_params_schema().params] == ["batch_size"]
+    assert [param.name for param in loaded.metadata.get_params_schema().params] == ["batch_size", "dimensions"]
 
 
 @pytest.mark.slow
@@ -405,6 +446,12 @@ def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion
         hidden = load_backbone(str(model_dir)).model.config.text_config.hidden_size
         assert vectors.shape == (3, hidden)
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+        cut = {"dataframe_records": probe_records(), "params": {"dimensions": 16}}
+        response = requests.post(f"{url}/invocations", json=cut, timeout=120)
+        assert response.status_code == 200, response.text
+        prefixes = np.array(response.json()["predictions"])
+        expected = vectors[:, :16] / np.linalg.norm(vectors[:, :16], axis=1, keepdims=True)
+        np.testing.assert_allclose(prefixes, expected, atol=1e-5)
 
         bad = {"dataframe_records": [{"text": "x"}, {"text": "x", "image": "not base64 !!"}]}
         response = requests.post(f"{url}/invocations", json=bad, timeout=60)
@@ -427,6 +474,14 @@ def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion
             "batch_size 0": (
                 {"dataframe_records": [{"text": "x"}], "params": {"batch_size": 0}},
                 "batch_size must be a whole number from 1 to 64, got 0",
+            ),
+            "dimensions wider than the model": (
+                {"dataframe_records": [{"text": "x"}], "params": {"dimensions": 100000}},
+                "dimensions must be a whole number from 1 to",
+            ),
+            "dimensions not an integer": (
+                {"dataframe_records": [{"text": "x"}], "params": {"dimensions": 2.5}},
+                "dimensions",
             ),
             "a file the server would read": (
                 {"dataframe_records": [{"image": (tmp_path / "serve.log").as_uri()}]},

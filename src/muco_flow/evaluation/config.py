@@ -19,6 +19,7 @@ from typing import Any
 
 from muco_flow.evaluation.mbeir import POOL_KINDS
 from muco_flow.evaluation.mmeb import INSTRUCT_PARSERS, META_TASKS
+from muco_flow.modeling.matryoshka import dimensions_problem
 from muco_flow.settings_schema import read_settings, setting
 
 PARAMETERS_FILE = "conf/base/parameters_evaluate.yml"
@@ -85,9 +86,20 @@ class EvaluationConfig:
     dvc_metrics: list[str]
     model: str | None
     baseline: str
+    # MMEB and M-BEIR headline numbers also at these widths (Matryoshka prefixes of the same vectors); null: none
+    dimensions: list[int] | None = field(metadata=setting(minimum=1))
     mmeb: MmebSettings | None
     mbeir: MbeirSettings | None
     m3t_heldout: M3tHeldoutSettings | None
+
+    def __post_init__(self) -> None:
+        if self.dimensions is not None and (problem := dimensions_problem(self.dimensions)):
+            raise EvaluationConfigError(f"evaluate.dimensions {problem}")
+
+    def check_width(self, width: int) -> None:
+        """Refuses dimensions wider than the model's vectors (known once the model is loaded)."""
+        if self.dimensions is not None and (problem := dimensions_problem(self.dimensions, width)):
+            raise EvaluationConfigError(f"evaluate.dimensions {problem}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> EvaluationConfig:

@@ -9,6 +9,8 @@ fsynced, renamed), so a killed evaluation resumes at the first missing block
 and a re-run encodes nothing. Scoring reads either kind through the same two
 methods (``blocks``, ``rows``), so memory is bounded by one block, not by the
 pool, and a pool on disk scores exactly as the same vectors in memory.
+``PrefixPool`` reads another pool's vectors cut to their first ``dim``
+coordinates (Matryoshka prefixes): the same vectors, never encoded again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from muco_flow.modeling.matryoshka import nested_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -169,4 +173,21 @@ class EncodedPool:
         return torch.from_numpy(out)
 
 
-VectorPool = InMemoryPool | EncodedPool
+class PrefixPool:
+    """Another pool's vectors, each cut to its first ``dim`` coordinates and re-normalised, as they are read."""
+
+    def __init__(self, pool: InMemoryPool | EncodedPool, dim: int) -> None:
+        self.pool, self.dim = pool, dim
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def blocks(self) -> Iterator[torch.Tensor]:
+        for block in self.pool.blocks():
+            yield nested_prefix(block, self.dim)
+
+    def rows(self, indices: Sequence[int]) -> torch.Tensor:
+        return nested_prefix(self.pool.rows(indices), self.dim)
+
+
+VectorPool = InMemoryPool | EncodedPool | PrefixPool

@@ -21,7 +21,43 @@ def headline(results: dict[str, Any]) -> dict[str, float]:
                 flat |= {f"mbeir/{kind}/{task}/{k}": v for k, v in row.items() if "@" in k}
     for name, values in results["m3t_heldout"].items():
         flat |= {f"m3t_heldout/{name}/{k}": v for k, v in values.items() if "@" in k}
+    return flat | dimension_headline(results)
+
+
+def dimension_headline(results: dict[str, Any]) -> dict[str, float]:
+    """The per-width numbers (`evaluate.dimensions`): ``mmeb/average@<d>``, ``mmeb/<meta-task>@<d>``,
+    ``mbeir/<pool>/average@<d>``, so that each sits beside its full-width metric."""
+    flat: dict[str, float] = {}
+    for dim, scored in (results.get("dimensions") or {}).items():
+        if scored["mmeb"]["average"] is not None:
+            flat[f"mmeb/average@{dim}"] = scored["mmeb"]["average"]
+            flat |= {f"mmeb/{task}@{dim}": v for task, v in scored["mmeb"]["meta_tasks"].items()}
+        if scored["mbeir"]:
+            flat |= {f"mbeir/{kind}/average@{dim}": v for kind, v in scored["mbeir"]["average"].items()}
     return flat
+
+
+def dimension_table(model: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
+    """The report's per-width table: a row per width, the MMEB average and each M-BEIR pool's, with the baseline's."""
+    dims = model.get("dimensions") or {}
+    if not dims:
+        return []
+    ours, theirs = dimension_headline(model), dimension_headline(baseline)
+    columns = sorted({key.rsplit("@", 1)[0] for key in ours if "average@" in key})
+    lines = [
+        "## Per dimension (each vector cut to its first d numbers, re-normalised)",
+        "",
+        "| d | " + " | ".join(f"{c} | baseline" for c in columns) + " |",
+        "| ---: | " + " | ".join("---: | ---:" for _ in columns) + " |",
+    ]
+    for dim in dims:
+        cells = [f"{ours[f'{c}@{dim}']:.3f} | " + _maybe(theirs.get(f"{c}@{dim}")) for c in columns]
+        lines.append(f"| {dim} | " + " | ".join(cells) + " |")
+    return [*lines, "", "The MLflow run holds the plot: evaluation/score_per_dimension.png.", ""]
+
+
+def _maybe(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def compare(model: dict[str, Any], baseline: dict[str, Any], chance: float) -> dict[str, Any]:
@@ -77,6 +113,25 @@ def mmeb_bar_figure(model: dict[str, Any], baseline: dict[str, Any], chance: flo
     return figure
 
 
+def dimension_figure(model: dict[str, Any], baseline: dict[str, Any]):
+    """Score against width (log scale): the MMEB average and each M-BEIR pool's, trained solid, baseline dotted."""
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6, 4))
+    dims = [int(d) for d in model.get("dimensions") or {}]
+    for label, results, style in (("trained", model, "o-"), ("baseline", baseline, "o:")):
+        flat = dimension_headline(results)
+        names = sorted({key.rsplit("@", 1)[0] for key in flat if "average@" in key})
+        for i, name in enumerate(names):
+            points = [(d, flat[f"{name}@{d}"]) for d in dims if f"{name}@{d}" in flat]
+            ax.plot(*zip(*points, strict=True), style, color=f"C{i}", label=f"{name} ({label})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(dims, [str(d) for d in dims])
+    ax.set(xlabel="dimensions", ylabel="score", ylim=(0, 1.02), title="Score per embedding width (Matryoshka prefixes)")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
 def recall_figure(curves: pd.DataFrame):
     plt = _pyplot()
     sets = sorted(curves["set"].unique())
@@ -127,6 +182,7 @@ def markdown_report(metrics: dict[str, Any], model_name: str, baseline_name: str
     ]
     if model.get("mbeir"):
         lines += _mbeir_table(model["mbeir"], baseline["mbeir"])
+    lines += dimension_table(model, baseline)
     lines += [
         "## Held-out M3T, per turn type",
         "",

@@ -4,6 +4,8 @@
 for the baseline, in one process or, with ``share``, as one rank of several
 (``evaluation.ranks``), each encoding its share of every pool's blocks. The
 vectors come from ``evaluation.encoding``; here they are ranked and aggregated.
+With `evaluate.dimensions`, the MMEB and M-BEIR averages are also computed
+from the same vectors cut to each width (``score_dimensions``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.evaluation.config import EvaluationConfig
 from muco_flow.evaluation.datasets import RetrievalSet, read_m3t_heldout
+from muco_flow.evaluation.dimensions import PrefixVectors
 from muco_flow.evaluation.encoding import EncodingCache, checkpoint_identity
 from muco_flow.evaluation.mbeir import MBeirBenchmark, read_mbeir, score_mbeir
 from muco_flow.evaluation.metrics import argmax_hit, candidate_rank, hit_at_1, mrr, recall_at_k
@@ -31,7 +34,7 @@ RECALL_KS = (1, 5, 10)
 CURVE_KS = tuple(range(1, 11))
 
 
-def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache) -> list[list[int]]:
+def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache | PrefixVectors) -> list[list[int]]:
     """Rank of each query's positives in the whole pool, ties against them (M-BEIR, M3T)."""
     queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
     candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
@@ -46,7 +49,7 @@ def own_candidate_lists(retrieval_set: RetrievalSet) -> list[list[int]]:
     return lists
 
 
-def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache) -> tuple[list[bool], list[int]]:
+def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache | PrefixVectors) -> tuple[list[bool], list[int]]:
     """Per query: VLM2Vec's hit (argmax of its own list), and the correct one's tie-aware rank."""
     queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
     candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
@@ -63,7 +66,7 @@ def score_sets(
     mmeb: list[RetrievalSet],
     mbeir: MBeirBenchmark | None,
     m3t: list[RetrievalSet],
-    cache: EncodingCache,
+    cache: EncodingCache | PrefixVectors,
     *,
     progress_every_s: float,
 ) -> dict[str, Any]:
@@ -111,6 +114,28 @@ def score_sets(
     results["m3t_heldout"] = section
     results["recall_curves"] = curves
     return results
+
+
+def score_dimensions(
+    mmeb: list[RetrievalSet],
+    mbeir: MBeirBenchmark | None,
+    cache: EncodingCache,
+    dimensions: list[int],
+    *,
+    progress_every_s: float,
+) -> dict[str, dict[str, Any]]:
+    """Per width (a string key, as in JSON): the MMEB average and meta-tasks, and the M-BEIR average per pool kind.
+
+    Scored from ``cache``'s vectors cut to each width (PrefixVectors): no item is encoded again.
+    """
+    scored = {}
+    for dim in dimensions:
+        results = score_sets(mmeb, mbeir, [], PrefixVectors(cache, dim), progress_every_s=progress_every_s)
+        scored[str(dim)] = {
+            "mmeb": {key: results["mmeb"][key] for key in ("average", "meta_tasks")},
+            "mbeir": results["mbeir"] and {"average": results["mbeir"]["average"]},
+        }
+    return scored
 
 
 def chance_mmeb_average(mmeb: list[RetrievalSet]) -> float:
@@ -162,7 +187,14 @@ def score_model(
         share=share,
         barrier=barrier,
     )
-    return score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache, progress_every_s=config.progress_every_s)
+    if config.dimensions:
+        config.check_width(cache.embedder.hidden_size)  # before anything is encoded
+    results = score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache, progress_every_s=config.progress_every_s)
+    if config.dimensions:
+        results["dimensions"] = score_dimensions(
+            sets["mmeb"], sets["mbeir"], cache, config.dimensions, progress_every_s=config.progress_every_s
+        )
+    return results
 
 
 def model_encoding_cache(

@@ -16,14 +16,21 @@ the same wherever it comes from, so it cannot be its twin's negative.
 ``four_way_contrastive_loss`` is MuCo's second-stage (MMEB fine-tuning)
 loss: one turn per sample, and each side has a main and an auxiliary
 embedding, so queries and targets meet in four combinations.
+
+``matryoshka_loss`` wraps either loss for Matryoshka representation
+learning: the loss of each nested prefix of the embeddings, weighted and
+summed (training.matryoshka).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from muco_flow.modeling.matryoshka import dimensions_problem, nested_prefix
 
 DEFAULT_TEMPERATURE = 0.02
 
@@ -223,3 +230,46 @@ def four_way_contrastive_loss(
         query_aux_target=term(query_aux, target),
         query_aux_target_aux=term(query_aux, target_aux),
     )
+
+
+# a loss over a list of embedding tensors, and its terms to log (GradCache's LossFunction)
+TermedLoss = Callable[[list[torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def matryoshka_loss(
+    loss: TermedLoss,
+    embeddings: Sequence[torch.Tensor],
+    dims: Sequence[int],
+    weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Matryoshka representation learning: ``sum_d weights[d] * loss(prefixes of width d)``.
+
+    Every tensor of ``embeddings`` (rows of L2-normalised vectors) is cut to
+    its first ``d`` coordinates and re-normalised (``nested_prefix``) for each
+    ``d`` of ``dims``, and ``loss`` runs on those prefixes; the result is the
+    weighted sum, as in Kusupati et al. (2022, eq. 1: the sum over nested
+    dimensions of c_m times the loss) and sentence-transformers'
+    ``MatryoshkaLoss`` (weights default to 1 each, so equal weights are a sum,
+    not a mean). The terms are each width's loss, ``matryoshka_at_<d>``, and
+    ``loss``'s own terms per width, ``<name>_at_<d>`` (MLflow refuses ``@`` in a name).
+
+    ``loss`` is called once per width with the cut embeddings, so whatever it
+    does with them (an all-gather across ranks) happens on the prefixes, and
+    the whole is one differentiable function of ``embeddings``: GradCache
+    (training/grad_cache.py) takes it as it takes the plain loss.
+    """
+    problem = dimensions_problem(list(dims), embeddings[0].shape[-1] if embeddings else None)
+    if problem:
+        raise ValueError(f"matryoshka dims {problem}")
+    weights = [1.0] * len(dims) if weights is None else list(weights)
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka weights must have one weight per dimension ({len(dims)}), got {len(weights)}")
+    total: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = {}
+    for dim, weight in zip(dims, weights, strict=True):
+        value, inner = loss([nested_prefix(e, dim) for e in embeddings])
+        terms[f"matryoshka_at_{dim}"] = value
+        terms |= {f"{name}_at_{dim}": term for name, term in inner.items()}
+        total = weight * value if total is None else total + weight * value
+    assert total is not None  # dims is not empty (dimensions_problem)
+    return total, terms

@@ -3,6 +3,9 @@
 A request is a frame of records with `text` and/or `image` (base64 PNG/JPEG,
 or a URI where its operator allows), bounded by ``ServingLimits`` so that no
 request can exhaust the server; a refused record is an HTTP 400 naming it.
+Its parameters: `batch_size`, and `dimensions`, the width of the vectors
+returned (each cut to its first `dimensions` numbers and re-normalised, as
+Matryoshka training nests them; default: the model's whole width).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from PIL import Image
 
+from muco_flow.modeling.matryoshka import nested_prefix
 from muco_flow.registry import RegistryError
 
 logger = logging.getLogger(__name__)
@@ -109,6 +113,18 @@ def parse_batch_size(params: Mapping[str, Any] | None, limits: ServingLimits) ->
     value = (params or {}).get("batch_size", DEFAULT_BATCH_SIZE)
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 1 <= value <= limits.max_batch_size:
         raise ModelInputError(f"batch_size must be a whole number from 1 to {limits.max_batch_size}, got {value!r}")
+    return int(value)
+
+
+def parse_dimensions(params: Mapping[str, Any] | None, width: int) -> int | None:
+    """The request's `dimensions` parameter, from 1 to the model's ``width``; None (absent): the whole width."""
+    value = (params or {}).get("dimensions")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 1 <= value <= width:
+        raise ModelInputError(
+            f"dimensions must be a whole number from 1 to {width} (the model's embedding width), got {value!r}"
+        )
     return int(value)
 
 
@@ -271,8 +287,11 @@ class MuCoEmbeddingModel(PythonModel):
         if not isinstance(model_input, pd.DataFrame):
             model_input = pd.DataFrame(model_input)
         batch_size = parse_batch_size(params, self.limits)
+        dimensions = parse_dimensions(params, self.embedder.hidden_size)
         items = parse_records(model_input, self.limits, self.count_tokens)
         vectors = self.embedder.encode(items, template=self.template, batch_size=batch_size, progress=False)
+        if dimensions is not None:
+            vectors = nested_prefix(vectors, dimensions)
         return vectors.float().numpy()
 
 
@@ -282,8 +301,9 @@ def model_signature(hidden_size: int):
 
     # No input schema: MLflow drops columns a schema does not name before the model sees them, and the
     # model must answer a misspelt column with a 400 (the input example and description show the columns).
+    # the width without `dimensions` (MLflow does not enforce an output schema, so a cut answer passes)
     outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, hidden_size))])
-    params = ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE)])
+    params = ParamSchema([ParamSpec("batch_size", "long", DEFAULT_BATCH_SIZE), ParamSpec("dimensions", "long", None)])
     return ModelSignature(inputs=None, outputs=outputs, params=params)
 
 

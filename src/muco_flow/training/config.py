@@ -21,6 +21,7 @@ from typing import Any
 
 from muco_flow.modeling.backbone import PRECISIONS
 from muco_flow.modeling.embedder import EmbedderSettings
+from muco_flow.modeling.matryoshka import dimensions_problem
 from muco_flow.settings_schema import read_settings, setting
 from muco_flow.training.schedule import SCHEDULES
 
@@ -39,6 +40,32 @@ class TrainingConfigError(ValueError):
 class GradCacheSettings:
     # n: GradCache, embed n conversations at a time; None: the whole micro batch with one graph
     chunk_size: int | None = field(metadata=setting(minimum=1))
+
+
+@dataclass(frozen=True)
+class MatryoshkaSettings:
+    """Matryoshka representation learning (modeling/loss.py ``matryoshka_loss``); null dims: off."""
+
+    # the nested prefix widths the loss is computed on, increasing; list the full width to train it too
+    dims: list[int] | None = field(metadata=setting(minimum=1))
+    # one per width; null: 1 each (the loss is the sum over widths, as in Kusupati et al. and sentence-transformers)
+    weights: list[float] | None = field(metadata=setting(minimum=0, exclusive_minimum=True))
+
+    def __post_init__(self) -> None:
+        if self.dims is not None:
+            problem = dimensions_problem(self.dims)
+            if problem:
+                raise TrainingConfigError(f"training.matryoshka.dims {problem}")
+        if self.weights is not None and len(self.weights) != len(self.dims or []):
+            raise TrainingConfigError(
+                f"training.matryoshka.weights must have one weight per dimension of training.matryoshka.dims "
+                f"({len(self.dims or [])}), got {len(self.weights)}"
+            )
+
+    def check_width(self, width: int) -> None:
+        """Refuses dims wider than the model's embeddings (known once the model is loaded)."""
+        if self.dims is not None and (problem := dimensions_problem(self.dims, width)):
+            raise TrainingConfigError(f"training.matryoshka.dims {problem}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,7 @@ class TrainingConfig:
     # where batches are made, not what they hold
     data_workers: int = field(metadata=setting(fingerprint=False, minimum=0))
     grad_cache: GradCacheSettings
+    matryoshka: MatryoshkaSettings
     save_every: int = field(metadata=setting(fingerprint=False, minimum=1))
     keep_last: int = field(metadata=setting(fingerprint=False, minimum=1))
     log_every: int = field(metadata=setting(fingerprint=False, minimum=1))

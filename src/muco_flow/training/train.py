@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
+    from muco_flow.training.config import MatryoshkaSettings
     from muco_flow.training.data import Batch
 
 logger = logging.getLogger("muco_flow.train")
@@ -68,6 +69,7 @@ def forward_backward(
     mask_duplicate_targets: bool,
     grad_cache: bool = False,
     four_way: bool = False,
+    matryoshka: MatryoshkaSettings | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's batch forward, embeddings gathered from every rank, the loss, backward.
 
@@ -77,8 +79,11 @@ def forward_backward(
     ``four_way``: stage 2 (MMEB-train batches, see ``Batch``), MuCo's four-way
     loss over the main and auxiliary embeddings, which has no symmetric term
     and masks nothing (one turn per sample, as in the official code).
+    ``matryoshka`` with dims: either loss on each nested prefix of every
+    embedding, weighted and summed (``matryoshka_loss``); its terms are each
+    width's loss (and, in stage 2, each width's four terms).
     """
-    from muco_flow.modeling.loss import four_way_contrastive_loss, multi_turn_contrastive_loss
+    from muco_flow.modeling.loss import four_way_contrastive_loss, matryoshka_loss, multi_turn_contrastive_loss
     from muco_flow.training.distributed import all_gather_with_grad, all_gather_without_grad
     from muco_flow.training.grad_cache import grad_cache_step
 
@@ -104,7 +109,7 @@ def forward_backward(
         )
         return value.total, value.terms()
 
-    def loss(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def full_width_loss(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if four_way:
             return four_way_loss(embeddings)
         query, target, *negative = embeddings
@@ -132,6 +137,12 @@ def forward_backward(
             negative_keys=negative_keys,
         )
         return value, {}
+
+    def loss(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if matryoshka is None or matryoshka.dims is None:
+            return full_width_loss(embeddings)
+        # the prefixes are cut before the gathers inside full_width_loss: each rank sends d columns, not all
+        return matryoshka_loss(full_width_loss, embeddings, matryoshka.dims, matryoshka.weights)
 
     if grad_cache:
         # ZeRO reduces the chunks' accumulated gradients once, when the block ends
@@ -220,6 +231,7 @@ def train(config: dict[str, Any]) -> None:
     embedder = build_training_embedder(
         config["checkpoint"], config["backbone"], dataclasses.asdict(settings.embedder), seed=settings.seed
     ).to(device)
+    settings.matryoshka.check_width(embedder.hidden_size)  # before any data is read or step taken
     random.seed(settings.seed + rank)  # ...and each rank its own dropout masks from here on
     torch.manual_seed(settings.seed + rank)
     trainable = [p for p in embedder.parameters() if p.requires_grad]
@@ -327,6 +339,7 @@ def train(config: dict[str, Any]) -> None:
                     mask_duplicate_targets=settings.mask_duplicate_targets,
                     grad_cache=bool(chunk_size),
                     four_way=four_way,
+                    matryoshka=settings.matryoshka,
                 )
                 mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
                 check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
@@ -344,7 +357,7 @@ def train(config: dict[str, Any]) -> None:
                     "pairs_per_second": sum(p.pairs for p in parts) * world / seconds,
                     "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,
                 }
-                # a loss made of several terms (stage 2's four-way loss) logs each, averaged over ranks
+                # a loss made of terms (stage 2's four-way loss, Matryoshka's widths) logs each, averaged over ranks
                 metrics |= {f"loss/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
                 if run is not None:  # rank 0
                     run.log(step_done, metrics)

@@ -13,7 +13,14 @@ import pandas as pd
 
 from muco_flow.evaluation.config import EvaluationConfig
 from muco_flow.evaluation.ranks import score_on_ranks
-from muco_flow.evaluation.report import compare, markdown_report, mmeb_bar_figure, recall_curve_table, recall_figure
+from muco_flow.evaluation.report import (
+    compare,
+    dimension_figure,
+    markdown_report,
+    mmeb_bar_figure,
+    recall_curve_table,
+    recall_figure,
+)
 from muco_flow.evaluation.scoring import chance_mmeb_average, read_evaluation_sets, score_model
 from muco_flow.tracking import metrics_table, select_metrics
 from muco_flow.training.model_identity import content_hash, verify_trained_model
@@ -101,7 +108,8 @@ def log_evaluation_to_mlflow(
     """Adds the evaluation to the training run.
 
     Metrics: the headline values ``evaluate.mlflow_metrics`` names (eval/*) and their gain over the baseline
-    (eval_delta/*); every value in the evaluation/results table; plots, report and metrics.json as artifacts.
+    (eval_delta/*); every value in the evaluation/results table; plots (with `evaluate.dimensions`, score
+    against width too), report and metrics.json as artifacts.
     """
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -120,4 +128,7 @@ def log_evaluation_to_mlflow(
     bars = mmeb_bar_figure(metrics["model"], metrics["baseline"], metrics["mmeb_chance_average"])
     client.log_figure(run_id, bars, "evaluation/mmeb_hit_at_1.png")
     client.log_figure(run_id, recall_figure(curves), "evaluation/recall_at_k.png")
+    if metrics["model"].get("dimensions"):  # evaluate.dimensions: score against width
+        figure = dimension_figure(metrics["model"], metrics["baseline"])
+        client.log_figure(run_id, figure, "evaluation/score_per_dimension.png")
     client.set_tag(run_id, "muco_flow.evaluated", "true")
