@@ -242,6 +242,33 @@ def test_single_turn_mode_and_shorter_conversations(ingested, processors, tmp_pa
         assert [p.conversation_id.split("#")[1] for p in parts] == ["0", "1", "2"]
 
 
+def test_conversations_per_sample_keeps_each_epochs_first_conversations(ingested, processors, tmp_path):
+    tokenizer, _ = processors
+    every, every_records = run_format(ingested, processors, tmp_path, mode="single_turn")
+    one, one_records = run_format(ingested, processors, tmp_path, mode="single_turn", conversations_per_sample=1)
+    # 24 samples of 7 turns: one (image, query) pair per sample, nothing counted as dropped
+    assert one["counts"] | {"conversations": 24 * 7} == every["counts"]
+    assert one["counts"]["conversations"] == 24 and one["counts"]["turns_dropped"] == 0
+    assert one["settings"]["conversations_per_sample"] == 1
+    turns_seen = set()
+    for record, full in zip(one_records, every_records, strict=True):
+        assert record["part_turns"] == [1]
+        for epoch in range(6):
+            (kept,) = conversations(record, epoch, one, tokenizer)
+            # the pair kept is the epoch's first of the seven, so the query changes with the epoch
+            first = conversations(full, epoch, every, tokenizer)[0]
+            assert (kept.turn_index, kept.query_ids, kept.target_ids) == (
+                first.turn_index,
+                first.query_ids,
+                first.target_ids,
+            )
+            turns_seen.add((record["sample_id"], kept.turn_index[0]))
+    assert len(turns_seen) > 24 * 3  # about 24 x 4.6 distinct turns in 6 epochs of 7
+    split, records = run_format(ingested, processors, tmp_path, turns_per_conversation=3, conversations_per_sample=2)
+    assert split["counts"]["conversations"] == 24 * 2
+    assert all(len(p.turn_index) == 3 for r in records for p in conversations(r, 1, split, tokenizer))
+
+
 def test_truncation_keeps_what_fits_any_draw_and_counts_the_rest(ingested, processors, tmp_path):
     tokenizer, _ = processors
     # long enough for every first turn (up to 64 image tokens), too short for all seven
@@ -272,6 +299,7 @@ def test_a_sample_whose_first_turn_cannot_fit_is_dropped_and_counted(ingested, p
     [
         ({"mode": "pairs"}, "format.mode"),
         ({"turns_per_conversation": 0}, "turns_per_conversation"),
+        ({"conversations_per_sample": 0}, "conversations_per_sample"),
         ({"target_field": "neg_text"}, "target_field"),
         ({"target_layout": "packed"}, "format.target_layout must be one of"),
     ],

@@ -70,6 +70,10 @@ class FormatConfig:
     templates: ChatTemplates
     mode: str = "multi_turn"
     turns_per_conversation: int | None = None  # None: all K turns in one conversation
+    # None: every conversation of a sample each epoch; n: its first n, whose turns follow the
+    # epoch's drawn order (single_turn and 1: one (image, query) pair per image per epoch, as many
+    # images per step as multi_turn; docs/recipe.md, "Multi-turn against single-turn, measured")
+    conversations_per_sample: int | None = None
     target_field: str = "pos_text"
     target_layout: str = "independent"
     shuffle_turns: bool = True
@@ -97,6 +101,10 @@ class FormatConfig:
             raise ValueError(f"format.mode must be one of {MODES}, got '{self.mode}'")
         if self.turns_per_conversation is not None and self.turns_per_conversation < 1:
             raise ValueError(f"format.turns_per_conversation must be at least 1, got {self.turns_per_conversation}")
+        if self.conversations_per_sample is not None and self.conversations_per_sample < 1:
+            raise ValueError(
+                f"format.conversations_per_sample must be null or at least 1, got {self.conversations_per_sample}"
+            )
         if self.target_field not in ("pos_text", "pos_sentence"):
             raise ValueError(f"format.target_field must be pos_text or pos_sentence, got '{self.target_field}'")
         if self.target_layout not in TARGET_LAYOUTS:
@@ -116,6 +124,7 @@ class FormatConfig:
         return {
             "mode": self.mode,
             "turns_per_conversation": self.turns_per_conversation,
+            "conversations_per_sample": self.conversations_per_sample,
             "target_field": self.target_field,
             "target_layout": self.target_layout,
             "max_length": self.max_length,

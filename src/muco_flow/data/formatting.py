@@ -291,10 +291,13 @@ def _format_sample(
     record = turn_tokenizer.record(sample[schema.SAMPLE_ID], qry, targets, n_image, negatives)
     parts = record["part_turns"]
     counts["turns"] += len(qry)
+    # dropped: what max_length leaves out; conversations past conversations_per_sample are not
+    # dropped, as each epoch's draw of the turn order puts other turns into the ones kept
     counts["turns_dropped"] += len(qry) - sum(parts)
-    counts["conversations"] += sum(1 for n in parts if n)
     counts["conversations_dropped"] += sum(1 for n in parts if not n)
-    return record if sum(parts) else None
+    kept = parts[: turn_tokenizer.config.conversations_per_sample]
+    counts["conversations"] += sum(1 for n in kept if n)
+    return record | {"part_turns": kept} if sum(kept) else None
 
 
 def _format_shard_in_worker(shard: dict[str, Any]) -> dict[str, Any]:
