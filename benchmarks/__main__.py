@@ -31,6 +31,7 @@ BENCHMARKS = (
     "grad_cache_memory",
     "evaluation_memory",
     "training_input",
+    "backbone_cpu",
 )
 TITLES = {
     "training_throughput": "Multi-turn against single-turn training throughput",
@@ -42,6 +43,7 @@ TITLES = {
     "grad_cache_memory": "GradCache memory: bounded by the chunk, not the batch",
     "evaluation_memory": "Evaluation memory with pools encoded to disk in blocks (d=1536)",
     "training_input": "Training input at realistic sizes (391 image tokens, 89 KB JPEGs)",
+    "backbone_cpu": "Released 2B-class backbones on the CPU: one DoRA step, fp32, random weights",
 }
 DOCS = common.PROJECT_ROOT / "docs/performance.md"
 DOCS_BEGIN = "<!-- benchmark results: begin -->"

@@ -78,9 +78,18 @@ def test_released_width_has_the_published_parameter_counts(family):
     assert full.get_text_config().vocab_size >= 151_936
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: small matrices gain nothing from two, and on a busy machine pay for the barriers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-def test_released_width_trains_and_scores_on_cpu(family):
+def test_released_width_trains_and_scores_on_cpu(family, one_thread):
     """Real width, 2 decoder layers and 2 vision blocks: two optimizer steps (finite gradients, the loss moves),
     then scoring."""
     config = backbones.family_config(family, text_layers=2, vision_depth=2)
