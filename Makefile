@@ -51,8 +51,9 @@ test-fast: install
 	$(BIN)/mypy
 	$(BIN)/pytest -m "not slow"
 
-# All benchmarks (9.2 minutes on 2 cores at the last run: docs/performance.md, "Command:"), on the bundled sample and the
-# tiny backbone (built first if missing); JSON and report.md in
+# All benchmarks (9.2 minutes on 2 cores at the last full run, before mining_memory and backbone_cpu were added:
+# docs/performance.md, "Command:"; backbone_cpu builds the released 2B-class backbones at full width and needs
+# about 16 GB free), on the bundled sample and the tiny backbone (built first if missing); JSON and report.md in
 # data/08_reporting/benchmarks/, the tables copied into docs/performance.md.
 bench: install
 	test -f data/01_raw/m3t_mini/M3T_train/M3T.parquet || $(BIN)/kedro run --pipelines=sample

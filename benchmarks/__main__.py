@@ -32,6 +32,7 @@ BENCHMARKS = (
     "evaluation_memory",
     "mining_memory",
     "training_input",
+    "backbone_cpu",
 )
 TITLES = {
     "training_throughput": "Multi-turn against single-turn training throughput",
@@ -44,6 +45,7 @@ TITLES = {
     "evaluation_memory": "Evaluation memory with pools encoded to disk in blocks (d=1536)",
     "mining_memory": "Hard-negative mining: throughput and memory with pools encoded to disk in blocks (d=1536)",
     "training_input": "Training input at realistic sizes (391 image tokens, 89 KB JPEGs)",
+    "backbone_cpu": "Released 2B-class backbones on the CPU: one DoRA step, fp32, random weights",
 }
 DOCS = common.PROJECT_ROOT / "docs/performance.md"
 DOCS_BEGIN = "<!-- benchmark results: begin -->"
