@@ -15,7 +15,8 @@ from muco_flow.modeling.attention_masks import (
     per_layer_type,
     truncated_mask,
 )
-from muco_flow.modeling.backbone import tiny_qwen2_vl_config, train_bpe_tokenizer
+from muco_flow.modeling.backbone import tiny_model_config, train_bpe_tokenizer
+from muco_flow.modeling.families import family_named
 from muco_flow.modeling.reconstruction_loss import masked_next_token_loss
 
 # The tiny preset's configuration builder at half its width, so the gradient tests stay quick
@@ -71,7 +72,7 @@ def test_bidirectional_mask_hand_case_per_row_padding():
 def test_bidirectional_mask_is_what_the_embedder_builds_today():
     # embedder._bidirectional_inputs uses transformers' create_bidirectional_mask for sdpa
     tokenizer = train_bpe_tokenizer(["a red circle"], vocab_size=300)
-    config = tiny_qwen2_vl_config(tokenizer, TINY).get_text_config()
+    config = tiny_model_config(tokenizer, family_named("qwen2_vl"), TINY).get_text_config()
     config._attn_implementation = "sdpa"
     attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     theirs = create_bidirectional_mask(config=config, inputs_embeds=torch.zeros(2, 4, 1), attention_mask=attention_mask)
@@ -137,7 +138,7 @@ BRIDGE, LENGTH = 4, 8  # input 0..4 (bridge 4), reconstruction 5..7
 def tiny_model():
     tokenizer = train_bpe_tokenizer(["a red circle", "a blue square"], vocab_size=300)
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(tiny_qwen2_vl_config(tokenizer, TINY)).eval()
+    model = Qwen2VLForConditionalGeneration(tiny_model_config(tokenizer, family_named("qwen2_vl"), TINY)).eval()
     return model
 
 
