@@ -372,13 +372,13 @@ class ConversationBatches:
 
     @property
     def steps_per_epoch(self) -> int:
-        # weights and caps need one turn count, so a group's size each epoch is known without drawing
-        if self.data_mix.homogeneous_batches:
+        if not (self.data_mix.weights or self.data_mix.caps):
+            sizes = np.bincount(self._batch_groups)  # every unit once
+        elif self.data_mix.homogeneous_batches:
+            # weights and caps need one turn count, so a group's size each epoch is known without drawing
             sizes = self.epoch_counts
-        elif self.data_mix.weights or self.data_mix.caps:
-            sizes = np.array([self.epoch_counts.sum()])
         else:
-            sizes = np.bincount(self.unit_turns)
+            sizes = np.array([self.epoch_counts.sum()])
         return int(sum(int(n) // self.global_batch for n in sizes))
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
