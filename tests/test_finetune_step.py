@@ -33,26 +33,40 @@ class ScalingEngine(torch.nn.Module):
         return contextlib.nullcontext()
 
 
-def stage2_batch(query: torch.Tensor, target: torch.Tensor, negative: torch.Tensor | None) -> Batch:
+def stage2_batch(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    negative: torch.Tensor | None,
+    keys: list[int] | None = None,
+    negative_keys: list[int] | None = None,
+) -> Batch:
+    """Rows as the collated stage-2 batch has them: each sample's key once per <|emb|>, one key per negative."""
     samples = len(query) // 2
+    keys = keys if keys is not None else list(range(samples))
+    if negative is not None and negative_keys is None:
+        negative_keys = [100 + i for i in range(len(negative))]
     return Batch(
         query={"rows": query},
         target={"rows": target},
         turns=2,
         conversation_ids=[f"s{i}" for i in range(samples)],
-        target_keys=torch.arange(samples).repeat_interleave(2),
+        target_keys=torch.tensor(keys).repeat_interleave(2),
         negative=None if negative is None else {"rows": negative},
+        negative_keys=None if negative is None else torch.tensor(negative_keys),
     )
 
 
-def reference_terms(query, target, negative) -> dict[str, float]:
+def reference_terms(query, target, negative, keys=None, negative_keys=None) -> dict[str, float]:
     """Pair by pair: query i's positive is target i; every other target and every negative is a negative.
 
     The rows come as [main_0, aux_0, main_1, aux_1, ...]; the negatives are scored by the query
-    embedding of the term (main for the first two terms, auxiliary for the last two).
+    embedding of the term (main for the first two terms, auxiliary for the last two). With keys,
+    a target or negative with the positive's key is no negative.
     """
     q, qa, t, ta = query[0::2].tolist(), query[1::2].tolist(), target[0::2].tolist(), target[1::2].tolist()
     negatives = [] if negative is None else negative.tolist()
+    keys = keys or list(range(len(t)))
+    negative_keys = negative_keys or [None] * len(negatives)
 
     def dot(a, b):
         return sum(x * y for x, y in zip(a, b, strict=True)) / TEMPERATURE
@@ -60,8 +74,10 @@ def reference_terms(query, target, negative) -> dict[str, float]:
     def term(anchors, candidates):
         total = 0.0
         for i, anchor in enumerate(anchors):
-            logits = [dot(anchor, c) for c in candidates + negatives]
-            total += math.log(sum(math.exp(v) for v in logits)) - logits[i]
+            kept = [c for j, c in enumerate(candidates) if j == i or keys[j] != keys[i]]
+            kept += [n for n, key in zip(negatives, negative_keys, strict=True) if key != keys[i]]
+            logits = [dot(anchor, c) for c in kept]
+            total += math.log(sum(math.exp(v) for v in logits)) - dot(anchor, candidates[i])
         return total / len(anchors)
 
     return {
@@ -98,6 +114,35 @@ def test_the_stage2_step_splits_main_and_auxiliary_embeddings_into_the_four_way_
     assert engine.weight.grad is not None and engine.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_the_stage2_step_masks_repeated_targets_and_negatives_only_when_asked(mask):
+    generator = torch.Generator().manual_seed(11)
+    samples, dim = 4, 4
+    query = torch.randn(2 * samples, dim, generator=generator)
+    target = torch.randn(2 * samples, dim, generator=generator)
+    negative = torch.randn(samples, dim, generator=generator)
+    # samples 0 and 2 share a target ("two"), sample 3's negative is that target too
+    keys, negative_keys = [7, 8, 7, 9], [1, 2, 3, 7]
+    engine = ScalingEngine(dim)
+    weight = engine.weight.detach()
+
+    _, terms = forward_backward(
+        engine,
+        [stage2_batch(query, target, negative, keys, negative_keys)],
+        torch.device("cpu"),
+        temperature=TEMPERATURE,
+        symmetric_loss=False,
+        mask_duplicate_targets=mask,
+        four_way=True,
+    )
+
+    masked_by = (keys, negative_keys) if mask else (None, None)
+    expected = reference_terms(query * weight, target * weight, negative * weight, *masked_by)
+    assert {name: value.item() for name, value in terms.items()} == pytest.approx(expected, rel=1e-5)
+    if mask:
+        assert expected != pytest.approx(reference_terms(query * weight, target * weight, negative * weight))
+
+
 def test_the_stage2_step_under_grad_cache_gives_the_whole_batchs_loss_and_gradient():
     generator = torch.Generator().manual_seed(3)
     samples, dim = 4, 5
@@ -109,7 +154,10 @@ def test_the_stage2_step_under_grad_cache_gives_the_whole_batchs_loss_and_gradie
     whole = ScalingEngine(dim)
     loss, terms = forward_backward(whole, [stage2_batch(query, target, negative)], torch.device("cpu"), **settings)
     chunked = ScalingEngine(dim)
-    chunks = [stage2_batch(query[i : i + 4], target[i : i + 4], negative[i // 2 : i // 2 + 2]) for i in (0, 4)]
+    chunks = [
+        stage2_batch(query[i : i + 4], target[i : i + 4], negative[i // 2 : i // 2 + 2], [i // 2, i // 2 + 1])
+        for i in (0, 4)
+    ]
     cached_loss, cached_terms = forward_backward(chunked, chunks, torch.device("cpu"), grad_cache=True, **settings)
 
     assert cached_loss.item() == pytest.approx(loss.item(), rel=1e-6)

@@ -167,8 +167,13 @@ def test_shapes_that_do_not_fit_are_named():
         )
 
 
-def reference_four_way(query, query_aux, target, target_aux, temperature, rank, negatives=None):
-    """The four terms written pair by pair: each query against every target, then every negative."""
+def reference_four_way(
+    query, query_aux, target, target_aux, temperature, rank, negatives=None, target_keys=None, negative_keys=None
+):
+    """The four terms written pair by pair: each query against every target, then every negative.
+
+    With keys, a target or negative whose key is the positive's key is left out (the positive stays).
+    """
     local = query.shape[0]
     pairs = {
         "query_target": (query, target, query),
@@ -180,10 +185,20 @@ def reference_four_way(query, query_aux, target, target_aux, temperature, rank, 
     for name, (anchors, candidates, negative_anchors) in pairs.items():
         total = 0.0
         for i in range(local):
-            logits = [float(anchors[i] @ candidates[j]) / temperature for j in range(candidates.shape[0])]
-            positive = logits[rank * local + i]
+            own = rank * local + i
+            positive = float(anchors[i] @ candidates[own]) / temperature
+            logits = [
+                float(anchors[i] @ candidates[j]) / temperature
+                for j in range(candidates.shape[0])
+                if j == own or target_keys is None or target_keys[j] != target_keys[own]
+            ]
             if negatives is not None:
-                logits += [float(negative_anchors[i] @ n) / temperature for n in negatives]
+                keys = negative_keys if negative_keys is not None else [None] * len(negatives)
+                logits += [
+                    float(negative_anchors[i] @ n) / temperature
+                    for n, key in zip(negatives, keys, strict=True)
+                    if target_keys is None or key != target_keys[own]
+                ]
             top = max(logits)
             total += -(positive - top - math.log(sum(math.exp(v - top) for v in logits)))
         terms[name] = total / local
@@ -293,3 +308,53 @@ def test_two_gloo_processes_match_one_process_with_gradients(tmp_path):
         assert loss == pytest.approx(reference_loss(queries[r].detach(), all_targets.detach(), 3, 0.05, r), rel=1e-9)
         torch.testing.assert_close(grad_query, queries[r].grad)
         torch.testing.assert_close(grad_target, targets[r].grad)
+
+
+@pytest.mark.parametrize("batch, world, rank", [(4, 1, 0), (3, 2, 1), (2, 3, 2)])
+@pytest.mark.parametrize("with_negatives", [False, True])
+def test_four_way_with_keys_matches_the_pairwise_reference_that_leaves_repeats_out(batch, world, rank, with_negatives):
+    query, query_aux = unit(batch, 16, seed=41), unit(batch, 16, seed=42)
+    target, target_aux = unit(world * batch, 16, seed=43), unit(world * batch, 16, seed=44)
+    # three distinct targets among the rows: every rank's block repeats some
+    target_keys = torch.arange(world * batch) % 3
+    negatives = unit(world * batch, 16, seed=45) if with_negatives else None
+    negative_keys = (torch.arange(world * batch) + 1) % 3 if with_negatives else None
+    got = four_way_contrastive_loss(
+        query, query_aux, target, target_aux, 0.05, rank,
+        hard_negatives=negatives, target_keys=target_keys, negative_keys=negative_keys,
+    )  # fmt: skip
+    expected = reference_four_way(
+        query, query_aux, target, target_aux, 0.05, rank, negatives, target_keys.tolist(),
+        None if negative_keys is None else negative_keys.tolist(),
+    )  # fmt: skip
+    assert {k: v.item() for k, v in got.terms().items()} == pytest.approx(expected, rel=1e-9)
+    unmasked = reference_four_way(query, query_aux, target, target_aux, 0.05, rank, negatives)
+    assert got.total.item() < sum(unmasked.values())  # the repeats were there to leave out
+
+
+def test_four_way_hand_computed_with_a_repeated_target_and_a_repeated_negative():
+    e1, e2, e3 = torch.eye(3, dtype=torch.float64)
+    query = target = torch.stack([e1, e2])
+    # both samples have the same target (as two "two" answers): neither is the other's negative, in any term
+    got = four_way_contrastive_loss(query, query, target, target, 1.0, target_keys=torch.tensor([5, 5]))
+    assert {k: v.item() for k, v in got.terms().items()} == pytest.approx(dict.fromkeys(got.terms(), 0.0))
+    # distinct targets (keys 5 and 6), negatives e1 with key 5 and e3 with key 7:
+    # row 0 (key 5) keeps [1, 0 | e3: 0], e1 is its positive again -> log(e + 2) - 1
+    # row 1 (key 6) keeps [0, 1 | e1: 0, e3: 0] -> log(e + 3) - 1
+    got = four_way_contrastive_loss(
+        query, query, target, target, 1.0,
+        hard_negatives=torch.stack([e1, e3]), target_keys=torch.tensor([5, 6]), negative_keys=torch.tensor([5, 7]),
+    )  # fmt: skip
+    expected = (math.log(math.e + 2) + math.log(math.e + 3)) / 2 - 1
+    assert {k: v.item() for k, v in got.terms().items()} == pytest.approx(dict.fromkeys(got.terms(), expected))
+
+
+def test_four_way_refuses_keys_of_the_wrong_shape():
+    query, target = unit(2, 8, seed=1), unit(4, 8, seed=2)
+    with pytest.raises(ValueError, match=r"target_keys must have shape \(4,\)"):
+        four_way_contrastive_loss(query, query, target, target, target_keys=torch.arange(2))
+    with pytest.raises(ValueError, match="negative_keys must have one key per row of hard_negatives"):
+        four_way_contrastive_loss(
+            query, query, target, target, hard_negatives=unit(4, 8, seed=3),
+            target_keys=torch.arange(4), negative_keys=torch.arange(3),
+        )  # fmt: skip

@@ -44,7 +44,8 @@ from muco_flow.data.row_checks import Reject
 from muco_flow.data.shards import read_shard
 from muco_flow.modeling import tokens
 from muco_flow.modeling.backbone import load_processors
-from muco_flow.training.data import ConversationBatches
+from muco_flow.training.config import DataMixSettings
+from muco_flow.training.data import ConversationBatches, epoch_counts, epoch_units
 from tests.conftest import load_params
 
 VISION = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -469,3 +470,93 @@ def test_the_sample_has_an_mmeb_train_set_that_ingests_cleanly(small_sample_root
     rows = [r for s in manifest["shards"] for r in pq.read_table(tmp_path / s["file"]).to_pylist()]
     assert all(r["neg_text"] for r in rows)
     assert sum(r["pos_image_bytes"] is not None for r in rows) == 24  # the text-to-image set
+
+
+def test_target_and_negative_keys_tell_images_apart_and_reach_the_batch(ingested, processors, tmp_path):
+    out, manifest, records = formatted(ingested, processors, tmp_path, finetune_config())
+    by_id = {r["sample_id"]: r for s in manifest["shards"] for r in read_shard(out / s["file"]).to_pylist()}
+    coco, webqa, cls = records["MSCOCO_t2i"], records["WebQA"], records["ImageNet_1K"]
+    # both text-to-image rows want green.png with the same text: one target, so each masks the other
+    assert coco["target_key"] == webqa["target_key"]
+    # their negatives have that text too, but other images (red.png, blue.png): neither is the target
+    assert len({coco["target_key"], *coco["negative_key"], *webqa["negative_key"]}) == 3
+    # text targets are keyed by their text alone: "red square" and its negatives all differ
+    assert len({cls["target_key"], *cls["negative_key"]}) == 3
+    vqa = [r for r in by_id.values() if r["dataset"] == "OK-VQA"]
+    assert len(vqa) == 2 and vqa[0]["target_key"] == vqa[1]["target_key"]  # both answer "blue"
+
+    tokenizer, image_processor = processors
+    batches = ConversationBatches.for_tokenizer(
+        out, ingested[0], image_processor, tokenizer, batch_size=6, rank=0, world_size=1, seed=0
+    )
+    batch = batches.batch(0)
+    for i, sample in enumerate(batch.conversation_ids):
+        assert batch.target_keys[2 * i : 2 * i + 2].tolist() == [by_id[sample]["target_key"]] * 2
+        assert batch.negative_keys[i].item() in by_id[sample]["negative_key"]
+
+
+# --- the data mix (training.data_mix) ----------------------------------------------------------
+
+
+def mix(weights=None, caps=None, homogeneous=False) -> DataMixSettings:
+    return DataMixSettings(weights=weights or {}, caps=caps or {}, homogeneous_batches=homogeneous)
+
+
+def test_epoch_counts_are_weight_times_samples_rounded_half_up_within_the_cap():
+    samples = np.array([10, 4, 7, 10])
+    counts = epoch_counts(samples, ["a", "b", "c", "d"], mix({"a": 0.5, "b": 2.5, "d": 0.25}, {"c": 5, "b": 9}))
+    # a: 5; b: 10 capped at 9; c: 7 capped at 5; d: 2.5 rounds up to 3
+    assert counts.tolist() == [5, 9, 5, 3]
+    assert epoch_counts(samples, ["a", "b", "c", "d"], mix()).tolist() == [10, 4, 7, 10]
+    with pytest.raises(ValueError, match="names ImageNet, which the data does not hold"):
+        epoch_counts(samples, ["a", "b", "c", "d"], mix(caps={"ImageNet": 3}))
+
+
+def test_epoch_units_cycle_through_a_dataset_in_new_orders_and_leave_whole_ones_undrawn():
+    unit_dataset = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    rng = random.Random(3)
+    state = rng.getstate()
+    assert epoch_units(unit_dataset, np.array([3, 2, 3]), rng).tolist() == list(range(8))
+    assert rng.getstate() == state  # nothing to draw: a run without a mix keeps its batches
+    units = epoch_units(unit_dataset, np.array([3, 5, 1]), rng).tolist()
+    # dataset 1 five times over its two units: two passes and one more; dataset 2 one of its three
+    assert units[:3] == [0, 1, 2] and sorted({units.count(3), units.count(4)}) == [2, 3]
+    assert len(units) == 9 and len([u for u in units if u >= 5]) == 1
+
+
+def mixed_batches(ingested, processors, out, data_mix, batch_size=2) -> ConversationBatches:
+    tokenizer, image_processor = processors
+    return ConversationBatches.for_tokenizer(
+        out, ingested[0], image_processor, tokenizer, batch_size=batch_size, rank=0, world_size=1, seed=0,
+        data_mix=data_mix,
+    )  # fmt: skip
+
+
+def datasets_of(batches: ConversationBatches, epoch: int) -> list[list[str]]:
+    names = batches.dataset_names
+    return [[names[batches.unit_dataset[u]] for u in batch] for batch in batches.epoch_batches(epoch)]
+
+
+def test_weights_caps_and_homogeneous_batches_on_hand_counted_data(ingested, processors, tmp_path):
+    # the published rows: ImageNet_1K 1, MSCOCO_t2i 1, OK-VQA 2, VisualNews_i2t 1, WebQA 1 sample
+    out, _, _ = formatted(ingested, processors, tmp_path, finetune_config())
+    plain = mixed_batches(ingested, processors, out, mix())
+    assert plain.steps_per_epoch == 3  # 6 samples in batches of 2, any mix
+
+    # OK-VQA left out, WebQA four times: 1 + 1 + 1 + 4 = 7 samples, 3 batches, one sample left over
+    weighted = mixed_batches(ingested, processors, out, mix({"OK-VQA": 0, "WebQA": 4}))
+    assert weighted.steps_per_epoch == 3
+    for epoch in (0, 1):
+        seen = [name for batch in datasets_of(weighted, epoch) for name in batch]
+        assert len(seen) == 6 and "OK-VQA" not in seen and seen.count("WebQA") >= 3
+
+    # one dataset per batch: only OK-VQA (2) and WebQA (4, weighted) fill batches of 2: 1 + 2 steps
+    homogeneous = mixed_batches(ingested, processors, out, mix({"WebQA": 4}, homogeneous=True))
+    assert homogeneous.steps_per_epoch == 3
+    for epoch in (0, 1):
+        assert sorted(datasets_of(homogeneous, epoch)) == [["OK-VQA"] * 2] + [["WebQA"] * 2] * 2
+
+    # a cap: WebQA's four at most three, so one batch of WebQA and one left over
+    capped = mixed_batches(ingested, processors, out, mix({"WebQA": 4}, {"WebQA": 3}, homogeneous=True))
+    assert sorted(datasets_of(capped, 0)) == [["OK-VQA"] * 2, ["WebQA"] * 2]
+    assert capped.batch(1).turns == 2  # the batches are made, not only counted

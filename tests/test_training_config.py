@@ -99,6 +99,8 @@ def test_the_fingerprint_leaves_out_what_the_hand_kept_list_left_out():
         ("deepspeed.offload_optimizer", True, True),
         ("embedder.lora.r", 8, True),
         ("grad_cache.chunk_size", 2, True),
+        ("data_mix.weights", {"MiniShapes-VQA": 0.5}, True),
+        ("data_mix.homogeneous_batches", True, True),
     ],
 )
 def test_a_setting_enters_the_fingerprint_or_not_as_declared(dotted, value, enters):
@@ -126,6 +128,16 @@ def test_a_setting_enters_the_fingerprint_or_not_as_declared(dotted, value, ente
         ("launcher.node_rank", 1, "training.launcher.node_rank must be below training.launcher.nodes (1), got 1"),
         ("learning_rat", 1.0, "training.learning_rat is not a training setting"),
         ("embedder.lora.rank", 8, "training.embedder.lora.rank is not a training setting"),
+        (
+            "data_mix.weights",
+            {"MiniShapes-VQA": -1},
+            "training.data_mix.weights.MiniShapes-VQA must be a non-negative number",
+        ),
+        (
+            "data_mix.caps",
+            {"MiniShapes-VQA": 0},
+            "training.data_mix.caps.MiniShapes-VQA must be a positive integer, got 0",
+        ),
         ("seed", DELETE, "training.seed is missing"),
         ("deepspeed.offload_optimizer", DELETE, "training.deepspeed.offload_optimizer is missing"),
     ],

@@ -21,7 +21,7 @@ from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
 from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
-from muco_flow.training.config import TrainingConfig
+from muco_flow.training.config import DataMixSettings, TrainingConfig
 from muco_flow.training.data import ConversationBatches, batch_loader
 from muco_flow.training.stage import describe_run
 from tests.conftest import PROJECT_ROOT, load_params, with_value
@@ -42,7 +42,7 @@ def formatted(small_sample_root, tiny_backbone_dir, tmp_path_factory):
     return ingested, out, tokenizer, image_processor
 
 
-def make_batches(formatted, rank=0, world_size=1, batch_size=2):
+def make_batches(formatted, rank=0, world_size=1, batch_size=2, data_mix=None):
     ingested, out, tokenizer, image_processor = formatted
     return ConversationBatches.for_tokenizer(
         out,
@@ -53,6 +53,7 @@ def make_batches(formatted, rank=0, world_size=1, batch_size=2):
         rank=rank,
         world_size=world_size,
         seed=3,
+        data_mix=data_mix,
     )
 
 
@@ -116,6 +117,17 @@ def test_epochs_draw_the_batches_the_list_based_reader_drew_split_between_ranks(
     record = records.record(int(first.unit_record[units[0]]))
     conversation = assemble_conversations(record, 1, first.settings, first.image_pad_id)[int(first.unit_part[units[0]])]
     assert shares[0].query["input_ids"][0][: len(conversation.query_ids)].tolist() == conversation.query_ids
+
+
+def test_m3t_is_one_dataset_so_homogeneous_batches_change_nothing_and_weights_are_refused(formatted):
+    plain = make_batches(formatted, batch_size=5)
+    homogeneous = make_batches(
+        formatted, batch_size=5, data_mix=DataMixSettings(weights={}, caps={}, homogeneous_batches=True)
+    )
+    assert homogeneous.steps_per_epoch == plain.steps_per_epoch == 8  # two K's, 24 units each: 4 batches of 5 each
+    assert homogeneous.epoch_batches(1).tolist() == plain.epoch_batches(1).tolist()
+    with pytest.raises(ValueError, match="need conversations of one turn count"):
+        make_batches(formatted, data_mix=DataMixSettings(weights={"": 2.0}, caps={}, homogeneous_batches=False))
 
 
 def assert_same_batch(a, b):

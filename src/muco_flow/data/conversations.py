@@ -189,10 +189,17 @@ def part_turns(turns: int, chunk_size: int | None, fitting: int) -> list[int]:
     return [min(size, turns - start, fitting) for start in range(0, turns, size)]
 
 
-def target_key(text: str) -> int:
-    """A signed 64-bit id, equal for target texts that differ only in case and spacing.
+def target_key(text: str, image_sha256: str | None = None) -> int:
+    """A signed 64-bit id, equal for target texts that differ only in case and spacing (and, given, in nothing else).
 
     The loss uses it to tell repeated answers ("red", "three") apart from real negatives.
+    ``image_sha256``: the target's image (stage 2), so that two targets with one
+    text ("Represent the given image.") and different images are different
+    targets; None (no image) gives the text's own key.
     """
-    digest = hashlib.blake2b(" ".join(text.split()).casefold().encode(), digest_size=8).digest()
+    normalised = " ".join(text.split()).casefold()
+    if image_sha256:
+        # a NUL cannot occur in a checked text (data/row_checks.py), so no text collides with text + image
+        normalised += "\0" + image_sha256
+    digest = hashlib.blake2b(normalised.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)

@@ -51,6 +51,7 @@ from muco_flow.data.mmeb_train_conversations import (
     plan_sample,
     user_text,
 )
+from muco_flow.data.mmeb_train_ingest import NEGATIVE_IMAGE_PREFIX, TARGET_IMAGE_PREFIX
 from muco_flow.data.row_checks import CONTROL_TOKENS
 from muco_flow.data.shards import ShardWriter
 from muco_flow.modeling import tokens
@@ -81,7 +82,9 @@ FINETUNE_FORMATTED_SCHEMA = pa.schema(
         pa.field("negative_ids", pa.list_(ids), nullable=False),
         pa.field("negative_image_tokens", pa.list_(pa.int32()), nullable=False),
         pa.field("negative_source", pa.list_(pa.int32()), nullable=False),  # index in the shard's neg_*; -1: none
+        # the target's text and image as one id (conversations.target_key): the loss masks its repeats
         pa.field("target_key", pa.int64(), nullable=False),
+        pa.field("negative_key", pa.list_(pa.int64()), nullable=False),  # [negative]: the same for each
     ]
 )
 RECORD_COLUMNS = [f.name for f in FINETUNE_FORMATTED_SCHEMA]
@@ -179,6 +182,8 @@ INGESTED_COLUMNS = [
     "pos_image_height",
     "neg_image_width",
     "neg_image_height",
+    f"{TARGET_IMAGE_PREFIX}image_sha256",
+    f"{NEGATIVE_IMAGE_PREFIX}image_sha256",
 ]
 
 
@@ -209,7 +214,7 @@ def format_record(
     if tokenizer.longest(query_side, query_tokens) > limit or tokenizer.longest(target_side, target_tokens) > limit:
         counts["samples_dropped_too_long"] += 1
         return None
-    negatives: list[tuple[list[int], int, int]] = []
+    negatives: list[tuple[list[int], int, int, int]] = []  # ids, image tokens, source, key
     if config.hard_negatives:
         widths, heights = sample["neg_image_width"], sample["neg_image_height"]
         for i, text in enumerate(sample[mmeb_train.NEG_TEXT]):
@@ -218,10 +223,10 @@ def format_record(
             if len(sequence) + max(n - 1, 0) > limit:
                 counts["negatives_dropped_too_long"] += 1
                 continue
-            negatives.append((sequence, n, i))
+            negatives.append((sequence, n, i, target_key(text, sample[f"{NEGATIVE_IMAGE_PREFIX}image_sha256"][i])))
         if not negatives:
             # as the loader without negatives: the empty text (src/loader.py lines 258-261, 354-355)
-            negatives.append((tokenizer.negative("", 0), 0, -1))
+            negatives.append((tokenizer.negative("", 0), 0, -1, target_key("")))
             counts["samples_with_empty_negative"] += 1
     counts["negatives"] += len(negatives)
     return {
@@ -237,7 +242,8 @@ def format_record(
         "negative_ids": [n[0] for n in negatives],
         "negative_image_tokens": [n[1] for n in negatives],
         "negative_source": [n[2] for n in negatives],
-        "target_key": target_key(sample[mmeb_train.POS_TEXT]),
+        "target_key": target_key(sample[mmeb_train.POS_TEXT], sample[f"{TARGET_IMAGE_PREFIX}image_sha256"]),
+        "negative_key": [n[3] for n in negatives],
     }
 
 
@@ -348,5 +354,6 @@ def assemble_finetune_sample(
         turn_type=[UNKNOWN_TURN_TYPE] * len(EMBEDDINGS),
         target_key=[record["target_key"]] * len(EMBEDDINGS),
         negative_ids=[negative_ids] if negative_ids is not None else None,
+        negative_key=[record["negative_key"][negative]] if negative_ids is not None else None,
     )
     return Stage2Sample(conversation, negative, plan)

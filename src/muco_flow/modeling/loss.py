@@ -15,7 +15,9 @@ the same wherever it comes from, so it cannot be its twin's negative.
 
 ``four_way_contrastive_loss`` is MuCo's second-stage (MMEB fine-tuning)
 loss: one turn per sample, and each side has a main and an auxiliary
-embedding, so queries and targets meet in four combinations.
+embedding, so queries and targets meet in four combinations. With
+``target_keys`` it masks repeated targets the same way (K = 1), keyed by text
+and image, in all four terms and among the hard negatives.
 
 ``matryoshka_loss`` wraps either loss for Matryoshka representation
 learning: the loss of each nested prefix of the embeddings, weighted and
@@ -181,6 +183,8 @@ def four_way_contrastive_loss(
     rank: int = 0,
     *,
     hard_negatives: torch.Tensor | None = None,
+    target_keys: torch.Tensor | None = None,
+    negative_keys: torch.Tensor | None = None,
 ) -> FourWayLoss:
     """MuCo's stage-2 InfoNCE: both query embeddings against both target embeddings.
 
@@ -196,9 +200,15 @@ def four_way_contrastive_loss(
             every query: the terms against ``target`` and ``target_aux``
             append the main query's similarities to them, the terms of
             ``query_aux`` the auxiliary query's, as MuCo pairs them.
+        target_keys: one integer per target row, [world*B], equal for equal
+            targets (text and image): a target equal to a query's positive is
+            not its negative, in the main and in the auxiliary columns alike
+            (the auxiliary embedding is the same target's). None: MuCo's
+            loss, every target but the positive is a negative.
+        negative_keys: the same ids for the rows of ``hard_negatives``; with
+            ``target_keys``, a hard negative equal to the positive is masked.
 
-    One turn per sample means no same-sample masking: every target but the
-    positive is a negative. ``.total`` is the sum of the four terms.
+    One turn per sample means no same-sample masking. ``.total`` is the sum of the four terms.
     """
     if query.ndim != 2 or query_aux.shape != query.shape:
         raise ValueError(
@@ -217,12 +227,29 @@ def four_way_contrastive_loss(
         raise ValueError(f"rank {rank} has no block in a target of {target.shape[0]} rows ({local} per rank)")
     if hard_negatives is not None and (hard_negatives.ndim != 2 or hard_negatives.shape[1] != dim):
         raise ValueError(f"hard_negatives must be [n, {dim}], got {tuple(hard_negatives.shape)}")
-    labels = torch.arange(local, device=query.device) + rank * local
+    if target_keys is not None and target_keys.shape != (target.shape[0],):
+        raise ValueError(f"target_keys must have shape ({target.shape[0]},), got {tuple(target_keys.shape)}")
+    if negative_keys is not None and (hard_negatives is None or negative_keys.shape != (hard_negatives.shape[0],)):
+        raise ValueError("negative_keys must have one key per row of hard_negatives")
+    offset = rank * local
+    labels = torch.arange(local, device=query.device) + offset
+    # one turn per sample: only the repeats of the positive are masked, the same in all four terms
+    masked = None
+    if target_keys is not None:
+        masked = _not_negative_mask(local, target.shape[0], 1, offset, query.device, target_keys)
+        if hard_negatives is not None:
+            repeats = torch.zeros(local, hard_negatives.shape[0], dtype=torch.bool, device=query.device)
+            if negative_keys is not None:
+                repeats = target_keys[labels][:, None] == negative_keys[None, :]
+            masked = torch.cat([masked, repeats], dim=1)
 
     def term(anchors: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         if hard_negatives is not None:
             candidates = torch.cat([candidates, hard_negatives])
-        return F.cross_entropy(anchors @ candidates.T / temperature, labels)
+        logits = anchors @ candidates.T / temperature
+        if masked is not None:
+            logits = logits.masked_fill(masked, float("-inf"))
+        return F.cross_entropy(logits, labels)
 
     return FourWayLoss(
         query_target=term(query, target),

@@ -96,6 +96,19 @@ class PreemptionSettings:
 
 
 @dataclass(frozen=True)
+class DataMixSettings:
+    """Which conversations of which dataset an epoch trains on, and how batches mix datasets (training/data.py)."""
+
+    # per dataset (stage 2: the MMEB-train folder): an epoch takes round(weight x its samples), cycling through
+    # them in a new order each pass; a dataset not named has weight 1 (each sample once)
+    weights: dict[str, float] = field(metadata=setting(minimum=0))
+    # per dataset: at most this many samples an epoch, a new draw each epoch; a dataset not named has no cap
+    caps: dict[str, int] = field(metadata=setting(minimum=1))
+    # true: each global batch holds one dataset's samples (VLM2Vec's interleave_batch_size), false: any mix
+    homogeneous_batches: bool
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     """The `training` parameters; conf/base/parameters_train.yml says what each one does."""
 
@@ -117,6 +130,7 @@ class TrainingConfig:
     symmetric_loss: bool
     mask_duplicate_targets: bool
     hard_negatives: bool
+    data_mix: DataMixSettings
     # where batches are made, not what they hold
     data_workers: int = field(metadata=setting(fingerprint=False, minimum=0))
     grad_cache: GradCacheSettings

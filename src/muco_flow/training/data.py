@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -46,6 +47,7 @@ from muco_flow.data.mmeb_train_formatting import RECORD_COLUMNS as STAGE2_RECORD
 from muco_flow.data.mmeb_train_formatting import assemble_finetune_sample
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import collate, image_inputs
+from muco_flow.training.config import DataMixSettings
 from muco_flow.training.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -172,6 +174,14 @@ class FormattedRecords:
         empty = np.zeros(0, np.int64)
         return (np.concatenate(values) if values else empty), (np.concatenate(lengths) if lengths else empty)
 
+    def category_column(self, name: str) -> tuple[np.ndarray, list[str]]:
+        """A string column of every record as codes into its sorted distinct values, and those values."""
+        chunks = [self._reader(file).get_batch(batch).column(name) for file, batch in self._batch_file]
+        values = pa.chunked_array(chunks, type=pa.string())
+        names = sorted(values.unique().to_pylist())
+        codes = pc.index_in(values, value_set=pa.array(names, pa.string()))
+        return codes.to_numpy().astype(np.int64), names
+
     def record(self, index: int) -> dict[str, Any]:
         """Record ``index`` as a dict; a stage-1 record's image bytes under "image" (None: no image)."""
         at = int(np.searchsorted(self._batch_starts, index, side="right")) - 1
@@ -265,6 +275,7 @@ class ConversationBatches:
         world_size: int,
         seed: int,
         hard_negatives: bool = False,
+        data_mix: DataMixSettings | None = None,
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
         kind = RECORD_KINDS.get(manifest.get("schema_version"))
@@ -294,6 +305,19 @@ class ConversationBatches:
         # one unit per conversation, as flat arrays: its record, its part of the record, its turns
         self.unit_record, self.unit_part, self.unit_turns = self.kind.units(self.records)
         self.conversations = len(self.unit_turns)
+        # each unit's dataset, as an index into dataset_names (M3T: one dataset, "")
+        if "dataset" in self.kind.columns:
+            codes, self.dataset_names = self.records.category_column("dataset")
+            self.unit_dataset = codes[self.unit_record]
+        else:
+            self.unit_dataset, self.dataset_names = np.zeros(self.conversations, np.int64), [""]
+        self.data_mix = data_mix or DataMixSettings(weights={}, caps={}, homogeneous_batches=False)
+        self.epoch_counts = epoch_counts(
+            np.bincount(self.unit_dataset, minlength=len(self.dataset_names)), self.dataset_names, self.data_mix
+        )
+        if len(set(self.unit_turns.tolist())) > 1 and (self.data_mix.weights or self.data_mix.caps):
+            # a draw per dataset would leave each turn count's batches to chance, and so the steps per epoch
+            raise ValueError("training.data_mix weights and caps need conversations of one turn count (stage 2)")
         self._epoch_cache: tuple[int, np.ndarray] | None = None
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -314,6 +338,7 @@ class ConversationBatches:
         world_size: int,
         seed: int,
         hard_negatives: bool = False,
+        data_mix: DataMixSettings | None = None,
     ) -> ConversationBatches:
         """Batches collated with ``tokenizer``'s padding, ``<|image_pad|>`` and ``<|emb|>`` ids.
 
@@ -331,6 +356,7 @@ class ConversationBatches:
             world_size=world_size,
             seed=seed,
             hard_negatives=hard_negatives,
+            data_mix=data_mix,
         )
 
     @classmethod
@@ -357,23 +383,40 @@ class ConversationBatches:
         return self.batch_size * self.world_size
 
     @property
+    def _batch_groups(self) -> np.ndarray:
+        """Each unit's batch group: conversations of one turn count (and, homogeneous, one dataset) share a batch."""
+        if self.data_mix.homogeneous_batches:
+            return self.unit_turns * len(self.dataset_names) + self.unit_dataset
+        return self.unit_turns
+
+    @property
     def steps_per_epoch(self) -> int:
-        return int(sum(int(n) // self.global_batch for n in np.bincount(self.unit_turns)))
+        if not (self.data_mix.weights or self.data_mix.caps):
+            sizes = np.bincount(self._batch_groups)  # every unit once
+        elif self.data_mix.homogeneous_batches:
+            # weights and caps need one turn count, so a group's size each epoch is known without drawing
+            sizes = self.epoch_counts
+        else:
+            sizes = np.array([self.epoch_counts.sum()])
+        return int(sum(int(n) // self.global_batch for n in sizes))
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """The epoch's global batches as [steps, global batch] unit indices, the same on every rank."""
         if self._epoch_cache and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
         # random.Random's shuffle on numpy arrays draws what it drew on the lists of earlier
-        # versions, so a run's batches (and its results) stay what they were
+        # versions, so a run's batches (and its results) stay what they were (without a data mix,
+        # epoch_units draws nothing)
         rng = random.Random(f"muco-train:{self.seed}:{epoch}")
+        units = epoch_units(self.unit_dataset, self.epoch_counts, rng)
+        group_of = self._batch_groups[units]
         groups, left_out = [], 0
-        for turns in np.unique(self.unit_turns):
-            units = np.flatnonzero(self.unit_turns == turns)
-            rng.shuffle(units)  # type: ignore[arg-type]  # an ndarray shuffles in place like a list
-            full = len(units) // self.global_batch * self.global_batch
-            left_out += len(units) - full
-            groups.append(units[:full].reshape(-1, self.global_batch))
+        for group in np.unique(group_of):
+            members = units[group_of == group]
+            rng.shuffle(members)  # type: ignore[arg-type]  # an ndarray shuffles in place like a list
+            full = len(members) // self.global_batch * self.global_batch
+            left_out += len(members) - full
+            groups.append(members[:full].reshape(-1, self.global_batch))
         order = np.arange(self.steps_per_epoch)
         rng.shuffle(order)  # type: ignore[arg-type]  # as above
         batches = np.concatenate(groups)[order]
@@ -430,6 +473,46 @@ class ConversationBatches:
             target_images=optional_side("target"),
             negative_images=optional_side("negative"),
         )
+
+
+def epoch_counts(samples: np.ndarray, names: Sequence[str], mix: DataMixSettings) -> np.ndarray:
+    """How many samples of each dataset an epoch holds: round(weight x samples), at most its cap.
+
+    ``samples``: each dataset's samples, in ``names``' order. A weight or cap
+    naming no dataset of the data is an error (a typo would silently do nothing).
+    """
+    unknown = sorted((set(mix.weights) | set(mix.caps)) - set(names))
+    if unknown:
+        raise ValueError(
+            f"training.data_mix names {', '.join(unknown)}, which the data does not hold "
+            f"(its datasets: {', '.join(names)})"
+        )
+    counts = []
+    for name, n in zip(names, samples.tolist(), strict=True):
+        count = int(mix.weights.get(name, 1.0) * n + 0.5)  # half up, not to even
+        counts.append(min(count, mix.caps.get(name, count)))
+    return np.array(counts, dtype=np.int64)
+
+
+def epoch_units(unit_dataset: np.ndarray, counts: np.ndarray, rng: random.Random) -> np.ndarray:
+    """The units of one epoch: ``counts[d]`` of dataset d, in passes over it that are each a new random order.
+
+    A dataset taken whole (its count equals its units) is taken as it is, without
+    a draw, so data without a mix gets every unit in index order and ``rng`` untouched.
+    """
+    taken = []
+    for dataset, count in enumerate(counts.tolist()):
+        units = np.flatnonzero(unit_dataset == dataset)
+        if count == len(units):
+            taken.append(units)
+            continue
+        passes = []
+        for _ in range(-(-count // len(units)) if len(units) else 0):
+            shuffled = units.copy()
+            rng.shuffle(shuffled)  # type: ignore[arg-type]  # an ndarray shuffles in place like a list
+            passes.append(shuffled)
+        taken.append(np.concatenate(passes)[:count] if passes else units[:0])
+    return np.sort(np.concatenate(taken), kind="stable") if taken else unit_dataset[:0]
 
 
 class _StepParts(torch.utils.data.Dataset):

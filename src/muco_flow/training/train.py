@@ -59,6 +59,12 @@ def mean_over_ranks(value: float) -> float:
     return all_reduce_scalar(value) / dist.get_world_size()
 
 
+def _negative_keys(part: Batch) -> torch.Tensor:
+    if part.negative_keys is None:
+        raise ValueError("the batch's hard negatives have no target keys to mask duplicates with")
+    return part.negative_keys
+
+
 def forward_backward(
     engine: Any,
     parts: list[Batch],
@@ -78,7 +84,8 @@ def forward_backward(
     rank's queries and its terms to log; ``engine.step()`` completes the step.
     ``four_way``: stage 2 (MMEB-train batches, see ``Batch``), MuCo's four-way
     loss over the main and auxiliary embeddings, which has no symmetric term
-    and masks nothing (one turn per sample, as in the official code).
+    (as in the official code); ``mask_duplicate_targets`` masks repeated
+    targets there too, keyed by text and image.
     ``matryoshka`` with dims: either loss on each nested prefix of every
     embedding, weighted and summed (``matryoshka_loss``); its terms are each
     width's loss (and, in stage 2, each width's four terms).
@@ -98,6 +105,12 @@ def forward_backward(
     def four_way_loss(embeddings: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # each stage-2 row holds two <|emb|>: [main_0, aux_0, main_1, aux_1, ...]
         query, target, *negative = embeddings
+        keys = negative_keys = None
+        if mask_duplicate_targets:
+            # a stage-2 target's key (text and image) comes once per <|emb|>: one per sample
+            keys = all_gather_without_grad(torch.cat([p.target_keys[0::2] for p in parts]).to(device))
+            if hard_negatives:
+                negative_keys = all_gather_without_grad(torch.cat([_negative_keys(p) for p in parts]).to(device))
         value = four_way_contrastive_loss(
             query[0::2],
             query[1::2],
@@ -106,6 +119,8 @@ def forward_backward(
             temperature,
             rank,
             hard_negatives=all_gather_with_grad(negative[0]) if hard_negatives else None,
+            target_keys=keys,
+            negative_keys=negative_keys,
         )
         return value.total, value.terms()
 
@@ -121,10 +136,7 @@ def forward_backward(
         if hard_negatives:
             all_negatives = all_gather_with_grad(negative[0])
             if mask_duplicate_targets:
-                keyed = [p.negative_keys for p in parts if p.negative_keys is not None]
-                if len(keyed) != len(parts):
-                    raise ValueError("the batch's hard negatives have no target keys to mask duplicates with")
-                negative_keys = all_gather_without_grad(torch.cat(keyed).to(device))
+                negative_keys = all_gather_without_grad(torch.cat([_negative_keys(p) for p in parts]).to(device))
         value = multi_turn_contrastive_loss(
             query,
             all_targets,
@@ -252,6 +264,7 @@ def train(config: dict[str, Any]) -> None:
         world_size=world,
         seed=settings.seed,
         hard_negatives=settings.hard_negatives,
+        data_mix=settings.data_mix,
     )
     data_stage, stage = stage_of(batches), config.get("stage", "train")
     four_way = data_stage == "finetune"
