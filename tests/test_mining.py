@@ -341,8 +341,15 @@ def test_a_training_run_on_mined_negatives_is_tagged_with_their_lineage():
     from muco_flow.training.stage import describe_run
     from tests.conftest import load_params
 
-    training = TrainingConfig.from_dict(load_params()["training"])
-    config = {"checkpoint": "data/06_models/muco/model", "backbone": {}, "shards_dir": "nowhere", "git_commit": "c"}
+    training = TrainingConfig.from_dict({**load_params()["training"], "max_steps": 10})  # no conversations to count
+    config = {
+        "stage": "finetune",
+        "checkpoint": "data/06_models/muco/model",
+        "backbone": {},
+        "conversations_dir": "nowhere",
+        "shards_dir": "nowhere",
+        "git_commit": "c",
+    }
     kedro_run = {"pipelines": "finetune", "command": "kedro run", "env": "base"}
     lineage = {"negatives": "mined", "mining_model_run_id": "run-1"}
     tags = describe_run(config, training, kedro_run, "stage-1", lineage)["tags"]
