@@ -131,8 +131,15 @@ def test_under_grad_cache_the_matryoshka_step_gives_the_whole_batchs_loss_and_gr
     )
 
     def batch(rows: slice) -> Batch:
-        if stage == 2:  # one negative per sample, rows [main, aux] per sample
-            return stage2_batch(query[rows], target[rows], negative[rows][::2])
+        if stage == 2:  # one negative per sample, rows [main, aux] per sample; keys unique across chunks
+            samples_in = range(rows.start // 2, (rows.stop or len(query)) // 2)
+            return stage2_batch(
+                query[rows],
+                target[rows],
+                negative[rows][::2],
+                keys=list(samples_in),
+                negative_keys=[100 + i for i in samples_in],
+            )
         return stage1_batch(query[rows], target[rows], negative[rows], turns, rows.start)
 
     whole = ScalingEngine(dim)
