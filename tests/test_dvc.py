@@ -405,7 +405,8 @@ def test_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
     assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"train", "finetune"}
 
     result = dvc(root, "repro")
-    # mine ranks with the stage-1 model, so a new one is mined again (the default finetune trains on the given negatives)
+    # mine ranks with the stage-1 model, so a new one is mined again
+    # (the default finetune trains on the given negatives)
     assert stages_run(result) == ["train", "evaluate", "register", "mine", "finetune"]
     after = json.loads((root / "data/06_models/train_run.json").read_text())
     registration = json.loads((root / "data/08_reporting/registration.json").read_text())
