@@ -32,6 +32,24 @@ SMALL_SAMPLE = MiniSampleConfig(
 )
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--every-family",
+        action="store_true",
+        help="also run the tests marked every_family: the real-width runs of the families the suite leaves out",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (not skip) the every_family tier unless asked: the suite's 45 minutes keep one family at real width."""
+    if config.getoption("--every-family"):
+        return
+    left_out = [item for item in items if item.get_closest_marker("every_family") is not None]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item.get_closest_marker("every_family") is None]
+
+
 def config_loader(env: str = "base") -> OmegaConfigLoader:
     """Configuration as a Kedro run in `env` sees it (base, then env's overrides)."""
     args = {**settings.CONFIG_LOADER_ARGS, "default_run_env": env}
