@@ -22,7 +22,7 @@ from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
 from muco_flow.training.config import DataMixSettings, TrainingConfig
-from muco_flow.training.data import ConversationBatches, batch_loader
+from muco_flow.training.data import Batch, ConversationBatches, batch_bytes, batch_loader, check_shared_memory
 from muco_flow.training.stage import describe_run
 from tests.conftest import PROJECT_ROOT, load_params, with_value
 
@@ -157,6 +157,27 @@ def test_the_loader_gives_step_s_batch_s_from_any_start(formatted, workers, chun
         assert len(parts) == len(expected) == (2 if chunk_size else 1)
         for got, want in zip(parts, expected, strict=True):
             assert_same_batch(got, want)
+
+
+def test_a_steps_batch_bytes_are_its_tensors_bytes():
+    part = Batch(
+        query={"input_ids": torch.zeros(2, 5, dtype=torch.int64)},  # 80 bytes
+        target={"pixel_values": torch.zeros(3, 4, dtype=torch.float32)},  # 48
+        turns=1,
+        conversation_ids=["a", "b"],
+        target_keys=torch.zeros(2, dtype=torch.int64),  # 16
+        negative={"input_ids": torch.zeros(1, 3, dtype=torch.int32)},  # 12
+    )
+    assert batch_bytes([part, part]) == 2 * (80 + 48 + 16 + 12)
+
+
+def test_batches_in_flight_beyond_shared_memory_are_refused_with_the_fix(tmp_path):
+    size = shutil.disk_usage(tmp_path).total
+    # 2 ranks x 2 workers x prefetch 2 = 8 steps in flight: a step of size / 8 fits, one byte more does not
+    check_shared_memory(size // 8, workers=2, prefetch=2, ranks_on_node=2, shared_memory=tmp_path)
+    with pytest.raises(RuntimeError, match=r"2 ranks x training\.data_workers=2 x prefetch 2 .*--shm-size=\d+g"):
+        check_shared_memory(size // 8 + 1, workers=2, prefetch=2, ranks_on_node=2, shared_memory=tmp_path)
+    check_shared_memory(size, workers=0, prefetch=2, ranks_on_node=2, shared_memory=tmp_path)  # no workers: no check
 
 
 def test_older_or_damaged_files_are_named(formatted, tmp_path):

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -531,6 +532,46 @@ def _as_is(parts: list[Batch]) -> list[Batch]:
     return parts
 
 
+# Where DataLoader workers hand their batches to the rank (torch's shared-memory tensors, on Linux)
+SHARED_MEMORY = Path("/dev/shm")
+MIB = 2**20
+
+
+def batch_bytes(parts: Sequence[Batch]) -> int:
+    """The bytes of every tensor of one step's batch parts: what a worker puts in shared memory for that step."""
+    sides = [side for part in parts for side in (part.query, part.target, part.negative) if side is not None]
+    tensors = [t for side in sides for t in side.values()] + [p.target_keys for p in parts]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_shared_memory(
+    one_step_bytes: int, *, workers: int, prefetch: int, ranks_on_node: int, shared_memory: Path = SHARED_MEMORY
+) -> None:
+    """Raises when the batches in flight on this node cannot fit in ``shared_memory``, naming the fix.
+
+    Every rank's ``workers`` keep ``prefetch`` steps each in shared memory; a
+    container's default /dev/shm (Docker: 64 MB) holds not one batch at
+    cluster image size, and the loader would die of a bus error instead.
+    """
+    if not workers or not shared_memory.is_dir():
+        return
+    in_flight = one_step_bytes * workers * prefetch * ranks_on_node
+    size = shutil.disk_usage(shared_memory).total
+    logger.info(
+        "batches in flight: %.1f MiB per step x %d workers x prefetch %d x %d ranks on this node = %.0f MiB "
+        "of %s's %.0f MiB",
+        one_step_bytes / MIB, workers, prefetch, ranks_on_node, in_flight / MIB, shared_memory, size / MIB,
+    )  # fmt: skip
+    if in_flight > size:
+        raise RuntimeError(
+            f"{shared_memory} holds {size / MIB:.0f} MiB, but the batches in flight on this node need about "
+            f"{in_flight / MIB:.0f} MiB ({ranks_on_node} ranks x training.data_workers={workers} x prefetch "
+            f"{prefetch} x {one_step_bytes / MIB:.1f} MiB per step): give the container more shared memory "
+            f"(docker run --shm-size={-(-2 * in_flight // 2**30)}g, or a Kubernetes emptyDir with medium: Memory "
+            "at /dev/shm) or lower training.data_workers (0 builds batches in the rank itself)"
+        )
+
+
 def batch_loader(
     batches: ConversationBatches,
     start: int,
@@ -539,18 +580,31 @@ def batch_loader(
     chunk_size: int | None = None,
     workers: int = 0,
     prefetch: int = 2,
+    shared_memory: Path = SHARED_MEMORY,
 ) -> Iterator[list[Batch]]:
     """Each step's batch parts, steps ``start`` .. ``stop - 1`` in order, made ``prefetch`` steps ahead per worker.
 
     The sampler is the step range itself, so step s is always batch s, with or
     without workers, and a resumed run continues exactly where it stopped.
     Records, images, the image processor and collation run in the ``workers``
-    processes (0: in this one).
+    processes (0: in this one). With workers, the first step's batch is built
+    here first, to check that the node's shared memory holds the batches in
+    flight (``check_shared_memory``).
     """
     if workers < 0 or prefetch < 1:
         raise ValueError(f"training.data_workers must be >= 0 and prefetch >= 1, got {workers} and {prefetch}")
+    steps = _StepParts(batches, chunk_size)
+    if workers and start < stop:
+        ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+        check_shared_memory(
+            batch_bytes(steps[start]),
+            workers=workers,
+            prefetch=prefetch,
+            ranks_on_node=ranks_on_node,
+            shared_memory=shared_memory,
+        )
     loader = torch.utils.data.DataLoader(
-        _StepParts(batches, chunk_size),
+        steps,
         sampler=range(start, stop),
         batch_size=None,
         collate_fn=_as_is,
