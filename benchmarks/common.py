@@ -112,6 +112,19 @@ def goal(description: str, target: str, measured: str, met: bool) -> dict[str, A
     return {"goal": description, "target": target, "measured": measured, "met": bool(met)}
 
 
+def rss_growth_goal(what: str, results: list[dict[str, Any]], dim: int, max_growth: float) -> dict[str, Any]:
+    """The goal that peak RSS stays flat from the smallest pool to the largest (``results`` in pool order)."""
+    first, last = results[0], results[-1]
+    growth = last["peak_rss_mib"] / first["peak_rss_mib"]
+    return goal(
+        f"{what} peak RSS, {last['candidates']:,} against {first['candidates']:,} candidates (d={dim})",
+        f"<= {max_growth:.2f}x",
+        f"{growth:.3f}x ({first['peak_rss_mib']:.0f} -> {last['peak_rss_mib']:.0f} MiB; "
+        f"the larger pool is {last['pool_mib']:.0f} MiB)",
+        growth <= max_growth,
+    )
+
+
 def write_result(
     out_dir: Path,
     name: str,

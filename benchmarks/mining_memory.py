@@ -83,17 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"peak RSS {measured['peak_rss_mib']:.0f} MiB",
             flush=True,
         )
-    growth = results[-1]["peak_rss_mib"] / results[0]["peak_rss_mib"]
-    goals = [
-        common.goal(
-            f"mining peak RSS, {results[-1]['candidates']:,} against {results[0]['candidates']:,} candidates "
-            f"(d={args.dim})",
-            f"<= {MAX_RSS_GROWTH:.2f}x",
-            f"{growth:.3f}x ({results[0]['peak_rss_mib']:.0f} -> {results[-1]['peak_rss_mib']:.0f} MiB; "
-            f"the larger pool is {results[-1]['pool_mib']:.0f} MiB)",
-            growth <= MAX_RSS_GROWTH,
-        )
-    ]
+    goals = [common.rss_growth_goal("mining", results, args.dim, MAX_RSS_GROWTH)]
     parameters = {"sizes": args.sizes, "dim": args.dim, "rows": args.rows, "block_rows": args.block_rows}
     return {"parameters": parameters, "results": results, "goals": goals}
 
