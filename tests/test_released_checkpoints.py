@@ -25,7 +25,7 @@ from muco_flow.modeling.embedder import EmbedderSettings, LoraSettings, MuCoEmbe
 from muco_flow.modeling.inputs import image_inputs
 from muco_flow.pipelines.evaluate.nodes import evaluate_baseline, evaluate_trained_model, load_evaluation_sets
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, load_params, new_project
-from tests.released_checkpoints import QWEN_SPECIAL_TOKENS, write_muco, write_qwen2_vl_instruct
+from tests.released_checkpoints import QWEN_SPECIAL_TOKENS, write_muco, write_release
 
 INFERENCE = EmbedderSettings(lora=LoraSettings(enabled=False))
 ENCODE_TEMPLATE = FormatConfig.from_params(load_params()["format"]).templates.single_turn()
@@ -34,7 +34,7 @@ ENCODE_TEMPLATE = FormatConfig.from_params(load_params()["format"]).templates.si
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory, tiny_preset):
     directory = tmp_path_factory.mktemp("released") / "Qwen2-VL-2B-Instruct"
-    return directory, write_qwen2_vl_instruct(directory, tiny_preset)
+    return directory, write_release(directory, "qwen2_vl", tiny_preset)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_a_stock_qwen2_vl_gets_the_muco_tokens_after_its_own(qwen_dir):
 
 
 def test_an_unpadded_matrix_is_resized_and_keeps_its_rows(tmp_path, tiny_preset):
-    written = write_qwen2_vl_instruct(tmp_path / "unpadded", tiny_preset, pad_vocab=False)
+    written = write_release(tmp_path / "unpadded", "qwen2_vl", tiny_preset, pad_vocab=False)
     rows = written["model.embed_tokens.weight"]
     embedder = MuCoEmbedder(load_backbone(str(tmp_path / "unpadded")), INFERENCE)
     embedding = embedder.model.get_input_embeddings().weight
@@ -236,7 +236,7 @@ def test_evaluate_scores_a_release_as_model_and_as_baseline(small_sample_root, q
 def test_train_and_evaluate_from_a_downloaded_qwen2_vl(tmp_path, tiny_preset):
     """The README's recipe: conf/local points backbone_checkpoint at a download; data, train, evaluate."""
     download = tmp_path / "models" / "Qwen2-VL-2B-Instruct"
-    write_qwen2_vl_instruct(download, tiny_preset)
+    write_release(download, "qwen2_vl", tiny_preset)
     project = new_project(tmp_path / "project")
     (project / "conf/local/catalog.yml").write_text(
         f"backbone_checkpoint:\n  type: muco_flow.datasets.PretrainedCheckpointDataset\n  name_or_path: {download}\n"
