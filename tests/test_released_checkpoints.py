@@ -14,8 +14,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import transformers
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, DatasetError
 from PIL import Image
@@ -32,12 +34,14 @@ from muco_flow.modeling.embedder import (
     build_training_embedder,
     load_embedder,
 )
+from muco_flow.modeling.families import family_named
 from muco_flow.modeling.inputs import build_model_inputs, image_inputs
 from muco_flow.modeling.loss import multi_turn_contrastive_loss
 from muco_flow.modeling.prompt import single_turn_text
 from muco_flow.pipelines.evaluate.nodes import evaluate_baseline, evaluate_trained_model, load_evaluation_sets
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, load_params, new_project
 from tests.released_checkpoints import RELEASES, write_muco, write_release
+from tests.test_families import IMAGE_SIZES, TEXT
 
 INFERENCE = EmbedderSettings(lora=LoraSettings(enabled=False))
 ENCODE_TEMPLATE = FormatConfig.from_params(load_params()["format"]).templates.single_turn()
@@ -212,6 +216,32 @@ def test_pixel_limits_come_from_the_checkpoint_unless_set(family, release):
     # one limit alone keeps the other from the checkpoint
     _, processor = load_processors(directory, image_limits=PixelLimits(max_pixels=1003520))
     assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (PUBLISHED_PIXELS[family][0], 1003520)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_releases_inputs_equal_what_transformers_reads_from_it(family, release):
+    """muco-flow's loaders against transformers' own: the tokenizer class transformers picks for the
+    family (Qwen3.5's Qwen3_5Tokenizer builds its own pre-tokenizer) and the image processor it reads
+    from the published preprocessor_config.json, inside the family's processor."""
+    directory = str(release(family)[0])
+    tokenizer, image_processor = load_processors(directory)
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    their_tokenizer.add_special_tokens({"additional_special_tokens": ["<|emb|>", "<|mask|>"]})
+    their_image_processor = transformers.AutoImageProcessor.from_pretrained(directory, backend="pil")
+    processor_class = getattr(transformers, family_named(family).processor_class_name)
+
+    class WithoutVideo(processor_class):  # the video processor needs torchvision; images never reach it
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return None if argument is None else super().check_argument_for_proper_class(argument_name, argument)
+
+    processor = WithoutVideo(image_processor=their_image_processor, tokenizer=their_tokenizer, video_processor=None)
+    rng = np.random.default_rng(0)
+    for width, height in IMAGE_SIZES:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours = build_model_inputs(tokenizer, image_processor, [TEXT], [image])
+        theirs = processor(text=[TEXT], images=[image], return_tensors="pt")
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "pixel_values"):
+            assert ours[key].tolist() == theirs[key].tolist(), (family, (width, height), key)
 
 
 def test_a_muco_release_keeps_its_eval_pixel_limits(muco_dir):
