@@ -51,7 +51,13 @@ published ``model.safetensors.index.json`` files list them), and
 ``Qwen3_5Model._keys_to_ignore_on_load_unexpected = [r"^mtp.*"]`` is the MTP
 head those files carry (``mtp.fc``, ``mtp.pre_fc_norm_{embedding,hidden}``,
 ``mtp.norm``, ``mtp.layers.0.*``). Module structure per family:
-``models/<model_type>/modeling_*.py``.
+``models/<model_type>/modeling_*.py``. The config.json fields are those of the
+published files (Qwen2.5-VL-3B's and Qwen3-VL-2B's as transcribed in public
+projects, Qwen3.5-0.8B's as benchmarks/published_backbones.json cites it), the
+added-token order that of the released tokenizer_config.json files (Qwen3.5's
+33 as public Qwen3.5-family tokenizer listings give them), the preprocessor
+files verbatim. Not reproduced: the full chat templates (tools, thinking) and
+generation settings, which muco-flow never reads.
 
 ``naver-ai/MuCo-2B``: what naver-ai/muco ``src/merge.py`` writes — the LoRA merged
 into full weights (``save_pretrained`` of transformers 4.52.3: legacy key names,
