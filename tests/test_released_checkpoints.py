@@ -365,8 +365,9 @@ DORA_MODULES = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 28, "qwen3_5": 16}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_release_trains_one_step_with_dora(family, release):
-    """One stage-1 step in process: the loss reaches DoRA and the MuCo rows, never the vision tower."""
+def test_a_release_trains_one_step_with_dora_and_saves_a_model_that_loads(family, release, tmp_path):
+    """One stage-1 step in process: the loss reaches DoRA and the MuCo rows, never the vision tower;
+    the merged model (in the current key names, whatever the release's) loads and encodes the same."""
     directory, _ = release(family)
     params = load_params()
     backbone = {**params["backbone"], "image": EVAL_PIXELS}
@@ -396,6 +397,12 @@ def test_a_release_trains_one_step_with_dora(family, release):
     with torch.no_grad():
         after = embedder(**batch, emb_index=emb_index)
     assert not torch.allclose(after, before)  # the step changed the embeddings
+
+    trained = embedder.encode(items, template=ENCODE_TEMPLATE, progress=False)
+    embedder.save_merged(tmp_path / "merged", ENCODE_TEMPLATE)
+    merged, template = load_embedder(str(tmp_path / "merged"), default_template="not-used")
+    assert merged.emb_token_id == embedder.emb_token_id
+    torch.testing.assert_close(merged.encode(items, template=template, progress=False), trained, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
