@@ -281,6 +281,7 @@ def test_the_cluster_checkpoint_can_be_a_local_download(qwen_dir):
 def test_an_incomplete_download_is_named(family, release, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(release(family)[0], partial)
+    assert PretrainedCheckpointDataset(str(partial)).load() == str(partial)  # complete: nothing to name
     (partial / "model-00002-of-00002.safetensors").unlink()
     (partial / "preprocessor_config.json").unlink()
     with pytest.raises(DatasetError, match=r"missing: preprocessor_config.json, model-00002-of-00002.safetensors"):
