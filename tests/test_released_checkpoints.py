@@ -34,14 +34,13 @@ from muco_flow.modeling.embedder import (
     build_training_embedder,
     load_embedder,
 )
-from muco_flow.modeling.families import family_named
 from muco_flow.modeling.inputs import build_model_inputs, image_inputs
 from muco_flow.modeling.loss import multi_turn_contrastive_loss
 from muco_flow.modeling.prompt import single_turn_text
 from muco_flow.pipelines.evaluate.nodes import evaluate_baseline, evaluate_trained_model, load_evaluation_sets
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, load_params, new_project
 from tests.released_checkpoints import RELEASES, write_muco, write_release
-from tests.test_families import IMAGE_SIZES, TEXT
+from tests.test_families import IMAGE_SIZES, TEXT, family_processor
 
 INFERENCE = EmbedderSettings(lora=LoraSettings(enabled=False))
 ENCODE_TEMPLATE = FormatConfig.from_params(load_params()["format"]).templates.single_turn()
@@ -230,13 +229,7 @@ def test_a_releases_inputs_equal_what_transformers_reads_from_it(family, release
     their_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     their_tokenizer.add_special_tokens({"additional_special_tokens": ["<|emb|>", "<|mask|>"]})
     their_image_processor = transformers.AutoImageProcessor.from_pretrained(directory, backend="pil")
-    processor_class = getattr(transformers, family_named(family).processor_class_name)
-
-    class WithoutVideo(processor_class):  # the video processor needs torchvision; images never reach it
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return None if argument is None else super().check_argument_for_proper_class(argument_name, argument)
-
-    processor = WithoutVideo(image_processor=their_image_processor, tokenizer=their_tokenizer, video_processor=None)
+    processor = family_processor(family, their_tokenizer, their_image_processor)
     rng = np.random.default_rng(0)
     for width, height in IMAGE_SIZES:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
