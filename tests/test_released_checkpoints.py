@@ -14,7 +14,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -40,7 +39,7 @@ from muco_flow.modeling.prompt import single_turn_text
 from muco_flow.pipelines.evaluate.nodes import evaluate_baseline, evaluate_trained_model, load_evaluation_sets
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, load_params, new_project
 from tests.released_checkpoints import RELEASES, write_muco, write_release
-from tests.test_families import IMAGE_SIZES, TEXT, family_processor
+from tests.test_families import assert_inputs_equal, family_processor
 
 INFERENCE = EmbedderSettings(lora=LoraSettings(enabled=False))
 ENCODE_TEMPLATE = FormatConfig.from_params(load_params()["format"]).templates.single_turn()
@@ -230,13 +229,7 @@ def test_a_releases_inputs_equal_what_transformers_reads_from_it(family, release
     their_tokenizer.add_special_tokens({"additional_special_tokens": ["<|emb|>", "<|mask|>"]})
     their_image_processor = transformers.AutoImageProcessor.from_pretrained(directory, backend="pil")
     processor = family_processor(family, their_tokenizer, their_image_processor)
-    rng = np.random.default_rng(0)
-    for width, height in IMAGE_SIZES:
-        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        ours = build_model_inputs(tokenizer, image_processor, [TEXT], [image])
-        theirs = processor(text=[TEXT], images=[image], return_tensors="pt")
-        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "pixel_values"):
-            assert ours[key].tolist() == theirs[key].tolist(), (family, (width, height), key)
+    assert_inputs_equal(family, tokenizer, image_processor, processor)
 
 
 def test_a_muco_release_keeps_its_eval_pixel_limits(muco_dir):
