@@ -270,7 +270,7 @@ RELEASES: dict[str, Release] = {
             "processor_class": "Qwen3VLProcessor",
         },
         model_max_length=262144,
-        transformers_version="5.2.0.dev0",
+        transformers_version="5.2.0.dev0",  # not established here (transformers does not read it)
     ),
 }
 
