@@ -115,7 +115,11 @@ def family_processor(family: str, tokenizer, image_processor):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_image_inputs_equal_the_familys_own_processor(family, family_backbone_dir):
     tokenizer, image_processor = load_processors(str(family_backbone_dir(family)))
-    processor = family_processor(family, tokenizer, image_processor)
+    assert_inputs_equal(family, tokenizer, image_processor, family_processor(family, tokenizer, image_processor))
+
+
+def assert_inputs_equal(family, tokenizer, image_processor, processor) -> None:
+    """muco-flow's inputs from ``tokenizer`` and ``image_processor`` are ``processor``'s, image size by size."""
     rng = np.random.default_rng(0)
     for width, height in IMAGE_SIZES:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -1,17 +1,22 @@
-"""Released checkpoints: Qwen/Qwen2-VL-2B-Instruct and naver-ai/MuCo-2B layouts, at tiny width.
+"""Released checkpoints of every backbone family, and naver-ai/MuCo-2B, at tiny width.
 
 The directories are written by tests/released_checkpoints.py with safetensors
-and tokenizers directly, so every expectation here is the tensor or id that
-was written, not what muco-flow saved.
+and tokenizers directly (the published key names, config.json, tokenizer and
+preprocessor files of Qwen2-VL-2B, Qwen2.5-VL-3B, Qwen3-VL-2B and Qwen3.5-0.8B),
+so every expectation here is the tensor or id that was written, not what
+muco-flow saved.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, DatasetError
 from PIL import Image
@@ -20,31 +25,70 @@ from safetensors.torch import load_file, save_file
 from muco_flow import settings
 from muco_flow.data.conversations import FormatConfig
 from muco_flow.datasets import PretrainedCheckpointDataset
-from muco_flow.modeling.backbone import BackboneConfig, PixelLimits, load_backbone, load_processors
-from muco_flow.modeling.embedder import EmbedderSettings, LoraSettings, MuCoEmbedder, load_embedder
-from muco_flow.modeling.inputs import image_inputs
+from muco_flow.modeling.backbone import BackboneConfig, PixelLimits, family_preset, load_backbone, load_processors
+from muco_flow.modeling.embedder import (
+    EmbedderSettings,
+    LoraSettings,
+    MuCoEmbedder,
+    build_training_embedder,
+    load_embedder,
+)
+from muco_flow.modeling.inputs import build_model_inputs, image_inputs
+from muco_flow.modeling.loss import multi_turn_contrastive_loss
+from muco_flow.modeling.prompt import single_turn_text
 from muco_flow.pipelines.evaluate.nodes import evaluate_baseline, evaluate_trained_model, load_evaluation_sets
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, load_params, new_project
-from tests.released_checkpoints import QWEN_SPECIAL_TOKENS, write_muco, write_qwen2_vl_instruct
+from tests.released_checkpoints import RELEASES, write_muco, write_release
+from tests.test_families import assert_inputs_equal, family_processor
 
 INFERENCE = EmbedderSettings(lora=LoraSettings(enabled=False))
 ENCODE_TEMPLATE = FormatConfig.from_params(load_params()["format"]).templates.single_turn()
+FAMILIES = list(RELEASES)
+LAYOUTS = [*FAMILIES, "muco"]
+Written = tuple[Path, dict[str, torch.Tensor]]
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory, tiny_preset):
-    directory = tmp_path_factory.mktemp("released") / "Qwen2-VL-2B-Instruct"
-    return directory, write_qwen2_vl_instruct(directory, tiny_preset)
+def release(tmp_path_factory, tiny_presets) -> Callable[[str], Written]:
+    """A family's release (or "muco": naver-ai/MuCo-2B) written once per module on first use, at
+    the width of that family's tiny preset; (directory, the tensors written by stored key)."""
+    written: dict[str, Written] = {}
+
+    def get(layout: str) -> Written:
+        if layout not in written:
+            root = tmp_path_factory.mktemp("released")
+            if layout == "muco":
+                directory = root / "MuCo-2B"
+                written[layout] = directory, write_muco(directory, family_preset(tiny_presets, "qwen2_vl"))
+            else:
+                directory = root / RELEASES[layout].repo.split("/")[1]
+                written[layout] = directory, write_release(directory, layout, family_preset(tiny_presets, layout))
+        return written[layout]
+
+    return get
 
 
 @pytest.fixture(scope="module")
-def muco_dir(tmp_path_factory, tiny_preset):
-    directory = tmp_path_factory.mktemp("released") / "MuCo-2B"
-    return directory, write_muco(directory, tiny_preset)
+def qwen_dir(release) -> Written:
+    return release("qwen2_vl")
 
 
-def module_name(stored_key: str) -> str:
-    """Where a key of the published safetensors lives in transformers 5's Qwen2VLForConditionalGeneration."""
+@pytest.fixture(scope="module")
+def muco_dir(release) -> Written:
+    return release("muco")
+
+
+def module_name(layout: str, stored_key: str) -> str | None:
+    """Where a key of the published safetensors lives in transformers 5's ...ForConditionalGeneration.
+
+    Qwen2-VL and Qwen2.5-VL (and MuCo-2B) store legacy names (``model.layers.*``,
+    ``visual.*``); Qwen3-VL and Qwen3.5 store the modules' own. None: a tensor the
+    release holds that transformers does not load (Qwen3.5's multi-token-prediction head).
+    """
+    if stored_key.startswith("mtp."):
+        return None
+    if layout in ("qwen3_vl", "qwen3_5"):
+        return stored_key
     if stored_key.startswith("visual."):
         return "model." + stored_key
     return "model.language_model." + stored_key.removeprefix("model.")
@@ -56,41 +100,48 @@ def written_ids(directory) -> dict[str, int]:
     return {entry["content"]: int(i) for i, entry in decoder.items()}
 
 
-@pytest.mark.parametrize("layout", ["qwen_dir", "muco_dir"])
-def test_every_published_weight_loads_where_it_belongs(layout, request):
-    directory, written = request.getfixturevalue(layout)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_published_weight_loads_where_it_belongs(layout, release):
+    directory, written = release(layout)
     assert len({p.name for p in directory.glob("model-*.safetensors")}) == 2
     model = load_backbone(str(directory)).model
     state = model.state_dict()
-    for key, tensor in written.items():
-        assert torch.equal(state[module_name(key)], tensor.float()), key
-    # tied, as in Qwen2-VL-2B: no lm_head.weight is stored
+    homes = {key: module_name(layout, key) for key in written}
+    for key, name in homes.items():
+        if name is not None:
+            assert torch.equal(state[name], written[key].float()), key
+    # tied, as in every family's 2B-class release: no lm_head.weight is stored
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    assert len(state) - 1 == len(written)  # everything but the tied head came from the files
+    loaded = [name for name in homes.values() if name is not None]
+    assert len(state) - 1 == len(loaded)  # everything but the tied head came from the files
+    dropped = [key for key, name in homes.items() if name is None]
+    assert len(dropped) == (15 if layout == "qwen3_5" else 0)  # Qwen3.5's MTP head: fc, 3 norms, 1 layer of 11
+    assert not any(name.startswith("mtp.") for name in state)
 
 
-def test_a_stock_qwen2_vl_gets_the_muco_tokens_after_its_own(qwen_dir):
-    directory, written = qwen_dir
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_stock_release_gets_the_muco_tokens_after_its_own(family, release):
+    directory, written = release(family)
     ids = written_ids(directory)
-    assert list(ids) == list(QWEN_SPECIAL_TOKENS)
+    assert list(ids) == list(RELEASES[family].added_tokens)
     embedder = MuCoEmbedder(load_backbone(str(directory)), INFERENCE)
     tokenizer = embedder.tokenizer
-    # as MuCo's add_special_tokens does on Qwen's tokenizer: 151657, 151658 after <|video_pad|> 151656
-    assert tokenizer.convert_tokens_to_ids(["<|emb|>", "<|mask|>"]) == [
-        ids["<|video_pad|>"] + 1,
-        ids["<|video_pad|>"] + 2,
-    ]
-    for token, token_id in ids.items():  # Qwen's own ids stay
+    # as MuCo's add_special_tokens does on Qwen's tokenizer: right after the family's last token
+    # (Qwen2-VL: 151657, 151658 after <|video_pad|> 151656; Qwen2.5-VL after <|file_sep|> 151664;
+    # Qwen3-VL after </think> 151668; Qwen3.5 after <|audio_pad|> 248076)
+    last = max(ids.values())
+    assert tokenizer.convert_tokens_to_ids(["<|emb|>", "<|mask|>"]) == [last + 1, last + 2]
+    for token, token_id in ids.items():  # the family's own ids stay
         assert tokenizer.convert_tokens_to_ids(token) == token_id
     # the matrix is padded past the tokenizer (like 151936 > 151659): the new tokens take existing rows
-    rows = written["model.embed_tokens.weight"]
+    rows = written[next(k for k in written if k.endswith("embed_tokens.weight"))]
     embedding = embedder.model.get_input_embeddings().weight
     assert embedding.shape[0] == rows.shape[0] > len(tokenizer)
     torch.testing.assert_close(embedding, rows.float(), rtol=0, atol=0)
 
 
 def test_an_unpadded_matrix_is_resized_and_keeps_its_rows(tmp_path, tiny_preset):
-    written = write_qwen2_vl_instruct(tmp_path / "unpadded", tiny_preset, pad_vocab=False)
+    written = write_release(tmp_path / "unpadded", "qwen2_vl", tiny_preset, pad_vocab=False)
     rows = written["model.embed_tokens.weight"]
     embedder = MuCoEmbedder(load_backbone(str(tmp_path / "unpadded")), INFERENCE)
     embedding = embedder.model.get_input_embeddings().weight
@@ -115,9 +166,9 @@ def test_a_muco_release_keeps_its_trained_emb_and_mask_rows(muco_dir):
         assert torch.equal(embedding[ids[token]], rows[ids[token]].float()), token
 
 
-@pytest.mark.parametrize("layout", ["qwen_dir", "muco_dir"])
-def test_a_release_encodes_text_and_image(layout, request):
-    directory, _ = request.getfixturevalue(layout)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_release_encodes_text_and_image(layout, release):
+    directory, _ = release(layout)
     embedder, template = load_embedder(str(directory), default_template=ENCODE_TEMPLATE)
     assert not embedder.settings.bidirectional  # MuCo evaluates causally
     picture = Image.new("RGB", (96, 80), (30, 160, 40))
@@ -131,24 +182,59 @@ def test_a_release_encodes_text_and_image(layout, request):
     assert not torch.allclose(vectors[0], vectors[1])  # the image reaches the embedding
 
 
-def test_pixel_limits_come_from_the_checkpoint_unless_set(qwen_dir, muco_dir):
-    _, processor = load_processors(str(qwen_dir[0]))
-    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (3136, 12845056)
-    _, processor = load_processors(str(muco_dir[0]))
-    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (200704, 1003520)
-    muco = PixelLimits(min_pixels=28 * 28 * 256, max_pixels=28 * 28 * 1280)
-    _, processor = load_processors(str(qwen_dir[0]), image_limits=muco)
-    # hand-computed with Qwen2-VL's smart_resize (sides to multiples of 28, area into the range):
-    # 56x56 is scaled up by sqrt(200704 / 3136) = 8 to 448x448: 16 x 16 merged tokens;
-    # 640x480 rounds to 644x476 (23 x 17 merged tokens = 391); 4000x3000 shrinks to at most 1280
+# (shortest_edge, longest_edge) as each release's preprocessor_config.json sets them:
+# min_pixels/max_pixels in Qwen2-VL's and Qwen2.5-VL's, a ``size`` object in Qwen3-VL's and Qwen3.5's
+PUBLISHED_PIXELS = {
+    "qwen2_vl": (3136, 12845056),
+    "qwen2_5_vl": (3136, 12845056),
+    "qwen3_vl": (65536, 16777216),
+    "qwen3_5": (65536, 16777216),
+}
+# One visual token covers a (patch x merge)^2 square: 14 x 2 for Qwen2/2.5-VL, 16 x 2 for Qwen3-VL/3.5.
+# Hand-computed with smart_resize (sides to multiples of the token side, area into [256, 1280] tokens):
+# 56x56 is scaled up to 448x448 (28) or 512x512 (32): 16 x 16 merged tokens, a 32 x 32 patch grid;
+# 640x480 rounds to 644x476, 23 x 17 = 391 tokens (28), or stays 640x480, 20 x 15 = 300 tokens (32).
+TOKEN_SIDE = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 32, "qwen3_5": 32}
+SMALL_AND_VGA_TOKENS = {28: [256, 391], 32: [256, 300]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pixel_limits_come_from_the_checkpoint_unless_set(family, release):
+    directory = str(release(family)[0])
+    _, processor = load_processors(directory)
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == PUBLISHED_PIXELS[family]
+    published = json.loads((release(family)[0] / "preprocessor_config.json").read_text())
+    assert [list(processor.image_mean), list(processor.image_std)] == [published["image_mean"], published["image_std"]]
+    side = TOKEN_SIDE[family]
+    muco = PixelLimits(min_pixels=side * side * 256, max_pixels=side * side * 1280)  # MuCo's 256..1280 tokens
+    _, processor = load_processors(directory, image_limits=muco)
     sizes = [(56, 56), (640, 480), (4000, 3000)]
     _, grids, counts = image_inputs(processor, [Image.new("RGB", s) for s in sizes])
-    assert counts[:2] == [256, 391]
+    assert counts[:2] == SMALL_AND_VGA_TOKENS[side]
     assert 256 <= counts[2] <= 1280
     assert grids[0].tolist() == [1, 32, 32]
     # one limit alone keeps the other from the checkpoint
-    _, processor = load_processors(str(qwen_dir[0]), image_limits=PixelLimits(max_pixels=50176))
-    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (3136, 50176)
+    _, processor = load_processors(directory, image_limits=PixelLimits(max_pixels=1003520))
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (PUBLISHED_PIXELS[family][0], 1003520)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_releases_inputs_equal_what_transformers_reads_from_it(family, release):
+    """muco-flow's loaders against transformers' own: the tokenizer class transformers picks for the
+    family (Qwen3.5's Qwen3_5Tokenizer builds its own pre-tokenizer) and the image processor it reads
+    from the published preprocessor_config.json, inside the family's processor."""
+    directory = str(release(family)[0])
+    tokenizer, image_processor = load_processors(directory)
+    their_tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    their_tokenizer.add_special_tokens({"additional_special_tokens": ["<|emb|>", "<|mask|>"]})
+    their_image_processor = transformers.AutoImageProcessor.from_pretrained(directory, backend="pil")
+    processor = family_processor(family, their_tokenizer, their_image_processor)
+    assert_inputs_equal(family, tokenizer, image_processor, processor)
+
+
+def test_a_muco_release_keeps_its_eval_pixel_limits(muco_dir):
+    _, processor = load_processors(str(muco_dir[0]))
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (200704, 1003520)
 
 
 @pytest.mark.parametrize(
@@ -179,9 +265,11 @@ def test_the_cluster_checkpoint_can_be_a_local_download(qwen_dir):
     assert catalog.load("backbone_checkpoint") == directory
 
 
-def test_an_incomplete_download_is_named(qwen_dir, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_incomplete_download_is_named(family, release, tmp_path):
     partial = tmp_path / "partial"
-    shutil.copytree(qwen_dir[0], partial)
+    shutil.copytree(release(family)[0], partial)
+    assert PretrainedCheckpointDataset(str(partial)).load() == str(partial)  # complete: nothing to name
     (partial / "model-00002-of-00002.safetensors").unlink()
     (partial / "preprocessor_config.json").unlink()
     with pytest.raises(DatasetError, match=r"missing: preprocessor_config.json, model-00002-of-00002.safetensors"):
@@ -215,13 +303,23 @@ def test_a_weight_the_files_lack_is_an_error_not_a_random_init(qwen_dir, tmp_pat
         load_backbone(str(broken))
 
 
-def test_evaluate_scores_a_release_as_model_and_as_baseline(small_sample_root, qwen_dir, muco_dir):
+EVAL_SETS = ("MiniShapes-Color", "MiniShapes-T2I")
+EVAL_PIXELS = {"min_pixels": 3136, "max_pixels": 12544}  # 4..16 visual tokens (28 px), 3..12 (32 px)
+
+
+@pytest.fixture(scope="module")
+def eval_sets(small_sample_root):
     params = {**load_params()["evaluate"], "batch_size": 16}
     params["m3t_heldout"] = params["mbeir"] = None  # MMEB only, two of its sets (below): kept small
     sets = load_evaluation_sets(str(small_sample_root), params)
-    sets["mmeb"] = [s for s in sets["mmeb"] if s.name in ("MiniShapes-Color", "MiniShapes-T2I")]  # kept small
+    sets["mmeb"] = [s for s in sets["mmeb"] if s.name in EVAL_SETS]  # kept small
+    return sets, params
+
+
+def test_evaluate_scores_a_release_as_model_and_as_baseline(eval_sets, qwen_dir, muco_dir):
+    sets, params = eval_sets
     format_params = load_params()["format"]
-    backbone = {**load_params()["backbone"], "image": {"min_pixels": 3136, "max_pixels": 12544}}  # 4..16 tokens
+    backbone = {**load_params()["backbone"], "image": EVAL_PIXELS}
     baseline = evaluate_baseline(sets, "not-used", {**params, "baseline": str(qwen_dir[0])}, format_params, backbone)
     model = evaluate_trained_model(
         sets, {"model_dir": "not-used"}, {**params, "model": str(muco_dir[0])}, format_params, backbone
@@ -232,11 +330,75 @@ def test_evaluate_scores_a_release_as_model_and_as_baseline(small_sample_root, q
     assert model != baseline  # two different checkpoints were scored
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])  # Qwen2-VL's: the test above
+def test_evaluate_scores_each_family_release(family, release, eval_sets):
+    directory = str(release(family)[0])
+    sets, params = eval_sets
+    sets = {**sets, "mmeb": [s for s in sets["mmeb"] if s.name == "MiniShapes-Color"]}  # one set: kept fast
+    format_params = load_params()["format"]
+    backbone = {**load_params()["backbone"], "image": EVAL_PIXELS}
+    baseline = evaluate_baseline(sets, "not-used", {**params, "baseline": directory}, format_params, backbone)
+    model = evaluate_trained_model(
+        sets, {"model_dir": "not-used"}, {**params, "model": directory}, format_params, backbone
+    )
+    assert set(baseline["mmeb"]["datasets"]) == {"MiniShapes-Color"}
+    assert 0.0 <= baseline["mmeb"]["average"] <= 1.0
+    # a release without muco_embedder.json encodes the same way in either role
+    assert model["mmeb"] == baseline["mmeb"]
+
+
+# DoRA's targets (conf/base training.embedder.lora.target_modules) in the tiny releases' 4 text layers:
+# q/k/v/o and gate/up/down in each layer (4 x 7); Qwen3.5's 3 Gated DeltaNet layers have no q/k/v/o
+# projections, so only their MLPs (3 x 3) and the full-attention layer (7) are adapted.
+DORA_MODULES = {"qwen2_vl": 28, "qwen2_5_vl": 28, "qwen3_vl": 28, "qwen3_5": 16}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_release_trains_one_step_with_dora_and_saves_a_model_that_loads(family, release, tmp_path):
+    """One stage-1 step in process: the loss reaches DoRA and the MuCo rows, never the vision tower;
+    the merged model (in the current key names, whatever the release's) loads and encodes the same."""
+    directory, _ = release(family)
+    params = load_params()
+    backbone = {**params["backbone"], "image": EVAL_PIXELS}
+    embedder = build_training_embedder(str(directory), backbone, params["training"]["embedder"], seed=0).train()
+    picture = Image.new("RGB", (96, 80), (30, 160, 40))
+    items = [("What color is it?", picture), ("a red circle", None), ("green", None), ("a circle", picture)]
+    texts = [single_turn_text(text, image is not None, ENCODE_TEMPLATE) for text, image in items]
+    batch = build_model_inputs(embedder.tokenizer, embedder.image_processor, texts, [im for _, im in items])
+    emb_index = (batch["input_ids"] == embedder.emb_token_id).nonzero()
+
+    vectors = embedder(**batch, emb_index=emb_index)
+    loss = multi_turn_contrastive_loss(vectors[:2], vectors[2:], turns=1)
+    assert torch.isfinite(loss)
+    loss.backward()
+    trainable = {name: p for name, p in embedder.named_parameters() if p.requires_grad}
+    assert not any(".visual." in name for name in trainable)  # the vision tower stays frozen
+    magnitudes = [name for name in trainable if "lora_magnitude_vector" in name]
+    assert len(magnitudes) == DORA_MODULES[family]
+    assert all("language_model" in name for name in magnitudes)
+    assert sum("trainable_tokens" in name for name in trainable) == 1  # the <|emb|>/<|mask|> rows
+    for name, parameter in trainable.items():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    assert all(parameter.grad.abs().sum() > 0 for name, parameter in trainable.items() if "lora_B" in name)
+
+    before = vectors.detach()
+    torch.optim.AdamW(trainable.values(), lr=1e-3).step()
+    with torch.no_grad():
+        after = embedder(**batch, emb_index=emb_index)
+    assert not torch.allclose(after, before)  # the step changed the embeddings
+
+    trained = embedder.encode(items, template=ENCODE_TEMPLATE, progress=False)
+    embedder.save_merged(tmp_path / "merged", ENCODE_TEMPLATE)
+    merged, template = load_embedder(str(tmp_path / "merged"), default_template="not-used")
+    assert merged.emb_token_id == embedder.emb_token_id
+    torch.testing.assert_close(merged.encode(items, template=template, progress=False), trained, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_train_and_evaluate_from_a_downloaded_qwen2_vl(tmp_path, tiny_preset):
     """The README's recipe: conf/local points backbone_checkpoint at a download; data, train, evaluate."""
     download = tmp_path / "models" / "Qwen2-VL-2B-Instruct"
-    write_qwen2_vl_instruct(download, tiny_preset)
+    write_release(download, "qwen2_vl", tiny_preset)
     project = new_project(tmp_path / "project")
     (project / "conf/local/catalog.yml").write_text(
         f"backbone_checkpoint:\n  type: muco_flow.datasets.PretrainedCheckpointDataset\n  name_or_path: {download}\n"
