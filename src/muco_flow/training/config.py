@@ -114,6 +114,10 @@ class TrainingConfig:
 
     run_name: str | None = field(metadata=setting(fingerprint=False))
     output_dir: str = field(metadata=setting(fingerprint=False))
+    # null: start from the backbone; a model directory a training stage wrote (e.g. CoCoA's stage 0) or a
+    # models:/ URI (training/init_model.py). Fingerprinted as a name; the directory's content enters through
+    # the checkpoint's content hash
+    init_from: str | None
     seed: int = field(metadata=setting(minimum=0))
     precision: str = field(metadata=setting(choices=PRECISIONS))
     learning_rate: float = field(metadata=setting(minimum=0, exclusive_minimum=True))

@@ -41,7 +41,8 @@ def finetune_muco_model(
     Returns the run record (with the stage-1 run as ``parent_run_id``), loss history and loss plot.
     """
     stage = FinetuneConfig.from_dict(finetune)
-    settings = finetuning_settings(training, stage.training or {})
+    # stage 2 starts from finetune.init_from; training.init_from was stage 1's start (its run records it)
+    settings = finetuning_settings(training, stage.training or {}) | {"init_from": None}
     output_dir = TrainingConfig.from_dict(settings).output_dir  # checked before a model is fetched
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     model_dir, parent_run_id = resolve_init_model(
