@@ -13,6 +13,9 @@ from muco_flow.modeling.cocoa import BRIDGED, WARMUP, CocoaObjective, bridged_ba
 from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder
 from muco_flow.modeling.inputs import build_model_inputs
 from muco_flow.modeling.reconstruction_loss import masked_next_token_loss, masked_patch_loss, patch_targets
+from muco_flow.training.cocoa_config import CocoaConfig, CocoaConfigError
+from muco_flow.training.config import TrainingConfig, laid_over
+from tests.conftest import load_params, with_value
 
 # a hand-built vocabulary: structure ids (special) and content ids
 BOS, IMG, EMB, END, PAD = 1, 2, 3, 4, 0
@@ -203,3 +206,38 @@ def test_the_saved_model_is_the_embedder_without_the_image_head(objective_and_ba
         "image_head.weight",
         "image_head.bias",
     }
+
+
+def test_conf_base_cocoa_block_validates_and_its_training_block_is_a_training_setting():
+    params = load_params()
+    config = CocoaConfig.from_dict(params["cocoa"])
+    assert config.steps == config.warmup_steps + config.bridged_steps
+    assert "training" not in config.objective()
+    merged = laid_over(params["training"], config.training or {}, "cocoa.training")
+    assert TrainingConfig.from_dict(merged).output_dir == "data/06_models/cocoa"
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        ("text_mask_ratio", 0, "cocoa.text_mask_ratio must be a number from 0.01 to 0.99, got 0"),
+        ("image_mask_ratio", 1.0, "cocoa.image_mask_ratio must be a number from 0.01 to 0.99, got 1.0"),
+        ("loss_weights.bridged", -1, "cocoa.loss_weights.bridged must be a non-negative number"),
+        ("bridged_step", 3, "cocoa.bridged_step is not a cocoa setting"),
+    ],
+)
+def test_a_bad_cocoa_setting_is_named_by_its_dotted_key(dotted, value, message):
+    with pytest.raises(CocoaConfigError) as raised:
+        CocoaConfig.from_dict(with_value(load_params()["cocoa"], dotted, value))
+    assert str(raised.value).startswith(message)
+
+
+def test_stage_0_needs_a_step():
+    values = load_params()["cocoa"] | {"warmup_steps": 0, "bridged_steps": 0}
+    with pytest.raises(CocoaConfigError, match="at least 1"):
+        CocoaConfig.from_dict(values)
+
+
+def test_a_cocoa_training_key_that_training_lacks_is_named():
+    with pytest.raises(ValueError, match=r"^cocoa\.training\.embedder\.lora\.rank is not a training setting"):
+        laid_over(load_params()["training"], {"embedder": {"lora": {"rank": 8}}}, "cocoa.training")

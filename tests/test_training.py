@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -652,3 +653,45 @@ def test_the_learning_rate_follows_the_configured_schedule(prepared):
     constant = train_params("data/06_models/run-constant", **{"training.lr_schedule": "constant"})
     kedro_run(project, "--pipelines=train", constant)
     assert rates("data/06_models/run-constant") == pytest.approx([2.5e-4] + [5e-4] * (STEPS - 1), rel=1e-6)
+
+
+def test_cocoa_stage_0_trains_on_reconstruction_and_stage_1_starts_from_it_with_its_lineage(prepared):
+    """`pretrain_cocoa` (2 warm-up + 2 bridged steps), then `train` from its model through training.init_from.
+
+    Last in this module: the `train` run here rewrites data/06_models/train_run.json.
+    """
+    project, _ = prepared
+    began = time.perf_counter()
+    kedro_run(
+        project,
+        "--pipelines=pretrain_cocoa",
+        "--params=cocoa.warmup_steps=2,cocoa.bridged_steps=2,training.micro_batch_size=4",
+    )
+    stage_0_seconds = time.perf_counter() - began
+    cocoa = json.loads((project / "data/06_models/cocoa_run.json").read_text())
+    assert cocoa["steps"] == 4 and cocoa["model_dir"] == "data/06_models/cocoa/model"
+    lines = [json.loads(line) for line in (project / "data/06_models/cocoa/metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    # the warm-up's two reconstruction losses, then the bridged one; no contrastive term anywhere
+    assert all({"cocoa/text_loss", "cocoa/image_loss"} <= line.keys() for line in lines[:2])
+    assert all("cocoa/bridged_loss" in line and "cocoa/text_loss" not in line for line in lines[2:])
+    values = [v for line in lines for k, v in line.items() if k.startswith("cocoa/")]
+    assert len(values) == 6 and all(math.isfinite(v) and v > 0 for v in values)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    for name, steps in (("text_loss", [1, 2]), ("image_loss", [1, 2]), ("bridged_loss", [3, 4])):
+        history = client.get_metric_history(cocoa["mlflow_run_id"], f"batch/cocoa/{name}")
+        assert sorted(m.step for m in history) == steps, name
+    assert client.get_run(cocoa["mlflow_run_id"]).info.run_name.startswith("stage0-")
+    # the saved model is the backbone's shape: the image head stayed behind
+    saved = load_backbone(str(project / "data/06_models/cocoa/model"))
+    assert not any("image_head" in name for name, _ in saved.model.named_parameters())
+
+    init = {"training.init_from": "data/06_models/cocoa/model", "training.max_steps": 2}
+    kedro_run(project, "--pipelines=train", train_params("data/06_models/from-cocoa", **init))
+    stage_1 = json.loads((project / "data/06_models/train_run.json").read_text())
+    lineage = {"source": "data/06_models/cocoa/model", "run_id": cocoa["mlflow_run_id"]}
+    assert stage_1["init_from"] == lineage | {"content_hash": cocoa["model_content_hash"]}
+    tags = client.get_run(stage_1["mlflow_run_id"]).data.tags
+    assert tags["muco_flow.init_from_run_id"] == cocoa["mlflow_run_id"]
+    assert tags["muco_flow.init_from_content_hash"] == cocoa["model_content_hash"]
+    print(f"pretrain_cocoa (4 steps) took {stage_0_seconds:.1f} s")

@@ -182,6 +182,17 @@ class TrainingConfig:
         return self.launcher.processes_per_node * self.launcher.nodes
 
 
+def laid_over(training: Mapping[str, Any], overrides: Mapping[str, Any], block: str) -> dict[str, Any]:
+    """``training`` with a stage's own settings (the parameters' ``block``, e.g. `finetune.training`) laid over
+    it, nested mappings merged key by key; a key `training` does not have is an error naming it."""
+    merged = dict(training)
+    for key, value in overrides.items():
+        if key not in training:
+            raise ValueError(f"{block}.{key} is not a training setting ({PARAMETERS_FILE})")
+        merged[key] = laid_over(training[key], value, f"{block}.{key}") if isinstance(value, dict) else value
+    return merged
+
+
 def _fingerprinted(settings: Any) -> dict[str, Any]:
     kept = {}
     for spec in dataclasses.fields(settings):

@@ -37,7 +37,7 @@ TAG_NAMESPACE = "muco_flow"  # of the run tags data_lineage names
 # The MLflow run's name when training.run_name is empty
 DEFAULT_RUN_NAME = "{stage}-{checkpoint}-{steps}steps-seed{training.seed}"
 # What a run name calls each stage: MuCo's paper numbers them
-STAGE_NAMES = {"train": "stage1", "finetune": "stage2"}
+STAGE_NAMES = {"cocoa": "stage0", "train": "stage1", "finetune": "stage2"}
 
 
 def run_training_stage(
@@ -53,8 +53,10 @@ def run_training_stage(
     stage: str = "train",
     parent_run_id: str | None = None,
     data_lineage: Mapping[str, str] | None = None,
+    cocoa: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame, Any]:
-    """One MuCo training stage under torchrun: `train` (stage 1) or `finetune` (stage 2 from ``parent_run_id``'s model).
+    """One training stage under torchrun: `train` (stage 1), `finetune` (stage 2 from ``parent_run_id``'s model)
+    or `cocoa` (CoCoA's stage 0 on stage 1's conversations, ``cocoa`` its objective's settings).
 
     The `train` pipeline's node: ``training`` is the `training` parameters,
     checked into a TrainingConfig here. Returns the run record, loss history
@@ -80,6 +82,7 @@ def run_training_stage(
         shards_dir=shards_dir,
         stage=stage,
         parent_run_id=parent_run_id,
+        cocoa=cocoa,
     )
     # lineage and the MLflow run's name, description and tags: not part of the resume fingerprint
     config["git_commit"] = source_commit()
@@ -154,7 +157,7 @@ def describe_run(
 ) -> dict[str, Any]:
     """The MLflow run's name (``training.run_name``), description, context tags and data fingerprint.
 
-    The name's template fills in {stage} (stage1: `train`, stage2: `finetune`),
+    The name's template fills in {stage} (stage0: `cocoa`, stage1: `train`, stage2: `finetune`),
     {checkpoint} (the backbone's folder name), {steps} (the optimizer steps the
     run takes: ``max_steps``, else epochs x full global batches of the
     conversations) and any setting by its dotted key; never the `kedro run
@@ -183,6 +186,12 @@ def describe_run(
     )
     if parent_run_id:
         description = f"Fine-tuned (MuCo stage 2) from the stage-1 model of run `{parent_run_id}`. " + description
+    if config["stage"] == "cocoa":
+        cocoa = config["cocoa"]
+        description = (
+            f"CoCoA stage 0 (docs/cocoa.md): {cocoa['warmup_steps']} warm-up and {cocoa['bridged_steps']} "
+            "EOS-bridged reconstruction steps, no contrastive loss. " + description
+        )
     tags = context_tags(
         source=kedro_run["command"],
         git_commit=config["git_commit"],
