@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +17,8 @@ from muco_flow.modeling.inputs import build_model_inputs
 from muco_flow.modeling.reconstruction_loss import masked_next_token_loss, masked_patch_loss, patch_targets
 from muco_flow.training.cocoa_config import CocoaConfig, CocoaConfigError
 from muco_flow.training.config import TrainingConfig, laid_over
+from muco_flow.training.data import Batch
+from muco_flow.training.train import cocoa_step, forward_backward
 from tests.conftest import load_params, with_value
 
 # a hand-built vocabulary: structure ids (special) and content ids
@@ -241,3 +245,71 @@ def test_stage_0_needs_a_step():
 def test_a_cocoa_training_key_that_training_lacks_is_named():
     with pytest.raises(ValueError, match=r"^cocoa\.training\.embedder\.lora\.rank is not a training setting"):
         laid_over(load_params()["training"], {"embedder": {"lora": {"rank": 8}}}, "cocoa.training")
+
+
+class RowSumEngine(torch.nn.Module):
+    """A stand-in for the DeepSpeed engine around a CocoaObjective: a row's loss is its ids times a weight, summed;
+    a batch's loss is the mean over its rows. Records the (phase, mask seed) each call gets."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.calls: list[tuple[str, int]] = []
+
+    def forward(self, phase, mask_seed, input_ids, attention_mask, **_):
+        self.calls.append((phase, mask_seed))
+        value = (input_ids.float() * self.weight).sum(-1).mean()
+        return value, {"bridged_loss": value * 2}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def coalesce_grad_reduction(self):
+        return contextlib.nullcontext()
+
+
+def rows_batch(input_ids: torch.Tensor) -> Batch:
+    rows = len(input_ids)
+    query = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    return Batch(query, {}, 1, [f"c{i}" for i in range(rows)], torch.arange(rows))
+
+
+def test_the_reconstruction_step_whole_or_in_chunks_gives_the_mean_over_rows_and_its_gradient():
+    input_ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 0, 1], [2, 2, 2]])
+    # by hand, weights 0.5, 1, 1.5: the rows give 7, 16, 25, 2, 6, a mean of 11.2
+    expected = 11.2
+    whole = RowSumEngine(3)
+    loss, terms = forward_backward(
+        whole,
+        [rows_batch(input_ids)],
+        torch.device("cpu"),
+        temperature=1.0,
+        symmetric_loss=False,
+        mask_duplicate_targets=False,
+        reconstruction=("bridged", 40),
+    )
+    chunked = RowSumEngine(3)
+    chunked_loss, chunked_terms = forward_backward(
+        chunked,
+        [rows_batch(input_ids[:2]), rows_batch(input_ids[2:])],
+        torch.device("cpu"),
+        temperature=1.0,
+        symmetric_loss=False,
+        mask_duplicate_targets=False,
+        grad_cache=True,
+        reconstruction=("bridged", 40),
+    )
+    for value, named in ((loss, terms), (chunked_loss, chunked_terms)):
+        assert value.item() == pytest.approx(expected)
+        assert named["bridged_loss"].item() == pytest.approx(2 * expected)
+    # d(mean over rows of ids . w)/dw is the mean row: (1+4+7+1+2)/5, (2+5+8+0+2)/5, (3+6+9+1+2)/5
+    for engine in (whole, chunked):
+        torch.testing.assert_close(engine.weight.grad, torch.tensor([3.0, 3.4, 4.2]))
+    assert whole.calls == [("bridged", 40)] and chunked.calls == [("bridged", 40), ("bridged", 41)]
+
+
+def test_the_warmup_steps_come_first_then_the_bridged_ones():
+    cocoa = {"warmup_steps": 2}
+    phases = [cocoa_step(cocoa, 0, step, 0)[0] for step in range(4)]
+    assert phases == ["warmup", "warmup", "bridged", "bridged"]
+    assert cocoa_step(cocoa, 3, 5, 1)[1] == mask_seed(3, 5, 1)
