@@ -13,6 +13,7 @@ from muco_flow.modeling.attention_masks import pattern_mask, per_layer_type, tru
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.modeling.cocoa import BRIDGED, WARMUP, CocoaObjective, bridged_batch, mask_seed, warmup_masks
 from muco_flow.modeling.embedder import EmbedderSettings, MuCoEmbedder
+from muco_flow.modeling.families import FAMILIES
 from muco_flow.modeling.inputs import build_model_inputs
 from muco_flow.modeling.reconstruction_loss import masked_next_token_loss, masked_patch_loss, patch_targets
 from muco_flow.training.cocoa_config import CocoaConfig, CocoaConfigError
@@ -109,10 +110,11 @@ def test_mask_seeds_differ_across_steps_and_ranks():
 TURN = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<|emb|><|im_end|>\n"
 
 
-@pytest.fixture(scope="module")
-def objective_and_batch(tiny_backbone_dir):
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def objective_and_batch(request, family_backbone_dir):
+    """Each family's tiny preset: the objective must hold on every backbone the project trains."""
     torch.manual_seed(0)
-    embedder = MuCoEmbedder(load_backbone(str(tiny_backbone_dir)), EmbedderSettings())
+    embedder = MuCoEmbedder(load_backbone(str(family_backbone_dir(request.param))), EmbedderSettings())
     with torch.no_grad():  # adapters that change the outputs, so the hand path must run through them too
         for name, parameter in embedder.named_parameters():
             if "lora_B" in name:
@@ -131,20 +133,32 @@ def objective_and_batch(tiny_backbone_dir):
 
 
 def hand_hidden(embedder, inputs, mask, hidden_positions):
-    """The language model's last states, its input embeddings assembled by hand."""
+    """The language model's last states, its input embeddings (and Qwen3-VL's deepstack features) assembled by hand:
+    a hidden position's embedding is <|mask|>'s, and a hidden image token gets no deepstack feature."""
     vlm = embedder.vlm
     embed = vlm.get_input_embeddings()
-    embeds = embed(inputs["input_ids"])
+    embeds = embed(inputs["input_ids"]).clone()
     image_tokens = inputs["input_ids"] == tokens.token_id(embedder.tokenizer, tokens.IMAGE_PAD)
-    features = torch.cat(vlm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
-    embeds = embeds.clone()
-    embeds[image_tokens] = features
-    if hidden_positions is not None:
-        mask_id = tokens.token_id(embedder.tokenizer, tokens.MASK_TOKEN)
-        embeds[hidden_positions] = embed(torch.tensor([mask_id]))[0]
-    masks = per_layer_type(mask, vlm.config.get_text_config(), attn_implementation="sdpa", dtype=embeds.dtype)
+    vision = vlm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    embeds[image_tokens] = torch.cat(vision.pooler_output)
+    hidden_positions = torch.zeros_like(image_tokens) if hidden_positions is None else hidden_positions
+    mask_id = tokens.token_id(embedder.tokenizer, tokens.MASK_TOKEN)
+    embeds[hidden_positions] = embed(torch.tensor([mask_id]))[0]
+    extra = {}
+    if getattr(vision, "deepstack_features", None) is not None:  # Qwen3-VL
+        kept = (~hidden_positions[image_tokens]).float()[:, None]
+        deepstack = [torch.cat(feature) * kept for feature in vision.deepstack_features]
+        extra = {"visual_pos_masks": image_tokens, "deepstack_visual_embeds": deepstack}
+    masks = per_layer_type(
+        mask,
+        vlm.config.get_text_config(),
+        attn_implementation="sdpa",
+        dtype=embeds.dtype,
+        padding_mask=inputs["attention_mask"],
+    )
     positions = embedder.mrope_positions(inputs)
-    return vlm.language_model(inputs_embeds=embeds, attention_mask=masks, position_ids=positions).last_hidden_state
+    language = vlm.language_model
+    return language(inputs_embeds=embeds, attention_mask=masks, position_ids=positions, **extra).last_hidden_state
 
 
 @torch.no_grad()

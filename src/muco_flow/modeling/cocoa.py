@@ -246,7 +246,11 @@ class CocoaObjective(nn.Module):
         """The last hidden states under the 4-D ``mask``, ``hidden_positions`` [B, T] input as ``<|mask|>``."""
         vlm = self.embedder.vlm
         masks = per_layer_type(
-            mask, vlm.config.get_text_config(), attn_implementation=self.attn_implementation, dtype=vlm.dtype
+            mask,
+            vlm.config.get_text_config(),
+            attn_implementation=self.attn_implementation,
+            dtype=vlm.dtype,
+            padding_mask=inputs["attention_mask"],
         )
         position_ids = self.embedder.mrope_positions(inputs)
         with self._masked_inputs(hidden_positions):
