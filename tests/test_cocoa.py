@@ -19,6 +19,7 @@ from muco_flow.modeling.reconstruction_loss import masked_next_token_loss, maske
 from muco_flow.training.cocoa_config import CocoaConfig, CocoaConfigError
 from muco_flow.training.config import TrainingConfig, laid_over
 from muco_flow.training.data import Batch
+from muco_flow.training.launch import resolve_run_config
 from muco_flow.training.train import cocoa_step, forward_backward
 from tests.conftest import load_params, with_value
 
@@ -327,3 +328,38 @@ def test_the_warmup_steps_come_first_then_the_bridged_ones():
     phases = [cocoa_step(cocoa, 0, step, 0)[0] for step in range(4)]
     assert phases == ["warmup", "warmup", "bridged", "bridged"]
     assert cocoa_step(cocoa, 3, 5, 1)[1] == mask_seed(3, 5, 1)
+
+
+def stage_0_fingerprint(cocoa: dict | None, stage: str = "cocoa") -> str:
+    return resolve_run_config(
+        training=TrainingConfig.from_dict(load_params()["training"]),
+        backbone=load_params()["backbone"],
+        encode_template="{text}<|emb|>",
+        tracking_uri="sqlite:///mlflow.db",
+        experiment="muco",
+        checkpoint="no-backbone",
+        conversations_dir="no-conversations",
+        shards_dir="no-shards",
+        stage=stage,
+        cocoa=cocoa,
+    )["fingerprint"]
+
+
+def test_every_cocoa_objective_setting_enters_the_resume_fingerprint():
+    objective = CocoaConfig.from_dict(load_params()["cocoa"]).objective()
+    base = stage_0_fingerprint(objective)
+    changed = {
+        "warmup_steps": objective["warmup_steps"] + 1,
+        "bridged_steps": objective["bridged_steps"] + 1,
+        "text_mask_ratio": 0.3,
+        "image_mask_ratio": 0.5,
+        "normalize_targets": not objective["normalize_targets"],
+        "loss_weights": objective["loss_weights"] | {"image": 2.0},
+    }
+    for key, value in changed.items():
+        assert stage_0_fingerprint(objective | {key: value}) != base, key
+    assert stage_0_fingerprint(objective) == base
+    with pytest.raises(ValueError, match="only it"):
+        stage_0_fingerprint(objective, stage="train")
+    with pytest.raises(ValueError, match="only it"):
+        stage_0_fingerprint(None)
