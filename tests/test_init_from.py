@@ -6,9 +6,8 @@ import hashlib
 
 import pytest
 
-from muco_flow.training.init_model import InitModelError
+from muco_flow.training.init_model import InitModelError, start_model
 from muco_flow.training.model_identity import ModelIdentityError, write_model_identity
-from muco_flow.training.stage import start_model
 from tests.conftest import load_params
 
 

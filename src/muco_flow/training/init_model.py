@@ -42,6 +42,25 @@ def resolve_init_model(
     return init_from, None
 
 
+def start_model(init_from: str, tracking_uri: str, download_dir: Path) -> tuple[str, dict[str, str]]:
+    """The model directory ``training.init_from`` names, and its lineage: the source, its run and content hash.
+
+    Only a model a training stage wrote (with its model_identity.json), unchanged
+    since: the lineage a run records must be the weights it starts from.
+    """
+    from muco_flow.training.model_identity import ModelIdentityError, content_hash, read_model_identity
+
+    model_dir, _ = resolve_init_model(init_from, None, tracking_uri, download_dir, setting="training.init_from")
+    identity = read_model_identity(model_dir)
+    actual = content_hash(model_dir)
+    if actual != identity["content_hash"]:
+        raise ModelIdentityError(
+            f"training.init_from {init_from!r}: its files changed after training wrote them (content hash "
+            f"{actual[:12]}, recorded {identity['content_hash'][:12]})"
+        )
+    return model_dir, {"source": init_from, "run_id": identity["mlflow_run_id"], "content_hash": actual}
+
+
 def _download_registered(
     uri: str, tracking_uri: str, download_dir: Path, marker: str, setting: str
 ) -> tuple[str, str | None]:

@@ -25,7 +25,7 @@ from muco_flow.tracking import (
 )
 from muco_flow.training.config import TrainingConfig
 from muco_flow.training.data import ConversationBatches, check_conversations_match_shards
-from muco_flow.training.init_model import resolve_init_model
+from muco_flow.training.init_model import start_model
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
@@ -113,25 +113,6 @@ def run_training_stage(
     if init_from:
         record["init_from"] = init_from
     return record, history, loss_curve_figure(history)
-
-
-def start_model(init_from: str, tracking_uri: str, download_dir: Path) -> tuple[str, dict[str, str]]:
-    """The model directory ``training.init_from`` names, and its lineage: the source, its run and content hash.
-
-    Only a model a training stage wrote (with its model_identity.json), unchanged
-    since: the lineage a run records must be the weights it starts from.
-    """
-    from muco_flow.training.model_identity import content_hash
-
-    model_dir, _ = resolve_init_model(init_from, None, tracking_uri, download_dir, setting="training.init_from")
-    identity = read_model_identity(model_dir)
-    actual = content_hash(model_dir)
-    if actual != identity["content_hash"]:
-        raise ModelIdentityError(
-            f"training.init_from {init_from!r}: its files changed after training wrote them (content hash "
-            f"{actual[:12]}, recorded {identity['content_hash'][:12]})"
-        )
-    return model_dir, {"source": init_from, "run_id": identity["mlflow_run_id"], "content_hash": actual}
 
 
 def planned_steps(training: TrainingConfig, conversations_dir: Path, shards_dir: Path) -> int:
