@@ -29,10 +29,23 @@ import yaml
 
 from muco_flow.datasets import FileTreeDataset
 from muco_flow.pipelines.finetune.nodes import finetuning_settings
+from muco_flow.training.config import laid_over
 from tests.conftest import PROJECT_ROOT, SMALL_RUN_PARAMS, config_loader, kedro_run, new_project
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, moto_server, s3_client_for, s3_env, upload_tree
 
-CHAIN = ["sample", "backbone", "ingest", "format", "finetune_data", "train", "evaluate", "register", "mine", "finetune"]
+CHAIN = [
+    "sample",
+    "backbone",
+    "ingest",
+    "format",
+    "finetune_data",
+    "pretrain_cocoa",
+    "train",
+    "evaluate",
+    "register",
+    "mine",
+    "finetune",
+]
 BIN = Path(sys.executable).parent
 SRC = PROJECT_ROOT / "src"
 
@@ -130,6 +143,8 @@ def parameter_values(stage: str) -> dict[str, Any]:
             values[name.removeprefix("params:")] = value
     if "finetune" in values:  # fine-tuning runs the `training` settings with `finetune.training` laid over them
         values["training"] = finetuning_settings(values["training"], values["finetune"].get("training") or {})
+    if "cocoa" in values:  # CoCoA's stage 0 likewise, with `cocoa.training`
+        values["training"] = laid_over(values["training"], values["cocoa"].get("training") or {}, "cocoa.training")
     return values
 
 
@@ -348,6 +363,7 @@ def clone(tmp_path_factory) -> Clone:
     edit_yaml(root / "conf/base/parameters_sample.yml", sample)
     edit_yaml(root / "conf/base/parameters_train.yml", {"training.max_steps": 4, "training.save_every": 2})
     edit_yaml(root / "conf/base/parameters_finetune.yml", {"finetune.training.max_steps": 2})
+    edit_yaml(root / "conf/base/parameters_cocoa.yml", {"cocoa.warmup_steps": 1, "cocoa.bridged_steps": 1})
     git(root, "commit", "--quiet", "-am", "Test sizes")
     return Clone(root, head, dvc(root, "repro"))
 
@@ -401,13 +417,13 @@ def test_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
     root = clone.root
     before = json.loads((root / "data/06_models/train_run.json").read_text())
     edit_yaml(root / "conf/base/parameters_train.yml", {"training.learning_rate": 2.0e-4})  # default 5.0e-4
-    # finetune lays finetune.training over the training block, so the parameter is one of its params too
-    assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"train", "finetune"}
+    # finetune and pretrain_cocoa lay their own training block over it, so the parameter is one of their params too
+    assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"pretrain_cocoa", "train", "finetune"}
 
     result = dvc(root, "repro")
     # mine ranks with the stage-1 model, so a new one is mined again
     # (the default finetune trains on the given negatives)
-    assert stages_run(result) == ["train", "evaluate", "register", "mine", "finetune"]
+    assert stages_run(result) == ["pretrain_cocoa", "train", "evaluate", "register", "mine", "finetune"]
     after = json.loads((root / "data/06_models/train_run.json").read_text())
     registration = json.loads((root / "data/08_reporting/registration.json").read_text())
     # versions 1 and 2 are the first repro's stage-1 and fine-tuned models

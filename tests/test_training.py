@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -652,3 +653,63 @@ def test_the_learning_rate_follows_the_configured_schedule(prepared):
     constant = train_params("data/06_models/run-constant", **{"training.lr_schedule": "constant"})
     kedro_run(project, "--pipelines=train", constant)
     assert rates("data/06_models/run-constant") == pytest.approx([2.5e-4] + [5e-4] * (STEPS - 1), rel=1e-6)
+
+
+def test_cocoa_stage_0_trains_on_reconstruction_resumes_after_a_kill_and_stage_1_starts_from_it(prepared):
+    """`pretrain_cocoa` (2 warm-up + 2 bridged steps) killed in its bridged phase and resumed, then `train`
+    from its model through training.init_from.
+
+    Last in this module: the `train` run here rewrites data/06_models/train_run.json.
+    """
+    project, _ = prepared
+    out = "data/06_models/cocoa"
+    params = "--params=cocoa.warmup_steps=2,cocoa.bridged_steps=2,training.micro_batch_size=4,training.save_every=2"
+    began = time.perf_counter()
+    env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "true", "COLUMNS": "200"}
+    killed = subprocess.Popen(
+        [KEDRO, "run", "--pipelines=pretrain_cocoa", params],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = project / out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # step 2's checkpoint is saved
+        assert killed.poll() is None and time.monotonic() < deadline, "stage 0 ended before it could be killed"
+        time.sleep(0.05)
+    sigkill_rank("1")(killed, "kill stage 0 after step 3")
+    killed_run = json.loads((project / out / "run.json").read_text())["mlflow_run_id"]
+    resumed = kedro_run(project, "--pipelines=pretrain_cocoa", params)
+    stage_0_seconds = time.perf_counter() - began
+    assert "resumed from checkpoint step-00000002 (step 2)" in resumed.stdout + resumed.stderr
+
+    cocoa = json.loads((project / "data/06_models/cocoa_run.json").read_text())
+    assert cocoa["steps"] == 4 and cocoa["model_dir"] == f"{out}/model" and cocoa["mlflow_run_id"] == killed_run
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    # the warm-up's two reconstruction losses, then the bridged one (after the resume too)
+    assert all({"cocoa/text_loss", "cocoa/image_loss"} <= line.keys() for line in lines[:2])
+    assert all("cocoa/bridged_loss" in line and "cocoa/text_loss" not in line for line in lines[2:])
+    values = [v for line in lines for k, v in line.items() if k.startswith("cocoa/")]
+    assert len(values) == 6 and all(math.isfinite(v) and v > 0 for v in values)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(cocoa["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("stage0-")
+    for name, steps in (("text_loss", {1, 2}), ("image_loss", {1, 2}), ("bridged_loss", {3, 4})):
+        history = client.get_metric_history(cocoa["mlflow_run_id"], f"batch/cocoa/{name}")
+        assert {m.step for m in history} == steps, name
+    # the saved model is the backbone's shape: the image head stayed behind
+    saved = load_backbone(str(project / out / "model"))
+    assert not any("image_head" in name for name, _ in saved.model.named_parameters())
+
+    init = {"training.init_from": f"{out}/model", "training.max_steps": 2}
+    kedro_run(project, "--pipelines=train", train_params("data/06_models/from-cocoa", **init))
+    stage_1 = json.loads((project / "data/06_models/train_run.json").read_text())
+    lineage = {"source": f"{out}/model", "run_id": cocoa["mlflow_run_id"]}
+    assert stage_1["init_from"] == lineage | {"content_hash": cocoa["model_content_hash"]}
+    tags = client.get_run(stage_1["mlflow_run_id"]).data.tags
+    assert tags["muco_flow.init_from_run_id"] == cocoa["mlflow_run_id"]
+    assert tags["muco_flow.init_from_content_hash"] == cocoa["model_content_hash"]
+    print(f"pretrain_cocoa (4 steps, killed after 3 and resumed) took {stage_0_seconds:.1f} s")

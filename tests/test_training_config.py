@@ -95,6 +95,7 @@ def test_the_fingerprint_leaves_out_what_the_hand_kept_list_left_out():
         ("deepspeed.config", "conf/base/deepspeed/zero3.json", False),  # its content enters, resolved
         ("data_workers", 0, False),
         ("seed", 1, True),
+        ("init_from", "data/06_models/cocoa/model", True),
         ("learning_rate", 1.0e-4, True),
         ("deepspeed.offload_optimizer", True, True),
         ("embedder.lora.r", 8, True),

@@ -11,8 +11,9 @@ from kedro.pipeline import Pipeline
 
 # Promotion is a decision, made in the MLflow UI or with --pipelines=promote.
 # MuCo's stage 2 runs on its own (kedro run --pipelines=finetune_data,finetune), so the default run stays short;
-# so does mining its hard negatives (kedro run --pipelines=mine,finetune_data_mined,finetune).
-NOT_IN_DEFAULT_RUN = {"promote", "finetune_data", "finetune", "mine", "finetune_data_mined"}
+# so does mining its hard negatives (kedro run --pipelines=mine,finetune_data_mined,finetune), and CoCoA's
+# optional stage 0 (kedro run --pipelines=pretrain_cocoa, then train with training.init_from; docs/cocoa.md).
+NOT_IN_DEFAULT_RUN = {"promote", "finetune_data", "finetune", "mine", "finetune_data_mined", "pretrain_cocoa"}
 
 
 def register_pipelines() -> dict[str, Pipeline]:

@@ -102,15 +102,35 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def per_layer_type(
-    mask: torch.Tensor, text_config: Any, *, attn_implementation: str, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """The mask as Qwen2-VL's language model takes a prepared one: one entry per layer type, in the form
-    ``attn_implementation`` reads (boolean for sdpa, additive in ``dtype`` for eager)."""
+    mask: torch.Tensor,
+    text_config: Any,
+    *,
+    attn_implementation: str,
+    dtype: torch.dtype,
+    padding_mask: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | None] | torch.Tensor:
+    """The mask as a family's language model takes a prepared one, in the form ``attn_implementation``
+    reads (boolean for sdpa, additive in ``dtype`` for eager).
+
+    Qwen2-VL and Qwen2.5-VL: one entry per layer type. Qwen3-VL (no layer
+    types): the 4-D mask itself, which it uses as given. Qwen3.5: its
+    linear-attention (Gated DeltaNet) layers are recurrent, causal by
+    construction, and take the 2-D ``padding_mask`` (None when nothing is
+    padding) as the model would; only its attention layers follow ``mask``.
+    """
     if attn_implementation == "eager":
         mask = additive(mask, dtype)
     elif attn_implementation != "sdpa":
         raise ValueError(f"a 4-D attention mask needs sdpa or eager attention, not {attn_implementation!r}")
-    return {layer_type: mask for layer_type in set(text_config.layer_types)}
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is None:
+        return mask
+    masks: dict[str, torch.Tensor | None] = {layer_type: mask for layer_type in set(layer_types)}
+    if "linear_attention" in masks:
+        if padding_mask is None:
+            raise ValueError("a model with linear-attention layers needs the 2-D padding mask too")
+        masks["linear_attention"] = None if bool(padding_mask.all()) else padding_mask
+    return masks
 
 
 def attn_implementation_for(truncated: bool, requested: str) -> str:

@@ -178,20 +178,26 @@ class MuCoEmbedder(nn.Module):
         """
         input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
         shape_only = torch.empty(*input_ids.shape, 1, dtype=self.vlm.dtype, device=input_ids.device)
-        position_ids = self.vlm.compute_3d_position_ids(
+        text_config = self.vlm.config.get_text_config()
+        full = create_bidirectional_mask(
+            config=text_config, inputs_embeds=shape_only, attention_mask=mask, allow_is_bidirectional_skip=False
+        )
+        return {**inputs, "attention_mask": full, "position_ids": self.mrope_positions(inputs)}
+
+    def mrope_positions(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The family's (multimodal RoPE) position ids of ``inputs`` (input_ids, 2-D attention_mask, image
+        grid, mm_token_type_ids): what the model computes itself unless it is handed a prepared 4-D mask."""
+        input_ids = inputs["input_ids"]
+        shape_only = torch.empty(*input_ids.shape, 1, dtype=self.vlm.dtype, device=input_ids.device)
+        return self.vlm.compute_3d_position_ids(
             input_ids=input_ids,
             inputs_embeds=shape_only,
             image_grid_thw=inputs["image_grid_thw"],
             video_grid_thw=None,  # Qwen2.5-VL's signature has no defaults for these two
             past_key_values=None,
-            attention_mask=mask,
+            attention_mask=inputs["attention_mask"],
             mm_token_type_ids=inputs["mm_token_type_ids"],
         )
-        text_config = self.vlm.config.get_text_config()
-        full = create_bidirectional_mask(
-            config=text_config, inputs_embeds=shape_only, attention_mask=mask, allow_is_bidirectional_skip=False
-        )
-        return {**inputs, "attention_mask": full, "position_ids": position_ids}
 
     @torch.inference_mode()
     def encode(

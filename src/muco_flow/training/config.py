@@ -114,6 +114,10 @@ class TrainingConfig:
 
     run_name: str | None = field(metadata=setting(fingerprint=False))
     output_dir: str = field(metadata=setting(fingerprint=False))
+    # null: start from the backbone; a model directory a training stage wrote (e.g. CoCoA's stage 0) or a
+    # models:/ URI (training/init_model.py). Fingerprinted as a name; the directory's content enters through
+    # the checkpoint's content hash
+    init_from: str | None
     seed: int = field(metadata=setting(minimum=0))
     precision: str = field(metadata=setting(choices=PRECISIONS))
     learning_rate: float = field(metadata=setting(minimum=0, exclusive_minimum=True))
@@ -176,6 +180,17 @@ class TrainingConfig:
     def world_size(self) -> int:
         """The training processes, all nodes together."""
         return self.launcher.processes_per_node * self.launcher.nodes
+
+
+def laid_over(training: Mapping[str, Any], overrides: Mapping[str, Any], block: str) -> dict[str, Any]:
+    """``training`` with a stage's own settings (the parameters' ``block``, e.g. `finetune.training`) laid over
+    it, nested mappings merged key by key; a key `training` does not have is an error naming it."""
+    merged = dict(training)
+    for key, value in overrides.items():
+        if key not in training:
+            raise ValueError(f"{block}.{key} is not a training setting ({PARAMETERS_FILE})")
+        merged[key] = laid_over(training[key], value, f"{block}.{key}") if isinstance(value, dict) else value
+    return merged
 
 
 def _fingerprinted(settings: Any) -> dict[str, Any]:

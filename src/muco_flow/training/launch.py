@@ -37,6 +37,9 @@ class TrainingPreempted(LaunchInterrupted):
         self.preemption = preemption
 
 
+# What run_training_stage runs: MuCo's stage 1 and stage 2, and CoCoA's stage 0 (docs/cocoa.md)
+STAGES = ("train", "finetune", "cocoa")
+
 # The start of the line each failing rank prints to stderr with its exception.
 ERROR_MARKER = "muco-flow training error"
 
@@ -53,17 +56,21 @@ def resolve_run_config(
     shards_dir: str,
     stage: str = "train",
     parent_run_id: str | None = None,
+    cocoa: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything one rank needs, in one JSON-serialisable dict, plus its fingerprint.
 
     ``training`` goes in as ``to_dict()``: each rank reads it back with ``TrainingConfig.from_dict``.
 
-    ``stage``: "train" (MuCo's stage 1, M3T conversations) or "finetune" (stage 2, MMEB-train samples).
+    ``stage``: "train" (MuCo's stage 1, M3T conversations), "finetune" (stage 2, MMEB-train samples) or
+    "cocoa" (CoCoA's stage 0 on stage 1's conversations, with ``cocoa``: ``CocoaConfig.objective()``).
     ``parent_run_id``: the stage-1 run a fine-tuning starts from; part of the
     fingerprint, so that a new stage-1 model at the same path is not resumed onto.
     """
-    if stage not in ("train", "finetune"):
-        raise ValueError(f"stage must be 'train' or 'finetune', got {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if (stage == "cocoa") != (cocoa is not None):
+        raise ValueError("the cocoa stage, and only it, takes the cocoa objective's settings")
     cpu = on_cpu()
     deepspeed = training_deepspeed_config(training, on_cpu=cpu)
     validate_deepspeed_config(deepspeed)
@@ -90,6 +97,8 @@ def resolve_run_config(
     }
     if parent_run_id:
         config["parent_run_id"] = decisive["parent_run_id"] = parent_run_id
+    if cocoa is not None:  # the objective decides the weights: its every setting
+        config["cocoa"] = decisive["cocoa"] = cocoa
     config["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()
     return config
 

@@ -25,6 +25,7 @@ from muco_flow.tracking import (
 )
 from muco_flow.training.config import TrainingConfig
 from muco_flow.training.data import ConversationBatches, check_conversations_match_shards
+from muco_flow.training.init_model import start_model
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
@@ -36,7 +37,7 @@ TAG_NAMESPACE = "muco_flow"  # of the run tags data_lineage names
 # The MLflow run's name when training.run_name is empty
 DEFAULT_RUN_NAME = "{stage}-{checkpoint}-{steps}steps-seed{training.seed}"
 # What a run name calls each stage: MuCo's paper numbers them
-STAGE_NAMES = {"train": "stage1", "finetune": "stage2"}
+STAGE_NAMES = {"cocoa": "stage0", "train": "stage1", "finetune": "stage2"}
 
 
 def run_training_stage(
@@ -52,8 +53,10 @@ def run_training_stage(
     stage: str = "train",
     parent_run_id: str | None = None,
     data_lineage: Mapping[str, str] | None = None,
+    cocoa: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame, Any]:
-    """One MuCo training stage under torchrun: `train` (stage 1) or `finetune` (stage 2 from ``parent_run_id``'s model).
+    """One training stage under torchrun: `train` (stage 1), `finetune` (stage 2 from ``parent_run_id``'s model)
+    or `cocoa` (CoCoA's stage 0 on stage 1's conversations, ``cocoa`` its objective's settings).
 
     The `train` pipeline's node: ``training`` is the `training` parameters,
     checked into a TrainingConfig here. Returns the run record, loss history
@@ -64,6 +67,10 @@ def run_training_stage(
     settings = TrainingConfig.from_dict(training)
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     check_tracking_server(tracking_uri)  # before any data or model is loaded
+    init_from: dict[str, str] = {}
+    if settings.init_from:
+        checkpoint, init_from = start_model(settings.init_from, tracking_uri, Path(settings.output_dir) / "init_model")
+        data_lineage = {**(data_lineage or {}), **{f"init_from_{key}": value for key, value in init_from.items()}}
     config = resolve_run_config(
         training=settings,
         backbone=backbone,
@@ -75,6 +82,7 @@ def run_training_stage(
         shards_dir=shards_dir,
         stage=stage,
         parent_run_id=parent_run_id,
+        cocoa=cocoa,
     )
     # lineage and the MLflow run's name, description and tags: not part of the resume fingerprint
     config["git_commit"] = source_commit()
@@ -102,6 +110,8 @@ def run_training_stage(
     }
     if parent_run_id:
         record["parent_run_id"] = parent_run_id
+    if init_from:
+        record["init_from"] = init_from
     return record, history, loss_curve_figure(history)
 
 
@@ -128,7 +138,7 @@ def describe_run(
 ) -> dict[str, Any]:
     """The MLflow run's name (``training.run_name``), description, context tags and data fingerprint.
 
-    The name's template fills in {stage} (stage1: `train`, stage2: `finetune`),
+    The name's template fills in {stage} (stage0: `cocoa`, stage1: `train`, stage2: `finetune`),
     {checkpoint} (the backbone's folder name), {steps} (the optimizer steps the
     run takes: ``max_steps``, else epochs x full global batches of the
     conversations) and any setting by its dotted key; never the `kedro run
@@ -157,6 +167,12 @@ def describe_run(
     )
     if parent_run_id:
         description = f"Fine-tuned (MuCo stage 2) from the stage-1 model of run `{parent_run_id}`. " + description
+    if config["stage"] == "cocoa":
+        cocoa = config["cocoa"]
+        description = (
+            f"CoCoA stage 0 (docs/cocoa.md): {cocoa['warmup_steps']} warm-up and {cocoa['bridged_steps']} "
+            "EOS-bridged reconstruction steps, no contrastive loss. " + description
+        )
     tags = context_tags(
         source=kedro_run["command"],
         git_commit=config["git_commit"],

@@ -10,6 +10,9 @@ from every rank, the multi-turn contrastive loss, one DeepSpeed step (with
 chunk, see grad_cache.py); log, checkpoint, agree whether to stop, repeat.
 Rank 0 finally writes the merged model and the MLflow artifacts. Rank 0's
 MLflow run, from start to finish or failure, is run_tracking.py's TrainingRun.
+CoCoA's stage 0 (config "stage": "cocoa", docs/cocoa.md) runs this same loop
+with one change where the loss is computed: each step is a reconstruction
+step of the batch's conversations (modeling/cocoa.py), warm-up steps first.
 SIGTERM or SIGUSR1 (preemption, a time limit) ends the loop after the step in
 progress on every rank, with a checkpoint of it; the rank then exits with
 PREEMPTED_EXIT_CODE (preemption.py).
@@ -17,6 +20,7 @@ PREEMPTED_EXIT_CODE (preemption.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -76,6 +80,7 @@ def forward_backward(
     grad_cache: bool = False,
     four_way: bool = False,
     matryoshka: MatryoshkaSettings | None = None,
+    reconstruction: tuple[str, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This rank's batch forward, embeddings gathered from every rank, the loss, backward.
 
@@ -89,7 +94,11 @@ def forward_backward(
     ``matryoshka`` with dims: either loss on each nested prefix of every
     embedding, weighted and summed (``matryoshka_loss``); its terms are each
     width's loss (and, in stage 2, each width's four terms).
+    ``reconstruction``: CoCoA's stage 0, (phase, mask seed) of this step: the
+    engine's model is a CocoaObjective, and the loss is ``reconstruction_backward``'s.
     """
+    if reconstruction is not None:
+        return reconstruction_backward(engine, parts, device, *reconstruction)
     from muco_flow.modeling.loss import four_way_contrastive_loss, matryoshka_loss, multi_turn_contrastive_loss
     from muco_flow.training.distributed import all_gather_with_grad, all_gather_without_grad
     from muco_flow.training.grad_cache import grad_cache_step
@@ -164,6 +173,30 @@ def forward_backward(
     value, terms = loss(embed(batch))
     engine.backward(value)
     return value, terms
+
+
+def reconstruction_backward(
+    engine: Any, parts: list[Batch], device: torch.device, phase: str, mask_seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CoCoA's stage 0: the reconstruction loss of the batch's conversations (query side, with their images).
+
+    Nothing is gathered across ranks or rows, so GradCache's chunks are plain
+    accumulation: each chunk's loss, scaled by its share of the rows, goes
+    backward on its own (ZeRO reduces once, when the block ends). Returns the
+    batch's loss and its terms (modeling/cocoa.py ``TERMS``), row-weighted.
+    """
+    rows = sum(part.query["input_ids"].shape[0] for part in parts)
+    total = torch.zeros((), device=device)
+    terms: dict[str, torch.Tensor] = {}
+    with engine.coalesce_grad_reduction() if len(parts) > 1 else contextlib.nullcontext():
+        for index, part in enumerate(parts):
+            share = part.query["input_ids"].shape[0] / rows
+            value, part_terms = engine(phase, mask_seed + index, **{k: v.to(device) for k, v in part.query.items()})
+            engine.backward(value * share)
+            total = total + value.detach() * share
+            for name, term in part_terms.items():
+                terms[name] = terms.get(name, torch.zeros((), device=device)) + term.detach() * share
+    return total, terms
 
 
 class NonFiniteLossError(RuntimeError):
@@ -242,15 +275,18 @@ def train(config: dict[str, Any]) -> None:
     # the same seed gives the same LoRA init on every rank... (build_training_embedder takes the parameters' dict)
     embedder = build_training_embedder(
         config["checkpoint"], config["backbone"], dataclasses.asdict(settings.embedder), seed=settings.seed
-    ).to(device)
+    )
     settings.matryoshka.check_width(embedder.hidden_size)  # before any data is read or step taken
+    cocoa = config.get("cocoa")  # CoCoA's stage 0: the embedder inside its reconstruction objective
+    model = embedder if cocoa is None else cocoa_objective(embedder, cocoa)
+    model = model.to(device)
     random.seed(settings.seed + rank)  # ...and each rank its own dropout masks from here on
     torch.manual_seed(settings.seed + rank)
-    trainable = [p for p in embedder.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     logger.info(
         "trainable parameters: %d of %d",
         sum(p.numel() for p in trainable),
-        sum(p.numel() for p in embedder.parameters()),
+        sum(p.numel() for p in model.parameters()),
     )
 
     # --- data ----------------------------------------------------------------
@@ -268,7 +304,7 @@ def train(config: dict[str, Any]) -> None:
     )
     data_stage, stage = stage_of(batches), config.get("stage", "train")
     four_way = data_stage == "finetune"
-    if data_stage != stage:
+    if data_stage != ("train" if stage == "cocoa" else stage):  # stage 0 reads stage 1's conversations
         raise ValueError(
             f"the {stage} pipeline got {data_stage} data in {config['conversations_dir']} "
             "(train reads M3T conversations from the format pipeline, finetune MMEB-train samples from finetune_data)"
@@ -285,7 +321,7 @@ def train(config: dict[str, Any]) -> None:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     engine, _, _, lr_scheduler = deepspeed.initialize(
-        model=embedder, model_parameters=trainable, config=config["deepspeed"], lr_scheduler=scheduler
+        model=model, model_parameters=trainable, config=config["deepspeed"], lr_scheduler=scheduler
     )
 
     # --- resume ---------------------------------------------------------------
@@ -353,6 +389,7 @@ def train(config: dict[str, Any]) -> None:
                     grad_cache=bool(chunk_size),
                     four_way=four_way,
                     matryoshka=settings.matryoshka,
+                    reconstruction=None if cocoa is None else cocoa_step(cocoa, settings.seed, step, rank),
                 )
                 mean_loss = mean_over_ranks(loss.item())  # the same value on every rank: all stop together
                 check_finite(step + 1, "loss", mean_loss)  # before the step: the weights stay as they were
@@ -371,7 +408,9 @@ def train(config: dict[str, Any]) -> None:
                     "tokens_per_second": mean_over_ranks(sum(p.tokens for p in parts)) * world / seconds,
                 }
                 # a loss made of terms (stage 2's four-way loss, Matryoshka's widths) logs each, averaged over ranks
-                metrics |= {f"loss/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
+                # (CoCoA's reconstruction losses as cocoa/<term>: the curves of stage 0)
+                prefix = "loss" if cocoa is None else "cocoa"
+                metrics |= {f"{prefix}/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
                 if run is not None:  # rank 0
                     run.log(step_done, metrics)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}")
@@ -426,6 +465,26 @@ def train(config: dict[str, Any]) -> None:
     dist.barrier()
     if preemption is not None:
         raise PreemptedError(preemption)
+
+
+def cocoa_objective(embedder: Any, cocoa: dict[str, Any]) -> Any:
+    """The embedder inside CoCoA's objective (``cocoa``: the run config's, ``CocoaConfig.objective()``)."""
+    from muco_flow.modeling.cocoa import CocoaObjective
+
+    return CocoaObjective(
+        embedder,
+        text_mask_ratio=cocoa["text_mask_ratio"],
+        image_mask_ratio=cocoa["image_mask_ratio"],
+        normalize_targets=cocoa["normalize_targets"],
+        loss_weights=cocoa["loss_weights"],
+    )
+
+
+def cocoa_step(cocoa: dict[str, Any], seed: int, step: int, rank: int) -> tuple[str, int]:
+    """Step ``step``'s (0-based) phase, warm-up steps first, and this rank's mask seed for it."""
+    from muco_flow.modeling.cocoa import BRIDGED, WARMUP, mask_seed
+
+    return (WARMUP if step < cocoa["warmup_steps"] else BRIDGED), mask_seed(seed, step, rank)
 
 
 def stop_batch_workers(loader: Any) -> None:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from muco_flow.mining.lineage import mined_negatives_lineage
 from muco_flow.tracking import resolve_tracking_uri
-from muco_flow.training.config import TrainingConfig
+from muco_flow.training.config import TrainingConfig, laid_over
 from muco_flow.training.finetune_config import FinetuneConfig
 from muco_flow.training.init_model import resolve_init_model
 from muco_flow.training.stage import run_training_stage
@@ -17,12 +17,7 @@ from muco_flow.training.stage import run_training_stage
 
 def finetuning_settings(training: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """`training` with `finetune.training` laid over it, nested dicts merged key by key."""
-    merged = dict(training)
-    for key, value in overrides.items():
-        if key not in training:
-            raise ValueError(f"finetune.training.{key} is not a training setting (conf/base/parameters_train.yml)")
-        merged[key] = finetuning_settings(training[key], value) if isinstance(value, dict) else value
-    return merged
+    return laid_over(training, overrides, "finetune.training")
 
 
 def finetune_muco_model(
@@ -41,7 +36,8 @@ def finetune_muco_model(
     Returns the run record (with the stage-1 run as ``parent_run_id``), loss history and loss plot.
     """
     stage = FinetuneConfig.from_dict(finetune)
-    settings = finetuning_settings(training, stage.training or {})
+    # stage 2 starts from finetune.init_from; training.init_from was stage 1's start (its run records it)
+    settings = finetuning_settings(training, stage.training or {}) | {"init_from": None}
     output_dir = TrainingConfig.from_dict(settings).output_dir  # checked before a model is fetched
     tracking_uri = resolve_tracking_uri(mlflow.get("tracking_uri"))
     model_dir, parent_run_id = resolve_init_model(

@@ -41,6 +41,8 @@ def register_trained_model(
     )
     # a model trained on mined negatives names how they were mined (the manifest's digest leads to the rest)
     tags |= version_lineage_tags(shards_dir)
+    # a stage 1 started from another stage's model (training.init_from, e.g. CoCoA's stage 0): which weights
+    tags |= {f"init_from_{key}": value for key, value in (train_run.get("init_from") or {}).items()}
     description = version_description(run_id, evaluation_metrics["headline"], evaluation_metrics["delta_vs_baseline"])
     parent_run_id = train_run.get("parent_run_id")
     if parent_run_id:  # a fine-tuned model (the `finetune` pipeline): its lineage is both runs
