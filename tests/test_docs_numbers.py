@@ -9,10 +9,15 @@ import pytest
 
 from muco_flow.docs_numbers import (
     RECORD_FILE,
+    STAGE1_ABLATIONS_FILE,
+    STAGE2_ABLATIONS_FILE,
     main,
     markers,
+    matryoshka_table,
     readme_results,
     run_record,
+    stage1_table,
+    stage2_table,
     stale_blocks,
     with_blocks,
 )
@@ -37,8 +42,7 @@ TRAIN_RUN = {"steps": 20, "loss_first_10pct": 4.625, "loss_last_10pct": 1.875, "
 
 
 def test_the_documents_state_the_committed_records_numbers():
-    record = json.loads((PROJECT_ROOT / RECORD_FILE).read_text())
-    assert stale_blocks(PROJECT_ROOT, record) == []
+    assert stale_blocks(PROJECT_ROOT) == []
 
 
 def test_a_record_holds_what_the_documents_state_of_a_run():
@@ -64,7 +68,7 @@ def test_a_record_holds_what_the_documents_state_of_a_run():
 
 
 def test_a_changed_number_or_a_lost_marker_is_found_and_write_repairs_it(tmp_path):
-    for document in ("README.md", "docs/evaluation.md", str(RECORD_FILE)):
+    for document in ("README.md", "docs/evaluation.md", RECORD_FILE, STAGE1_ABLATIONS_FILE, STAGE2_ABLATIONS_FILE):
         (tmp_path / document).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT_ROOT / document, tmp_path / document)
     readme = tmp_path / "README.md"
@@ -87,3 +91,59 @@ def test_record_reads_a_runs_files(tmp_path):
     assert main(["record", "--root", str(tmp_path), "--source", "a test"]) == 0
     written = json.loads((tmp_path / RECORD_FILE).read_text())
     assert written["source"] == "a test" and written["mmeb"]["trained"] == 0.5 and written["steps"] == 20
+
+
+def stage1_row(config, seed, full, mbeir, widths=None, baseline=None):
+    return {
+        "config": config,
+        "seed": seed,
+        "steps": 64,
+        "wall_s": 60.0 * (seed + 1),
+        "mmeb_average": (widths or {}) | {"full": full},
+        "mbeir_local_average": {"full": mbeir},
+        "baseline_mmeb_average": (baseline or {}) | {"full": 0.125},
+    }
+
+
+def test_the_stage1_table_gives_mean_and_sample_spread_per_configuration():
+    rows = [
+        stage1_row("single_turn_equal_images", 1, 0.25, 0.5),
+        stage1_row("multi_turn", 1, 0.5, 0.25),
+        stage1_row("multi_turn", 0, 0.25, 0.25),
+        stage1_row("single_turn_equal_images", 0, 0.125, 0.5),
+        stage1_row("multi_turn", 2, 0.75, 0.25),
+    ]
+    lines = stage1_table(rows).splitlines()
+    # by hand: mean(0.25, 0.5, 0.75) = 0.5, sample sd = sqrt((0.0625 + 0 + 0.0625) / 2) = 0.25
+    assert lines[2] == (
+        "| multi-turn (MuCo: one conversation per image, K turns) | 0.500 ± 0.250 (n=3) | 0.250 ± 0.000 (n=3) "
+        "| 0: 0.250, 1: 0.500, 2: 0.750 | 64 | 2.0 |"
+    )
+    # mean(0.125, 0.25) = 0.1875, sd = sqrt(2 * 0.0625**2) = 0.0884
+    assert lines[3].startswith("| single-turn, equal images (one turn per image per step) | 0.188 ± 0.088 (n=2) |")
+    assert len(lines) == 4  # configurations without runs are left out
+
+
+def test_the_matryoshka_table_lines_up_each_width_with_and_without_it():
+    rows = [
+        stage1_row("mrl", 0, 0.5, 0.5, {"16": 0.5, "128": 0.25}, {"16": 0.0625, "128": 0.125}),
+        stage1_row("multi_turn", 0, 0.5, 0.5, {"16": 0.25, "128": 0.5}),
+    ]
+    assert matryoshka_table(rows).splitlines()[2:] == [
+        "| 16 | 0.500 (n=1) | 0.250 (n=1) | 0.062 |",
+        "| 128 | 0.250 (n=1) | 0.500 (n=1) | 0.125 |",
+        "| full | 0.500 (n=1) | 0.500 (n=1) | 0.125 |",
+    ]
+
+
+def test_the_stage2_table_gives_each_seeds_change_from_its_own_stage1_model():
+    def row(variant, seed, mmeb, stage1):
+        return {"stage2": variant, "seed": seed, "mmeb_average": mmeb, "mbeir_local_average": 0.5,
+                "stage1_mmeb_average": stage1, "stage1_mbeir_local_average": 0.25}  # fmt: skip
+
+    lines = stage2_table([row("given_lr5e-5", 0, 0.5, 0.25), row("given_lr5e-5", 1, 0.25, 0.5)]).splitlines()
+    assert lines[2] == "| nothing (stage 1 alone) | 0.375 ± 0.177 (n=2) | — | 0.250 ± 0.000 (n=2) |"
+    assert lines[3] == (
+        "| given negatives, lr 5e-5 (the official stage-2 rate) | 0.375 ± 0.177 (n=2) | 0: +0.250, 1: -0.250 "
+        "| 0.500 ± 0.000 (n=2) |"
+    )
