@@ -393,8 +393,9 @@ def test_metrics_show_and_plots_show(clone):
 
     plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
     images = {"train_loss.png", "recall_at_k.png", "mmeb_hit_at_1.png"}
-    # the finetune stage's (MuCo stage 2) under finetune/
-    assert set(plots) == {f"data/08_reporting/{stage}{name}" for name in images for stage in ("", "finetune/")}
+    # the finetune stage's (MuCo stage 2) under finetune/, and CoCoA's stage-0 loss curve
+    stage_plots = {f"data/08_reporting/{stage}{name}" for name in images for stage in ("", "finetune/")}
+    assert set(plots) == stage_plots | {"data/08_reporting/cocoa/loss.png"}
     assert {plot[0]["type"] for plot in plots.values()} == {"image"}
 
     dvc(root, "plots", "show")
