@@ -11,7 +11,7 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install run test test-fast bench lint lock clean
+.PHONY: install run test test-all test-fast bench lint lock clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,14 @@ test: install $(CHROMIUM)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The suite and its opt-in tiers (tests/conftest.py OPT_IN_TIERS): every family at real width, the default
+# run at full size; about 15 minutes more than `make test`.
+test-all: install $(CHROMIUM)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest --every-family --full-size
 
 # The loop to run while editing: the same lint and types, and only the tests not marked slow
 # (nothing that starts a process, a server, a browser or a pipeline run), so no Chromium.

@@ -32,22 +32,26 @@ SMALL_SAMPLE = MiniSampleConfig(
 )
 
 
+# Opt-in tiers: marker -> (the pytest option that runs it, what it holds). `make test` leaves them out so that
+# the suite keeps its 45 minutes; `make test-all` runs them (docs/development.md, "The opt-in tiers").
+OPT_IN_TIERS = {
+    "every_family": ("--every-family", "the real-width runs of the families the suite leaves out"),
+    "full_size": ("--full-size", "the default run at its full size (`kedro run` with every default: about 9 minutes)"),
+}
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--every-family",
-        action="store_true",
-        help="also run the tests marked every_family: the real-width runs of the families the suite leaves out",
-    )
+    for marker, (option, holds) in OPT_IN_TIERS.items():
+        parser.addoption(option, action="store_true", help=f"also run the tests marked {marker}: {holds}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect (not skip) the every_family tier unless asked: the suite's 45 minutes keep one family at real width."""
-    if config.getoption("--every-family"):
-        return
-    left_out = [item for item in items if item.get_closest_marker("every_family") is not None]
-    if left_out:
-        config.hook.pytest_deselected(items=left_out)
-        items[:] = [item for item in items if item.get_closest_marker("every_family") is None]
+    """Deselect (not skip) each opt-in tier's tests unless its option is given."""
+    left_out = [marker for marker, (option, _) in OPT_IN_TIERS.items() if not config.getoption(option)]
+    chosen = [item for item in items if not any(item.get_closest_marker(marker) for marker in left_out)]
+    if len(chosen) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
+        items[:] = chosen
 
 
 def config_loader(env: str = "base") -> OmegaConfigLoader:

@@ -435,6 +435,7 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(prepared, monkeypatch
     assert not (project / out / "run_config.json").exists()
 
 
+@pytest.mark.full_size  # about 9 minutes on 2 cores, a fifth of the suite: `make test-all` runs it
 @pytest.mark.timeout(2400)
 def test_the_default_run_on_the_bundled_sample_learns_and_registers_a_challenger(project):
     """`kedro run` with every default: 2048 images, 2 processes, ZeRO-2 (what `make run` does)."""
