@@ -114,7 +114,7 @@ STAGE1_CONFIGS = {
     "mrl": "multi-turn with Matryoshka (16, 32, 64, 128)",
 }
 STAGE2_VARIANTS = {
-    "given_lr5e-4": "given negatives, lr 5e-4 (the sample's stage-1 rate)",
+    "given_lr5e-4": "given negatives, lr 5e-4 (the sample's default)",
     "given_lr5e-5": "given negatives, lr 5e-5 (the official stage-2 rate)",
     "none_lr5e-5": "no hard negatives, lr 5e-5",
     "mined_lr5e-5": "mined, filtered negatives, lr 5e-5",
