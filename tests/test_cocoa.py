@@ -37,30 +37,26 @@ def test_warmup_hides_the_given_share_of_content_text_and_image_tokens_only():
         ]
     )
     attention_mask = (input_ids != PAD).long()
-    text, image = warmup_masks(
-        input_ids,
-        attention_mask,
-        image_pad_id=IMG,
-        special_ids=SPECIAL,
-        text_ratio=0.5,
-        image_ratio=0.75,
-        generator=torch.Generator().manual_seed(0),
-    )
+
+    def draw() -> tuple[torch.Tensor, torch.Tensor]:
+        return warmup_masks(
+            input_ids,
+            attention_mask,
+            image_pad_id=IMG,
+            special_ids=SPECIAL,
+            text_ratio=0.5,
+            image_ratio=0.75,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    text, image = draw()
     # row 0: content text at 1, 6, 7 (0 excluded) -> round(1.5) = 2 hidden; images at 2..5 -> 3 hidden
     assert text[0].sum() == 2 and set(text[0].nonzero().flatten().tolist()) <= {1, 6, 7}
     assert image[0].sum() == 3 and set(image[0].nonzero().flatten().tolist()) <= {2, 3, 4, 5}
     # row 1: content text at 1..4 -> 2 hidden; no image token, none hidden
     assert text[1].sum() == 2 and set(text[1].nonzero().flatten().tolist()) <= {1, 2, 3, 4}
     assert not image[1].any()
-    again = warmup_masks(
-        input_ids,
-        attention_mask,
-        image_pad_id=IMG,
-        special_ids=SPECIAL,
-        text_ratio=0.5,
-        image_ratio=0.75,
-        generator=torch.Generator().manual_seed(0),
-    )
+    again = draw()
     assert torch.equal(again[0], text) and torch.equal(again[1], image)  # the same seed, the same masks
 
 
