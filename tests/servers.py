@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,10 +15,16 @@ from pathlib import Path
 import requests
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(highest: int = 65535) -> int:
+    """A loopback port nobody listens on; at most ``highest`` (kedro-viz refuses ports above 49151)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", 0 if highest == 65535 else random.randint(20000, highest)))
+            except OSError:  # taken: draw again
+                continue
+            return s.getsockname()[1]
+    raise AssertionError("no free loopback port")
 
 
 @contextmanager
@@ -61,3 +68,25 @@ def _stop_group(process: subprocess.Popen) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # screenshots: kept for people, git-ignored
+# headless, and quiet: no network of its own beyond the page's loopback server
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@contextmanager
+def headless_chromium():
+    """A page of Debian's Chromium under Playwright, 1400x900, closed with the block; screenshots go to ARTIFACTS."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "Chromium is missing: `make test` installs Debian's chromium package"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 900})
+        finally:
+            browser.close()

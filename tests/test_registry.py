@@ -45,10 +45,7 @@ from muco_flow.registry.serving import (
     parse_records,
 )
 from tests.conftest import PROJECT_ROOT, load_params
-from tests.servers import background_server, free_port
-
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"  # screenshots: kept for people to look at, git-ignored
-CHROMIUM = Path("/usr/bin/chromium")
+from tests.servers import ARTIFACTS, background_server, free_port, headless_chromium
 
 
 def encoded(image: Image.Image, fmt: str) -> str:
@@ -509,23 +506,13 @@ def test_mlflow_models_serve_answers_with_unit_vectors(tracking_server, champion
 
 @pytest.mark.slow
 def test_the_mlflow_ui_shows_the_registered_model_with_its_version_and_alias(tracking_server, champion):
-    from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM.exists(), "Chromium is missing: `make test` installs Debian's chromium package"
-    ARTIFACTS.mkdir(exist_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=flags)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{tracking_server}/#/models/{champion}", wait_until="domcontentloaded")  # the UI keeps polling
-            page.get_by_text("Version 1").first.wait_for(timeout=60_000)
-            page.get_by_text(f"@ {CHAMPION}").first.wait_for(timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "mlflow_registered_model.png"), full_page=True)
-            text = page.inner_text("body")
-        finally:
-            browser.close()
+    with headless_chromium() as page:
+        page.goto(f"{tracking_server}/#/models/{champion}", wait_until="domcontentloaded")  # the UI keeps polling
+        page.get_by_text("Version 1").first.wait_for(timeout=60_000)
+        page.get_by_text(f"@ {CHAMPION}").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_registered_model.png"), full_page=True)
+        text = page.inner_text("body")
     assert champion in text and CHAMPION in text and CHALLENGER in text
 
 
@@ -620,33 +607,24 @@ def test_the_gate_moves_champion_back_from_a_worse_version_and_says_why_on_both(
 @pytest.mark.slow
 def test_champion_set_on_a_worse_version_in_the_mlflow_ui_is_moved_back_with_the_reason_shown(tracking_server, gate):
     """Headless Chromium: a person adds alias `champion` to version 0.18 in the MLflow UI; the gate undoes it."""
-    from playwright.sync_api import sync_playwright
 
     client = MlflowClient(tracking_server)
     worse = gated_version(client, 0.17)  # its own version: the test does not depend on the one above
     assert client.get_model_version(GATED_MODEL, worse).tags["promotion.eligible"] == "false"  # shown beforehand
-    ARTIFACTS.mkdir(exist_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=flags)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{tracking_server}/#/models/{GATED_MODEL}/versions/{worse}", wait_until="domcontentloaded")
-            page.get_by_text("not eligible for champion").first.wait_for(timeout=60_000)
-            page.get_by_role("button", name="Add", exact=True).first.click()  # Aliases: Add
-            dialog = page.get_by_role("dialog")
-            dialog.get_by_role("combobox").fill(CHAMPION)
-            dialog.get_by_role("combobox").press("Enter")
-            dialog.get_by_role("button", name="Save aliases").click()
-            dialog.wait_for(state="hidden", timeout=30_000)
-            wait_until(lambda: gate_decision(client, worse))
-            page.reload(wait_until="domcontentloaded")
-            page.get_by_text("Gate refused").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "mlflow_gate_refused.png"), full_page=True)
-            text = page.inner_text("body")
-        finally:
-            browser.close()
+    with headless_chromium() as page:
+        page.goto(f"{tracking_server}/#/models/{GATED_MODEL}/versions/{worse}", wait_until="domcontentloaded")
+        page.get_by_text("not eligible for champion").first.wait_for(timeout=60_000)
+        page.get_by_role("button", name="Add", exact=True).first.click()  # Aliases: Add
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_role("combobox").fill(CHAMPION)
+        dialog.get_by_role("combobox").press("Enter")
+        dialog.get_by_role("button", name="Save aliases").click()
+        dialog.wait_for(state="hidden", timeout=30_000)
+        wait_until(lambda: gate_decision(client, worse))
+        page.reload(wait_until="domcontentloaded")
+        page.get_by_text("Gate refused").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_gate_refused.png"), full_page=True)
+        text = page.inner_text("body")
     assert client.get_model_version_by_alias(GATED_MODEL, CHAMPION).version == gate["champion"]
     assert f"champion set on version {worse} was moved back to version {gate['champion']}" in text
     assert "does not beat the champion by the margin: mmeb/average 0.1700 vs champion's 0.4800" in text

@@ -561,10 +561,8 @@ def test_register_and_promote_pipelines(prepared):
 @pytest.mark.timeout(1800)  # registers first (three kedro runs), then starts `mlflow ui`
 def test_the_mlflow_ui_shows_a_named_described_run_and_a_version_with_few_tags(prepared):
     """Headless Chromium on `mlflow ui` over the project's store, as a person opens it after `make run`."""
-    from playwright.sync_api import sync_playwright
 
-    from tests.servers import background_server, free_port
-    from tests.test_registry import ARTIFACTS, CHROMIUM
+    from tests.servers import ARTIFACTS, background_server, free_port, headless_chromium
 
     project, _ = prepared
     if not (project / "data/08_reporting/registration.json").exists():  # run on its own: register first
@@ -584,37 +582,28 @@ def test_the_mlflow_ui_shows_a_named_described_run_and_a_version_with_few_tags(p
     url = f"http://127.0.0.1:{port}"
     store = f"sqlite:///{project / 'mlflow.db'}"
     command = [str(BIN / "mlflow"), "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)]
-    assert CHROMIUM.exists(), "Chromium is missing: `make test` installs Debian's chromium package"
-    ARTIFACTS.mkdir(exist_ok=True)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
     experiment = run.info.experiment_id
     server = background_server(command, f"{url}/health", timeout_s=120, log=project / "ui.log")
-    with server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=flags)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}", wait_until="domcontentloaded")
-            page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
-            page.get_by_text("MuCo embedder trained from").first.wait_for(timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "mlflow_run_overview.png"), full_page=True)
+    with server, headless_chromium() as page:
+        page.goto(f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}", wait_until="domcontentloaded")
+        page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)
+        page.get_by_text("MuCo embedder trained from").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_run_overview.png"), full_page=True)
 
-            # "Model metrics" opens with the training curves: the batch section is above every eval section
-            page.goto(f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}/model-metrics")
-            training = page.get_by_text(TRAINING_METRICS_SECTION, exact=True).first
-            training.wait_for(timeout=60_000)
-            page.wait_for_timeout(3000)  # the charts draw after their titles
-            page.screenshot(path=str(ARTIFACTS / "mlflow_run_model_metrics.png"))
-            section_title = re.compile(rf"^({TRAINING_METRICS_SECTION}|eval|eval_delta)(/[\w/]+)?$")
-            sections = page.get_by_text(section_title).all_inner_texts()
-            metrics_page = page.inner_text("body")
+        # "Model metrics" opens with the training curves: the batch section is above every eval section
+        page.goto(f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}/model-metrics")
+        training = page.get_by_text(TRAINING_METRICS_SECTION, exact=True).first
+        training.wait_for(timeout=60_000)
+        page.wait_for_timeout(3000)  # the charts draw after their titles
+        page.screenshot(path=str(ARTIFACTS / "mlflow_run_model_metrics.png"))
+        section_title = re.compile(rf"^({TRAINING_METRICS_SECTION}|eval|eval_delta)(/[\w/]+)?$")
+        sections = page.get_by_text(section_title).all_inner_texts()
+        metrics_page = page.inner_text("body")
 
-            page.goto(f"{url}/#/models/muco-embedder/versions/{version.version}", wait_until="domcontentloaded")
-            page.get_by_text("primary_metric_value").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "mlflow_model_version.png"), full_page=True)
-            version_page = page.inner_text("body")
-        finally:
-            browser.close()
+        page.goto(f"{url}/#/models/muco-embedder/versions/{version.version}", wait_until="domcontentloaded")
+        page.get_by_text("primary_metric_value").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_model_version.png"), full_page=True)
+        version_page = page.inner_text("body")
     assert sections[0] == TRAINING_METRICS_SECTION and any(name.startswith("eval/") for name in sections), sections
     # the first chart's legend names the run and its metric: a training curve, above any evaluation section
     assert metrics_page.index(f"({TRAINING_METRICS_SECTION}/") < metrics_page.index("eval/")

@@ -10,9 +10,10 @@ from muco_flow.data.ingest import MetaPart
 from muco_flow.data.mmeb_train import META_GLOB
 from muco_flow.data.mmeb_train_ingest import open_meta_parts
 from muco_flow.data.sources import SourceError
+from muco_flow.datasets.snapshot_source import note_snapshot_written
 
 
-class MMEBTrainSourceDataset(AbstractDataset[None, list[MetaPart]]):
+class MMEBTrainSourceDataset(AbstractDataset[str, list[MetaPart]]):
     """Loads one part per meta file matching ``meta_glob`` under ``uri`` (a directory or ``s3://bucket/prefix``).
 
     ``image_root`` is where the images are, below ``uri`` (MuCo's
@@ -41,8 +42,8 @@ class MMEBTrainSourceDataset(AbstractDataset[None, list[MetaPart]]):
             # chained, so that the run ends with this one line (hooks.OneLineInputErrors)
             raise DatasetError(str(err)) from err
 
-    def save(self, data: None) -> None:
-        raise DatasetError("an MMEB-train snapshot source is read-only")
+    def save(self, data: str) -> None:
+        note_snapshot_written(self._uri, data, "mmeb_train_source")
 
     def _describe(self) -> dict[str, Any]:
         return {"uri": self._uri, "meta_glob": self._meta_glob, "image_root": self._image_root}

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from kedro.io import AbstractDataset, DatasetError
 
 from muco_flow.data.sources import SnapshotSource, SourceError, open_snapshot
 
+logger = logging.getLogger(__name__)
 
-class M3TSnapshotSourceDataset(AbstractDataset[None, SnapshotSource]):
+
+def note_snapshot_written(uri: str, written_dir: str, source_name: str) -> None:
+    """A source's save: the sample pipeline names the directory it wrote; nothing is copied.
+
+    Saving makes the hand-off an edge of the Kedro graph (the sample before
+    ingestion, under every runner). A source pointed elsewhere (a real
+    snapshot, ``s3://``) is read from there: the log says so, the sample is
+    left where it was written.
+    """
+    if uri.startswith("s3://") or Path(uri).resolve() != Path(written_dir).resolve():
+        logger.warning("%s is %s, not the sample written at %s: ingestion reads %s", source_name, uri, written_dir, uri)
+
+
+class M3TSnapshotSourceDataset(AbstractDataset[str, SnapshotSource]):
     """Loads a SnapshotSource for ``uri`` (a directory or ``s3://bucket/prefix``).
 
     ``credentials`` come from Kedro's credentials (conf/local/credentials.yml);
@@ -36,8 +52,8 @@ class M3TSnapshotSourceDataset(AbstractDataset[None, SnapshotSource]):
             # chained, so that the run ends with this one line (hooks.OneLineInputErrors)
             raise DatasetError(str(err)) from err
 
-    def save(self, data: None) -> None:
-        raise DatasetError("an M3T snapshot source is read-only")
+    def save(self, data: str) -> None:
+        note_snapshot_written(self._uri, data, "m3t_source")
 
     def _describe(self) -> dict[str, Any]:
         return {"uri": self._uri, "meta_file": self._meta_file}

@@ -13,5 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "backbone_checkpoint",
                 name="build_tiny_backbone",
             ),
-        ]
+        ],
+        namespace="backbone",
+        prefix_datasets_with_namespace=False,
     )

@@ -26,9 +26,21 @@ from muco_flow.tracking import metrics_table, select_metrics
 from muco_flow.training.model_identity import content_hash, verify_trained_model
 
 
-def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> dict[str, Any]:
+class SharedEvaluationSets(dict):
+    """The evaluation sets, handed to every node that reads them as they are, not copied.
+
+    Kedro's in-memory datasets deep-copy what they hand out; the sets are only
+    read, and at M-BEIR's size a copy per reader would cost minutes. Under
+    ParallelRunner they are still pickled to each process, as Kedro does.
+    """
+
+    def __deepcopy__(self, memo: dict) -> SharedEvaluationSets:
+        return self
+
+
+def load_evaluation_sets(data_root: str, params: dict[str, Any]) -> SharedEvaluationSets:
     """Reads (and checks) every configured set; paths are relative to ``data_root`` unless absolute."""
-    return read_evaluation_sets(data_root, EvaluationConfig.from_dict(params))
+    return SharedEvaluationSets(read_evaluation_sets(data_root, EvaluationConfig.from_dict(params)))
 
 
 def _score(model_dir: str, sets: dict[str, Any], config: EvaluationConfig, format_params: dict, backbone: dict) -> dict:

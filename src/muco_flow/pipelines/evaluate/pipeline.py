@@ -37,5 +37,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="log_evaluation_to_mlflow",
                 tags=[MLFLOW_TAG],
             ),
-        ]
+        ],
+        namespace="evaluate",
+        prefix_datasets_with_namespace=False,
     )  # fmt: skip

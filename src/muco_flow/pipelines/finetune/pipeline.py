@@ -29,7 +29,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="finetune_muco_model",
                 tags=[MLFLOW_TAG],
             )
-        ]
+        ],
+        namespace="finetune",
+        prefix_datasets_with_namespace=False,
     )
     # the same evaluate and register, on the fine-tuned model: their datasets under finetune.*
     evaluate_and_register = pipeline(

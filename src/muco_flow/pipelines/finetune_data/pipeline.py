@@ -28,5 +28,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "mmeb_train_samples",
                 name="format_finetune_samples",
             ),
-        ]
+        ],
+        namespace="finetune_data",
+        prefix_datasets_with_namespace=False,
     )

@@ -12,5 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "m3t_conversations",
                 name="format_conversations",
             )
-        ]
+        ],
+        namespace="format",
+        prefix_datasets_with_namespace=False,
     )

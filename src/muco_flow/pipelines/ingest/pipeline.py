@@ -8,5 +8,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(plan_ingest, ["m3t_source", "params:ingest"], "m3t_shards", name="ingest_m3t_snapshot"),
             node(check_ingest_quality, ["m3t_shards", "params:ingest"], "ingest_report", name="check_ingest_quality"),
-        ]
+        ],
+        namespace="ingest",
+        prefix_datasets_with_namespace=False,
     )

@@ -19,5 +19,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 "mmeb_train_mined",
                 name="mine_hard_negatives",
             )
-        ]
+        ],
+        namespace="mine",
+        prefix_datasets_with_namespace=False,
     )

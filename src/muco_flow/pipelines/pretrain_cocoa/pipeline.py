@@ -24,5 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="pretrain_cocoa_model",
                 tags=[MLFLOW_TAG],
             )
-        ]
+        ],
+        namespace="pretrain_cocoa",
+        prefix_datasets_with_namespace=False,
     )

@@ -15,5 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 tags=[MLFLOW_TAG],
             ),
             node(stop_unless_promoted, "promotion", None, name="stop_unless_promoted"),
-        ]
+        ],
+        namespace="promote",
+        prefix_datasets_with_namespace=False,
     )

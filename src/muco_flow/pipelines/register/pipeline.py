@@ -14,5 +14,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="register_trained_model",
                 tags=[MLFLOW_TAG],
             )
-        ]
+        ],
+        namespace="register",
+        prefix_datasets_with_namespace=False,
     )

@@ -24,5 +24,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="train_muco_model",
                 tags=[MLFLOW_TAG],
             )
-        ]
+        ],
+        namespace="train",
+        prefix_datasets_with_namespace=False,
     )
