@@ -10,9 +10,11 @@ drive the real `dvc` and `kedro` commands.
 from __future__ import annotations
 
 import ast
+import csv
 import functools
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -284,10 +286,14 @@ def sample_evaluation_results(evaluate: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+STAGE1_PLOTS = ("train_loss.png", "recall_at_k.png", "mmeb_hit_at_1.png")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_dvc_metrics_show_prints_the_sample_headline_within_200_columns(tmp_path):
-    """The real `dvc metrics show` over headline_metrics.json as the evaluate node writes it for the sample."""
+    """The real `dvc metrics show` over headline_metrics.json as the evaluate node writes it for the sample; after
+    a default run (stage 1 only) neither it nor `dvc plots show` reports a file it failed to load."""
     from muco_flow.evaluation.report import compare
     from muco_flow.pipelines.evaluate.nodes import select_headline_metrics
 
@@ -307,6 +313,11 @@ def test_dvc_metrics_show_prints_the_sample_headline_within_200_columns(tmp_path
     assert "mmeb/average" in table and "0.14286" in table, table  # 1/7 at DVC's 5 digits
     widest = max(len(line) for line in table.splitlines())
     assert widest <= 200, f"{widest} columns for {list(headline)}:\n{table}"
+
+    for name in STAGE1_PLOTS:  # what else a default run writes that DVC shows
+        (metrics_file.parent / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    shown = [dvc(tmp_path, *command) for command in (("metrics", "show"), ("plots", "show"))]
+    assert all("failed to load" not in (run.stdout + run.stderr).lower() for run in shown), shown
 
 
 def stages_run(result: subprocess.CompletedProcess) -> list[str]:
@@ -388,17 +399,21 @@ def test_metrics_show_and_plots_show(clone):
     assert headline == json.loads((root / "data/08_reporting/headline_metrics.json").read_text())
     full = json.loads((root / "data/08_reporting/metrics.json").read_text())["headline"]
     assert headline["mmeb/average"] == full["mmeb/average"] and 0.0 <= headline["mmeb/average"] <= 1.0
-    table = dvc(root, "metrics", "show").stdout
-    assert "mmeb/average" in table and max(len(line) for line in table.splitlines()) <= 200, table
+    table = dvc(root, "metrics", "show")
+    assert "mmeb/average" in table.stdout and max(len(line) for line in table.stdout.splitlines()) <= 200, table
+    # stage 2's headline is a plain output (a default run makes none): named, it shows
+    stage2 = "data/08_reporting/finetune/headline_metrics.json"
+    named = json.loads(dvc(root, "metrics", "show", stage2, "--json").stdout)[""]["data"][stage2]["data"]
+    assert named == json.loads((root / stage2).read_text())
 
     plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
-    images = {"train_loss.png", "recall_at_k.png", "mmeb_hit_at_1.png"}
-    # the finetune stage's (MuCo stage 2) under finetune/, and CoCoA's stage-0 loss curve
-    stage_plots = {f"data/08_reporting/{stage}{name}" for name in images for stage in ("", "finetune/")}
-    assert set(plots) == stage_plots | {"data/08_reporting/cocoa/loss.png"}
+    assert set(plots) == {
+        f"data/08_reporting/{name}" for name in ("train_loss.png", "recall_at_k.png", "mmeb_hit_at_1.png")
+    }
     assert {plot[0]["type"] for plot in plots.values()} == {"image"}
 
-    dvc(root, "plots", "show")
+    shown = dvc(root, "plots", "show")
+    assert "failed to load" not in (table.stdout + table.stderr + shown.stdout + shown.stderr).lower()
     page = (root / "dvc_plots/index.html").read_text()
     assert "<img" in page and "vega" not in page.lower()  # nothing to fetch from a CDN
     assert untracked_or_changed(root) == ["?? dvc.lock"]
@@ -414,14 +429,20 @@ def test_second_repro_runs_nothing(clone):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
+def test_an_experiment_with_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
+    """`dvc exp run --set-param`, as docs/dvc.md runs an experiment: the stages it reruns, and `dvc exp show`."""
     root = clone.root
     before = json.loads((root / "data/06_models/train_run.json").read_text())
-    edit_yaml(root / "conf/base/parameters_train.yml", {"training.learning_rate": 2.0e-4})  # default 5.0e-4
-    # finetune and pretrain_cocoa lay their own training block over it, so the parameter is one of their params too
-    assert set(json.loads(dvc(root, "status", "--json").stdout)) == {"pretrain_cocoa", "train", "finetune"}
-
-    result = dvc(root, "repro")
+    result = dvc(
+        root,
+        "exp",
+        "run",
+        "--name",
+        "lr-2e-4",
+        "--set-param",
+        "conf/base/parameters_train.yml:training.learning_rate=2.0e-4",
+    )  # the default is 5.0e-4
+    # finetune and pretrain_cocoa lay their own training block over it, so the parameter is one of their params too;
     # mine ranks with the stage-1 model, so a new one is mined again
     # (the default finetune trains on the given negatives)
     assert stages_run(result) == ["pretrain_cocoa", "train", "evaluate", "register", "mine", "finetune"]
@@ -441,6 +462,11 @@ def test_a_training_parameter_reruns_train_and_the_stages_after_it(clone):
     assert "resumed from checkpoint" not in log
     steps = [json.loads(line)["step"] for line in (root / "data/06_models/muco/metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    # the experiment, in the table people compare runs with: its parameter and the headline it scored
+    shown = {row["Experiment"]: row for row in csv.DictReader(io.StringIO(dvc(root, "exp", "show", "--csv").stdout))}
+    headline = json.loads((root / "data/08_reporting/headline_metrics.json").read_text())
+    assert float(shown["lr-2e-4"]["training.learning_rate"]) == 2.0e-4
+    assert float(shown["lr-2e-4"]["mmeb/average"]) == pytest.approx(headline["mmeb/average"], abs=5e-6)
 
 
 @pytest.mark.slow
