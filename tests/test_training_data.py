@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -18,11 +19,19 @@ from muco_flow.data.conversations import FormatConfig
 from muco_flow.data.formatting import assemble_conversations, format_m3t_part, format_m3t_shards, merge_format_parts
 from muco_flow.data.ingest import IngestConfig
 from muco_flow.data.m3t_ingest import ingest_m3t_snapshot
+from muco_flow.data.record_index import INDEX_FILE, RecordIndex, scan_record_files
 from muco_flow.data.shards import read_shard
 from muco_flow.data.sources import LocalSnapshot
 from muco_flow.modeling.backbone import load_processors
 from muco_flow.training.config import DataMixSettings, TrainingConfig
-from muco_flow.training.data import Batch, ConversationBatches, batch_bytes, batch_loader, check_shared_memory
+from muco_flow.training.data import (
+    Batch,
+    ConversationBatches,
+    batch_bytes,
+    batch_loader,
+    check_shared_memory,
+    epoch_units,
+)
 from muco_flow.training.stage import describe_run
 from tests.conftest import PROJECT_ROOT, load_params, with_value
 
@@ -143,13 +152,23 @@ def assert_same_batch(a, b):
     ("workers", "chunk_size"),
     [(0, None), pytest.param(2, None, marks=pytest.mark.slow), pytest.param(2, 1, marks=pytest.mark.slow)],
 )
-def test_the_loader_gives_step_s_batch_s_from_any_start(formatted, workers, chunk_size):
+def test_the_loader_gives_step_s_batch_s_from_any_start(formatted, workers, chunk_size, tmp_path, monkeypatch):
     batches = make_batches(formatted)
     start, stop = 10, 27  # resumed mid-epoch, across an epoch boundary (24 steps per epoch)
+    draws = tmp_path / "draws"  # the process of every epoch drawn (forked workers inherit the patch)
+
+    def recorded_epoch_units(*args):
+        with draws.open("a") as file:
+            file.write(f"{os.getpid()}\n")
+        return epoch_units(*args)
+
+    monkeypatch.setattr("muco_flow.training.data.epoch_units", recorded_epoch_units)
     rng = torch.get_rng_state()
     made = list(batch_loader(batches, start, stop, chunk_size=chunk_size, workers=workers, prefetch=2))
     # the training process's random state (dropout, restored on resume) is left as it was
     assert torch.equal(torch.get_rng_state(), rng)
+    # epochs 0 and 1 drawn once each, by the rank: its workers read them (at M3T size a draw takes seconds)
+    assert draws.read_text().split() == [str(os.getpid())] * 2
     reference = make_batches(formatted)
     assert len(made) == stop - start
     for step, parts in zip(range(start, stop), made, strict=True):
@@ -296,3 +315,75 @@ def test_run_names_say_stage_backbone_steps_and_seed_never_the_pipelines(formatt
     assert run_name_of(formatted, "finetune", twenty) == "stage2-tiny-qwen2_vl-20steps-seed7"
     with pytest.raises(ValueError, match="pipelines"):
         run_name_of(formatted, "train", with_value(training, "run_name", "{pipelines}-{checkpoint}"))
+
+
+def test_the_record_index_holds_each_records_turns_as_the_records_do(formatted, tmp_path):
+    """Start-up reads the format's record index, not the record files; its turns are the records' own."""
+    ingested, out, _, _ = formatted
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["record_index"] == INDEX_FILE
+    index = RecordIndex.load(out)
+    batches = make_batches(formatted)
+    records = [batches.records.record(i) for i in range(batches.records.rows)]
+    values, lengths = index.lists["part_turns"]
+    assert lengths.tolist() == [len(r["part_turns"]) for r in records]
+    assert values.tolist() == [turns for r in records for turns in r["part_turns"]]
+    assert index.rows == len(records) > 0
+    assert index.batches_per_file.tolist() == [
+        pa.ipc.open_file(str(out / shard["file"])).num_record_batches for shard in manifest["shards"]
+    ]
+
+    # data formatted before the index: its record files are scanned, to the same conversations
+    copy = tmp_path / "formatted"
+    shutil.copytree(out, copy)
+    del manifest["record_index"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / INDEX_FILE).unlink()
+    scanned = make_batches((ingested, copy, *formatted[2:]))
+    assert [a.tolist() for a in (scanned.unit_record, scanned.unit_part, scanned.unit_turns)] == [
+        a.tolist() for a in (batches.unit_record, batches.unit_part, batches.unit_turns)
+    ]
+
+
+def test_a_record_index_that_does_not_fit_the_records_is_named(formatted, tmp_path):
+    ingested, out, _, _ = formatted
+    copy = tmp_path / "formatted"
+    shutil.copytree(out, copy)
+    index = RecordIndex.load(copy)
+    values, lengths = index.lists["part_turns"]
+    cut = RecordIndex(index.batches_per_file, index.batch_rows, {"part_turns": (values, lengths[:-1])}, {})
+    cut.save(copy)
+    with pytest.raises(ValueError, match=r"record_index\.npz: column part_turns does not have one value per record"):
+        make_batches((ingested, copy, *formatted[2:]))
+    one_file_less = RecordIndex(index.batches_per_file[:-1], index.batch_rows[: -index.batches_per_file[-1]], {}, {})
+    one_file_less = RecordIndex(
+        one_file_less.batches_per_file,
+        one_file_less.batch_rows,
+        {"part_turns": (values, lengths[: one_file_less.rows])},
+        {},
+    )
+    one_file_less.save(copy)
+    with pytest.raises(ValueError, match=r"indexes \d+ record files, the manifest lists \d+; re-run the format"):
+        make_batches((ingested, copy, *formatted[2:]))
+
+
+def test_the_record_index_of_hand_made_record_files(tmp_path):
+    """Two files, three record batches: rows per batch, a list column flat with its lengths, and category codes."""
+    table_schema = pa.schema([("part_turns", pa.list_(pa.int32())), ("dataset", pa.string())])
+    batches = [
+        [{"part_turns": [7], "dataset": "VOC"}, {"part_turns": [3, 4], "dataset": "A-OKVQA"}],
+        [{"part_turns": [], "dataset": "VOC"}],
+        [{"part_turns": [2, 0, 5], "dataset": "CIRR"}],
+    ]
+    files = [tmp_path / "a.arrow", tmp_path / "b.arrow"]
+    for path, rows in ((files[0], batches[:2]), (files[1], batches[2:])):
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table_schema) as writer:
+            for batch in rows:
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=table_schema))
+    scan_record_files(files, ("part_turns",), ("dataset",)).save(tmp_path)
+    index = RecordIndex.load(tmp_path)
+    assert index.batches_per_file.tolist() == [2, 1] and index.batch_rows.tolist() == [2, 1, 1]
+    values, lengths = index.lists["part_turns"]
+    assert values.tolist() == [7, 3, 4, 2, 0, 5] and lengths.tolist() == [1, 2, 0, 3]
+    codes, names = index.categories["dataset"]
+    assert names == ["A-OKVQA", "CIRR", "VOC"] and codes.tolist() == [2, 0, 2, 1]

@@ -49,6 +49,7 @@ from muco_flow.data.conversations import (
 )
 from muco_flow.data.ingest import MANIFEST_FILE
 from muco_flow.data.parallel import check_part, map_in_processes, part_stem, worker_state
+from muco_flow.data.record_index import INDEX_FILE, scan_record_files
 from muco_flow.data.sources import file_sha256
 from muco_flow.modeling import tokens
 from muco_flow.modeling.image_sizing import short_side_size
@@ -387,12 +388,17 @@ def merge_format_parts(shards_dir: Path, output_dir: Path, num_parts: int) -> di
             f"the format parts read {counts['samples']} samples, but ingest accepted "
             f"{ingest_manifest['counts']['accepted']}"
         )
+    # what a rank's start-up needs of every record (each conversation's turns), before the manifest that completes
+    scan_record_files([output_dir / result["entry"]["file"] for result in results], list_columns=("part_turns",)).save(
+        output_dir
+    )
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "ingest_manifest_shards": ingested,
         "counts": counts,
         "shards": [result["entry"] for result in results],
         "settings": summaries[0]["settings"],
+        "record_index": INDEX_FILE,
     }
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     for index in range(num_parts):

@@ -52,6 +52,7 @@ from muco_flow.data.mmeb_train_conversations import (
     user_text,
 )
 from muco_flow.data.mmeb_train_ingest import NEGATIVE_IMAGE_PREFIX, TARGET_IMAGE_PREFIX
+from muco_flow.data.record_index import INDEX_FILE, scan_record_files
 from muco_flow.data.row_checks import CONTROL_TOKENS
 from muco_flow.data.shards import ShardWriter
 from muco_flow.modeling import tokens
@@ -295,12 +296,17 @@ def format_mmeb_train_shards(
         "negatives_dropped_too_long",
         "samples_with_empty_negative",
     )
+    # what a rank's start-up needs of every record (each sample's dataset), before the manifest that completes
+    scan_record_files([output_dir / shard["file"] for shard in writer.shards], category_columns=("dataset",)).save(
+        output_dir
+    )
     manifest = {
         "schema_version": mmeb_train.SCHEMA_VERSION,
         "ingest_manifest_shards": [s["sha256"] for s in ingest_manifest["shards"]],
         "counts": {k: counts[k] for k in names},
         "shards": writer.shards,
         "settings": config.settings(),
+        "record_index": INDEX_FILE,
     }
     (output_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("format stage 2: %s", manifest["counts"])

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -46,6 +45,7 @@ from muco_flow.data.formatting import FORMATTED_SCHEMA, Conversation, assemble_c
 from muco_flow.data.ingest import MANIFEST_FILE
 from muco_flow.data.mmeb_train_formatting import RECORD_COLUMNS as STAGE2_RECORD_COLUMNS
 from muco_flow.data.mmeb_train_formatting import assemble_finetune_sample
+from muco_flow.data.record_index import INDEX_FILE, RecordIndex, scan_record_files
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import collate, image_inputs
 from muco_flow.training.config import DataMixSettings
@@ -126,11 +126,17 @@ class FormattedRecords:
     be handed to DataLoader workers without open handles.
     """
 
-    def __init__(self, conversations_dir: Path, manifest: dict[str, Any], columns: list[str]) -> None:
+    def __init__(
+        self,
+        conversations_dir: Path,
+        manifest: dict[str, Any],
+        columns: list[str],
+        list_columns: tuple[str, ...] = (),
+        category_columns: tuple[str, ...] = (),
+    ) -> None:
+        """``list_columns`` and ``category_columns``: the columns of every record start-up needs (RecordKind)."""
         self.directory = Path(conversations_dir)
         self.files: list[tuple[Path, Path | None]] = []  # record file, its image file (stage 1)
-        self._batch_file: list[tuple[int, int]] = []  # (file, batch in the file) of each record batch
-        batch_rows = []
         for shard in manifest["shards"]:
             path = self.directory / shard["file"]
             if path.suffix != ".arrow":
@@ -138,20 +144,35 @@ class FormattedRecords:
                     f"{path} was formatted by an earlier muco-flow version (Parquet records; this one memory-maps "
                     "Arrow IPC files); re-run the format pipeline"
                 )
-            reader = pa.ipc.open_file(pa.memory_map(str(path)))
-            missing = sorted(set(columns) - set(reader.schema.names))
+            schema_names = pa.ipc.open_file(pa.memory_map(str(path))).schema.names  # the footer only
+            missing = sorted(set(columns) - set(schema_names))
             if missing:
                 raise ValueError(
                     f"{path} was formatted by another muco-flow version (no column {', '.join(missing)}); "
                     "re-run the format pipeline"
                 )
-            for b in range(reader.num_record_batches):
-                self._batch_file.append((len(self.files), b))
-                batch_rows.append(reader.get_batch(b).num_rows)
             self.files.append((path, self.directory / shard["images"] if "images" in shard else None))
-        self._batch_starts = np.concatenate([[0], np.cumsum(batch_rows, dtype=np.int64)])
-        self.rows = int(self._batch_starts[-1])
+        self.index = self._read_index(manifest, list_columns, category_columns)
+        self._batch_file = [(file, b) for file, count in enumerate(self.index.batches_per_file) for b in range(count)]
+        self._batch_starts = np.concatenate([[0], np.cumsum(self.index.batch_rows, dtype=np.int64)])
+        self.rows = self.index.rows
         self._open: OrderedDict[int, pa.ipc.RecordBatchFileReader] = OrderedDict()
+
+    def _read_index(
+        self, manifest: dict[str, Any], list_columns: tuple[str, ...], category_columns: tuple[str, ...]
+    ) -> RecordIndex:
+        """The format pipeline's record index; data formatted without one is scanned (every record file, once)."""
+        if manifest.get("record_index"):
+            index = RecordIndex.load(self.directory)
+            if set(list_columns) <= set(index.lists) and set(category_columns) <= set(index.categories):
+                if len(index.batches_per_file) != len(self.files):
+                    raise ValueError(
+                        f"{self.directory / INDEX_FILE} indexes {len(index.batches_per_file)} record files, the "
+                        f"manifest lists {len(self.files)}; re-run the format pipeline"
+                    )
+                return index
+        logger.info("%s has no record index of these columns: scanning its record files", self.directory)
+        return scan_record_files([path for path, _ in self.files], list_columns, category_columns)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_open": OrderedDict()}
@@ -166,22 +187,11 @@ class FormattedRecords:
 
     def list_column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A list<int> column of every record as flat values and each record's length (no object per record)."""
-        values, lengths = [], []
-        for file, batch in self._batch_file:
-            column = self._reader(file).get_batch(batch).column(name)
-            offsets = column.offsets.to_numpy()
-            values.append(column.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int64))
-            lengths.append(np.diff(offsets).astype(np.int64))
-        empty = np.zeros(0, np.int64)
-        return (np.concatenate(values) if values else empty), (np.concatenate(lengths) if lengths else empty)
+        return self.index.lists[name]
 
     def category_column(self, name: str) -> tuple[np.ndarray, list[str]]:
         """A string column of every record as codes into its sorted distinct values, and those values."""
-        chunks = [self._reader(file).get_batch(batch).column(name) for file, batch in self._batch_file]
-        values = pa.chunked_array(chunks, type=pa.string())
-        names = sorted(values.unique().to_pylist())
-        codes = pc.index_in(values, value_set=pa.array(names, pa.string()))
-        return codes.to_numpy().astype(np.int64), names
+        return self.index.categories[name]
 
     def record(self, index: int) -> dict[str, Any]:
         """Record ``index`` as a dict; a stage-1 record's image bytes under "image" (None: no image)."""
@@ -296,7 +306,9 @@ class ConversationBatches:
                     "re-run the format pipeline with format.hard_negatives: true"
                 )
             self.settings = {**self.settings, "hard_negatives": hard_negatives}
-        self.records = FormattedRecords(conversations_dir, manifest, self.kind.columns)
+        self.records = FormattedRecords(
+            conversations_dir, manifest, self.kind.columns, self.kind.list_columns, self.kind.category_columns
+        )
         if self.records.rows == 0:
             raise ValueError(f"no conversations in {conversations_dir}; run the format pipeline first")
         self.images = ImageStore(shards_dir)
@@ -319,7 +331,9 @@ class ConversationBatches:
         if len(set(self.unit_turns.tolist())) > 1 and (self.data_mix.weights or self.data_mix.caps):
             # a draw per dataset would leave each turn count's batches to chance, and so the steps per epoch
             raise ValueError("training.data_mix weights and caps need conversations of one turn count (stage 2)")
-        self._epoch_cache: tuple[int, np.ndarray] | None = None
+        # epoch -> its batches: the latest drawn, and those prepare_epochs drew for the DataLoader's workers
+        self._epochs: dict[int, np.ndarray] = {}
+        self._prepared: set[int] = set()
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{self.conversations} conversations give no full batch of {batch_size} per rank x {world_size} "
@@ -401,10 +415,21 @@ class ConversationBatches:
             sizes = np.array([self.epoch_counts.sum()])
         return int(sum(int(n) // self.global_batch for n in sizes))
 
+    def prepare_epochs(self, start: int, stop: int) -> None:
+        """Draws the epochs of steps ``start`` .. ``stop - 1`` here, before DataLoader workers copy this object.
+
+        Each worker would otherwise draw every epoch again itself (seconds per
+        epoch at M3T's millions of conversations, at each epoch's first step).
+        """
+        steps = self.steps_per_epoch
+        for epoch in range(start // steps, (max(stop, start + 1) - 1) // steps + 1):
+            self.epoch_batches(epoch)
+            self._prepared.add(epoch)
+
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """The epoch's global batches as [steps, global batch] unit indices, the same on every rank."""
-        if self._epoch_cache and self._epoch_cache[0] == epoch:
-            return self._epoch_cache[1]
+        if epoch in self._epochs:
+            return self._epochs[epoch]
         # random.Random's shuffle on numpy arrays draws what it drew on the lists of earlier
         # versions, so a run's batches (and its results) stay what they were (without a data mix,
         # epoch_units draws nothing)
@@ -424,7 +449,8 @@ class ConversationBatches:
         if left_out and epoch == 0 and self.rank == 0:
             # different conversations are left out each epoch, since the shuffle differs
             logger.info("each epoch leaves out %d conversations that do not fill a batch", left_out)
-        self._epoch_cache = (epoch, batches)
+        # keep the prepared epochs and this one: a rank reading on its own keeps one epoch at a time
+        self._epochs = {e: b for e, b in self._epochs.items() if e in self._prepared} | {epoch: batches}
         return batches
 
     def batch(self, step: int) -> Batch:
@@ -595,6 +621,7 @@ def batch_loader(
         raise ValueError(f"training.data_workers must be >= 0 and prefetch >= 1, got {workers} and {prefetch}")
     steps = _StepParts(batches, chunk_size)
     if workers and start < stop:
+        batches.prepare_epochs(start, stop)
         ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
         check_shared_memory(
             batch_bytes(steps[start]),
@@ -672,6 +699,9 @@ class RecordKind:
     """One kind of formatted data: its record columns, its conversations per record, and how one is made."""
 
     columns: list[str]
+    # the columns of every record that start-up reads (from the format's record index)
+    list_columns: tuple[str, ...]
+    category_columns: tuple[str, ...]
     # every conversation of the records: (record, part of the record, turns) as three flat arrays
     units: Callable[[FormattedRecords], tuple[np.ndarray, np.ndarray, np.ndarray]]
     row: Callable[[dict[str, Any], int, int, dict[str, Any], int, ImageStore], tuple[Conversation, RowImages]]
@@ -694,8 +724,8 @@ def _stage2_units(records: FormattedRecords) -> tuple[np.ndarray, np.ndarray, np
 
 
 RECORD_KINDS = {
-    schema.SCHEMA_VERSION: RecordKind(RECORD_COLUMNS, _stage1_units, _stage1_row),
-    mmeb_train.SCHEMA_VERSION: RecordKind(STAGE2_RECORD_COLUMNS, _stage2_units, _stage2_row),
+    schema.SCHEMA_VERSION: RecordKind(RECORD_COLUMNS, ("part_turns",), (), _stage1_units, _stage1_row),
+    mmeb_train.SCHEMA_VERSION: RecordKind(STAGE2_RECORD_COLUMNS, (), ("dataset",), _stage2_units, _stage2_row),
 }
 
 
