@@ -316,14 +316,16 @@ def test_training_input_quick(results_dir, small_sample_root, tiny_backbone_dir)
     (result,) = document["results"]
     assert result["image_tokens"] == (476 // 28) * (644 // 28)  # 640x480 on Qwen2-VL's 28-pixel grid: 17 x 23
     assert [m["conversations"] for m in result["memory"]] == document["parameters"]["sizes"]
+    # rank 0 of N reads its 8 conversations of every full batch of the epoch (N x 8 conversations)
     reads = result["reads"]
-    # rank 0 of 2 reads half of every full batch of the epoch, 8 conversations per rank
-    assert reads["image_bytes_used"] > 0 and reads["steps"] == document["parameters"]["read_size"] // 16
+    assert [r["ranks"] for r in reads] == document["parameters"]["read_ranks"] == [2, 8, 32]
+    assert all(r["image_bytes_used"] > 0 for r in reads)
+    assert [r["steps"] for r in reads] == [document["parameters"]["read_size"] // (8 * r["ranks"]) for r in reads]
     rates = result["rates"]
     assert rates["ratio"] == pytest.approx(
         rates["loader_conversations_per_second"] / rates["training_conversations_per_second"]
     )
-    assert len(document["goals"]) == 3
+    assert len(document["goals"]) == 5  # memory, reads at 2, 8 and 32 ranks, input rate
 
 
 @pytest.mark.slow  # reads what the slow benchmark runs above wrote
