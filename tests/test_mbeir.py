@@ -146,10 +146,10 @@ def test_every_row_is_read_with_uniirs_instruction_and_normalisation(download):
     assert oven.positives == [["5:100", "6:200"]]
     # candidates: normalised, never instructed; one per did, duplicates of content included
     pool = benchmark.local_pools["mscoco_task3_test"]
-    assert pool.dids == ["9:2", "9:3", "9:4", "9:5", "9:6", "9:14174"]
+    assert list(pool.dids) == ["9:2", "9:3", "9:4", "9:5", "9:6", "9:14174"]
     assert pool.items[2] == Item("A dirt path with a young person on a motor bike.")
     assert pool.items[4] == pool.items[5] == Item("A man riding on the back of a motorcycle down a road.")
-    assert benchmark.local_pools["mscoco_task0_test"].items == [Item("", COCO_IMAGE), Item("", COCO_IMAGE_2)]
+    assert list(benchmark.local_pools["mscoco_task0_test"].items) == [Item("", COCO_IMAGE), Item("", COCO_IMAGE_2)]
     assert len(benchmark.global_pool.items) == 2 + 6 + 2 + 1
 
 
