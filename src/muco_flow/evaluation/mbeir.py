@@ -215,8 +215,11 @@ class PoolFile:
         with self.path.open("rb") as file:
             for row in rows:
                 file.seek(int(self.offsets[row]))
-                record = json.loads(file.readline())
-                if record.get("did") != self.did_keys[row].decode():
+                try:
+                    record = json.loads(file.readline())
+                except ValueError:  # not JSON, or not UTF-8: the offset no longer starts a line
+                    record = None
+                if not isinstance(record, dict) or record.get("did") != self.did_keys[row].decode():
                     raise EvaluationDataError(
                         f"M-BEIR {self.path}: changed since it was read (row {row} no longer has did "
                         f"{self.did_keys[row].decode()}); read the pool again"
