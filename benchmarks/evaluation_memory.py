@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         scoring_child(int(rank), int(ranks), int(port), int(size), int(dim), int(queries), Path(directory))
         return
     if args.quick:
-        args.sizes, args.dim, args.queries, args.block_rows = [2000, 20000], 16, 16, 1000
+        args.sizes, args.dim, args.queries, args.block_rows = [2000, 10000], 16, 16, 1000
         args.scoring_size, args.scoring_dim, args.scoring_queries, args.repeats = 5000, 16, 64, 1
     common.write_and_print(args.out, NAME, run(args), table)
 
