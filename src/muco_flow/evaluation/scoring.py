@@ -193,8 +193,9 @@ def score_model(
 
     With `evaluate.pool_cache_dir`, candidate pools are encoded to disk
     (``model_encoding_cache``), so every rank of a run writes and reads the same pools.
-    As rank ``share`` of several, this rank scores its part of the queries on
-    ``device``; ``gather`` (a collective, QueryShare) brings every rank's parts together.
+    Queries are ranked on the model's device. As rank ``share`` of several,
+    this rank scores its part of the queries; ``gather`` (a collective,
+    QueryShare) brings every rank's parts together.
     """
     cache = model_encoding_cache(
         model_dir,
@@ -209,7 +210,8 @@ def score_model(
     )
     if config.dimensions:
         config.check_width(cache.embedder.hidden_size)  # before anything is encoded
-    queries = QueryShare(*share, gather=gather, device=device)
+    # ranks are counted where the model runs: a GPU's matrix products outpace the CPU's by far
+    queries = QueryShare(*share, gather=gather, device=next(cache.embedder.parameters()).device)
     results = score_sets(
         sets["mmeb"], sets["mbeir"], sets["m3t"], cache, progress_every_s=config.progress_every_s, share=queries
     )
