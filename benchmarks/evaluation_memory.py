@@ -6,7 +6,7 @@ Memory. For 300k and 3M candidates, an M-BEIR-shaped union pool file is
 written (``cand_pool/global/mbeir_union_test_cand_pool.jsonl``: M-BEIR's
 fields and dids, about half the candidates with an image path like
 ``mbeir_images/oven_images/08/oven_05011178.jpg``, captions of 8-24 words and
-Wikipedia-like passages of 60-250 words, so lines of ~0.6 KB on average; the
+Wikipedia-like passages of 60-250 words: lines of ~460 bytes on average; the
 image files are 256 shared ones, as ``read_pool`` checks each path). A fresh
 process reads it with ``read_pool`` (every line checked), encodes it with a
 stub encoder (seeded random unit vectors at d=64, a reduced width: the

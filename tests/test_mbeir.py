@@ -636,3 +636,34 @@ def test_per_rank_ranks_gather_into_the_hand_computed_ranks_of_every_query():
     parts = [chunked_positive_ranks(queries[s.part(4)], pool, positives[s.part(4)], pool_chunk=3) for s in shares]
     assert [len(p) for p in parts] == [1, 1, 2]
     assert [s.merged(p) for s, p in zip(shares, parts, strict=True)] == [expected] * 3
+
+
+def test_every_set_kind_scored_on_two_ranks_has_one_process_metrics_and_each_rank_encodes_its_queries_only():
+    from muco_flow.evaluation.encoding import EncodingCache
+    from muco_flow.evaluation.scoring import score_sets
+    from tests.test_dimensions import TableEmbedder, mbeir_benchmark, mmeb_set
+
+    def score(share=None, embedder=None):
+        cache = EncodingCache(embedder or TableEmbedder(), "{text}", 2)
+        return score_sets([mmeb_set()], mbeir_benchmark(), [mmeb_set()], cache, progress_every_s=30, share=share)
+
+    one_process = score()
+    # hand values (tests/test_dimensions.py's table): in its own list each query's positive is first; in the
+    # whole pool q1's positive p1 (0.633) ranks below p2 (0.707), and q2 finds p2 first
+    assert one_process["mmeb"]["average"] == 1.0 and one_process["mbeir"]["average"] == {"local": 0.5}
+    assert one_process["m3t_heldout"]["retrieval"]["recall@1"] == 0.5
+    gather = ThreadGather(2)
+    embedders = [TableEmbedder(), TableEmbedder()]
+    results: list[object] = [None, None]
+
+    def rank(r: int) -> None:
+        results[r] = score(QueryShare(r, 2, gather.for_rank(r)), embedders[r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [one_process, one_process]
+    # one process encodes the 2 queries and 4 candidates; a rank its 1 query and the 4 candidates
+    assert [e.encoded for e in embedders] == [5, 5]
