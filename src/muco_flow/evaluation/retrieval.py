@@ -69,6 +69,8 @@ def chunked_top_k(
     query_chunk: int = 1024,
     pool_chunk: int = 65536,
     device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    shortlist: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best pool rows per query by dot product: (scores, indices), best first.
 
@@ -76,31 +78,50 @@ def chunked_top_k(
     from disk or encoded on the fly), consumed once; then only one block of
     the pool is in memory at a time, and the blocks' own sizes replace ``pool_chunk``.
     Scores and top-k run on ``device`` (default: the queries'), where the results are.
+
+    With a ``dtype`` below float32 (a model's bf16: a GPU's products run
+    several times faster in it), each block's scores are computed in it, and
+    each query's ``shortlist`` best of the block (default 4k) are scored again
+    in float32: the scores returned are exact, and the order is exact among
+    the short lists (a row that the low precision puts below a block's
+    ``shortlist`` others is not seen).
     """
     blocks = (pool[p : p + pool_chunk] for p in range(0, pool.shape[0], pool_chunk)) if torch.is_tensor(pool) else pool
     device = device or queries.device
     queries = queries.to(device)
+    low_queries = queries.to(dtype)
+    shortlist = max(k, shortlist or 4 * k)
     starts = range(0, queries.shape[0], query_chunk)
     sizes = [min(query_chunk, queries.shape[0] - q) for q in starts]
     best = [(queries.new_empty(n, 0), torch.empty(n, 0, dtype=torch.long, device=device)) for n in sizes]
     offset = 0
     for block in blocks:
         block = block.to(device)
+        low_block = block.to(dtype)
         for i, q in enumerate(starts):
-            best[i] = _merge_top_k(*best[i], queries[q : q + query_chunk] @ block.T, offset, k)
+            chunk = slice(q, q + query_chunk)
+            if dtype == torch.float32:  # the scores as the vectors give them, as before there was a dtype
+                top = (queries[chunk] @ block.T).topk(min(k, block.shape[0]), dim=1)
+                scores, indices = top.values, top.indices
+            else:
+                short = (low_queries[chunk] @ low_block.T).topk(min(shortlist, block.shape[0]), dim=1)
+                # each query's short list gathered (query_chunk x shortlist x d numbers) and scored in float32
+                exact = torch.einsum("qd,qsd->qs", queries[chunk].float(), block[short.indices].float())
+                top = exact.topk(min(k, exact.shape[1]), dim=1)
+                scores, indices = top.values, short.indices.gather(1, top.indices)
+            best[i] = _merge_top_k(*best[i], scores, indices + offset, k)
         offset += block.shape[0]
-        # the loop variable would keep this block alive while the stream makes the next one
-        del block
+        # the loop variables would keep this block alive while the stream makes the next one
+        del block, low_block
     return torch.cat([scores for scores, _ in best]), torch.cat([indices for _, indices in best])
 
 
 def _merge_top_k(
-    best_scores: torch.Tensor, best_indices: torch.Tensor, scores: torch.Tensor, offset: int, k: int
+    best_scores: torch.Tensor, best_indices: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best of the best so far and a block of scores whose columns start at pool row ``offset``."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1)
-    merged_scores = torch.cat([best_scores, top.values], dim=1)
-    merged_indices = torch.cat([best_indices, top.indices + offset], dim=1)
+    """The k best of the best so far and of a block's best ``scores`` at pool rows ``indices``."""
+    merged_scores = torch.cat([best_scores, scores], dim=1)
+    merged_indices = torch.cat([best_indices, indices], dim=1)
     keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
     return keep.values, merged_indices.gather(1, keep.indices)
 
