@@ -273,8 +273,12 @@ class MBeirBenchmark:
         return self.global_pool
 
 
+def _file_label(root: Path, path: Path) -> str:
+    return f"M-BEIR {path.relative_to(root) if path.is_relative_to(root) else path}"
+
+
 def _where(root: Path, path: Path, line: int) -> str:
-    return f"M-BEIR {path.relative_to(root) if path.is_relative_to(root) else path}, line {line}"
+    return f"{_file_label(root, path)}, line {line}"
 
 
 def _jsonl(root: Path, path: Path, required: Sequence[str]) -> Iterator[tuple[str, dict[str, Any], int]]:
@@ -282,14 +286,14 @@ def _jsonl(root: Path, path: Path, required: Sequence[str]) -> Iterator[tuple[st
     if not path.is_file():
         raise EvaluationDataError(f"M-BEIR: {path} does not exist")
     records = 0
-    file_name = _where(root, path, 0).removesuffix(", line 0")  # once: per line it took a fifth of the reading
+    label = _file_label(root, path)  # once per file: per line, it took a fifth of the reading
     with path.open("rb") as lines:
         offset = 0
         for number, raw in enumerate(lines, start=1):
             line_offset, offset = offset, offset + len(raw)
             if not raw.strip():
                 continue
-            where = f"{file_name}, line {number}"
+            where = f"{label}, line {number}"
             try:
                 record = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as err:
