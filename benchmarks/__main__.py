@@ -42,7 +42,7 @@ TITLES = {
     "retrieval_scaling": "Retrieval scoring scaling (chunked top-k)",
     "zero_memory": "ZeRO memory per rank, 2 processes (bytes measured, theory in parentheses)",
     "grad_cache_memory": "GradCache memory: bounded by the chunk, not the batch",
-    "evaluation_memory": "Evaluation memory with pools encoded to disk in blocks (d=1536)",
+    "evaluation_memory": "Evaluation memory (real reader, M-BEIR-shaped pools) and scoring on 1 and 2 processes",
     "mining_memory": "Hard-negative mining: throughput and memory with pools encoded to disk in blocks (d=1536)",
     "training_input": "Training input at realistic sizes (391 image tokens, 89 KB JPEGs)",
     "backbone_cpu": "Released 2B-class backbones on the CPU: one DoRA step, fp32, random weights",

@@ -19,7 +19,12 @@ Kedro, MLflow, network or weights). For each family in
 - ``eval``: encoding queries and candidates, then one scoring block (queries
   x candidates, top-k on the device), with the compute dtype's scores against
   float32 (``|dscore| <= 2e-2``; the same best candidate wherever float32's
-  margin is above twice that).
+  margin is above twice that); and evaluation's own scoring path on the
+  device (``evaluation.retrieval``: each query's positive ranked in the whole
+  pool, the queries shared out over 2 ranks and gathered, as
+  ``evaluate.processes`` runs it), whose ranks must equal the CPU's, and its
+  top-k in the compute dtype with each short list re-scored in float32
+  (``|dscore| <= 1e-4`` against float32's top k).
 
 The last line is a summary; the exit status is 1 if any comparison failed.
 """
@@ -39,7 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import backbones
+from benchmarks import backbones  # first: on a bare checkout it puts src/ on the path for muco_flow
+from muco_flow.evaluation.retrieval import QueryShare, chunked_positive_ranks, chunked_top_k
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOPS, by a substring of torch.cuda.get_device_name(),
 # first match wins. NVIDIA's H100 datasheet: BF16 1,979 (SXM), 1,671 (NVL), 1,513 (PCIe) TFLOPS "with
@@ -54,6 +60,7 @@ PEAK_BF16_TFLOPS = (
 LOSS_TOLERANCE_EXACT, GRAD_TOLERANCE_EXACT = 1e-4, 1e-3  # GradCache against one backward, both float32
 LOSS_TOLERANCE_LOW, GRAD_COSINE_LOW = 0.05, 0.99  # the compute dtype against float32
 SCORE_TOLERANCE = 2e-2
+RERANK_TOLERANCE = 1e-4  # float32 scores of the short lists: float32's top k unless a short list missed one
 TOP_K = 10
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -253,6 +260,21 @@ def train_and_eval_cases(family: str, args: argparse.Namespace, device: torch.de
     return cases
 
 
+def shared_positive_ranks(
+    queries: torch.Tensor, pool: torch.Tensor, positives: list[list[int]], device: torch.device, ranks: int = 2
+) -> list[list[int]]:
+    """Evaluation's ranks, the queries shared out over ``ranks`` ranks (one after another here), on ``device``."""
+    parts: list[list[list[int]]] = []
+    shares = [QueryShare(r, ranks, lambda mine: parts, device) for r in range(ranks)]
+    for share in shares:
+        mine = share.part(len(positives))
+        parts.append(chunked_positive_ranks(queries[mine], pool, positives[mine], pool_chunk=65536, device=device))
+    merged = [share.merged(part) for share, part in zip(shares, parts, strict=True)]
+    if any(m != merged[0] for m in merged):
+        raise AssertionError("the ranks gathered differ between ranks")
+    return merged[0]
+
+
 def eval_case(
     vlm: nn.Module,
     config: Any,
@@ -302,6 +324,18 @@ def eval_case(
         clear = (second[:, 0] - second[:, 1]) > 2 * SCORE_TOLERANCE
         score_error = float((low_scores.float() - high_scores).abs().max())
         same_best = bool((low_index[clear, 0] == high_index[clear, 0]).all())
+        # evaluation's path: every query's 10th-best candidate as its positive (rank 10 unless ties), in float32
+        positives = [[int(i)] for i in high_index[:, -1].tolist()]
+        exact_queries, exact_pool = queries.float(), pool.float()
+        device_ranks, rank_seconds = timed(
+            lambda: shared_positive_ranks(exact_queries, exact_pool, positives, device), device
+        )
+        cpu_ranks = chunked_positive_ranks(exact_queries.cpu(), exact_pool.cpu(), positives)
+        # evaluation's top-k in the compute dtype, each block's short list scored again in float32
+        (rerank_scores, _), rerank_seconds = timed(
+            lambda: chunked_top_k(exact_queries, exact_pool, TOP_K, device=device, dtype=DTYPES[args.dtype]), device
+        )
+        rerank_error = float((rerank_scores - high_scores.float()).abs().max())
     tokens = queries_in.conversations.input_ids.numel() + queries_in.answers.input_ids.numel()
     return {
         "case": "eval",
@@ -319,7 +353,17 @@ def eval_case(
         "score_max_error": score_error,
         "queries_with_clear_best": int(clear.sum()),
         "same_best": same_best,
-        "passed": bool(score_error <= SCORE_TOLERANCE and same_best),
+        "rank_seconds": rank_seconds,
+        "rerank_seconds": rerank_seconds,
+        "rerank_max_error": rerank_error,
+        "ranks_equal_cpu": device_ranks == cpu_ranks,
+        "median_positive_rank": sorted(r[0] for r in device_ranks)[len(device_ranks) // 2],
+        "passed": bool(
+            score_error <= SCORE_TOLERANCE
+            and same_best
+            and device_ranks == cpu_ranks
+            and rerank_error <= RERANK_TOLERANCE
+        ),
     }
 
 

@@ -84,3 +84,14 @@ def test_chance_is_one_over_each_querys_own_list_and_a_query_without_one_is_refu
     whole_pool = RetrievalSet("M3T-color", "color", Path("."), candidate_lists=[[0, 1], None])
     with pytest.raises(ValueError, match="M3T-color: a query without its own candidate list"):
         chance_mmeb_average([whole_pool])
+
+
+def test_top_k_in_bfloat16_is_reranked_in_float32():
+    # bfloat16 keeps 8 bits of mantissa: 1.0, 1.001 and 1.002 are all 1.0 in it, a three-way tie
+    pool = torch.tensor([[1.0], [1.001], [0.5], [1.002]])
+    queries = torch.tensor([[1.0], [-1.0]])
+    scores, indices = chunked_top_k(queries, pool, 3, pool_chunk=2, dtype=torch.bfloat16, shortlist=2)
+    # each block's two best in bfloat16, scored again in float32 and merged: the float32 order and scores
+    assert indices.tolist() == [[3, 1, 0], [2, 0, 1]]
+    assert scores.dtype == torch.float32
+    assert scores.tolist() == [pool[[3, 1, 0], 0].tolist(), (-pool[[2, 0, 1], 0]).tolist()]

@@ -36,6 +36,8 @@ def test_gpu_check_runs_at_tiny_width_on_the_cpu(capsys):
         assert causal != bidirectional, family  # the bidirectional mask reached the attention
     for evaluation in by_case["eval"]:
         assert evaluation["passed"] and evaluation["score_max_error"] <= gpu_check.SCORE_TOLERANCE
+        # each query's positive is its 10th best (a pool of 64 random vectors has no ties): rank 10
+        assert evaluation["ranks_equal_cpu"] and evaluation["median_positive_rank"] == gpu_check.TOP_K
     assert by_case["summary"] == [lines[-1]] and lines[-1]["passed"]
 
 

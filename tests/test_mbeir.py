@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,10 @@ from muco_flow.evaluation.mbeir import (
     MBeirTask,
     format_string,
     read_mbeir,
+    read_pool,
     score_mbeir,
 )
-from muco_flow.evaluation.retrieval import chunked_positive_ranks
+from muco_flow.evaluation.retrieval import QueryShare, chunked_positive_ranks
 from muco_flow.pipelines.evaluate.nodes import load_evaluation_sets
 from muco_flow.sample.m3t_mini import MBEIR_TASKS
 from tests.conftest import load_params
@@ -146,10 +148,10 @@ def test_every_row_is_read_with_uniirs_instruction_and_normalisation(download):
     assert oven.positives == [["5:100", "6:200"]]
     # candidates: normalised, never instructed; one per did, duplicates of content included
     pool = benchmark.local_pools["mscoco_task3_test"]
-    assert pool.dids == ["9:2", "9:3", "9:4", "9:5", "9:6", "9:14174"]
+    assert list(pool.dids) == ["9:2", "9:3", "9:4", "9:5", "9:6", "9:14174"]
     assert pool.items[2] == Item("A dirt path with a young person on a motor bike.")
     assert pool.items[4] == pool.items[5] == Item("A man riding on the back of a motorcycle down a road.")
-    assert benchmark.local_pools["mscoco_task0_test"].items == [Item("", COCO_IMAGE), Item("", COCO_IMAGE_2)]
+    assert list(benchmark.local_pools["mscoco_task0_test"].items) == [Item("", COCO_IMAGE), Item("", COCO_IMAGE_2)]
     assert len(benchmark.global_pool.items) == 2 + 6 + 2 + 1
 
 
@@ -486,3 +488,182 @@ def test_rows_and_averages_reach_the_headline_and_the_report(download):
     table = recall_curve_table(results["model"], results["baseline"])
     assert set(table["set"]) == {f"M-BEIR {t} ({kind})" for t in TASKS for kind in ("local", "global")}
     recall_figure(table)
+
+
+class ThreadGather:
+    """all_gather_object for ranks that are threads of this process: each rank's part, in rank order."""
+
+    def __init__(self, ranks: int) -> None:
+        self.parts: list[object] = [None] * ranks
+        self.barrier = threading.Barrier(ranks)
+
+    def for_rank(self, rank: int):
+        def gather(mine):
+            self.parts[rank] = mine
+            self.barrier.wait()
+            parts = list(self.parts)
+            self.barrier.wait()  # nobody overwrites a part before every rank has read them all
+            return parts
+
+        return gather
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_scoring_their_share_of_the_queries_gather_the_metrics_of_one_process(download, ranks):
+    """The hand case's ties and duplicates on 2 and 3 ranks (one-query tasks leave some ranks nothing to score)."""
+    benchmark = read_mbeir(download, TASKS, local_pools=LOCAL_POOLS, recall_ks={"default": [1, 2, 5]})
+    t2i, i2t, oven = benchmark.tasks
+    pools = benchmark.local_pools
+    generator = torch.Generator().manual_seed(3)
+    items = [*benchmark.global_pool.items, *(q for t in benchmark.tasks for q in t.queries)]
+    table = {item: torch.randint(-1, 2, (3,), generator=generator).float().tolist() for item in items}
+    # t2i's three queries tie their positive image 9:1 with the other image 9:7
+    table.update({q: [1.0, 0.0, 0.0] for q in t2i.queries})
+    table.update(
+        {pools["mscoco_task0_test"].items[0]: [1.0, 0.0, 0.0], pools["mscoco_task0_test"].items[1]: [1.0, 0.0, 0.0]}
+    )
+    one_process = score_mbeir(benchmark, vectors_by_item(table), pool_by_item(table), curve_ks=(1, 2))
+    # ties go against the positive: the tied other image ranks first, so no t2i query is a hit at 1
+    assert one_process[0]["rows"]["local"]["mscoco_task0"]["recall@1"] == 0.0
+    assert one_process[0]["rows"]["local"]["mscoco_task0"]["recall@2"] == 1.0
+    gather = ThreadGather(ranks)
+    results: list[object] = [None] * ranks
+    encoded: list[list[Item]] = [[] for _ in range(ranks)]
+
+    def rank(r: int) -> None:
+        def vectors(queries, root):
+            encoded[r].extend(queries)
+            return vectors_by_item(table)(queries, root)
+
+        share = QueryShare(r, ranks, gather.for_rank(r))
+        results[r] = score_mbeir(benchmark, vectors, pool_by_item(table), (1, 2), share)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [one_process] * ranks
+    # each query was encoded by one rank only, twice (the local and the global pool)
+    every_query = [q for t in benchmark.tasks for q in t.queries]
+    assert sorted(map(repr, (q for e in encoded for q in e))) == sorted(map(repr, every_query * 2))
+    assert all(len(e) <= 2 * -(-len(t2i.queries) // ranks) + 4 for e in encoded)
+    assert i2t.queries and oven.queries
+
+
+def test_a_query_share_is_a_contiguous_part_and_the_parts_come_back_in_rank_order():
+    assert [QueryShare(r, 2, lambda m: m).part(5) for r in range(2)] == [slice(0, 2), slice(2, 5)]
+    assert [QueryShare(r, 3, lambda m: m).part(1) for r in range(3)] == [slice(0, 0), slice(0, 0), slice(0, 1)]
+    assert QueryShare().part(4) == slice(0, 4) and QueryShare().merged(["a"]) == ["a"]
+    assert QueryShare(1, 2, lambda mine: [["a", "b"], mine]).merged(["c"]) == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="gathered 1 parts from 2 ranks"):
+        QueryShare(1, 2, lambda mine: [mine]).merged(["c"])
+    with pytest.raises(ValueError, match="needs a gather"):
+        QueryShare(0, 2)
+    with pytest.raises(ValueError, match="rank 2 of 2"):
+        QueryShare(2, 2, lambda m: m)
+
+
+def write_pool(root: Path, lines: list[str], newline: str = "\n") -> Path:
+    path = root / "cand_pool/local/mbeir_hand_cand_pool.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    return path
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_a_pool_is_kept_as_columns_and_reads_its_items_back_from_the_file(tmp_path, newline):
+    (tmp_path / "mbeir_images").mkdir()
+    (tmp_path / "mbeir_images/cat.jpg").write_bytes(b"an image")
+    path = write_pool(
+        tmp_path,
+        [
+            '{"did": "1:10", "txt": "a cat on a mat", "img_path": null, "modality": "text"}',
+            "",
+            '{"did": "12:3", "txt": null, "img_path": "mbeir_images/cat.jpg", "modality": "image"}',
+            '{"did": "1:2", "txt": "  \\"Ünïcode\\" caption?", "img_path": "mbeir_images/cat.jpg", '
+            '"modality": "image,text"}',
+            '{"did": "1:1", "txt": "", "img_path": "mbeir_images/cat.jpg", "modality": "image", "src_content": "x"}',
+        ],
+        newline,
+    )
+    pool = read_pool(tmp_path, path, "hand")
+    expected = [
+        Item("A cat on a mat."),
+        Item("", "mbeir_images/cat.jpg"),
+        Item('Ünïcode" caption?', "mbeir_images/cat.jpg"),
+        Item("", "mbeir_images/cat.jpg"),
+    ]
+    assert list(pool.items) == expected and len(pool.items) == 4
+    assert (pool.items[-1], pool.items[1:3], pool.items[::-2]) == (expected[3], expected[1:3], expected[::-2])
+    assert list(pool.dids) == ["1:10", "12:3", "1:2", "1:1"]
+    assert list(pool.modalities) == ["text", "image", "image,text", "image"]
+    assert dict(pool.rows) == {"1:10": 0, "12:3": 1, "1:2": 2, "1:1": 3}
+    assert [d in pool.rows for d in ("1:1", "1:3", "1:100", "12:3 ", "123:45678", "")] == [True] + [False] * 5
+    with pytest.raises(IndexError):
+        pool.items[4]
+    # a few bytes per candidate, whatever its texts: offset 8, did 4 (the widest here), order 4, modality 1
+    columns = pool.rows.pool_file
+    held = columns.offsets.nbytes + columns.did_keys.nbytes + columns.did_order.nbytes + columns.modality_codes.nbytes
+    assert held == 4 * (8 + 4 + 4 + 1)
+    # the file rewritten after the read: an item is not read from another candidate's line
+    write_pool(tmp_path, ['{"did": "1:10", "txt": "a", "img_path": null, "modality": "text"}', "", "{}"])
+    assert pool.items[0] == Item("A.")
+    with pytest.raises(EvaluationDataError, match=r"mbeir_hand_cand_pool.jsonl: changed since it was read \(row 1"):
+        pool.items[1]
+
+
+def test_a_repeated_did_is_named_with_the_line_of_its_second_appearance(tmp_path):
+    row = '{{"did": "{}", "txt": "t", "img_path": null, "modality": "text"}}'
+    path = write_pool(tmp_path, [row.format("2:1"), "", row.format("1:5"), row.format("2:1"), row.format("1:5")])
+    with pytest.raises(EvaluationDataError, match=r"mbeir_hand_cand_pool.jsonl, line 4: did 2:1 appears twice"):
+        read_pool(tmp_path, path, "hand")
+    path.write_bytes(b'{"did": "1:1", "txt": "\xff", "img_path": null, "modality": "text"}\n')
+    with pytest.raises(EvaluationDataError, match=r"mbeir_hand_cand_pool.jsonl, line 1: not UTF-8"):
+        read_pool(tmp_path, path, "hand")
+
+
+def test_per_rank_ranks_gather_into_the_hand_computed_ranks_of_every_query():
+    pool = torch.tensor([[3.0], [2.0], [2.0], [1.0]])
+    queries = torch.tensor([[1.0], [-1.0], [2.0], [0.5]])
+    positives = [[1], [0], [0], [2]]
+    # q0: its positive scores 2, row 0 beats it and row 2 ties it (a tie counts against it): 3
+    # q1: its positive scores -3, the lowest: 4; q2: its positive scores 6, the best: 1
+    # q3: its positive scores 1, row 0 beats it and row 1 ties it: 3
+    expected = [[3], [4], [1], [3]]
+    assert chunked_positive_ranks(queries, pool, positives) == expected
+    shares = [QueryShare(r, 3, lambda mine: parts) for r in range(3)]
+    parts = [chunked_positive_ranks(queries[s.part(4)], pool, positives[s.part(4)], pool_chunk=3) for s in shares]
+    assert [len(p) for p in parts] == [1, 1, 2]
+    assert [s.merged(p) for s, p in zip(shares, parts, strict=True)] == [expected] * 3
+
+
+def test_every_set_kind_scored_on_two_ranks_has_one_process_metrics_and_each_rank_encodes_its_queries_only():
+    from muco_flow.evaluation.encoding import EncodingCache
+    from muco_flow.evaluation.scoring import score_sets
+    from tests.test_dimensions import TableEmbedder, mbeir_benchmark, mmeb_set
+
+    def score(share=None, embedder=None):
+        cache = EncodingCache(embedder or TableEmbedder(), "{text}", 2)
+        return score_sets([mmeb_set()], mbeir_benchmark(), [mmeb_set()], cache, progress_every_s=30, share=share)
+
+    one_process = score()
+    # hand values (tests/test_dimensions.py's table): in its own list each query's positive is first; in the
+    # whole pool q1's positive p1 (0.633) ranks below p2 (0.707), and q2 finds p2 first
+    assert one_process["mmeb"]["average"] == 1.0 and one_process["mbeir"]["average"] == {"local": 0.5}
+    assert one_process["m3t_heldout"]["retrieval"]["recall@1"] == 0.5
+    gather = ThreadGather(2)
+    embedders = [TableEmbedder(), TableEmbedder()]
+    results: list[object] = [None, None]
+
+    def rank(r: int) -> None:
+        results[r] = score(QueryShare(r, 2, gather.for_rank(r)), embedders[r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == [one_process, one_process]
+    # one process encodes the 2 queries and 4 candidates; a rank its 1 query and the 4 candidates
+    assert [e.encoded for e in embedders] == [5, 5]

@@ -20,26 +20,35 @@ a positive absent from the searched pool cannot be hit, and a query none of
 whose positives is there scores 0 but still counts. UniIR leaves ties to
 FAISS's order; here a non-positive scoring as high as the best positive ranks
 before it, so the figure is the lowest any tie order could give.
+
+A candidate pool is held as columns (``PoolFile``): each candidate's line
+offset in its file, its did and its modality, about 25 bytes a candidate
+instead of ~1.4 KB of Python objects (issue 28: 7.2 GiB per rank for the
+5.6M-candidate global pool). Every line is checked when the pool is read;
+its text and image path are read again, from the file, only when the
+candidate is encoded.
 """
 
 from __future__ import annotations
 
+import array
 import json
 import logging
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import Any, TypeVar, overload
 
+import numpy as np
 import torch
 
 from muco_flow.evaluation.datasets import EvaluationDataError, Item, check_image
 from muco_flow.evaluation.encoded_pool import VectorPool
 from muco_flow.evaluation.metrics import any_hit_recall_at_k
-from muco_flow.evaluation.retrieval import chunked_positive_ranks
+from muco_flow.evaluation.retrieval import QueryShare, chunked_positive_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +113,133 @@ def instructed_query_text(prompt: str, query_text: str | None) -> str:
 
 @dataclass(frozen=True)
 class CandidatePool:
-    """A pool file: one candidate per did, duplicates of the same content included."""
+    """A pool file: one candidate per did, duplicates of the same content included.
+
+    ``read_pool`` fills it with a PoolFile's columns; plain lists and a dict
+    (a pool made by hand) do as well.
+    """
 
     name: str
-    dids: list[str]
-    items: list[Item]
-    modalities: list[str]
-    rows: dict[str, int] = field(repr=False)
+    dids: Sequence[str]
+    items: Sequence[Item]
+    modalities: Sequence[str]
+    rows: Mapping[str, int] = field(repr=False)  # did -> row
+
+
+T = TypeVar("T")
+
+
+class Column(Sequence[T]):
+    """A read-only sequence of ``length`` values, each read by ``read`` (a range of rows) when asked for."""
+
+    # rows read at once while iterating: one open file and one seek per row, a bounded list
+    ITER_ROWS = 4096
+
+    def __init__(self, length: int, read: Callable[[range], list[T]]) -> None:
+        self.length, self.read = length, read
+
+    def __len__(self) -> int:
+        return self.length
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            return self.read(range(self.length)[index])
+        if not -self.length <= index < self.length:
+            raise IndexError(f"row {index} of {self.length}")
+        return self.read(range(index % self.length, index % self.length + 1))[0]
+
+    def __iter__(self) -> Iterator[T]:
+        for start in range(0, self.length, self.ITER_ROWS):
+            yield from self.read(range(start, min(start + self.ITER_ROWS, self.length)))
+
+
+def _indices(rows: range) -> np.ndarray:
+    return np.arange(rows.start, rows.stop, rows.step, dtype=np.int64)
+
+
+class DidRows(Mapping[str, int]):
+    """did -> row over a PoolFile's did column, by binary search in its sorted order (no dict of strings)."""
+
+    def __init__(self, pool_file: PoolFile) -> None:
+        self.pool_file = pool_file
+
+    def __getitem__(self, did: str) -> int:
+        keys, order = self.pool_file.did_keys, self.pool_file.did_order
+        key = did.encode() if isinstance(did, str) else b""
+        if not key or len(key) > keys.itemsize:
+            raise KeyError(did)
+        at = int(np.searchsorted(keys, key, sorter=order))
+        if at == len(order) or keys[order[at]] != key:
+            raise KeyError(did)
+        return int(order[at])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pool_file.dids())
+
+    def __len__(self) -> int:
+        return len(self.pool_file.offsets)
+
+
+class PoolFile:
+    """A checked pool file as columns: each candidate's byte offset, did (fixed-width bytes) and modality code.
+
+    ``did_order`` sorts the dids, for DidRows' look-ups. ``items`` reads
+    candidates' lines again (one seek each) and checks that each still has
+    the did it had when read, so a file changed since reads as an error, not
+    as another candidate's item.
+    """
+
+    def __init__(self, root: Path, path: Path, offsets: np.ndarray, did_keys: np.ndarray, modality_codes: np.ndarray):
+        self.root, self.path = root, path
+        self.offsets, self.did_keys, self.modality_codes = offsets, did_keys, modality_codes
+        order = np.argsort(did_keys, kind="stable")
+        self.did_order = order.astype(np.int32) if len(order) < 2**31 else order
+
+    def dids(self) -> Column[str]:
+        return Column(len(self.offsets), lambda rows: [key.decode() for key in self.did_keys[_indices(rows)]])
+
+    def modalities(self) -> Column[str]:
+        return Column(len(self.offsets), lambda rows: [MODALITIES[c] for c in self.modality_codes[_indices(rows)]])
+
+    def items(self) -> Column[Item]:
+        return Column(len(self.offsets), self._read_items)
+
+    def _read_items(self, rows: range) -> list[Item]:
+        items = []
+        with self.path.open("rb") as file:
+            for row in rows:
+                file.seek(int(self.offsets[row]))
+                try:
+                    record = json.loads(file.readline())
+                except ValueError:  # not JSON, or not UTF-8: the offset no longer starts a line
+                    record = None
+                if not isinstance(record, dict) or record.get("did") != self.did_keys[row].decode():
+                    raise EvaluationDataError(
+                        f"M-BEIR {self.path}: changed since it was read (row {row} no longer has did "
+                        f"{self.did_keys[row].decode()}); read the pool again"
+                    )
+                items.append(_candidate_item(record))
+        return items
+
+    def duplicate(self) -> tuple[str, int] | None:
+        """The first did that appears twice, and the line of its second appearance; None if every did is once."""
+        ordered = self.did_keys[self.did_order]
+        repeats = np.flatnonzero(ordered[1:] == ordered[:-1])
+        if not repeats.size:
+            return None
+        row = int(self.did_order[repeats + 1].min())
+        with self.path.open("rb") as file:
+            line = file.read(int(self.offsets[row])).count(b"\n") + 1
+        return self.did_keys[row].decode(), line
+
+    def pool(self, name: str) -> CandidatePool:
+        return CandidatePool(name, self.dids(), self.items(), self.modalities(), DidRows(self))
 
 
 @dataclass(frozen=True)
@@ -144,22 +273,31 @@ class MBeirBenchmark:
         return self.global_pool
 
 
+def _file_label(root: Path, path: Path) -> str:
+    return f"M-BEIR {path.relative_to(root) if path.is_relative_to(root) else path}"
+
+
 def _where(root: Path, path: Path, line: int) -> str:
-    return f"M-BEIR {path.relative_to(root) if path.is_relative_to(root) else path}, line {line}"
+    return f"{_file_label(root, path)}, line {line}"
 
 
-def _jsonl(root: Path, path: Path, required: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """Each record with the place it came from, for messages."""
+def _jsonl(root: Path, path: Path, required: Sequence[str]) -> Iterator[tuple[str, dict[str, Any], int]]:
+    """Each record with the place it came from, for messages, and its line's byte offset; read as iterated."""
     if not path.is_file():
         raise EvaluationDataError(f"M-BEIR: {path} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
+    records = 0
+    label = _file_label(root, path)  # once per file: per line, it took a fifth of the reading
+    with path.open("rb") as lines:
+        offset = 0
+        for number, raw in enumerate(lines, start=1):
+            line_offset, offset = offset, offset + len(raw)
+            if not raw.strip():
                 continue
-            where = _where(root, path, number)
+            where = f"{label}, line {number}"
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise EvaluationDataError(f"{where}: not UTF-8 ({err})") from None
             except json.JSONDecodeError as err:
                 raise EvaluationDataError(f"{where}: not JSON ({err})") from None
             if not isinstance(record, dict):
@@ -167,10 +305,10 @@ def _jsonl(root: Path, path: Path, required: Sequence[str]) -> list[tuple[str, d
             missing = [k for k in required if k not in record]
             if missing:
                 raise EvaluationDataError(f"{where}: missing {missing}")
-            records.append((where, record))
+            records += 1
+            yield where, record, line_offset
     if not records:
         raise EvaluationDataError(f"M-BEIR: {path} has no records")
-    return records
 
 
 def _optional_string(record: dict[str, Any], key: str, where: str) -> str | None:
@@ -202,23 +340,45 @@ def _item(root: Path, record: dict[str, Any], keys: tuple[str, str, str], where:
     return Item(text or "", image), modality
 
 
+def _candidate_item(record: dict[str, Any]) -> Item:
+    """A pool record's item: candidates are never instructed, their text is only normalised."""
+    return Item(format_string(record.get("txt")), record.get("img_path") or None)
+
+
 def read_pool(root: Path, path: Path, name: str) -> CandidatePool:
-    """A local or global pool file; a did may appear once."""
+    """A local or global pool file, every line checked; a did may appear once.
+
+    The pool keeps columns (PoolFile), not the records: each line's dids
+    are gathered ``chunk`` at a time into fixed-width bytes, so even while
+    reading no Python object per candidate outlives its chunk.
+    """
+    chunk = 65536
+    offsets = array.array("q")
+    codes = bytearray()
+    did_chunks: list[np.ndarray] = []
     dids: list[str] = []
-    items: list[Item] = []
-    modalities: list[str] = []
-    rows: dict[str, int] = {}
-    for where, record in _jsonl(root, path, REQUIRED_POOL_FIELDS):
+    for where, record, offset in _jsonl(root, path, REQUIRED_POOL_FIELDS):
         did = _id(record["did"], "did", where)
-        if did in rows:
-            raise EvaluationDataError(f"{where}: did {did} appears twice in the pool")
-        item, modality = _item(root, record, ("txt", "img_path", "modality"), where)
-        rows[did] = len(dids)
+        _, modality = _item(root, record, ("txt", "img_path", "modality"), where)
+        offsets.append(offset)
+        codes.append(MODALITIES.index(modality))
         dids.append(did)
-        # candidates are never instructed: their text is only normalised
-        items.append(Item(format_string(item.text), item.image))
-        modalities.append(modality)
-    return CandidatePool(name, dids, items, modalities, rows)
+        if len(dids) == chunk:
+            did_chunks.append(np.array([d.encode() for d in dids], dtype=np.bytes_))
+            dids = []
+    did_chunks.append(np.array([d.encode() for d in dids], dtype=np.bytes_))
+    width = max(c.dtype.itemsize for c in did_chunks)
+    pool_file = PoolFile(
+        root,
+        path,
+        np.frombuffer(offsets, dtype=np.int64).copy(),
+        np.concatenate([c.astype(f"S{width}") for c in did_chunks]),
+        np.frombuffer(bytes(codes), dtype=np.uint8).copy(),
+    )
+    if repeated := pool_file.duplicate():
+        did, line = repeated
+        raise EvaluationDataError(f"{_where(root, path, line)}: did {did} appears twice in the pool")
+    return pool_file.pool(name)
 
 
 def read_instructions(path: Path) -> dict[tuple[str, str, str], list[str]]:
@@ -260,7 +420,7 @@ def _read_task(
 ) -> MBeirTask:
     path = root / query_file(name, split)
     qids, queries, positives, task_ids = [], [], [], set()
-    for where, record in _jsonl(root, path, REQUIRED_QUERY_FIELDS):
+    for where, record, _ in _jsonl(root, path, REQUIRED_QUERY_FIELDS):
         qid = _id(record["qid"], "qid", where)
         where = f"{where} (qid {qid})"
         item, modality = _item(root, record, ("query_txt", "query_img_path", "query_modality"), where)
@@ -352,14 +512,17 @@ def score_mbeir(
     vectors: Callable[[Sequence[Item], Path], torch.Tensor],
     pool_vectors: Callable[[Sequence[Item], Path], VectorPool],
     curve_ks: Sequence[int],
+    share: QueryShare | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """Recall per task and pool kind, the M-BEIR average per pool kind, and recall curves.
 
     ``vectors`` encodes the queries and ``pool_vectors`` a candidate pool (an
     EncodingCache's ``vectors`` and ``pool``). The average is UniIR's
     reporting convention: the unweighted mean over tasks of each task's
-    ``average_k`` recall.
+    ``average_k`` recall. With ``share``, this rank encodes and scores its
+    part of each task's queries, and every rank ends with every query's ranks.
     """
+    share = share or QueryShare()
     rows: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[str, float]] = {}
     for kind in benchmark.pools:
@@ -367,11 +530,15 @@ def score_mbeir(
         for task in benchmark.tasks:
             pool = benchmark.candidate_pool(kind, task)
             positives = [sorted({pool.rows[d] for d in dids if d in pool.rows}) for dids in task.positives]
-            ranks = chunked_positive_ranks(
-                vectors(task.queries, benchmark.root),
-                pool_vectors(pool.items, benchmark.root),
-                positives,
-                ignore_other_positives=True,
+            part = share.part(len(task.queries))
+            ranks = share.merged(
+                chunked_positive_ranks(
+                    vectors(task.queries[part], benchmark.root),
+                    pool_vectors(pool.items, benchmark.root),
+                    positives[part],
+                    ignore_other_positives=True,
+                    device=share.device,
+                )
             )
             unreachable = sum(not p for p in positives)
             if unreachable:

@@ -9,9 +9,11 @@ under torchrun. Each rank reads the sets from their data root, as the node
 did, loads the model on its own GPU and runs the
 same scoring (``score_model``) as one process does, except that it encodes
 only its share of each pool's blocks (r, r + n, ...) to the pool cache, then
-waits for the others' at a barrier and reads the whole pool from disk. Every
-rank encodes the queries (they are small next to the pools) and scores, so
-each ends with the same metrics; rank 0 writes them. The pools are the ones a
+waits for the others' at a barrier and reads the whole pool from disk. Each
+rank then encodes and scores its r-th of every set's queries against the
+whole pool, on its GPU (on the CPU, with the cores shared out: torchrun's
+OMP_NUM_THREADS), and the ranks gather each other's parts, so each ends
+with the same metrics; rank 0 writes them. The pools are the ones a
 one-process run writes and reads (the key names the kind of device, not the
 GPU), so a re-run, on any number of processes, encodes only the queries.
 """
@@ -94,6 +96,12 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
     if on_gpu:
         torch.cuda.set_device(device)
+
+    def gather(mine: Any) -> list[Any]:
+        parts: list[Any] = [None] * ranks
+        dist.all_gather_object(parts, mine)
+        return parts
+
     metrics = score_model(
         config["model_dir"],
         read_evaluation_sets(config["data_root"], evaluate),
@@ -103,6 +111,7 @@ def main() -> None:
         device=device,
         share=(rank, ranks),
         barrier=dist.barrier,
+        gather=gather,
     )
     if rank == 0:
         staging = Path(config["result"] + ".tmp")

@@ -2,8 +2,11 @@
 
 ``score_model`` is what the evaluate pipeline runs for the trained model and
 for the baseline, in one process or, with ``share``, as one rank of several
-(``evaluation.ranks``), each encoding its share of every pool's blocks. The
-vectors come from ``evaluation.encoding``; here they are ranked and aggregated.
+(``evaluation.ranks``), each encoding its share of every pool's blocks, then
+encoding and scoring its share of every set's queries on its own device
+(``retrieval.QueryShare``); the shares' ranks are gathered, so every rank
+computes the same metrics. The vectors come from ``evaluation.encoding``;
+here they are ranked and aggregated.
 With `evaluate.dimensions`, the MMEB and M-BEIR averages are also computed
 from the same vectors cut to each width (``score_dimensions``).
 """
@@ -25,7 +28,7 @@ from muco_flow.evaluation.encoding import EncodingCache, checkpoint_identity
 from muco_flow.evaluation.mbeir import MBeirBenchmark, read_mbeir, score_mbeir
 from muco_flow.evaluation.metrics import argmax_hit, candidate_rank, hit_at_1, mrr, recall_at_k
 from muco_flow.evaluation.mmeb import read_mmeb
-from muco_flow.evaluation.retrieval import chunked_positive_ranks
+from muco_flow.evaluation.retrieval import QueryShare, chunked_positive_ranks
 from muco_flow.modeling.backbone import BackboneConfig, resolve_attn_implementation
 from muco_flow.modeling.embedder import load_embedder
 from muco_flow.progress import progress
@@ -34,11 +37,15 @@ RECALL_KS = (1, 5, 10)
 CURVE_KS = tuple(range(1, 11))
 
 
-def positive_ranks(retrieval_set: RetrievalSet, cache: EncodingCache | PrefixVectors) -> list[list[int]]:
-    """Rank of each query's positives in the whole pool, ties against them (M-BEIR, M3T)."""
-    queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
+def positive_ranks(
+    retrieval_set: RetrievalSet, cache: EncodingCache | PrefixVectors, share: QueryShare | None = None
+) -> list[list[int]]:
+    """Rank of each query's positives in the whole pool, ties against them (M-BEIR, M3T); ``share``: whose."""
+    share = share or QueryShare()
+    part = share.part(len(retrieval_set.queries))
+    queries = cache.vectors(retrieval_set.queries[part], retrieval_set.root)
     candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
-    return chunked_positive_ranks(queries, candidates, retrieval_set.positives)
+    return share.merged(chunked_positive_ranks(queries, candidates, retrieval_set.positives[part], device=share.device))
 
 
 def own_candidate_lists(retrieval_set: RetrievalSet) -> list[list[int]]:
@@ -49,17 +56,22 @@ def own_candidate_lists(retrieval_set: RetrievalSet) -> list[list[int]]:
     return lists
 
 
-def mmeb_hits(retrieval_set: RetrievalSet, cache: EncodingCache | PrefixVectors) -> tuple[list[bool], list[int]]:
-    """Per query: VLM2Vec's hit (argmax of its own list), and the correct one's tie-aware rank."""
-    queries = cache.vectors(retrieval_set.queries, retrieval_set.root)
+def mmeb_hits(
+    retrieval_set: RetrievalSet, cache: EncodingCache | PrefixVectors, share: QueryShare | None = None
+) -> tuple[list[bool], list[int]]:
+    """Per query: VLM2Vec's hit (argmax of its own list) and the correct one's tie-aware rank; ``share``: whose."""
+    share = share or QueryShare()
+    part = share.part(len(retrieval_set.queries))
+    queries = cache.vectors(retrieval_set.queries[part], retrieval_set.root)
     candidates = cache.pool(retrieval_set.candidates, retrieval_set.root)
-    hits, ranks = [], []
-    for query, own, positives in zip(queries, own_candidate_lists(retrieval_set), retrieval_set.positives, strict=True):
+    scored = []
+    lists = own_candidate_lists(retrieval_set)[part]
+    for query, own, positives in zip(queries, lists, retrieval_set.positives[part], strict=True):
         # the correct candidate is first in its list (evaluation.mmeb)
         scores = candidates.rows(own) @ query
-        hits.append(argmax_hit(scores))
-        ranks.append(candidate_rank(scores, own.index(positives[0])))
-    return hits, ranks
+        scored.append((argmax_hit(scores), candidate_rank(scores, own.index(positives[0]))))
+    merged = share.merged(scored)
+    return [hit for hit, _ in merged], [rank for _, rank in merged]
 
 
 def score_sets(
@@ -69,13 +81,17 @@ def score_sets(
     cache: EncodingCache | PrefixVectors,
     *,
     progress_every_s: float,
+    share: QueryShare | None = None,
 ) -> dict[str, Any]:
-    """Every metric for one model, as a JSON-ready dict; progress by set (first rank only)."""
+    """Every metric for one model, as a JSON-ready dict; progress by set (first rank only).
+
+    With ``share``, this rank scores its part of every set's queries; the metrics are every query's.
+    """
     sets = len(mmeb) + (mbeir is not None) + len(m3t)
     shown = progress(sets, desc="evaluate", unit="set", every_s=progress_every_s, disable=cache.share[0] != 0)
     datasets: dict[str, dict[str, Any]] = {}
     for s in mmeb:
-        hits, ranks = mmeb_hits(s, cache)
+        hits, ranks = mmeb_hits(s, cache, share)
         shown.update()
         datasets[s.name] = {
             "meta_task": s.group,
@@ -97,11 +113,11 @@ def score_sets(
     curves: dict[str, dict[str, float]] = {}
     results["mbeir"] = None
     if mbeir is not None:
-        results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, cache.pool, CURVE_KS)
+        results["mbeir"], curves = score_mbeir(mbeir, cache.vectors, cache.pool, CURVE_KS, share)
         shown.update()
     section = {}
     for s in m3t:
-        each_positive = positive_ranks(s, cache)
+        each_positive = positive_ranks(s, cache, share)
         section[s.group] = {
             **{f"recall@{k}": recall_at_k(each_positive, k) for k in RECALL_KS},
             "mrr@10": mrr(each_positive, cutoff=10),
@@ -123,6 +139,7 @@ def score_dimensions(
     dimensions: list[int],
     *,
     progress_every_s: float,
+    share: QueryShare | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per width (a string key, as in JSON): the MMEB average and meta-tasks, and the M-BEIR average per pool kind.
 
@@ -130,7 +147,7 @@ def score_dimensions(
     """
     scored = {}
     for dim in dimensions:
-        results = score_sets(mmeb, mbeir, [], PrefixVectors(cache, dim), progress_every_s=progress_every_s)
+        results = score_sets(mmeb, mbeir, [], PrefixVectors(cache, dim), progress_every_s=progress_every_s, share=share)
         scored[str(dim)] = {
             "mmeb": {key: results["mmeb"][key] for key in ("average", "meta_tasks")},
             "mbeir": results["mbeir"] and {"average": results["mbeir"]["average"]},
@@ -170,11 +187,15 @@ def score_model(
     device: torch.device | None = None,
     share: tuple[int, int] = (0, 1),
     barrier: Callable[[], None] | None = None,
+    gather: Callable[[Any], list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Every metric for one model directory, loaded with the `backbone` settings (precision, attention, pixels).
 
     With `evaluate.pool_cache_dir`, candidate pools are encoded to disk
     (``model_encoding_cache``), so every rank of a run writes and reads the same pools.
+    Queries are ranked on the model's device. As rank ``share`` of several,
+    this rank scores its part of the queries; ``gather`` (a collective,
+    QueryShare) brings every rank's parts together.
     """
     cache = model_encoding_cache(
         model_dir,
@@ -189,10 +210,19 @@ def score_model(
     )
     if config.dimensions:
         config.check_width(cache.embedder.hidden_size)  # before anything is encoded
-    results = score_sets(sets["mmeb"], sets["mbeir"], sets["m3t"], cache, progress_every_s=config.progress_every_s)
+    # ranks are counted where the model runs: a GPU's matrix products outpace the CPU's by far
+    queries = QueryShare(*share, gather=gather, device=next(cache.embedder.parameters()).device)
+    results = score_sets(
+        sets["mmeb"], sets["mbeir"], sets["m3t"], cache, progress_every_s=config.progress_every_s, share=queries
+    )
     if config.dimensions:
         results["dimensions"] = score_dimensions(
-            sets["mmeb"], sets["mbeir"], cache, config.dimensions, progress_every_s=config.progress_every_s
+            sets["mmeb"],
+            sets["mbeir"],
+            cache,
+            config.dimensions,
+            progress_every_s=config.progress_every_s,
+            share=queries,
         )
     return results
 
