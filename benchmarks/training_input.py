@@ -136,9 +136,9 @@ def write_formatted(
             pa.OSFile(str(out / CONVERSATIONS_DIR / f"{name}.arrow"), "wb") as sink,
             pa.ipc.new_file(sink, FORMATTED_SCHEMA) as writer,
         ):
-            for b in range(0, len(batch), RECORD_BATCH_ROWS):
-                rows_b = batch[b : b + RECORD_BATCH_ROWS]
-                writer.write_batch(pa.RecordBatch.from_pylist(rows_b, schema=FORMATTED_SCHEMA))
+            formatted = pa.RecordBatch.from_pylist(batch, schema=FORMATTED_SCHEMA)
+            for first in range(0, formatted.num_rows, RECORD_BATCH_ROWS):  # as the format pipeline writes them
+                writer.write_batch(formatted.slice(first, RECORD_BATCH_ROWS))
         entries.append(
             {
                 "file": f"{CONVERSATIONS_DIR}/{name}.arrow",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mmap
 import os
 import random
 import shutil
@@ -153,7 +154,12 @@ class FormattedRecords:
                 )
             self.files.append((path, self.directory / shard["images"] if "images" in shard else None))
         self.index = self._read_index(manifest, list_columns, category_columns)
-        self._batch_file = [(file, b) for file, count in enumerate(self.index.batches_per_file) for b in range(count)]
+        # each record batch's file and place in it, as arrays: a record per batch makes millions of them
+        counts = self.index.batches_per_file
+        self._batch_file = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        self._batch_in_file = np.arange(len(self._batch_file), dtype=np.int64) - np.repeat(
+            np.cumsum(counts) - counts, counts
+        )
         self._batch_starts = np.concatenate([[0], np.cumsum(self.index.batch_rows, dtype=np.int64)])
         self.rows = self.index.rows
         self._open: OrderedDict[int, pa.ipc.RecordBatchFileReader] = OrderedDict()
@@ -179,7 +185,12 @@ class FormattedRecords:
 
     def _reader(self, file: int) -> pa.ipc.RecordBatchFileReader:
         if file not in self._open:
-            self._open[file] = pa.ipc.open_file(pa.memory_map(str(self.files[file][0])))
+            with open(self.files[file][0], "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            # no read-around: the records next to this one are other ranks' (the kernel would read 128 KiB
+            # around each page a record touches)
+            mapped.madvise(mmap.MADV_RANDOM)
+            self._open[file] = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped)))
             if len(self._open) > OPEN_RECORD_FILES:
                 self._open.popitem(last=False)
         self._open.move_to_end(file)
@@ -196,7 +207,7 @@ class FormattedRecords:
     def record(self, index: int) -> dict[str, Any]:
         """Record ``index`` as a dict; a stage-1 record's image bytes under "image" (None: no image)."""
         at = int(np.searchsorted(self._batch_starts, index, side="right")) - 1
-        file, batch = self._batch_file[at]
+        file, batch = int(self._batch_file[at]), int(self._batch_in_file[at])
         (record,) = self._reader(file).get_batch(batch).slice(index - int(self._batch_starts[at]), 1).to_pylist()
         if record.get("image_offset") is not None:
             record["image"] = self._image(file, record)
