@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.tracking import TRAINING_METRICS_SECTION
 from muco_flow.training.checkpoint import verify_checkpoint
+from muco_flow.training.heldout import HELDOUT_METRIC
+from muco_flow.training.run_tracking import CHECKPOINT_STEP_TAG, SELECTED_TAG, checkpoint_models
 from tests.conftest import KEDRO, PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, new_project
 
 BIN = Path(KEDRO).parent
@@ -244,6 +246,37 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     assert {m.step for m in history} == set(range(1, STEPS + 1))
     for metric in history:
         assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
+
+
+def test_select_best_makes_the_best_checkpoint_the_model_and_each_checkpoint_a_logged_model(prepared):
+    """Held-out evaluation every 2 steps, a LoggedModel per checkpoint (4, 8, 12), select: best with keep_last 1."""
+    project, _ = prepared
+    out = "data/06_models/run-best"
+    params = train_params(out, **{
+        "training.during_training.every": 2,
+        "training.during_training.heldout_conversations": 4,
+        "training.select": "best",
+        "training.keep_last": 1,
+    })  # fmt: skip
+    result = kedro_run(project, "--pipelines=train", params)
+    assert "held out of training (training.during_training): 4 of 24 records" in result.stdout
+    record = json.loads((project / "data/06_models/train_run.json").read_text())
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    models = checkpoint_models(client, record["mlflow_run_id"])
+    scores = {int(m.tags[CHECKPOINT_STEP_TAG]): {(x.key, x.step) for x in m.metrics} for m in models}
+    names = (HELDOUT_METRIC, "heldout/recall_at_5", "heldout/mrr_at_10")
+    assert scores == {step: {(name, step) for name in names} for step in (4, 8, 12)}
+    value = {int(m.tags[CHECKPOINT_STEP_TAG]): {x.key: x.value for x in m.metrics}[HELDOUT_METRIC] for m in models}
+    best = max(value, key=lambda step: (value[step], -step))  # the highest; a tie: the earlier checkpoint
+    assert (record["selected"]["step"], record["selected"]["value"]) == (best, value[best])
+    assert [m.tags.get(SELECTED_TAG) for m in models] == ["true" if s == best else None for s in (4, 8, 12)]
+    curve = client.get_metric_history(record["mlflow_run_id"], HELDOUT_METRIC)
+    assert sorted(m.step for m in curve) == [2, 4, 6, 8, 10, 12]
+    # keep_last 1 keeps the newest checkpoint, and the best beside it
+    kept = sorted(int(p.name.split("-")[1]) for p in (project / out / "checkpoints").glob("step-*"))
+    assert kept == sorted({best, 12})
+    if best != 12:
+        assert f"training.select: best: the model is step {best}'s" in result.stdout
 
 
 def sigterm(everyone: bool, grace_s: float) -> Callable[[subprocess.Popen, str], str]:

@@ -443,7 +443,7 @@ def train(config: dict[str, Any]) -> None:
                     postfix = {"loss": f"{metrics['loss']:.3f}"}
                     if heldout is not None:
                         postfix["heldout"] = f"{heldout[HELDOUT_METRIC]:.3f}"
-                    progress.set_postfix(postfix)
+                    progress.set_postfix(**postfix)
                     progress.update()
                 if step_done % settings.log_every == 0 or step_done == total_steps:
                     # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
