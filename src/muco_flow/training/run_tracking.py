@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from muco_flow.tracking import TRAINING_METRICS_SECTION, MetricBuffer, flatten
+from muco_flow.tracking import TRAINING_METRICS_SECTION, MetricBuffer, flatten, retry_while_locked
 
 logger = logging.getLogger(__name__)
 
@@ -137,18 +137,16 @@ class TrainingRun:
         """
         client = self.metrics.client
         try:
-            model = client.create_logged_model(
-                experiment_id=client.get_run(self.run_id).info.experiment_id,
-                name=checkpoint.name,
-                source_run_id=self.run_id,
-                tags={
-                    CHECKPOINT_PATH_TAG: str(checkpoint.resolve()),
-                    CHECKPOINT_STEP_TAG: str(step),
-                    "muco_flow.fingerprint": fingerprint,
-                },
-                model_type=CHECKPOINT_MODEL_TYPE,
+            experiment_id = client.get_run(self.run_id).info.experiment_id
+            tags = {CHECKPOINT_PATH_TAG: str(checkpoint.resolve()), CHECKPOINT_STEP_TAG: str(step),
+                    "muco_flow.fingerprint": fingerprint}  # fmt: skip
+            # a SQLite store another process writes to (evaluate, register) may be locked for a moment
+            model = retry_while_locked(
+                lambda: client.create_logged_model(
+                    experiment_id, checkpoint.name, self.run_id, tags, model_type=CHECKPOINT_MODEL_TYPE
+                )
             )
-            client.finalize_logged_model(model.model_id, "READY")
+            retry_while_locked(lambda: client.finalize_logged_model(model.model_id, "READY"))
         except Exception as err:  # MLflow, requests and socket errors alike
             logger.warning("MLflow did not take checkpoint %s as a LoggedModel: %s", checkpoint, err)
             return None
