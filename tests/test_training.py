@@ -248,19 +248,30 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
         assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
 
 
-def test_select_best_makes_the_best_checkpoint_the_model_and_each_checkpoint_a_logged_model(prepared):
-    """Held-out evaluation every 2 steps, a LoggedModel per checkpoint (4, 8, 12), select: best with keep_last 1."""
+BEST_RUN = {
+    "training.lr_schedule": "constant",
+    "training.during_training.every": 2,
+    "training.during_training.heldout_conversations": 4,
+    "training.select": "best",
+    "training.keep_last": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def best_run(prepared):
+    """A run of conf/base's settings but a constant learning rate, held-out evaluation every 2 steps of 4
+    held-out images, checkpoints every 4 (a LoggedModel each), select: best and keep_last 1.
+
+    One run for two tests (the schedule's and evaluation during training's): the suite's time."""
     project, _ = prepared
-    out = "data/06_models/run-best"
-    params = train_params(out, **{
-        "training.during_training.every": 2,
-        "training.during_training.heldout_conversations": 4,
-        "training.select": "best",
-        "training.keep_last": 1,
-    })  # fmt: skip
-    result = kedro_run(project, "--pipelines=train", params)
+    out = "data/06_models/run-constant"
+    result = kedro_run(project, "--pipelines=train", train_params(out, **BEST_RUN))
+    return project, out, result, json.loads((project / "data/06_models/train_run.json").read_text())
+
+
+def test_select_best_makes_the_best_checkpoint_the_model_and_each_checkpoint_a_logged_model(best_run):
+    project, out, result, record = best_run
     assert "held out of training (training.during_training): 4 of 24 records" in result.stdout
-    record = json.loads((project / "data/06_models/train_run.json").read_text())
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     models = checkpoint_models(client, record["mlflow_run_id"])
     scores = {int(m.tags[CHECKPOINT_STEP_TAG]): {(x.key, x.step) for x in m.metrics} for m in models}
@@ -277,6 +288,18 @@ def test_select_best_makes_the_best_checkpoint_the_model_and_each_checkpoint_a_l
     assert kept == sorted({best, 12})
     if best != 12:
         assert f"training.select: best: the model is step {best}'s" in result.stdout
+
+
+def test_a_resumed_select_best_run_keeps_the_best_from_its_checkpoint(best_run):
+    """The same command again resumes from step 12's checkpoint, whose state holds the best so far: no step is
+    trained, and the same checkpoint's weights become the model again."""
+    project, out, _, record = best_run
+    weights = final_weights(project, out)
+    again = kedro_run(project, "--pipelines=train", train_params(out, **BEST_RUN))
+    assert "resumed from checkpoint step-00000012 (step 12)" in again.stdout
+    assert json.loads((project / "data/06_models/train_run.json").read_text())["selected"] == record["selected"]
+    for name, tensor in final_weights(project, out).items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
 
 
 def sigterm(everyone: bool, grace_s: float) -> Callable[[subprocess.Popen, str], str]:
@@ -671,7 +694,7 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
     assert "resumed from checkpoint step-00000006 (step 6)" in log
 
 
-def test_the_learning_rate_follows_the_configured_schedule(prepared):
+def test_the_learning_rate_follows_the_configured_schedule(prepared, best_run):
     project, _ = prepared
 
     def rates(output_dir: str) -> list[float]:
@@ -684,9 +707,9 @@ def test_the_learning_rate_follows_the_configured_schedule(prepared):
     assert len(cosine) == STEPS
     assert cosine[:4] == pytest.approx([2.5e-4, 5e-4, 5e-4, 0.977975 * 5e-4], rel=1e-5)
     assert cosine[-1] == pytest.approx(0.122025 * 5e-4, rel=1e-5)
-    constant = train_params("data/06_models/run-constant", **{"training.lr_schedule": "constant"})
-    kedro_run(project, "--pipelines=train", constant)
-    assert rates("data/06_models/run-constant") == pytest.approx([2.5e-4] + [5e-4] * (STEPS - 1), rel=1e-6)
+    # best_run: the constant schedule (with evaluation during training, which leaves the rate as it is)
+    _, constant, _, _ = best_run
+    assert rates(constant) == pytest.approx([2.5e-4] + [5e-4] * (STEPS - 1), rel=1e-6)
 
 
 def test_cocoa_stage_0_trains_on_reconstruction_resumes_after_a_kill_and_stage_1_starts_from_it(prepared):
