@@ -52,11 +52,19 @@ def test_hit_at_1_ranks_each_query_among_the_slices_distinct_targets_ties_agains
     keys = [10, 11, 10, 10]
     # query 0: 1.0 vs 0.6, rank 1; query 1: 0 vs 0.8, rank 1; query 2: key 10 is [1, 0] (not its own row's
     # [0, 1]): 1.0 vs 0.6, rank 1; query 3: 0.6 vs 1.0, rank 2
-    assert heldout_scores(queries, targets, keys) == pytest.approx(
-        {HELDOUT_METRIC: 0.75, "heldout/recall_at_5": 1.0, "heldout/mrr_at_10": (1 + 1 + 1 + 0.5) / 4}
+    # turn types: queries 0-2 of type 0 (all hits), query 3 of type 1 (a miss): each type counts once
+    assert heldout_scores(queries, targets, keys, [0, 0, 0, 1]) == pytest.approx(
+        {
+            HELDOUT_METRIC: 0.75,
+            "heldout/hit_at_1_turn_mean": (1.0 + 0.0) / 2,
+            "heldout/recall_at_5": 1.0,
+            "heldout/mrr_at_10": (1 + 1 + 1 + 0.5) / 4,
+        }
     )
     # a query scoring its target and another candidate the same is a miss (rank 2), as in evaluation
-    two = heldout_scores(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), [1, 2])
+    two = heldout_scores(
+        torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), [1, 2], [-1, -1]
+    )
     assert two[HELDOUT_METRIC] == 0.0 and two["heldout/mrr_at_10"] == 0.5
 
 
@@ -80,7 +88,10 @@ def side(rows: list[list[float]]) -> dict[str, torch.Tensor]:
 def test_the_slice_is_scored_in_eval_mode_without_drawing_random_numbers_and_the_mode_comes_back():
     model = DropoutEmbedder().train()
     batch = SimpleNamespace(
-        query=side([[1.0, 0.0], [0.0, 1.0]]), target=side([[1.0, 0.0], [0.0, 1.0]]), target_keys=torch.tensor([1, 2])
+        query=side([[1.0, 0.0], [0.0, 1.0]]),
+        target=side([[1.0, 0.0], [0.0, 1.0]]),
+        target_keys=torch.tensor([1, 2]),
+        turn_types=torch.tensor([0, 1]),
     )
     before = torch.get_rng_state()
     scores = evaluate_heldout(model, [batch], torch.device("cpu"), four_way=False)
@@ -93,11 +104,12 @@ def test_stage_two_scores_each_samples_main_embedding_only():
     # rows: [main_0, auxiliary_0, main_1, auxiliary_1]; the auxiliary ones would swap the two samples' targets
     query = side([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
     target = side([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
-    batch = SimpleNamespace(query=query, target=target, target_keys=torch.tensor([5, 5, 6, 6]))
+    unknown = torch.tensor([-1, -1, -1, -1])  # stage 2 has no turn types
+    batch = SimpleNamespace(query=query, target=target, target_keys=torch.tensor([5, 5, 6, 6]), turn_types=unknown)
     scores = evaluate_heldout(DropoutEmbedder(), [batch], torch.device("cpu"), four_way=True)
     assert scores[HELDOUT_METRIC] == 1.0
     crossed = SimpleNamespace(query=query, target=side([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
-                              target_keys=torch.tensor([5, 5, 6, 6]))  # fmt: skip
+                              target_keys=torch.tensor([5, 5, 6, 6]), turn_types=unknown)  # fmt: skip
     assert evaluate_heldout(DropoutEmbedder(), [crossed], torch.device("cpu"), four_way=True)[HELDOUT_METRIC] == 0.0
 
 

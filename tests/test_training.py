@@ -275,7 +275,7 @@ def test_select_best_makes_the_best_checkpoint_the_model_and_each_checkpoint_a_l
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     models = checkpoint_models(client, record["mlflow_run_id"])
     scores = {int(m.tags[CHECKPOINT_STEP_TAG]): {(x.key, x.step) for x in m.metrics} for m in models}
-    names = (HELDOUT_METRIC, "heldout/recall_at_5", "heldout/mrr_at_10")
+    names = (HELDOUT_METRIC, "heldout/hit_at_1_turn_mean", "heldout/recall_at_5", "heldout/mrr_at_10")
     assert scores == {step: {(name, step) for name in names} for step in (4, 8, 12)}
     value = {int(m.tags[CHECKPOINT_STEP_TAG]): {x.key: x.value for x in m.metrics}[HELDOUT_METRIC] for m in models}
     best = max(value, key=lambda step: (value[step], -step))  # the highest; a tie: the earlier checkpoint

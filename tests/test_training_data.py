@@ -146,6 +146,15 @@ def test_the_held_out_records_are_never_in_a_training_batch_and_are_the_whole_he
     scored = [cid for batch in batches.heldout_batches(3) for cid in batch.conversation_ids]
     assert sorted(scored) == sorted(f"{sample}#{part}" for sample in held for part in (0, 1))
     assert {batch.turns for batch in batches.heldout_batches(3)} == {3, 4}  # one K per batch
+    # each query turn's M3T turn type, as the records hold them (the held-out score averages over types)
+    for batch in batches.heldout_batches(3):
+        for row, cid in enumerate(batch.conversation_ids):
+            sample, part = cid.split("#")
+            record = next(records.record(int(r)) for r in batches.heldout.record.tolist()
+                          if records.record(int(r))["sample_id"] == sample)  # fmt: skip
+            conversation = assemble_conversations(record, 0, batches.settings, batches.image_pad_id)[int(part)]
+            turns = batch.turn_types[row * batch.turns : (row + 1) * batch.turns].tolist()
+            assert turns == conversation.turn_type and all(kind >= 0 for kind in turns)
     # the same records whatever the training seed or rank: every rank scores the same slice
     other = make_batches(formatted, rank=1, world_size=2, heldout=5)
     assert other.heldout.record.tolist() == batches.heldout.record.tolist()

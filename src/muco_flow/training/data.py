@@ -240,6 +240,8 @@ class Batch:
     target_keys: torch.Tensor  # [B*K], sample-major; equal for equal target texts
     negative: dict[str, torch.Tensor] | None = None
     negative_keys: torch.Tensor | None = None  # stage 1: [B*K], the negatives' texts as target_keys
+    # [B*K], sample-major: each turn's M3T turn type (data/schema.py), -1 where unknown (stage 2)
+    turn_types: torch.Tensor | None = None
 
     @property
     def pairs(self) -> int:
@@ -817,4 +819,5 @@ def collate_conversations(
                 f"{len(conversations)} conversations of {turns} turns"
             )
     keys = torch.tensor([key for c in conversations for key in c.target_key], dtype=torch.long)
-    return Batch(query, target, turns, ids_, keys, negative, negative_keys)
+    turn_types = torch.tensor([kind for c in conversations for kind in c.turn_type], dtype=torch.long)
+    return Batch(query, target, turns, ids_, keys, negative, negative_keys, turn_types)

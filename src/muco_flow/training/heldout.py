@@ -48,12 +48,16 @@ def heldout_records(records: int, count: int) -> np.ndarray:
     return np.sort(np.random.default_rng(HELDOUT_SEED).permutation(records)[:count])
 
 
-def heldout_scores(queries: torch.Tensor, targets: torch.Tensor, target_keys: Sequence[int]) -> dict[str, float]:
+def heldout_scores(
+    queries: torch.Tensor, targets: torch.Tensor, target_keys: Sequence[int], turn_types: Sequence[int]
+) -> dict[str, float]:
     """Each query (row i) against the distinct targets of the slice, its own target ``targets[i]`` correct.
 
     Targets with the same key are one candidate (encoded as the first one), so
     a query whose target text recurs is not penalised for its twin.
-    Returns hit@1, recall@5 and MRR@10 (evaluation/metrics.py) under ``heldout/``.
+    Returns hit@1 over every query, recall@5 and MRR@10 (evaluation/metrics.py),
+    and hit@1 averaged over the turn types (``turn_types``: each query's; each
+    type counts once, as the held-out M3T evaluation reports each type), under ``heldout/``.
     """
     keys = [int(key) for key in target_keys]
     first: dict[int, int] = {}
@@ -62,8 +66,12 @@ def heldout_scores(queries: torch.Tensor, targets: torch.Tensor, target_keys: Se
     candidate = {key: index for index, key in enumerate(first)}
     pool = targets[list(first.values())]
     ranks = chunked_positive_ranks(queries, pool, [[candidate[key]] for key in keys])
+    by_type: dict[int, list[int]] = {}
+    for (rank,), kind in zip(ranks, turn_types, strict=True):
+        by_type.setdefault(int(kind), []).append(rank)
     return {
         HELDOUT_METRIC: hit_at_1([r for (r,) in ranks]),
+        "heldout/hit_at_1_turn_mean": sum(hit_at_1(r) for r in by_type.values()) / len(by_type),
         "heldout/recall_at_5": recall_at_k(ranks, 5),
         "heldout/mrr_at_10": mrr(ranks, cutoff=10),
     }
@@ -71,24 +79,26 @@ def heldout_scores(queries: torch.Tensor, targets: torch.Tensor, target_keys: Se
 
 def embed_heldout(
     embed: Callable[[dict[str, torch.Tensor]], torch.Tensor], batches: Iterable[Any], *, four_way: bool
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """The slice's query and target embeddings and target keys, row i of each one pair.
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """The slice's query and target embeddings, target keys and turn types, row i of each one pair.
 
     ``batches``: ``ConversationBatches.heldout_batches`` (training/data.py's Batch, which imports this module).
     ``embed``: one side's model inputs to its ``<|emb|>`` vectors (the training
     model, in eval mode). Stage 2 (``four_way``) keeps each sample's main
     embedding, as evaluation encodes it: rows hold [main, auxiliary] pairs.
     """
-    queries, targets, keys = [], [], []
+    queries, targets, keys, types = [], [], [], []
     with torch.no_grad():
         for batch in batches:
             query, target, target_keys = embed(batch.query), embed(batch.target), batch.target_keys
+            turn_types = batch.turn_types
             if four_way:
-                query, target, target_keys = query[0::2], target[0::2], target_keys[0::2]
+                query, target, target_keys, turn_types = query[0::2], target[0::2], target_keys[0::2], turn_types[0::2]
             queries.append(query.float().cpu())
             targets.append(target.float().cpu())
             keys.extend(target_keys.tolist())
-    return torch.cat(queries), torch.cat(targets), keys
+            types.extend(turn_types.tolist())
+    return torch.cat(queries), torch.cat(targets), keys, types
 
 
 def evaluate_heldout(model: Any, batches: Iterable[Any], device: torch.device, *, four_way: bool) -> dict[str, float]:
@@ -104,10 +114,10 @@ def evaluate_heldout(model: Any, batches: Iterable[Any], device: torch.device, *
     was_training = model.training
     model.eval()
     try:
-        queries, targets, keys = embed_heldout(embed, batches, four_way=four_way)
+        queries, targets, keys, types = embed_heldout(embed, batches, four_way=four_way)
     finally:
         model.train(was_training)
-    return heldout_scores(queries, targets, keys)
+    return heldout_scores(queries, targets, keys, types)
 
 
 @dataclass(frozen=True)
