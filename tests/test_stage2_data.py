@@ -560,3 +560,19 @@ def test_weights_caps_and_homogeneous_batches_on_hand_counted_data(ingested, pro
     capped = mixed_batches(ingested, processors, out, mix({"WebQA": 4}, {"WebQA": 3}, homogeneous=True))
     assert sorted(datasets_of(capped, 0)) == [["OK-VQA"] * 2, ["WebQA"] * 2]
     assert capped.batch(1).turns == 2  # the batches are made, not only counted
+
+
+def test_a_held_out_stage_two_slice_is_whole_samples_never_in_a_training_batch(ingested, processors, tmp_path):
+    out, _, _ = formatted(ingested, processors, tmp_path, finetune_config())
+    tokenizer, image_processor = processors
+    batches = ConversationBatches.for_tokenizer(
+        out, ingested[0], image_processor, tokenizer, batch_size=2, rank=0, world_size=1, seed=0, heldout=2
+    )
+    assert batches.steps_per_epoch == 2  # 6 samples, 2 held out: 4 in batches of 2
+    (held,) = batches.heldout_batches(8)
+    assert len(held.conversation_ids) == 2 and held.turns == 2
+    assert held.target_keys.shape[0] == 4  # each sample's main and auxiliary target: [0::2] is what is scored
+    trained = {cid for step in range(2 * batches.steps_per_epoch) for cid in batches.batch(step).conversation_ids}
+    assert len(trained) == 4 and not trained & set(held.conversation_ids)
+    # the held-out samples' datasets are not counted in the epoch either
+    assert int(batches.epoch_counts.sum()) == 4

@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 from muco_flow.modeling.backbone import load_backbone
 from muco_flow.tracking import TRAINING_METRICS_SECTION
 from muco_flow.training.checkpoint import verify_checkpoint
+from muco_flow.training.heldout import HELDOUT_METRIC
+from muco_flow.training.run_tracking import CHECKPOINT_STEP_TAG, SELECTED_TAG, checkpoint_models
 from tests.conftest import KEDRO, PROJECT_ROOT, SMALL_RUN_PARAMS, kedro_run, new_project
 
 BIN = Path(KEDRO).parent
@@ -244,6 +246,60 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(prepared):
     assert {m.step for m in history} == set(range(1, STEPS + 1))
     for metric in history:
         assert metric.value == pytest.approx(reference[metric.step - 1], abs=1e-5), (metric.step, scenario)
+
+
+BEST_RUN = {
+    "training.lr_schedule": "constant",
+    "training.during_training.every": 2,
+    "training.during_training.heldout_conversations": 4,
+    "training.select": "best",
+    "training.keep_last": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def best_run(prepared):
+    """A run of conf/base's settings but a constant learning rate, held-out evaluation every 2 steps of 4
+    held-out images, checkpoints every 4 (a LoggedModel each), select: best and keep_last 1.
+
+    One run for two tests (the schedule's and evaluation during training's): the suite's time."""
+    project, _ = prepared
+    out = "data/06_models/run-constant"
+    result = kedro_run(project, "--pipelines=train", train_params(out, **BEST_RUN))
+    return project, out, result, json.loads((project / "data/06_models/train_run.json").read_text())
+
+
+def test_select_best_makes_the_best_checkpoint_the_model_and_each_checkpoint_a_logged_model(best_run):
+    project, out, result, record = best_run
+    assert "held out of training (training.during_training): 4 of 24 records" in result.stdout
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    models = checkpoint_models(client, record["mlflow_run_id"])
+    scores = {int(m.tags[CHECKPOINT_STEP_TAG]): {(x.key, x.step) for x in m.metrics} for m in models}
+    names = (HELDOUT_METRIC, "heldout/hit_at_1_turn_mean", "heldout/recall_at_5", "heldout/mrr_at_10")
+    assert scores == {step: {(name, step) for name in names} for step in (4, 8, 12)}
+    value = {int(m.tags[CHECKPOINT_STEP_TAG]): {x.key: x.value for x in m.metrics}[HELDOUT_METRIC] for m in models}
+    best = max(value, key=lambda step: (value[step], -step))  # the highest; a tie: the earlier checkpoint
+    assert (record["selected"]["step"], record["selected"]["value"]) == (best, value[best])
+    assert [m.tags.get(SELECTED_TAG) for m in models] == ["true" if s == best else None for s in (4, 8, 12)]
+    curve = client.get_metric_history(record["mlflow_run_id"], HELDOUT_METRIC)
+    assert sorted(m.step for m in curve) == [2, 4, 6, 8, 10, 12]
+    # keep_last 1 keeps the newest checkpoint, and the best beside it
+    kept = sorted(int(p.name.split("-")[1]) for p in (project / out / "checkpoints").glob("step-*"))
+    assert kept == sorted({best, 12})
+    if best != 12:
+        assert f"training.select: best: the model is step {best}'s" in result.stdout
+
+
+def test_a_resumed_select_best_run_keeps_the_best_from_its_checkpoint(best_run):
+    """The same command again resumes from step 12's checkpoint, whose state holds the best so far: no step is
+    trained, and the same checkpoint's weights become the model again."""
+    project, out, _, record = best_run
+    weights = final_weights(project, out)
+    again = kedro_run(project, "--pipelines=train", train_params(out, **BEST_RUN))
+    assert "resumed from checkpoint step-00000012 (step 12)" in again.stdout
+    assert json.loads((project / "data/06_models/train_run.json").read_text())["selected"] == record["selected"]
+    for name, tensor in final_weights(project, out).items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
 
 
 def sigterm(everyone: bool, grace_s: float) -> Callable[[subprocess.Popen, str], str]:
@@ -627,7 +683,7 @@ def test_grad_cache_run_killed_and_resumed_ends_as_the_uninterrupted_one(prepare
     assert "resumed from checkpoint step-00000006 (step 6)" in log
 
 
-def test_the_learning_rate_follows_the_configured_schedule(prepared):
+def test_the_learning_rate_follows_the_configured_schedule(prepared, best_run):
     project, _ = prepared
 
     def rates(output_dir: str) -> list[float]:
@@ -640,9 +696,9 @@ def test_the_learning_rate_follows_the_configured_schedule(prepared):
     assert len(cosine) == STEPS
     assert cosine[:4] == pytest.approx([2.5e-4, 5e-4, 5e-4, 0.977975 * 5e-4], rel=1e-5)
     assert cosine[-1] == pytest.approx(0.122025 * 5e-4, rel=1e-5)
-    constant = train_params("data/06_models/run-constant", **{"training.lr_schedule": "constant"})
-    kedro_run(project, "--pipelines=train", constant)
-    assert rates("data/06_models/run-constant") == pytest.approx([2.5e-4] + [5e-4] * (STEPS - 1), rel=1e-6)
+    # best_run: the constant schedule (with evaluation during training, which leaves the rate as it is)
+    _, constant, _, _ = best_run
+    assert rates(constant) == pytest.approx([2.5e-4] + [5e-4] * (STEPS - 1), rel=1e-6)
 
 
 def test_cocoa_stage_0_trains_on_reconstruction_resumes_after_a_kill_and_stage_1_starts_from_it(prepared):

@@ -76,9 +76,12 @@ def test_every_setting_is_in_conf_base_and_no_code_default_disagrees_with_it():
 
 def test_the_fingerprint_leaves_out_what_the_hand_kept_list_left_out():
     training = base_training()
-    # preemption came after the hand list, and is not part of the fingerprint either
-    by_hand = {k: v for k, v in training.items() if k not in (*HAND_KEPT_EXCLUSIONS, "preemption") and k != "deepspeed"}
+    # preemption and select came after the hand list, and are not part of the fingerprint either
+    later = ("preemption", "select")
+    by_hand = {k: v for k, v in training.items() if k not in (*HAND_KEPT_EXCLUSIONS, *later) and k != "deepspeed"}
     by_hand["deepspeed"] = {k: v for k, v in training["deepspeed"].items() if k != "config"}
+    # of evaluation during training, only the held-out slice changes what is trained on
+    by_hand["during_training"] = {"heldout_conversations": training["during_training"]["heldout_conversations"]}
     assert TrainingConfig.from_dict(training).fingerprinted() == by_hand
 
 
@@ -102,11 +105,19 @@ def test_the_fingerprint_leaves_out_what_the_hand_kept_list_left_out():
         ("grad_cache.chunk_size", 2, True),
         ("data_mix.weights", {"MiniShapes-VQA": 0.5}, True),
         ("data_mix.homogeneous_batches", True, True),
+        ("during_training.heldout_conversations", 16, True),  # the training data loses those records
+        ("during_training.every", 5, False),  # eval mode draws no random number: the weights stay the same
+        ("during_training.batch_size", 4, False),
+        ("select", "best", False),  # the checkpoints are the same; only which one becomes the model differs
     ],
 )
 def test_a_setting_enters_the_fingerprint_or_not_as_declared(dotted, value, enters):
-    before = TrainingConfig.from_dict(base_training()).fingerprinted()
-    after = TrainingConfig.from_dict(with_value(base_training(), dotted, value)).fingerprinted()
+    # select: best and every need a held-out slice; the base has evaluation during training off
+    evaluating = with_value(
+        with_value(base_training(), "during_training.heldout_conversations", 8), "during_training.every", 10
+    )
+    before = TrainingConfig.from_dict(evaluating).fingerprinted()
+    after = TrainingConfig.from_dict(with_value(evaluating, dotted, value)).fingerprinted()
     assert (after != before) == enters
 
 
@@ -141,6 +152,10 @@ def test_a_setting_enters_the_fingerprint_or_not_as_declared(dotted, value, ente
         ),
         ("seed", DELETE, "training.seed is missing"),
         ("deepspeed.offload_optimizer", DELETE, "training.deepspeed.offload_optimizer is missing"),
+        ("select", "first", "training.select must be one of 'last', 'best', got 'first'"),
+        ("select", "best", "training.select: best needs evaluation during training"),
+        ("during_training.every", 10, "training.during_training.every needs a held-out slice"),
+        ("during_training.heldout_conversations", -1, "training.during_training.heldout_conversations must be a"),
     ],
 )
 def test_a_bad_setting_is_named_by_its_dotted_key(dotted, value, message):

@@ -51,7 +51,7 @@ def formatted(small_sample_root, tiny_backbone_dir, tmp_path_factory):
     return ingested, out, tokenizer, image_processor
 
 
-def make_batches(formatted, rank=0, world_size=1, batch_size=2, data_mix=None):
+def make_batches(formatted, rank=0, world_size=1, batch_size=2, data_mix=None, heldout=0):
     ingested, out, tokenizer, image_processor = formatted
     return ConversationBatches.for_tokenizer(
         out,
@@ -63,6 +63,7 @@ def make_batches(formatted, rank=0, world_size=1, batch_size=2, data_mix=None):
         world_size=world_size,
         seed=3,
         data_mix=data_mix,
+        heldout=heldout,
     )
 
 
@@ -137,6 +138,36 @@ def test_m3t_is_one_dataset_so_homogeneous_batches_change_nothing_and_weights_ar
     assert homogeneous.epoch_batches(1).tolist() == plain.epoch_batches(1).tolist()
     with pytest.raises(ValueError, match="need conversations of one turn count"):
         make_batches(formatted, data_mix=DataMixSettings(weights={"": 2.0}, caps={}, homogeneous_batches=False))
+
+
+def test_the_held_out_records_are_never_in_a_training_batch_and_are_the_whole_held_out_slice(formatted):
+    batches = make_batches(formatted, heldout=5)
+    # 24 records, each two conversations (4 and 3 turns): 5 held out leave 19 of each K, 9 batches of 2 per K
+    assert len(batches.heldout.turns) == 10 and batches.conversations == 38
+    assert batches.steps_per_epoch == 18
+    records = batches.records
+    held = {records.record(int(r))["sample_id"] for r in batches.heldout.record.tolist()}
+    assert len(held) == 5
+    for epoch in (0, 1):
+        for units in batches.epoch_batches(epoch):
+            trained = {records.record(int(batches.unit_record[u]))["sample_id"] for u in units}
+            assert not trained & held
+    scored = [cid for batch in batches.heldout_batches(3) for cid in batch.conversation_ids]
+    assert sorted(scored) == sorted(f"{sample}#{part}" for sample in held for part in (0, 1))
+    assert {batch.turns for batch in batches.heldout_batches(3)} == {3, 4}  # one K per batch
+    # each query turn's M3T turn type, as the records hold them (the held-out score averages over types)
+    for batch in batches.heldout_batches(3):
+        for row, cid in enumerate(batch.conversation_ids):
+            sample, part = cid.split("#")
+            record = next(records.record(int(r)) for r in batches.heldout.record.tolist()
+                          if records.record(int(r))["sample_id"] == sample)  # fmt: skip
+            conversation = assemble_conversations(record, 0, batches.settings, batches.image_pad_id)[int(part)]
+            turns = batch.turn_types[row * batch.turns : (row + 1) * batch.turns].tolist()
+            assert turns == conversation.turn_type and all(kind >= 0 for kind in turns)
+    # the same records whatever the training seed or rank: every rank scores the same slice
+    other = make_batches(formatted, rank=1, world_size=2, heldout=5)
+    assert other.heldout.record.tolist() == batches.heldout.record.tolist()
+    assert make_batches(formatted).conversations == 48  # none held out: all 24 records' conversations train
 
 
 def assert_same_batch(a, b):

@@ -132,6 +132,22 @@ class LocalSnapshot:
         pass
 
 
+# A model directory's record of the run that wrote it (training/model_identity.py): not part of the content it names
+MODEL_IDENTITY_FILE = "model_identity.json"
+
+
+def model_content_hash(directory: str | Path) -> str:
+    """sha256 over every file's relative path and content (the identity file itself excluded)."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if name == MODEL_IDENTITY_FILE:
+            continue
+        digest.update(f"{name}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def _check_local_meta_file(root: Path, meta_file: str) -> None:
     """Raises SourceError naming the real problem when ``root / meta_file`` is not one readable file.
 

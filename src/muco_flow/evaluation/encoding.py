@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 from muco_flow.data.images import confined_path
+from muco_flow.data.sources import model_content_hash
 from muco_flow.evaluation.datasets import Item
 from muco_flow.evaluation.encoded_pool import DEFAULT_BLOCK_ROWS, EncodedPool, InMemoryPool, VectorPool
 from muco_flow.modeling.backbone import resolve_checkpoint
 from muco_flow.modeling.embedder import MuCoEmbedder
-from muco_flow.training.model_identity import content_hash
 
 # The code between an item and its vector: a change to any of them makes pools on disk stale
 # (this module opens the items' images: EncodingCache._encode)
@@ -151,7 +151,7 @@ def checkpoint_identity(name_or_path: str) -> str:
     """
     source, local = resolve_checkpoint(name_or_path)
     if local:
-        return content_hash(source)
+        return model_content_hash(source)
     from huggingface_hub import snapshot_download
 
     return f"{source}@{Path(snapshot_download(source, local_files_only=True)).name}"

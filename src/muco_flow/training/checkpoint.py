@@ -22,7 +22,7 @@ import os
 import pickle
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,13 @@ def save_checkpoint(
     keep_last: int,
     client_state: dict[str, Any],
     mlflow_run_id: str | None = None,
+    keep: Collection[int] = (),
 ) -> Path:
-    """Saves on every rank; returns the final directory. ``mlflow_run_id``: the run a resume continues."""
+    """Saves on every rank; returns the final directory. ``mlflow_run_id``: the run a resume continues.
+
+    The ``keep_last`` newest checkpoints stay, and those of the steps in ``keep`` (the best so far, which
+    ``training.select: best`` may make the model) beside them.
+    """
     root = Path(root)
     tag = checkpoint_tag(step)
     staging = STAGING_PREFIX + tag
@@ -103,8 +108,10 @@ def save_checkpoint(
         latest = root / ".latest.tmp"
         latest.write_text(tag)
         os.replace(latest, root / "latest")  # DeepSpeed's own pointer, for its tools
+        kept = {checkpoint_tag(kept_step) for kept_step in keep}
         for old in sorted(root.glob("step-*"))[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in kept:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return root / tag
 

@@ -108,6 +108,31 @@ class DataMixSettings:
     homogeneous_batches: bool
 
 
+# What ``training.select`` chooses from: the last step's weights, or the checkpoint with the best held-out score
+SELECTIONS = ("last", "best")
+
+
+@dataclass(frozen=True)
+class DuringTrainingSettings:
+    """Evaluation during training on a held-out slice of the training data (training/heldout.py)."""
+
+    # steps between evaluations (and every checkpoint is evaluated too); 0: off. Eval mode draws no random
+    # numbers, so it leaves the weights as they were: not fingerprinted
+    every: int = field(metadata=setting(fingerprint=False, minimum=0))
+    # records (stage 1: images with all their turns; stage 2: samples) drawn once, with a fixed seed, and
+    # never trained on; 0: none. Changes the training data, so it is fingerprinted
+    heldout_conversations: int = field(metadata=setting(minimum=0))
+    # conversations per forward pass when the slice is scored
+    batch_size: int = field(metadata=setting(fingerprint=False, minimum=1))
+
+    def __post_init__(self) -> None:
+        if self.every and not self.heldout_conversations:
+            raise TrainingConfigError(
+                "training.during_training.every needs a held-out slice: set "
+                "training.during_training.heldout_conversations above 0"
+            )
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """The `training` parameters; conf/base/parameters_train.yml says what each one does."""
@@ -139,6 +164,10 @@ class TrainingConfig:
     data_workers: int = field(metadata=setting(fingerprint=False, minimum=0))
     grad_cache: GradCacheSettings
     matryoshka: MatryoshkaSettings
+    during_training: DuringTrainingSettings
+    # which weights become the model: "last" (the last step's) or "best" (the checkpoint with the highest
+    # held-out hit@1, training/heldout.py); not fingerprinted: the checkpoints are the same either way
+    select: str = field(metadata=setting(fingerprint=False, choices=SELECTIONS))
     save_every: int = field(metadata=setting(fingerprint=False, minimum=1))
     keep_last: int = field(metadata=setting(fingerprint=False, minimum=1))
     log_every: int = field(metadata=setting(fingerprint=False, minimum=1))
@@ -153,6 +182,11 @@ class TrainingConfig:
             raise TrainingConfigError(
                 f"training.launcher.node_rank must be below training.launcher.nodes ({self.launcher.nodes}), "
                 f"got {self.launcher.node_rank}"
+            )
+        if self.select == "best" and not self.during_training.every:
+            raise TrainingConfigError(
+                "training.select: best needs evaluation during training: set training.during_training.every "
+                "above 0 (and training.during_training.heldout_conversations)"
             )
 
     @classmethod

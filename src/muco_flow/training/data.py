@@ -50,6 +50,7 @@ from muco_flow.data.record_index import INDEX_FILE, RecordIndex, scan_record_fil
 from muco_flow.modeling import tokens
 from muco_flow.modeling.inputs import collate, image_inputs
 from muco_flow.training.config import DataMixSettings
+from muco_flow.training.heldout import heldout_records
 from muco_flow.training.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -260,6 +261,8 @@ class Batch:
     target_keys: torch.Tensor  # [B*K], sample-major; equal for equal target texts
     negative: dict[str, torch.Tensor] | None = None
     negative_keys: torch.Tensor | None = None  # stage 1: [B*K], the negatives' texts as target_keys
+    # [B*K], sample-major: each turn's M3T turn type (data/schema.py), -1 where unknown (stage 2)
+    turn_types: torch.Tensor | None = None
 
     @property
     def pairs(self) -> int:
@@ -269,6 +272,15 @@ class Batch:
     def tokens(self) -> int:
         sides = [self.query, self.target] + ([self.negative] if self.negative is not None else [])
         return int(sum(side["attention_mask"].sum() for side in sides))
+
+
+@dataclass(frozen=True)
+class HeldoutUnits:
+    """The held-out slice's conversations, as flat arrays: each one's record, part of the record and turns."""
+
+    record: np.ndarray
+    part: np.ndarray
+    turns: np.ndarray
 
 
 # A side's images in a batch: one per row (None: none), and the tokens each was formatted with.
@@ -298,6 +310,7 @@ class ConversationBatches:
         seed: int,
         hard_negatives: bool = False,
         data_mix: DataMixSettings | None = None,
+        heldout: int = 0,
     ) -> None:
         manifest = json.loads((Path(conversations_dir) / MANIFEST_FILE).read_text())
         kind = RECORD_KINDS.get(manifest.get("schema_version"))
@@ -327,7 +340,16 @@ class ConversationBatches:
         self.pad_id, self.image_pad_id, self.emb_id = pad_id, image_pad_id, emb_id
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         # one unit per conversation, as flat arrays: its record, its part of the record, its turns
-        self.unit_record, self.unit_part, self.unit_turns = self.kind.units(self.records)
+        unit_record, unit_part, unit_turns = self.kind.units(self.records)
+        # the held-out slice (training/heldout.py): whole records, never trained on; the rest is the training data
+        held = np.isin(unit_record, heldout_records(self.records.rows, heldout))
+        self.heldout = HeldoutUnits(unit_record[held], unit_part[held], unit_turns[held])
+        self.unit_record, self.unit_part, self.unit_turns = unit_record[~held], unit_part[~held], unit_turns[~held]
+        if heldout and rank == 0:
+            logger.info(
+                "held out of training (training.during_training): %d of %d records, %d conversations",
+                heldout, self.records.rows, len(self.heldout.turns),
+            )  # fmt: skip
         self.conversations = len(self.unit_turns)
         # each unit's dataset, as an index into dataset_names (M3T: one dataset, "")
         if "dataset" in self.kind.columns:
@@ -365,6 +387,7 @@ class ConversationBatches:
         seed: int,
         hard_negatives: bool = False,
         data_mix: DataMixSettings | None = None,
+        heldout: int = 0,
     ) -> ConversationBatches:
         """Batches collated with ``tokenizer``'s padding, ``<|image_pad|>`` and ``<|emb|>`` ids.
 
@@ -383,11 +406,19 @@ class ConversationBatches:
             seed=seed,
             hard_negatives=hard_negatives,
             data_mix=data_mix,
+            heldout=heldout,
         )
 
     @classmethod
     def for_counting(
-        cls, conversations_dir: Path, shards_dir: Path, *, batch_size: int, world_size: int, hard_negatives: bool
+        cls,
+        conversations_dir: Path,
+        shards_dir: Path,
+        *,
+        batch_size: int,
+        world_size: int,
+        hard_negatives: bool,
+        heldout: int = 0,
     ) -> ConversationBatches:
         """Batches that count steps and collate nothing (no tokenizer or image processor): what the launcher plans."""
         return cls(
@@ -402,6 +433,7 @@ class ConversationBatches:
             world_size=world_size,
             seed=0,  # the order of the batches, not their number
             hard_negatives=hard_negatives,
+            heldout=heldout,
         )
 
     @property
@@ -476,19 +508,32 @@ class ConversationBatches:
         mine = members[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return [self._collate(mine[i : i + chunk_size], epoch) for i in range(0, len(mine), chunk_size)]
 
+    def heldout_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The whole held-out slice, as batches of at most ``batch_size`` conversations of one turn count each.
+
+        Assembled as in epoch 0 (each turn's first phrasing choice of that
+        epoch), so every evaluation scores the same conversations; collated one
+        batch at a time, so a large slice's images are never all in memory.
+        """
+        held = self.heldout
+        for turns in np.unique(held.turns):
+            units = np.flatnonzero(held.turns == turns)
+            for start in range(0, len(units), batch_size):
+                chosen = units[start : start + batch_size]
+                yield self._collate_records(held.record[chosen], held.part[chosen], epoch=0)
+
     def _collate(self, units: np.ndarray, epoch: int) -> Batch:
+        return self._collate_records(self.unit_record[units], self.unit_part[units], epoch)
+
+    def _collate_records(self, records: np.ndarray, parts: np.ndarray, epoch: int) -> Batch:
+        """A batch of the conversations (record, part of the record) in epoch ``epoch``."""
         if self.image_processor is None:
             raise TypeError("these batches were made for counting steps (for_counting) and collate nothing")
         rows = [
             self.kind.row(
-                self.records.record(int(self.unit_record[u])),
-                int(self.unit_part[u]),
-                epoch,
-                self.settings,
-                self.image_pad_id,
-                self.images,
+                self.records.record(int(record)), int(part), epoch, self.settings, self.image_pad_id, self.images
             )
-            for u in units
+            for record, part in zip(records.tolist(), parts.tolist(), strict=True)
         ]
         conversations = [conversation for conversation, _ in rows]
 
@@ -815,4 +860,5 @@ def collate_conversations(
                 f"{len(conversations)} conversations of {turns} turns"
             )
     keys = torch.tensor([key for c in conversations for key in c.target_key], dtype=torch.long)
-    return Batch(query, target, turns, ids_, keys, negative, negative_keys)
+    turn_types = torch.tensor([kind for c in conversations for kind in c.turn_type], dtype=torch.long)
+    return Batch(query, target, turns, ids_, keys, negative, negative_keys, turn_types)

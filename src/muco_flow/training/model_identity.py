@@ -11,30 +11,17 @@ under the wrong lineage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from muco_flow.data.sources import file_sha256
-
-IDENTITY_FILE = "model_identity.json"
+# the content hash lives with the data layer's file hashes, so that evaluation (below training) can name a model
+from muco_flow.data.sources import MODEL_IDENTITY_FILE as IDENTITY_FILE
+from muco_flow.data.sources import model_content_hash as content_hash
 
 
 class ModelIdentityError(RuntimeError):
     """A model directory is not the model that train_run.json or metrics.json describes."""
-
-
-def content_hash(directory: str | Path) -> str:
-    """sha256 over every file's relative path and content (the identity file itself excluded)."""
-    directory = Path(directory)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory).as_posix()
-        if name == IDENTITY_FILE:
-            continue
-        digest.update(f"{name}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
 
 
 def write_model_identity(directory: str | Path, *, mlflow_run_id: str, fingerprint: str) -> dict[str, str]:

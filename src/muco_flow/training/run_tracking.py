@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from muco_flow.tracking import TRAINING_METRICS_SECTION, MetricBuffer, flatten
+from muco_flow.tracking import TRAINING_METRICS_SECTION, MetricBuffer, flatten, retry_while_locked
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,16 @@ STOPPED_BY_TAG = "muco_flow.stopped_by"
 PREEMPTED = "preempted"
 # On a run that continues a training whose run the tracking store no longer has: that run's id
 PREDECESSOR_TAG = "muco_flow.predecessor_run_id"
+# A checkpoint's MLflow 3 LoggedModel: its type, and tags naming the checkpoint folder and its step
+CHECKPOINT_MODEL_TYPE = "muco-checkpoint"
+CHECKPOINT_PATH_TAG = "muco_flow.checkpoint"
+CHECKPOINT_STEP_TAG = "muco_flow.step"
+# Which step's weights became the model, and why (training.select), on the run and on that step's LoggedModel
+SELECTED_STEP_TAG = "muco_flow.selected_step"
+SELECTED_BY_TAG = "muco_flow.selected_by"
+SELECTED_TAG = "muco_flow.selected"
+# In the output folder of a finished training: which step's weights became the model, and why (stage.py reads it)
+SELECTION_FILE = "selection.json"
 # Where a training records its MLflow run (and the fingerprint it ran with) for the next start to find
 RUN_FILE = "run.json"
 
@@ -106,6 +117,56 @@ class TrainingRun:
         if step not in self._in_mlflow:
             self.metrics.log(step, values)
 
+    def log_evaluation(self, step: int, values: Mapping[str, float], model_id: str | None = None) -> None:
+        """The held-out metrics of ``step`` (training/heldout.py), sent now: on the run, and on checkpoint
+        ``model_id``'s LoggedModel when the step has one. Tracking trouble costs a warning, not the run."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, step, model_id=model_id) for key, value in values.items()]
+        try:
+            self.metrics.client.log_batch(self.run_id, metrics=metrics)
+        except Exception as err:  # MLflow, requests and socket errors alike
+            logger.warning("MLflow did not take the held-out metrics of step %d: %s", step, err)
+
+    def log_checkpoint_model(self, step: int, checkpoint: Path, fingerprint: str) -> str | None:
+        """Checkpoint ``step`` as an MLflow 3 LoggedModel of this run, READY; returns its ``model_id``.
+
+        The weights stay in the checkpoint folder (tag ``muco_flow.checkpoint``), not uploaded a second
+        time. None, with a warning, when the tracking store refuses it: the checkpoint is safe either way.
+        """
+        client = self.metrics.client
+        try:
+            experiment_id = client.get_run(self.run_id).info.experiment_id
+            tags = {CHECKPOINT_PATH_TAG: str(checkpoint.resolve()), CHECKPOINT_STEP_TAG: str(step),
+                    "muco_flow.fingerprint": fingerprint}  # fmt: skip
+            # a SQLite store another process writes to (evaluate, register) may be locked for a moment
+            model = retry_while_locked(
+                lambda: client.create_logged_model(
+                    experiment_id, checkpoint.name, self.run_id, tags, model_type=CHECKPOINT_MODEL_TYPE
+                )
+            )
+            retry_while_locked(lambda: client.finalize_logged_model(model.model_id, "READY"))
+        except Exception as err:  # MLflow, requests and socket errors alike
+            logger.warning("MLflow did not take checkpoint %s as a LoggedModel: %s", checkpoint, err)
+            return None
+        return str(model.model_id)
+
+    def mark_selected(self, selected: Mapping[str, Any]) -> None:
+        """Records which step's weights became the model and why: ``selection.json`` in the output folder, tags
+        on the run and on that step's LoggedModel."""
+        (self.output_dir / SELECTION_FILE).write_text(json.dumps(dict(selected), indent=2) + "\n")
+        client = self.metrics.client
+        step = str(selected["step"])
+        try:
+            client.set_tag(self.run_id, SELECTED_STEP_TAG, step)
+            client.set_tag(self.run_id, SELECTED_BY_TAG, f"training.select: {selected['select']}: {selected['reason']}")
+            for model in checkpoint_models(client, self.run_id):
+                if model.tags.get(CHECKPOINT_STEP_TAG) == step:
+                    client.set_logged_model_tags(model.model_id, {SELECTED_TAG: "true"})
+        except Exception as err:  # MLflow, requests and socket errors alike
+            logger.warning("could not tag MLflow run %s with its selected step: %s", self.run_id, err)
+
     def finish(self) -> None:
         """Sends what is left, the loss curve and metrics.jsonl, and ends the run FINISHED.
 
@@ -173,6 +234,22 @@ def ended_as_failed_on_error(run: TrainingRun | None) -> Iterator[None]:
         if run is not None:
             run.end_on_error(err)
         raise
+
+
+def checkpoint_models(client: Any, run_id: str) -> list[Any]:
+    """The LoggedModels of run ``run_id``'s checkpoints (``log_checkpoint_model``), by step."""
+    experiment = client.get_run(run_id).info.experiment_id
+    models = []
+    page_token = None
+    while True:
+        page = client.search_logged_models(
+            [experiment], filter_string=f"source_run_id = '{run_id}'", page_token=page_token
+        )
+        models += [m for m in page if m.model_type == CHECKPOINT_MODEL_TYPE]
+        page_token = page.token
+        if not page_token:
+            break
+    return sorted(models, key=lambda m: int(m.tags[CHECKPOINT_STEP_TAG]))
 
 
 def _run_to_continue(client: Any, wrote: str | None, last: str | None) -> tuple[str | None, str | None]:

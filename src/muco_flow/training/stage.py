@@ -29,7 +29,7 @@ from muco_flow.training.init_model import start_model
 from muco_flow.training.launch import launch_training, resolve_run_config
 from muco_flow.training.model_identity import ModelIdentityError, read_model_identity
 from muco_flow.training.report import loss_curve_figure, read_metrics
-from muco_flow.training.run_tracking import METRICS_FILE, RUN_FILE
+from muco_flow.training.run_tracking import METRICS_FILE, RUN_FILE, SELECTION_FILE
 
 # The tag that names a fine-tuning run's stage-1 run (not mlflow.parentRunId: the runs may be in different experiments)
 PARENT_RUN_TAG = "muco_flow.parent_run_id"
@@ -107,6 +107,8 @@ def run_training_stage(
         "loss_first_10pct": float(history["loss"].iloc[:tenth].mean()),
         "loss_last_10pct": float(history["loss"].iloc[-tenth:].mean()),
         "fingerprint": config["fingerprint"],
+        # training.select: the step whose weights are the model, and why (training/heldout.py)
+        "selected": json.loads((output_dir / SELECTION_FILE).read_text()),
     }
     if parent_run_id:
         record["parent_run_id"] = parent_run_id
@@ -125,6 +127,7 @@ def planned_steps(training: TrainingConfig, conversations_dir: Path, shards_dir:
         batch_size=training.micro_batch_size,
         world_size=training.world_size,
         hard_negatives=training.hard_negatives,
+        heldout=training.during_training.heldout_conversations,
     )
     return training.total_steps(batches.steps_per_epoch)
 

@@ -236,6 +236,7 @@ def train(config: dict[str, Any]) -> None:
     from muco_flow.modeling.embedder import build_training_embedder
     from muco_flow.training.checkpoint import (
         checkpoint_run_id,
+        checkpoint_tag,
         find_resumable,
         load_checkpoint,
         remove_staging_leftovers,
@@ -243,6 +244,7 @@ def train(config: dict[str, Any]) -> None:
     )
     from muco_flow.training.config import TrainingConfig
     from muco_flow.training.data import ConversationBatches, batch_loader
+    from muco_flow.training.heldout import HELDOUT_METRIC, SELECTION_STATE, Selection, evaluate_heldout
     from muco_flow.training.preemption import (
         PreemptedError,
         Preemption,
@@ -301,7 +303,13 @@ def train(config: dict[str, Any]) -> None:
         seed=settings.seed,
         hard_negatives=settings.hard_negatives,
         data_mix=settings.data_mix,
+        heldout=settings.during_training.heldout_conversations,
     )
+    during = settings.during_training  # evaluation during training on the held-out slice (training/heldout.py)
+    if during.every and cocoa is not None:
+        raise ValueError(
+            "training.during_training is for contrastive stages; CoCoA's stage 0 has no retrieval to score"
+        )
     data_stage, stage = stage_of(batches), config.get("stage", "train")
     four_way = data_stage == "finetune"
     if data_stage != ("train" if stage == "cocoa" else stage):  # stage 0 reads stage 1's conversations
@@ -331,9 +339,10 @@ def train(config: dict[str, Any]) -> None:
     found = [find_resumable(checkpoints, config["fingerprint"], world) if rank == 0 else None]
     dist.broadcast_object_list(found, src=0)
     start, resumed_run = 0, None
+    selection = Selection()  # the best evaluated checkpoint so far; a resume continues the checkpoint's
     if found[0]:
         tag, start = found[0]
-        load_checkpoint(engine, checkpoints, tag, rank)
+        selection = Selection.from_state(load_checkpoint(engine, checkpoints, tag, rank))
         resumed_run = checkpoint_run_id(checkpoints / tag) if rank == 0 else None
         logger.info("resumed from checkpoint %s (step %d)", tag, start)
     elif rank == 0 and any(checkpoints.glob("step-*")):
@@ -343,10 +352,10 @@ def train(config: dict[str, Any]) -> None:
     # rank 0 keeps the MLflow run and metrics.jsonl
     run = TrainingRun.start(config, output_dir, start_step=start, checkpoint_run=resumed_run) if rank == 0 else None
 
-    def save(step: int) -> float:
-        """Every rank saves the checkpoint of ``step``; returns the seconds it took."""
+    def save(step: int) -> tuple[float, str | None]:
+        """Every rank saves the checkpoint of ``step``; returns the seconds it took, and rank 0 its LoggedModel."""
         began = time.perf_counter()
-        save_checkpoint(
+        directory = save_checkpoint(
             engine,
             checkpoints,
             step,
@@ -354,10 +363,13 @@ def train(config: dict[str, Any]) -> None:
             world_size=world,
             fingerprint=config["fingerprint"],
             keep_last=settings.keep_last,
-            client_state={"step": step},
+            client_state={"step": step, SELECTION_STATE: selection.state()},
             mlflow_run_id=run.run_id if run is not None else None,
+            # training.select: best may make the best checkpoint so far the model: keep_last does not remove it
+            keep=[selection.step] if settings.select == "best" and selection.step is not None else [],
         )
-        return time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        return seconds, run.log_checkpoint_model(step, directory, config["fingerprint"]) if run is not None else None
 
     # --- loop ------------------------------------------------------------------
     preemption: Preemption | None = None
@@ -411,9 +423,27 @@ def train(config: dict[str, Any]) -> None:
                 # (CoCoA's reconstruction losses as cocoa/<term>: the curves of stage 0)
                 prefix = "loss" if cocoa is None else "cocoa"
                 metrics |= {f"{prefix}/{name}": mean_over_ranks(term.item()) for name, term in terms.items()}
+                checkpointing = step_done % settings.save_every == 0 or step_done == total_steps
+                heldout = None
+                if during.every and (step_done % during.every == 0 or checkpointing):
+                    # every rank scores the whole slice (ZeRO-3 needs all of them in each forward): no gather
+                    evaluating = time.perf_counter()
+                    heldout_batches = batches.heldout_batches(during.batch_size)
+                    heldout = evaluate_heldout(engine, heldout_batches, device, four_way=four_way)
+                    logger.info(
+                        "step %d/%d held-out %s (%d conversations, %.1f s)",
+                        step_done,
+                        total_steps,
+                        " ".join(f"{name.removeprefix('heldout/')} {value:.4f}" for name, value in heldout.items()),
+                        len(batches.heldout.turns),
+                        time.perf_counter() - evaluating,
+                    )
                 if run is not None:  # rank 0
                     run.log(step_done, metrics)
-                    progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+                    postfix = {"loss": f"{metrics['loss']:.3f}"}
+                    if heldout is not None:
+                        postfix["heldout"] = f"{heldout[HELDOUT_METRIC]:.3f}"
+                    progress.set_postfix(**postfix)
                     progress.update()
                 if step_done % settings.log_every == 0 or step_done == total_steps:
                     # a plain line in every rank's log (and a SLURM file), where the progress bar is unreadable
@@ -426,9 +456,14 @@ def train(config: dict[str, Any]) -> None:
                         metrics["grad_norm"],
                         metrics["pairs_per_second"],
                     )
-                if step_done % settings.save_every == 0 or step_done == total_steps:
-                    save_seconds = save(step_done)
+                model_id = None
+                if checkpointing:
+                    if heldout is not None:
+                        selection = selection.after(step_done, heldout)  # saved with the checkpoint
+                    save_seconds, model_id = save(step_done)
                     saved = step_done
+                if heldout is not None and run is not None:
+                    run.log_evaluation(step_done, heldout, model_id)  # the checkpoint's LoggedModel carries them
                 stopped_by = agreed_stop(stop)  # every rank the same answer, after the same step
         finally:
             stop_batch_workers(loader)
@@ -452,8 +487,15 @@ def train(config: dict[str, Any]) -> None:
             logger.info("training %s", preemption.describe())
             if run is not None:
                 run.end_preempted(step_done, stopped_by)
-        elif run is not None:
+        else:
+            # --- training.select: the best checkpoint's weights, on every rank, before the model is written --
+            selected = agreed_selection(selection, settings.select, step_done, checkpoints, rank)
+            if selected["step"] != step_done:
+                load_checkpoint(engine, checkpoints, checkpoint_tag(selected["step"]), rank)
+                logger.info("training.select: best: the model is step %d's, %s", selected["step"], selected["reason"])
+        if not stopped_by and run is not None:
             # --- final model and artifacts (rank 0) --------------------------------------------
+            run.mark_selected(selected)
             _write_final_model(
                 engine.module,
                 output_dir / "model",
@@ -465,6 +507,24 @@ def train(config: dict[str, Any]) -> None:
     dist.barrier()
     if preemption is not None:
         raise PreemptedError(preemption)
+
+
+def agreed_selection(selection: Any, select: str, final_step: int, checkpoints: Path, rank: int) -> dict[str, Any]:
+    """Which step's weights become the model (``Selection.describe``), decided on rank 0 and sent to every rank.
+
+    The last step's when the best checkpoint is gone (removed by hand): a warning, not a lost training.
+    """
+    from muco_flow.training.checkpoint import checkpoint_tag
+    from muco_flow.training.heldout import Selection
+
+    chosen: list[dict[str, Any]] = [{}]
+    if rank == 0:
+        chosen[0] = selection.describe(select, final_step)
+        if not (checkpoints / checkpoint_tag(chosen[0]["step"])).is_dir():
+            logger.warning("the best checkpoint, step %d, is gone: the model is the last step's", chosen[0]["step"])
+            chosen[0] = Selection().describe("last", final_step)
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 def cocoa_objective(embedder: Any, cocoa: dict[str, Any]) -> Any:
