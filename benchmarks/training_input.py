@@ -392,7 +392,7 @@ def table(document: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"({amplification(reads):.2f}x)",
             f"{reads['image_bytes_on_disk'] / 2**20:.0f} MiB",
         ]
-        for key, without in (("reads", ""), ("reads_without_record_index", ", no record index (before)"))
+        for key, without in (("reads", ""), ("reads_without_record_index", ", no record index (scanned at start-up)"))
         for reads in result.get(key, [])
     ]
     rates = result["rates"]
