@@ -43,7 +43,7 @@ def child(size: int, dim: int, rows: int, block_rows: int, directory: Path) -> d
     config = MiningConfig.from_dict(
         common.load_parameters()["mine"] | {"pool_block_rows": block_rows, "query_block_rows": 256}
     )
-    pool = EncodedPool(directory, range(size), stub_encoder(dim, block_rows), key_parts=["stub"], block_rows=block_rows)
+    pool = EncodedPool(directory, range(size), stub_encoder(dim), key_parts=["stub"], block_rows=block_rows)
     began = time.perf_counter()
     pool.ensure()
     encode_seconds = time.perf_counter() - began
