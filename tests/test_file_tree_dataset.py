@@ -67,3 +67,22 @@ def test_trees_left_by_killed_writers_are_removed_by_the_next_save(tmp_path):
     FileTreeDataset(str(root)).save({"manifest.json": b"{}"})
     assert [p.exists() for p in stale] == [False, False] and all(p.exists() for p in kept)
     assert files_under(root) == {"manifest.json": b"{}"}
+
+
+def test_a_source_saved_by_the_sample_names_where_ingestion_reads_when_it_is_elsewhere(tmp_path, caplog):
+    """The sample saves its directory as the sources: nothing is copied, and a source elsewhere is said."""
+    from muco_flow.datasets import M3TSnapshotSourceDataset, MMEBTrainSourceDataset
+
+    sample = tmp_path / "m3t_mini"
+    sample.mkdir()
+    with caplog.at_level("WARNING", logger="muco_flow.datasets.snapshot_source"):
+        M3TSnapshotSourceDataset(uri=str(sample), meta_file="M3T_train/M3T.parquet").save(str(sample / "."))
+        assert caplog.messages == []  # the default: ingestion reads the sample
+        M3TSnapshotSourceDataset(uri="s3://m3t/v1", meta_file="M3T_train/M3T.parquet").save(str(sample))
+        MMEBTrainSourceDataset(uri=str(tmp_path / "mmeb")).save(str(sample))
+    assert caplog.messages == [
+        f"m3t_source is s3://m3t/v1, not the sample written at {sample}: ingestion reads s3://m3t/v1",
+        f"mmeb_train_source is {tmp_path / 'mmeb'}, not the sample written at {sample}: ingestion reads "
+        f"{tmp_path / 'mmeb'}",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m3t_mini"]  # nothing written anywhere
