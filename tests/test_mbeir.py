@@ -9,6 +9,7 @@ scorer (src/common/mbeir_retriever.py: sort, cut at k, any positive is a hit).
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 import threading
@@ -600,6 +601,13 @@ def test_a_pool_is_kept_as_columns_and_reads_its_items_back_from_the_file(tmp_pa
     assert list(pool.modalities) == ["text", "image", "image,text", "image"]
     assert dict(pool.rows) == {"1:10": 0, "12:3": 1, "1:2": 2, "1:1": 3}
     assert [d in pool.rows for d in ("1:1", "1:3", "1:100", "12:3 ", "123:45678", "")] == [True] + [False] * 5
+    # as ParallelRunner hands the sets to its processes: pickled, the columns read the same
+    copied = pickle.loads(pickle.dumps(pool))
+    assert (list(copied.items), list(copied.dids), list(copied.modalities)) == (
+        expected,
+        list(pool.dids),
+        list(pool.modalities),
+    )
     with pytest.raises(IndexError):
         pool.items[4]
     # a few bytes per candidate, whatever its texts: offset 8, did 4 (the widest here), order 4, modality 1

@@ -201,11 +201,18 @@ class PoolFile:
         order = np.argsort(did_keys, kind="stable")
         self.did_order = order.astype(np.int32) if len(order) < 2**31 else order
 
+    # the columns read through bound methods, not lambdas: the sets are pickled to ParallelRunner's processes
     def dids(self) -> Column[str]:
-        return Column(len(self.offsets), lambda rows: [key.decode() for key in self.did_keys[_indices(rows)]])
+        return Column(len(self.offsets), self._read_dids)
 
     def modalities(self) -> Column[str]:
-        return Column(len(self.offsets), lambda rows: [MODALITIES[c] for c in self.modality_codes[_indices(rows)]])
+        return Column(len(self.offsets), self._read_modalities)
+
+    def _read_dids(self, rows: range) -> list[str]:
+        return [key.decode() for key in self.did_keys[_indices(rows)]]
+
+    def _read_modalities(self, rows: range) -> list[str]:
+        return [MODALITIES[c] for c in self.modality_codes[_indices(rows)]]
 
     def items(self) -> Column[Item]:
         return Column(len(self.offsets), self._read_items)
