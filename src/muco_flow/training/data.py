@@ -155,12 +155,9 @@ class FormattedRecords:
                 )
             self.files.append((path, self.directory / shard["images"] if "images" in shard else None))
         self.index = self._read_index(manifest, list_columns, category_columns)
-        # each record batch's file and place in it, as arrays: a record per batch makes millions of them
-        counts = self.index.batches_per_file
-        self._batch_file = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        self._batch_in_file = np.arange(len(self._batch_file), dtype=np.int64) - np.repeat(
-            np.cumsum(counts) - counts, counts
-        )
+        # each file's first record batch (global numbering): a record per batch makes millions of batches, so a
+        # batch's file and place in it are looked up here rather than kept per batch
+        self._file_first_batch = np.concatenate([[0], np.cumsum(self.index.batches_per_file, dtype=np.int64)])
         self._batch_starts = np.concatenate([[0], np.cumsum(self.index.batch_rows, dtype=np.int64)])
         self.rows = self.index.rows
         self._open: OrderedDict[int, pa.ipc.RecordBatchFileReader] = OrderedDict()
@@ -208,7 +205,8 @@ class FormattedRecords:
     def record(self, index: int) -> dict[str, Any]:
         """Record ``index`` as a dict; a stage-1 record's image bytes under "image" (None: no image)."""
         at = int(np.searchsorted(self._batch_starts, index, side="right")) - 1
-        file, batch = int(self._batch_file[at]), int(self._batch_in_file[at])
+        file = int(np.searchsorted(self._file_first_batch, at, side="right")) - 1
+        batch = at - int(self._file_first_batch[file])
         (record,) = self._reader(file).get_batch(batch).slice(index - int(self._batch_starts[at]), 1).to_pylist()
         if record.get("image_offset") is not None:
             record["image"] = self._image(file, record)
